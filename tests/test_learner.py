@@ -1,0 +1,66 @@
+"""Learner: k accumulated micro-batches equal one full batch; non-finite steps are skipped."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tilt.kl import KL_ESTIMATORS
+from tilt.learner import Learner, LearnerBatch
+from tilt.losses import LOSSES
+from tilt.model import load_policy
+from tilt.rollout import SamplingParams, encode_prompts, generate
+
+
+def _batch(pol, n_prompts=3, g=4) -> LearnerBatch:
+    prompts = [p for p in ["47+85=", "cd 3 5 7>22:", "sort 5 3 1:"][:n_prompts] for _ in range(g)]
+    ids, mask = encode_prompts(pol.tokenizer, prompts)
+    rb = generate(pol.model, ids, mask, params=SamplingParams(10), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                  generator=torch.Generator().manual_seed(0))
+    n, t = rb.completion_ids.shape
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(1))[:, None].expand(n, t).contiguous()
+    return LearnerBatch(prompt_ids=ids, prompt_mask=mask, completion_ids=rb.completion_ids,
+                        completion_mask=rb.completion_mask, old_logp=rb.logprobs,
+                        advantages=adv * rb.completion_mask, rewards=torch.zeros(n),
+                        group_index=torch.arange(n_prompts).repeat_interleave(g), ref_logp=rb.logprobs - 0.1)
+
+
+def _learner(model, loss="grpo", accum=1, lr=1e-2, **kw) -> Learner:
+    entry = LOSSES.entry(loss)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return Learner(model, opt, sched, loss_fn=entry.fn, loss_needs=tuple(entry.meta.get("needs", ())),
+                   reduction=kw.get("reduction", entry.meta["reduction"]), max_len=10, temperature=1.0,
+                   kl_fn=KL_ESTIMATORS.get("k3"), kl_beta=0.04, kl_in_loss=True, epochs=1,
+                   minibatches=kw.get("minibatches", 1), grad_accum=accum, grad_clip=1e9,
+                   generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo", "gspo"])
+@pytest.mark.parametrize("accum", [2, 5])
+def test_k_micro_batches_equal_one_full_batch(tiny_llama_dir, loss, accum):
+    """The same optimizer step results from 1 full batch or k micro-batches (uneven split for k=5),
+    because every micro-batch divides by the full mini-batch's denominator."""
+    pol = load_policy(str(tiny_llama_dir), dtype=torch.float64)
+    batch = _batch(pol)
+    a, b = copy.deepcopy(pol.model), copy.deepcopy(pol.model)
+    ma = _learner(a, loss, accum=1).update(batch)
+    mb = _learner(b, loss, accum=accum).update(batch)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-9, abs=1e-12)
+    moved = False
+    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), pol.model.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-10, rtol=0, msg=name)
+        moved |= not torch.equal(pa, p0)
+    assert moved, "the update must change the parameters"
+
+
+def test_nonfinite_loss_step_is_skipped(tiny_llama_dir):
+    pol = load_policy(str(tiny_llama_dir))
+    batch = _batch(pol)
+    batch.advantages[0, 0] = float("nan")
+    before = copy.deepcopy(pol.model.state_dict())
+    out = _learner(pol.model, "ppo_clip", minibatches=1).update(batch)
+    assert out["train/skipped"] == 1 and out["train/trailing_bad"] == 1
+    for k, v in pol.model.state_dict().items():
+        assert torch.equal(v, before[k]), k

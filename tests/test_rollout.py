@@ -1,0 +1,97 @@
+"""Rollout: KV-cache sampling log-probs equal a teacher-forced forward pass; masks and EOS."""
+from __future__ import annotations
+
+import torch
+
+from tilt.model import load_policy
+from tilt.rollout import (SamplingParams, continue_from, decode_completions, encode_prompts, generate,
+                          sequence_logprobs)
+
+PROMPTS = ["47+85=", "cd 3 5 7>22:", "sort 53 7 21:", "9*9="]
+
+
+def _rollout(pol, prompts, **kw):
+    ids, mask = encode_prompts(pol.tokenizer, prompts)
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(**{"max_new_tokens": 12, **kw})
+    return generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id, generator=g)
+
+
+def test_rollout_logprobs_equal_teacher_forced(tiny_llama_dir):
+    """Per-token log-probs from the KV-cache loop match one full forward pass (atol 1e-5, fp32),
+    with left-padded prompts of different lengths."""
+    pol = load_policy(str(tiny_llama_dir))
+    b = _rollout(pol, PROMPTS * 4)
+    lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    m = b.completion_mask.float()
+    assert m.sum() > 20
+    torch.testing.assert_close(lp * m, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_rollout_logprobs_at_temperature_match(tiny_llama_dir):
+    """At T=0.7 the reported log-probs are those of softmax(logits / 0.7)."""
+    pol = load_policy(str(tiny_llama_dir))
+    b = _rollout(pol, PROMPTS, temperature=0.7)
+    lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
+                              temperature=0.7)
+    torch.testing.assert_close(lp * b.completion_mask, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_mask_stops_after_eos_and_pads(tiny_llama_dir):
+    pol = load_policy(str(tiny_llama_dir))
+    b = _rollout(pol, PROMPTS * 8, max_new_tokens=30)
+    for ids, m in zip(b.completion_ids.tolist(), b.completion_mask.tolist()):
+        if pol.eos_id in ids:
+            e = ids.index(pol.eos_id)
+            assert all(m[: e + 1]) and not any(m[e + 1:])
+            assert all(t == pol.pad_id for t in ids[e + 1:])
+        else:
+            assert all(m)
+    assert (b.logprobs[b.completion_mask == 0] == 0).all()
+
+
+def test_padding_does_not_change_samples(tiny_llama_dir):
+    """A prompt sampled alone or next to a longer one (so left-padded) gets the same greedy completion."""
+    pol = load_policy(str(tiny_llama_dir))
+    alone = _rollout(pol, ["9*9="], temperature=0.0)
+    padded = _rollout(pol, ["9*9=", "sort 53 7 21 8 9:"], temperature=0.0)
+    n = int(alone.completion_mask[0].sum())
+    assert alone.completion_ids[0, :n].tolist() == padded.completion_ids[0, :n].tolist()
+    torch.testing.assert_close(alone.logprobs[0, :n], padded.logprobs[0, :n], atol=1e-5, rtol=0)
+
+
+def test_seed_control(tiny_llama_dir):
+    pol = load_policy(str(tiny_llama_dir))
+    a, b = _rollout(pol, PROMPTS), _rollout(pol, PROMPTS)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_top_p_keeps_only_the_nucleus(tiny_llama_dir):
+    """With top_p tiny, sampling equals greedy (only the argmax token is in the nucleus)."""
+    pol = load_policy(str(tiny_llama_dir))
+    greedy = _rollout(pol, PROMPTS, temperature=0.0)
+    nucleus = _rollout(pol, PROMPTS, top_p=1e-6)
+    assert torch.equal(greedy.completion_ids, nucleus.completion_ids)
+
+
+def test_continue_from_prefix_matches_full_greedy(tiny_llama_dir):
+    """Greedy continuation after the first 3 generated tokens reproduces the rest of a greedy rollout."""
+    pol = load_policy(str(tiny_llama_dir))
+    full = _rollout(pol, PROMPTS, temperature=0.0, max_new_tokens=10)
+    k = 3
+    cont = continue_from(pol.model, full.prompt_ids, full.prompt_mask, full.completion_ids[:, :k],
+                         full.completion_mask[:, :k], params=SamplingParams(7, 0.0), eos_id=pol.eos_id,
+                         pad_id=pol.pad_id)
+    for i in range(len(PROMPTS)):
+        if not full.completion_mask[i, k - 1]:
+            continue
+        n = int(full.completion_mask[i, k:].sum())
+        assert cont.completion_ids[i, :n].tolist() == full.completion_ids[i, k:k + n].tolist()
+        torch.testing.assert_close(cont.logprobs[i, :n], full.logprobs[i, k:k + n], atol=1e-5, rtol=0)
+
+
+def test_decode_strips_eos_and_padding(tiny_llama_dir):
+    pol = load_policy(str(tiny_llama_dir))
+    b = _rollout(pol, PROMPTS)
+    for text in decode_completions(pol.tokenizer, b, pol.eos_id):
+        assert "<eos>" not in text and "<pad>" not in text

@@ -1,0 +1,302 @@
+"""One typed, validated config tree (pydantic), loaded from YAML with ``--set a.b=value``.
+
+Every field has a default and a docstring (shown by ``tilt config show`` and in errors). A
+wrong key or value is a ``ConfigError`` naming the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names field, value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+def _check_name(registry_path: str, attr: str, name: str) -> str:
+    import importlib
+
+    reg = getattr(importlib.import_module(registry_path), attr)
+    if name not in reg:
+        raise ValueError(f"unknown name {name!r}; valid names: {', '.join(reg.names())}")
+    return name
+
+
+class ModelCfg(Section):
+    path: str = "shipped"
+    """Policy to train: "shipped" (the embedded base model) or a local Hugging Face causal-LM directory."""
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    """Parameter dtype of policy and reference."""
+
+
+class TasksCfg(Section):
+    mix: str = "addition:1-3,multiplication:1-2,countdown:1-2,sorting:1-2"
+    """Task mix, "task:difficulties[@weight],..." (difficulties "2", "1-3" or "1|3")."""
+    eval_per_cell: int = Field(32, ge=1)
+    """Held-out prompts per (task, difficulty) cell, from the eval seed range."""
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, v: str) -> str:
+        from tilt.tasks.mix import parse_mix
+
+        parse_mix(v)
+        return v
+
+
+class RolloutCfg(Section):
+    group_size: int = Field(8, ge=1)
+    """G: completions sampled per prompt."""
+    prompts_per_step: int = Field(16, ge=1)
+    """B: prompts per RL step; the batch holds B*G completions."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature during training (log-probs use softmax(logits / temperature))."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass during training."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Generation budget per completion (also L_max of the dr_grpo reduction)."""
+
+
+class LossCfg(Section):
+    name: str = "grpo"
+    """Policy loss from the loss registry (tilt.losses.LOSSES)."""
+    reduction: Optional[str] = None
+    """Token-loss reduction mode; None = the loss's declared default (see tilt.reduction.MODES)."""
+    kwargs: dict[str, Any] = {}
+    """Keyword hyper-parameters passed to the loss (e.g. {clip_eps: 0.2})."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("tilt.losses", "LOSSES", v)
+
+    @field_validator("reduction")
+    @classmethod
+    def _reduction(cls, v: Optional[str]) -> Optional[str]:
+        from tilt.reduction import MODES
+
+        if v is not None and v not in MODES:
+            raise ValueError(f"unknown reduction {v!r}; valid modes: {', '.join(MODES)}")
+        return v
+
+
+class AdvantageCfg(Section):
+    name: str = "grpo"
+    """Advantage estimator from tilt.advantages.ADVANTAGES."""
+    kwargs: dict[str, Any] = {}
+    """Keyword hyper-parameters passed to the estimator."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("tilt.advantages", "ADVANTAGES", v)
+
+
+class KLCfg(Section):
+    estimator: str = "k3"
+    """KL estimator from tilt.kl.KL_ESTIMATORS (k1, k2, k3, low_var_kl, full, ...)."""
+    placement: Literal["loss", "reward"] = "loss"
+    """"loss": beta*KL added per token to the loss; "reward": -beta*KL subtracted from the reward."""
+    beta: float = Field(0.04, ge=0)
+    """KL coefficient beta of max E[r] - beta*KL(pi||pi_ref); 0 disables the reference model."""
+
+    @field_validator("estimator")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("tilt.kl", "KL_ESTIMATORS", v)
+
+
+class RewardCfg(Section):
+    functions: list[str] = ["verifier"]
+    """Reward functions: registry names or "module:function" paths of f(prompts, completions, **columns)."""
+    weights: Optional[list[float]] = None
+    """Weight per reward function (default 1 each); the reward is the weighted sum."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Seconds a reward call may take before its samples are scored 0 and counted."""
+
+
+class OptimCfg(Section):
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup, in optimizer steps."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Max global gradient norm."""
+
+
+class TrainCfg(Section):
+    steps: int = Field(150, ge=1)
+    """RL steps (each: sample B*G completions, then optimizer steps on them)."""
+    epochs: int = Field(1, ge=1)
+    """Passes over each batch (PPO epochs)."""
+    minibatches: int = Field(2, ge=1)
+    """Optimizer steps per epoch; the batch is split into this many mini-batches."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step (memory only: the result is the same)."""
+    max_bad_steps: int = Field(3, ge=1)
+    """Consecutive non-finite losses after which the run stops (the last checkpoint stays)."""
+
+
+class CheckpointCfg(Section):
+    every: int = Field(50, ge=1)
+    """Write a checkpoint every this many RL steps (and at the end)."""
+    keep: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
+
+
+class EvalCfg(Section):
+    every: int = Field(0, ge=0)
+    """Held-out evaluation every this many steps (0 = only before and after training)."""
+    n_samples: int = Field(8, ge=1)
+    """Samples per held-out prompt for pass@1 at T=1.0."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Generation budget at evaluation."""
+    batch_size: int = Field(512, ge=1)
+    """Sequences per evaluation forward batch."""
+
+
+class LogCfg(Section):
+    every: int = Field(1, ge=1)
+    """Log metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events."""
+    plot: bool = True
+    """Write curves.png (reward, accuracy, KL, entropy) at checkpoints and at the end."""
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    """Progress display: rich bar on a TTY, plain lines otherwise ("auto")."""
+
+
+class Config(Section):
+    seed: int = 0
+    """Seed of sampling, initialisation and data order."""
+    run_dir: Optional[str] = None
+    """Run directory; default runs/<timestamp>."""
+    threads: Optional[int] = None
+    """torch intra-op threads (None = torch default)."""
+    model: ModelCfg = ModelCfg()
+    """Policy (and frozen reference) model."""
+    tasks: TasksCfg = TasksCfg()
+    """Training and held-out tasks."""
+    rollout: RolloutCfg = RolloutCfg()
+    """Sampling of completions."""
+    loss: LossCfg = LossCfg()
+    """Policy loss."""
+    advantage: AdvantageCfg = AdvantageCfg()
+    """Advantage estimator."""
+    kl: KLCfg = KLCfg()
+    """KL regularisation toward the reference."""
+    reward: RewardCfg = RewardCfg()
+    """Reward functions."""
+    optim: OptimCfg = OptimCfg()
+    """Optimizer."""
+    train: TrainCfg = TrainCfg()
+    """Loop sizes."""
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    """Checkpointing."""
+    eval: EvalCfg = EvalCfg()
+    """Held-out evaluation."""
+    log: LogCfg = LogCfg()
+    """Logging and progress."""
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            parent = Config
+            for part in err["loc"][:-1]:
+                ann = parent.model_fields.get(str(part))
+                parent = ann.annotation if ann is not None and isinstance(ann.annotation, type) else None
+                if parent is None or not issubclass(parent, BaseModel):
+                    parent = None
+                    break
+            allowed = ", ".join(parent.model_fields) if parent is not None else "see `tilt config show`"
+            lines.append(f"  unknown field {field!r} (value {value!r}); allowed fields here: {allowed}")
+        else:
+            lines.append(f"  field {field!r}: value {value!r} is not allowed: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not of the form a.b=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another --set on {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config: defaults <- YAML file <- ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(raw).__name__}")
+        source = str(p)
+    if overrides:
+        raw = _merge(raw, parse_set(overrides))
+        source += " + --set"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe(cfg: BaseModel, indent: int = 0) -> str:
+    """The resolved tree with each field's docstring as a YAML comment."""
+    out = []
+    pad = "  " * indent
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        doc = (field.description or "").replace("\n", " ")
+        if isinstance(value, BaseModel):
+            out.append(f"{pad}{name}:  # {doc}")
+            out.append(describe(value, indent + 1).rstrip("\n"))
+        else:
+            rendered = yaml.safe_dump(value if not isinstance(value, tuple) else list(value),
+                                      default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(f"{pad}{name}: {rendered}  # {doc}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,168 @@
+"""Learner: a batch of scored rollouts in, optimizer steps out.
+
+``LearnerBatch`` is plain tensors, so a learner can run in another process than the rollout.
+One call to ``Learner.update`` takes ``epochs x minibatches`` optimizer steps; each step
+accumulates ``grad_accum`` micro-batches that all divide by the mini-batch's denominator, so
+the accumulated gradient equals that of one full mini-batch (tests/test_learner.py).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from tilt.batch import PolicyLossInput
+from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
+from tilt.rollout import _atleast32
+
+
+def bind_kwargs(fn: Callable, kwargs: dict[str, Any], what: str) -> Callable:
+    """``partial(fn, **kwargs)`` after checking every key is a keyword parameter of ``fn``."""
+    params = inspect.signature(fn).parameters
+    allowed = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
+    bad = [k for k in kwargs if k not in allowed]
+    if bad:
+        raise ValueError(f"{what}: unknown keyword {bad[0]!r} (value {kwargs[bad[0]]!r}); "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    return partial(fn, **kwargs)
+
+
+@dataclass
+class LearnerBatch:
+    """Scored rollouts ready for optimisation. N sequences, P prompt, T completion tokens."""
+
+    prompt_ids: Tensor  # [N, P]
+    prompt_mask: Tensor  # [N, P]
+    completion_ids: Tensor  # [N, T]
+    completion_mask: Tensor  # [N, T]
+    old_logp: Tensor  # [N, T] sampling-policy log-probs
+    advantages: Tensor  # [N, T]
+    rewards: Tensor  # [N]
+    group_index: Tensor  # [N]
+    ref_logp: Optional[Tensor] = None  # [N, T]
+    ref_logits: Optional[Tensor] = None  # [N, T, V]
+    teacher_logits: Optional[Tensor] = None  # [N, T, V]
+    prev_logp: Optional[Tensor] = None  # [N, T]
+    baseline_v: Optional[Tensor] = None  # [N]
+
+    def select(self, idx: Tensor) -> "LearnerBatch":
+        """Rows ``idx``, with completion columns past the longest selected completion trimmed."""
+        width = int(self.completion_mask[idx].sum(-1).max().clamp(min=1))
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+                continue
+            v = v[idx]
+            if f.name not in ("prompt_ids", "prompt_mask", "rewards", "group_index", "baseline_v"):
+                v = v[:, :width]
+            out[f.name] = v
+        return LearnerBatch(**out)
+
+
+def forward_logits(model, b: LearnerBatch, temperature: float) -> Tensor:
+    """Teacher-forced logits for the completion positions: [N, T, V] (float32, / temperature)."""
+    ids = torch.cat([b.prompt_ids, b.completion_ids], 1)  # [N, P+T]
+    attn = torch.cat([b.prompt_mask, b.completion_mask], 1)  # [N, P+T]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    p = b.prompt_ids.shape[1]
+    return _atleast32(logits[:, p - 1:-1]) / temperature  # [N, T, V]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class Learner:
+    """Owns the policy's optimizer; turns LearnerBatches into optimizer steps."""
+
+    def __init__(self, model, optimizer, scheduler, *, loss_fn: Callable, loss_needs: tuple[str, ...],
+                 reduction: str, max_len: int, temperature: float, kl_fn: Optional[Callable],
+                 kl_beta: float, kl_in_loss: bool, epochs: int, minibatches: int, grad_accum: int,
+                 grad_clip: float, generator: torch.Generator):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
+        self.max_len, self.temperature = max_len, temperature
+        self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
+        self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
+        self.grad_clip, self.generator = grad_clip, generator
+        self.need_logits = bool({"logits", "ref_logits", "teacher_logits"} & self.loss_needs) or (
+            kl_fn is not None and getattr(kl_fn, "needs_logits", False))
+
+    def micro_loss(self, b: LearnerBatch, denominator: float) -> tuple[Tensor, dict[str, float]]:
+        """Reduced loss of one micro-batch (divided by the mini-batch ``denominator``)."""
+        logits = forward_logits(self.model, b, self.temperature)  # [n, T, V]
+        logp_all = torch.log_softmax(logits, -1)  # [n, T, V]
+        logp = logp_all.gather(-1, b.completion_ids[..., None]).squeeze(-1)  # [n, T]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n, T]
+        mask = b.completion_mask.float()  # [n, T]
+        inp = PolicyLossInput(
+            logp=logp, old_logp=b.old_logp, advantages=b.advantages, mask=mask, ref_logp=b.ref_logp,
+            rewards=b.rewards, group_index=b.group_index, entropy=entropy,
+            logits=logits if self.need_logits else None, ref_logits=b.ref_logits,
+            teacher_logits=b.teacher_logits, prev_logp=b.prev_logp, baseline_v=b.baseline_v)
+        per_token, lm = self.loss_fn(inp)  # [n, T]
+        stats = {k: float(v) for k, v in lm.items()}
+        if self.kl_fn is not None and b.ref_logp is not None:
+            kl = self.kl_fn(logp, b.ref_logp, logits=logits if self.need_logits else None,
+                            ref_logits=b.ref_logits)  # [n, T]
+            if self.kl_in_loss and self.kl_beta > 0:
+                per_token = per_token + self.kl_beta * kl
+            stats["kl/mean"] = float(masked_mean(kl.detach(), mask))
+        stats["entropy"] = float(masked_mean(entropy.detach(), mask))
+        loss = reduce_tokens(per_token, mask, mode=self.reduction, denominator=denominator)
+        return loss, stats
+
+    def update(self, batch: LearnerBatch) -> dict[str, float]:
+        """``epochs x minibatches`` optimizer steps on ``batch``. Returns averaged metrics.
+
+        A step whose loss or gradient norm is not finite is skipped (no parameter change)
+        and counted in ``train/skipped``; ``train/bad_streak`` is the current run of them.
+        """
+        n = batch.completion_ids.shape[0]
+        mb_size = math.ceil(n / self.minibatches)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        skipped, steps, streak = 0, 0, 0
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=self.generator) if self.minibatches > 1 else torch.arange(n)
+            for start in range(0, n, mb_size):
+                mb = perm[start:start + mb_size]
+                denom = reduction_denominator(batch.completion_mask[mb].float(), self.reduction,
+                                              max_len=self.max_len)
+                self.optimizer.zero_grad(set_to_none=True)
+                micro_size = math.ceil(len(mb) / self.grad_accum)
+                total = 0.0
+                for ms in range(0, len(mb), micro_size):
+                    loss, stats = self.micro_loss(batch.select(mb[ms:ms + micro_size]), denom)
+                    if torch.isfinite(loss):
+                        loss.backward()
+                    total += float(loss.detach())
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                steps += 1
+                if not (math.isfinite(total) and math.isfinite(float(gnorm))):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    streak += 1
+                    continue
+                streak = 0
+                self.optimizer.step()
+                self.scheduler.step()
+                sums["loss"] = sums.get("loss", 0.0) + total
+                counts["loss"] = counts.get("loss", 0) + 1
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm)
+                counts["grad_norm"] = counts.get("grad_norm", 0) + 1
+        out = {k: sums[k] / counts[k] for k in sums}
+        out.update({"train/skipped": float(skipped), "train/optimizer_steps": float(steps),
+                    "train/trailing_bad": float(streak), "lr": float(self.scheduler.get_last_lr()[0])})
+        return out

@@ -1,0 +1,81 @@
+"""Loading policies: the shipped base model or any local Hugging Face causal LM directory.
+
+No network: ``local_files_only=True`` everywhere, and a missing path is a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SHIPPED = "shipped"
+
+
+class ModelLoadError(RuntimeError):
+    """The model path does not hold a loadable causal LM + tokenizer."""
+
+
+def shipped_model_dir() -> Path:
+    """Directory of the base model shipped inside the package (tilt/assets/base)."""
+    return Path(str(resources.files("tilt") / "assets" / "base"))
+
+
+def resolve_model_path(path: str) -> Path:
+    """Map ``"shipped"`` to the packaged model; check that a local directory exists."""
+    p = shipped_model_dir() if path == SHIPPED else Path(path).expanduser()
+    if not p.exists():
+        hint = " (run `tilt pretrain` to build the shipped model)" if path == SHIPPED else ""
+        raise ModelLoadError(f"model path {str(p)!r} does not exist{hint}; "
+                             "give a local directory holding config.json, weights and a tokenizer")
+    if not (p / "config.json").exists():
+        raise ModelLoadError(f"model path {str(p)!r} has no config.json; it is not a Hugging Face model directory")
+    return p
+
+
+@dataclass
+class Policy:
+    """A causal LM and its tokenizer, plus the ids the rollout needs."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    eos_id: int
+    pad_id: int
+
+
+def load_policy(path: str, *, dtype: torch.dtype = torch.float32) -> Policy:
+    """Load ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory (or "shipped")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per weight load is noise in a training log
+    p = resolve_model_path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a causal LM from {str(p)!r}: {exc}") from exc
+    eos_id = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
+    if eos_id is None:
+        raise ModelLoadError(f"model at {str(p)!r} defines no EOS token; set eos_token in its tokenizer")
+    if tok.pad_token_id is None:  # GPT-2 style tokenizers have none: pad with EOS (masked anyway)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.config.use_cache = True
+    model.eval()
+    return Policy(model=model, tokenizer=tok, eos_id=int(eos_id), pad_id=int(tok.pad_token_id))
+
+
+def build_llama(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: int = 4,
+                intermediate: int = 384, max_positions: int = 128, bos_id: int = 1,
+                eos_id: int = 2, pad_id: int = 0, seed: int = 0):
+    """A freshly initialised Llama-architecture causal LM (used by ``tilt pretrain``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)

@@ -1,0 +1,112 @@
+"""Reward component: (prompts, completions, dataset columns) in, floats out.
+
+A reward function is a plain callable ``f(prompts, completions, **columns) -> list[float]``
+(TRL's convention), where each column is a list with one entry per completion. Functions are
+chosen by registry name or by an importable "module:function" path.
+
+Scoring is defensive: a function that raises, returns the wrong length, returns NaN/inf, or
+takes longer than the timeout does not stop the run. The affected samples score 0, and the
+counts are returned as metrics (``reward/errors``, ``reward/nonfinite``, ``reward/timeouts``).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import math
+from typing import Any, Callable, Sequence
+
+from tilt.registry import Registry
+
+RewardFn = Callable[..., Sequence[float]]
+REWARDS: Registry = Registry("reward function")
+
+
+@REWARDS.register("verifier")
+def verifier_reward(prompts: list[str], completions: list[str], *, task: list[str],
+                    columns: list[dict[str, Any]], **_: Any) -> list[float]:
+    """The task's own verifier: reward in [0, 1] per completion."""
+    from tilt.tasks import get_task
+
+    return [float(get_task(t).verify(c, **col)) for t, c, col in zip(task, completions, columns)]
+
+
+def resolve_reward_fn(name: str) -> RewardFn:
+    """A registry name, or "package.module:function" for a user-defined reward."""
+    if name in REWARDS:
+        return REWARDS.get(name)
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"reward function {name!r} could not be imported: {exc}") from exc
+        if not callable(fn):
+            raise ValueError(f"reward function {name!r} is not callable")
+        return fn
+    raise ValueError(f"unknown reward function {name!r}; valid names: {', '.join(REWARDS.names())} "
+                     "or an importable 'module:function'")
+
+
+_POOL = None
+
+
+def _pool() -> cf.ThreadPoolExecutor:
+    global _POOL  # one worker thread per process; a hung call is abandoned, not joined
+    if _POOL is None:
+        _POOL = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tilt-reward")
+    return _POOL
+
+
+def _call(fn: RewardFn, timeout: float, *args: Any, **kwargs: Any) -> tuple[list[float] | None, str]:
+    fut = _pool().submit(fn, *args, **kwargs)
+    try:
+        out = fut.result(timeout=timeout)
+    except cf.TimeoutError:
+        return None, "timeout"
+    except Exception as exc:  # noqa: BLE001 - any user error is counted, not fatal
+        return None, f"error: {type(exc).__name__}: {exc}"
+    try:
+        vals = [float(v) for v in out]
+    except (TypeError, ValueError) as exc:
+        return None, f"error: returned {type(out).__name__} that is not a list of numbers ({exc})"
+    return vals, ""
+
+
+def score(fns: list[RewardFn], weights: list[float], prompts: list[str], completions: list[str],
+          columns: dict[str, list[Any]], *, timeout: float) -> tuple[list[float], dict[str, float], list[str]]:
+    """Weighted sum of reward functions, one float per completion.
+
+    Returns (rewards, counts, messages). If a batch call fails, each sample is retried alone
+    so one bad sample does not zero the batch; samples that still fail score 0.
+    """
+    n = len(completions)
+    total = [0.0] * n
+    counts = {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0}
+    messages: list[str] = []
+    for fn, w in zip(fns, weights):
+        vals, why = _call(fn, timeout, prompts, completions, **columns)
+        if vals is not None and len(vals) != n:
+            vals, why = None, f"error: returned {len(vals)} rewards for {n} completions"
+        if vals is None:
+            messages.append(f"{getattr(fn, '__name__', fn)}: {why}; scoring samples one by one")
+            if why == "timeout":  # do not wait n more timeouts on a hung function
+                counts["reward/timeouts"] += n
+                vals = [0.0] * n
+            else:
+                vals = [_score_one(fn, timeout, prompts, completions, columns, i, counts) for i in range(n)]
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                counts["reward/nonfinite"] += 1
+                v = 0.0
+            total[i] += w * v
+    return total, counts, messages
+
+
+def _score_one(fn: RewardFn, timeout: float, prompts: list[str], completions: list[str],
+               columns: dict[str, list[Any]], i: int, counts: dict[str, float]) -> float:
+    cols = {k: [v[i]] for k, v in columns.items()}
+    vals, why = _call(fn, timeout, [prompts[i]], [completions[i]], **cols)
+    if vals is None or len(vals) != 1:
+        counts["reward/timeouts" if why == "timeout" else "reward/errors"] += 1
+        return 0.0
+    return vals[0]

@@ -1,0 +1,161 @@
+"""Rollout: prompts in, token ids + per-token log-probs + masks out.
+
+Batched sampling with a KV cache, for any Hugging Face causal LM. Prompts are left-padded
+(``position_ids`` come from the attention mask, so padding does not shift positions);
+completions are right-padded and stop at EOS. ``continue_from`` restarts generation from
+given prefixes (prompt + partial completion), which branching methods (SPO, TEMPO) use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tilt.batch import RolloutBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Pack token lists into a left-padded [N, P] id tensor and its [N, P] mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """Tokenize prompts (with the tokenizer's special tokens, e.g. BOS) and left-pad."""
+    pad_id = tokenizer.pad_token_id
+    seqs = [tokenizer(p).input_ids for p in prompts]
+    return left_pad(seqs, pad_id)
+
+
+def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Choose next tokens from [N, V] logits; return (tokens [N], their log-probs [N]).
+
+    The log-prob is under softmax(logits / temperature) (the untruncated sampling
+    distribution, as TRL and verl report it); greedy reports the T=1 log-prob.
+    """
+    if params.temperature <= 0:
+        logp = torch.log_softmax(_atleast32(logits), dim=-1)  # [N, V]
+        tok = logp.argmax(-1)  # [N]
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+    logp = torch.log_softmax(_atleast32(logits) / params.temperature, dim=-1)  # [N, V]
+    probs = logp.exp()
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)  # [N, V]
+        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest set with mass >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: SamplingParams,
+             eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> RolloutBatch:
+    """Sample completions for left-padded prompts with a KV cache.
+
+    Args:
+        model: any ``transformers`` causal LM (Llama, Qwen2, GPT-2, ...).
+        prompt_ids, prompt_mask: [N, P] left-padded prompts and their mask.
+        params: max new tokens, temperature (0 = greedy), top-p.
+        eos_id, pad_id: generation stops at EOS; positions after it hold pad_id, mask 0.
+        generator: torch RNG for sampling (seed control and exact resume).
+    Returns:
+        RolloutBatch with completions [N, T], T <= max_new_tokens.
+    """
+    n = prompt_ids.shape[0]
+    attn = prompt_mask.clone()  # [N, P]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P] positions ignore left padding
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]  # [N, V]
+    next_pos = pos[:, -1] + 1  # [N]
+    done = torch.zeros(n, dtype=torch.bool)
+    toks, lps, masks = [], [], []
+    for t in range(params.max_new_tokens):
+        tok, lp = _pick(logits, params, generator)  # [N], [N]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        masks.append(~done)
+        toks.append(tok)
+        lps.append(torch.where(done, torch.zeros_like(lp), lp))
+        done = done | (tok == eos_id)
+        if bool(done.all()) or t + 1 == params.max_new_tokens:
+            break
+        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype)], dim=1)  # [N, P+t+1]
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=torch.stack(toks, 1),  # [N, T]
+        completion_mask=torch.stack(masks, 1).long(),  # [N, T]
+        logprobs=torch.stack(lps, 1),  # [N, T]
+    )
+
+
+def continue_from(model, prompt_ids: Tensor, prompt_mask: Tensor, prefix_ids: Tensor, prefix_mask: Tensor,
+                  *, params: SamplingParams, eos_id: int, pad_id: int,
+                  generator: torch.Generator | None = None) -> RolloutBatch:
+    """Continue generation after given prefixes (prompt + first tokens of a completion).
+
+    ``prefix_ids``/``prefix_mask`` are [N, L] right-padded partial completions. The returned
+    batch holds only the NEW tokens; its ``prompt_ids`` are the left-packed prompt+prefix.
+    """
+    seqs = []
+    for i in range(prompt_ids.shape[0]):
+        p = prompt_ids[i][prompt_mask[i].bool()].tolist()
+        q = prefix_ids[i][prefix_mask[i].bool()].tolist()
+        seqs.append(p + q)
+    ctx_ids, ctx_mask = left_pad(seqs, pad_id)
+    return generate(model, ctx_ids, ctx_mask, params=params, eos_id=eos_id, pad_id=pad_id, generator=generator)
+
+
+def sequence_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                      completion_mask: Tensor, *, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Teacher-forced log-probs of the completion tokens (one forward pass, with grad if enabled).
+
+    Returns (logp [N, T], entropy [N, T] or None) under softmax(logits / temperature).
+    """
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+T]
+    attn = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+T]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    p = prompt_ids.shape[1]
+    logits = _atleast32(logits[:, p - 1:-1])  # [N, T, V] predicts each completion token
+    if temperature != 1.0 and temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # [N, T, V]
+    logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)  # [N, T]
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [N, T]
+    return logp, ent
+
+
+def decode_completions(tokenizer, batch: RolloutBatch, eos_id: int) -> list[str]:
+    """Completion texts with EOS and padding removed."""
+    texts = []
+    for ids, m in zip(batch.completion_ids.tolist(), batch.completion_mask.tolist()):
+        keep = [t for t, k in zip(ids, m) if k and t != eos_id]
+        texts.append(tokenizer.decode(keep, skip_special_tokens=True))
+    return texts
+
+
+def _atleast32(x: Tensor) -> Tensor:
+    """Promote half/bfloat16 logits to float32 for log-softmax; keep float64 as it is."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

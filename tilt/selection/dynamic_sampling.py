@@ -1,0 +1,72 @@
+"""DAPO dynamic sampling (catalogue D1), arXiv:2503.14476 Sec. 3.2.
+
+A group whose G rewards are all equal has zero group-relative advantage and gives no gradient;
+DAPO drops such groups and keeps drawing until the batch is full of informative groups, up to a
+limit on the number of generation rounds (verl's ``max_num_gen_batches``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from tilt.selection import SELECTORS
+
+DrawFn = Callable[[int], tuple[Tensor, Sequence[Any]]]
+
+
+@SELECTORS.register("dynamic_sampling", level="group", needs=())
+def keep_groups(rewards: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """bool [B]: True for groups whose rewards are not all equal (max - min > eps).
+
+    DAPO's constraint 0 < |{o_i : is_equivalent(a, o_i)}| < G, generalised to any reward.
+    """
+    return (rewards.amax(dim=1) - rewards.amin(dim=1)) > eps  # [B]
+
+
+def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-6,
+           fill_with_dropped: bool = True) -> tuple[Tensor, list[Any], dict[str, Tensor]]:
+    """Merge successive draws until ``batch_size`` informative groups are kept.
+
+    Args:
+        draw_fn: ``draw_fn(n) -> (rewards [n', G], items)`` draws n more groups (n' may differ
+            from n); ``items`` holds whatever the caller needs per group (e.g. its rollout).
+        batch_size: number of groups to return.
+        max_draws: limit on calls to ``draw_fn``. While it lasts no zero-variance group is
+            returned. Once it is spent with the batch still short, the batch is topped up with
+            dropped groups (``fill_with_dropped``) or returned short, and the metrics say so.
+    Returns:
+        (rewards [n, G], items of the n returned groups in draw order, metrics) with
+        select/groups_dropped   number of drawn groups with all-equal rewards
+        select/groups_dropped_frac  that number / groups drawn
+        select/draws            calls to draw_fn
+        select/exhausted        1 if the limit was spent before the batch was full, else 0
+        select/zero_var_returned  zero-variance groups in the returned batch
+    """
+    if max_draws < 1 or batch_size < 1:
+        raise ValueError(f"refill needs max_draws >= 1 and batch_size >= 1, got {max_draws}, {batch_size}")
+    kept: list[tuple[Tensor, Any]] = []
+    dropped: list[tuple[Tensor, Any]] = []
+    draws = drawn = 0
+    while len(kept) < batch_size and draws < max_draws:
+        rewards, items = draw_fn(batch_size - len(kept))
+        draws += 1
+        drawn += len(items)
+        keep = keep_groups(rewards, eps=eps)  # [n']
+        for i, item in enumerate(items):
+            (kept if bool(keep[i]) else dropped).append((rewards[i], item))
+    exhausted = len(kept) < batch_size
+    out = kept[:batch_size]
+    if exhausted and fill_with_dropped:
+        out = out + dropped[: batch_size - len(out)]
+    if not out:
+        raise ValueError("refill: draw_fn returned no groups")
+    metrics = {
+        "select/groups_dropped": torch.tensor(float(len(dropped))),
+        "select/groups_dropped_frac": torch.tensor(len(dropped) / max(drawn, 1)),
+        "select/draws": torch.tensor(float(draws)),
+        "select/exhausted": torch.tensor(float(exhausted)),
+        "select/zero_var_returned": torch.tensor(float(len(out) - min(len(kept), batch_size))),
+    }
+    return torch.stack([r for r, _ in out]), [item for _, item in out], metrics
