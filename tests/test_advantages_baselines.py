@@ -12,7 +12,8 @@ from tilt.batch import AdvantageInput
 
 
 def qae(r, **kw):
-    adv, metrics = ADVANTAGES.get("qae")(AdvantageInput(rewards=r, mask=torch.ones(*r.shape, 2, dtype=r.dtype)), **kw)
+    mask = torch.ones(*r.shape, 2, dtype=r.dtype)
+    adv, metrics = ADVANTAGES.get("qae")(AdvantageInput(rewards=r, mask=mask), **kw)
     return adv[..., 0], metrics
 
 
@@ -159,3 +160,26 @@ def test_canon_errors():
         ADVANTAGES.get("canon")(AdvantageInput(rewards=r, mask=torch.ones(1, 3, 2)))
     with pytest.raises(ValueError, match="metric"):
         ADVANTAGES.get("canon")(AdvantageInput(rewards=r, mask=torch.ones(1, 3, 2)), metric="depth")
+
+
+def test_canon_entropy_metric_is_the_masked_mean_on_ragged_completions():
+    g = torch.Generator().manual_seed(3)
+    B, G, T = 2, 6, 5
+    lengths = torch.randint(1, T + 1, (B, G), generator=g)
+    mask = (torch.arange(T) < lengths.unsqueeze(-1)).double()
+    ent = torch.rand(B, G, T, generator=g).double()
+    ent_padded = torch.where(mask > 0, ent, torch.full_like(ent, 100.0))  # junk off the mask
+    r = torch.rand(B, G, generator=g).double()
+    adv, _ = ADVANTAGES.get("canon")(AdvantageInput(rewards=r, mask=mask, entropy=ent_padded), mu=0.6)
+    for b in range(B):
+        means = [sum(float(ent[b, i, t]) for t in range(int(lengths[b, i]))) / int(lengths[b, i])
+                 for i in range(G)]
+        order = sorted(range(G), key=lambda i: means[i])
+        low, high = order[: G // 2], order[G // 2:]
+        m_low = sum(float(r[b, i]) for i in low) / len(low)
+        m_high = sum(float(r[b, i]) for i in high) / len(high)
+        for i in range(G):
+            own, other = (m_high, m_low) if i in high else (m_low, m_high)
+            want = 0.6 * (float(r[b, i]) - other) + 0.4 * (float(r[b, i]) - own)
+            n = int(lengths[b, i])
+            torch.testing.assert_close(adv[b, i, :n], torch.full((n,), want, dtype=torch.float64))

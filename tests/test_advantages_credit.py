@@ -57,7 +57,8 @@ def test_pure_min_form_hand_value_with_rloo_baseline_and_outcome():
     # seq 0 tokens 0-1 (step 0): 0.2 - 0.6 = -0.4; 2-3 (step 1): -0.4; 4-5 (step 2): 0.7 - 0.6 = 0.1
     # seq 1 tokens 0-2: 0.6 - 0.2 = 0.4; 3-5: 0.8 - 0.2 = 0.6
     adv, metrics = ADVANTAGES.get("pure")(inp, form="min")
-    want = torch.tensor([[-0.4, -0.4, -0.4, -0.4, 0.1, 0.1], [0.4, 0.4, 0.4, 0.6, 0.6, 0.6]], dtype=torch.float64)
+    want = torch.tensor([[-0.4, -0.4, -0.4, -0.4, 0.1, 0.1], [0.4, 0.4, 0.4, 0.6, 0.6, 0.6]],
+                        dtype=torch.float64)
     torch.testing.assert_close(adv[0], want)
     assert float(metrics["pure/value_mean"]) == pytest.approx(0.4)
     # outcome_coef = 1: + (1 - 0) on seq 0, + (0 - 1) on seq 1
@@ -82,7 +83,8 @@ def naive_pure(rewards, step_rewards, step_ends, mask, form, temperature, coef):
     for b in range(B):
         per_tok, whole = {}, []
         for i in range(G):
-            steps = [(float(step_rewards[b, i, s]), int(step_ends[b, i, s])) for s in range(step_rewards.shape[-1])
+            steps = [(float(step_rewards[b, i, s]), int(step_ends[b, i, s]))
+                     for s in range(step_rewards.shape[-1])
                      if math.isfinite(float(step_rewards[b, i, s])) and int(step_ends[b, i, s]) >= 0]
             rs = [x for x, _ in steps]
             if form == "min":
@@ -144,7 +146,8 @@ def test_tempo_hand_value_branch_td_terms():
                         dtype=torch.float64)
     torch.testing.assert_close(adv[0], want)
     assert float(metrics["tempo/branch_frac"]) == pytest.approx(2 / 9)
-    adv, _ = tempo([[[5, 6, 7], [5, 6, 8], [4, 1, 2]]], [[1.0, 0.0, 0.0]], scale_rewards="none", td_coef=0.5)
+    adv, _ = tempo([[[5, 6, 7], [5, 6, 8], [4, 1, 2]]], [[1.0, 0.0, 0.0]], scale_rewards="none",
+                   td_coef=0.5)
     assert float(adv[0, 0, 2]) == pytest.approx(2 / 3 + 0.25)
 
 
@@ -169,7 +172,8 @@ def naive_tempo(ids, mask, r_norm, td_coef):
         seqs = [tuple(int(x) for x in ids[b, i, : int(mask[b, i].sum())]) for i in range(G)]
 
         def through(prefix):
-            return [j for j in range(G) if seqs[j][: len(prefix)] == prefix and len(seqs[j]) >= len(prefix)]
+            return [j for j in range(G)
+                    if seqs[j][: len(prefix)] == prefix and len(seqs[j]) >= len(prefix)]
 
         def value(prefix):
             js = through(prefix)
@@ -210,7 +214,8 @@ def test_cutpoints_hand_values():
     # per = ceil(3 / 4) = 1: boundaries after ranks 1, 2, 3 (tokens 1, 3, 4), then 5
     assert cutpoints(lp, mask, threshold=0.9, max_segments=4)[1][0].tolist() == [1, 3, 4, 5]
     # no cutpoint: one segment; padding beyond the mask ignored
-    _, ends = cutpoints(torch.zeros(1, 6), torch.tensor([[1.0, 1, 1, 0, 0, 0]]), threshold=0.9, max_segments=3)
+    short_mask = torch.tensor([[1.0, 1, 1, 0, 0, 0]])
+    _, ends = cutpoints(torch.zeros(1, 6), short_mask, threshold=0.9, max_segments=3)
     assert ends[0].tolist() == [2, -1, -1]
 
 
@@ -221,13 +226,15 @@ def test_spo_chain_hand_value_with_probability_mask():
     values[0, 0, 3] = 0.75  # MC value after token 3 of completion 0
     ends = torch.tensor([[[3, 5], [2, -1]]])
     inp = AdvantageInput(rewards=r, mask=mask, step_ends=ends, values=values)
-    # V(prompt) = mean reward 0.5. seq 0: seg 0 (tokens 0-3) 0.75 - 0.5 = 0.25; seg 1 (4-5) 1 - 0.75 = 0.25
+    # V(prompt) = mean reward 0.5. seq 0: seg 0 (tokens 0-3) 0.75 - 0.5 = 0.25;
+    #                                    seg 1 (tokens 4-5) 1 - 0.75 = 0.25
     # seq 1: one segment ending at its last token: 0 - 0.5 = -0.5
     adv, _ = ADVANTAGES.get("spo_chain")(inp)
     want = torch.tensor([[0.25] * 6, [-0.5, -0.5, -0.5, 0, 0, 0]], dtype=torch.float64)
     torch.testing.assert_close(adv[0], want)
     # probability mask: only tokens with p < 0.9 keep the segment advantage
-    probs = torch.tensor([[[0.95, 0.5, 0.99, 0.3, 0.2, 0.97], [0.1, 0.95, 0.5, 0.1, 0.1, 0.1]]], dtype=torch.float64)
+    probs = torch.tensor([[[0.95, 0.5, 0.99, 0.3, 0.2, 0.97], [0.1, 0.95, 0.5, 0.1, 0.1, 0.1]]],
+                         dtype=torch.float64)
     adv, _ = ADVANTAGES.get("spo_chain")(inp, logprobs=probs.log())
     want = torch.tensor([[0, 0.25, 0, 0.25, 0.25, 0], [-0.5, 0, -0.5, 0, 0, 0]], dtype=torch.float64)
     torch.testing.assert_close(adv[0], want)

@@ -17,7 +17,8 @@ def test_gae_hand_value_lambda_one_is_reward_minus_value():
     v = torch.tensor([[[0.5, 0.2, 0.4]]], dtype=torch.float64)
     m = torch.ones(1, 1, 3, dtype=torch.float64)
     dense = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64)
-    # gamma = lam = 1: delta_2 = 1 + 0 - 0.4 = 0.6; delta_1 = 0.4 - 0.2 = 0.2; delta_0 = 0.2 - 0.5 = -0.3
+    # gamma = lam = 1: delta_2 = 1 + 0 - 0.4 = 0.6; delta_1 = 0.4 - 0.2 = 0.2;
+    #                  delta_0 = 0.2 - 0.5 = -0.3
     # A_2 = 0.6, A_1 = 0.2 + 0.6 = 0.8, A_0 = -0.3 + 0.8 = 0.5  (= r - V_t)
     adv, ret = gae_advantages_returns(dense, v, m, gamma=1.0, lam=1.0)
     torch.testing.assert_close(adv[0, 0], torch.tensor([0.5, 0.8, 0.6], dtype=torch.float64))

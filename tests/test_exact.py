@@ -185,3 +185,58 @@ def test_maximize_objective_recovers_tilted_optimum():
 
     p = maximize_objective(objective, b)
     assert total_variation(p, optimal_policy(b, beta)) < 1e-6
+
+
+# ---------------------------------------------------------------- other closed-form targets
+from tilt.exact import (  # noqa: E402
+    forward_kl_optimum,
+    forward_kl_tilt,
+    per_state_fixed_point,
+    state_visit_probs,
+    tsallis_tilt,
+)
+
+
+def test_forward_kl_tilt_hand_value():
+    # uniform p_ref over 2, v = (0, 1), beta = 1: p = 0.5/(lambda - v), 0.5/l + 0.5/(l-1) = 1
+    # -> l^2 - 2l + 0.5 = 0 -> l = 1 + sqrt(.5) = 1.707107, p = (0.292893, 0.707107)
+    p = forward_kl_tilt(torch.log(torch.tensor([0.5, 0.5], dtype=D)), torch.tensor([0.0, 1.0], dtype=D), 1.0)
+    assert torch.allclose(p, torch.tensor([0.292893, 0.707107], dtype=D), atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["forward", "tsallis_2", "tsallis_0.5"])
+def test_closed_form_targets_match_direct_optimisation(which):
+    """forward_kl_tilt / tsallis_tilt agree with L-BFGS maximisation of the claimed objective."""
+    b, beta = make_bandit(n_prompts=2, n_answers=4, seed=3), 0.5
+    lp = torch.log_softmax(b.ref_logits, -1)
+    if which == "forward":
+        div = lambda p: (lp.exp() * (lp - p.log())).sum(-1)  # noqa: E731
+        target = forward_kl_tilt(lp, b.rewards, beta)
+    else:
+        q = float(which.split("_")[1])
+        div = lambda p: (p * (1 - (lp.exp() / p) ** (1 - q)) / (1 - q)).sum(-1)  # noqa: E731
+        target = tsallis_tilt(lp, b.rewards, beta, q=q)
+    p = maximize_objective(lambda p: ((p * b.rewards).sum(-1) - beta * div(p)).mean(), b)
+    assert total_variation(p, target) < 1e-6
+    assert total_variation(forward_kl_optimum(b, beta), forward_kl_tilt(lp, b.rewards, beta)) < 1e-12
+
+
+def test_per_state_fixed_point_and_visits_hand_values():
+    # tree of test_tree_soft_q_hand_value, beta = 1, reward-only values:
+    # state (1,): pi = (1/4, 3/4), Q_r(root, 1) = 0.75 ln 3 = 0.823959; state (0,): Q_r = 0
+    # root: pi(1) = e^0.823959 / (1 + e^0.823959) = 0.695076 (the tilted optimum has 2/3)
+    r = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]], dtype=D)
+    t = TokenTree(depth=2, vocab=2, rewards=r, ref_logits=torch.zeros(3, 2, dtype=D))
+    p = per_state_fixed_point(t, 1.0)
+    assert p[0, 1].item() == pytest.approx(0.695076, abs=1e-6)
+    assert p[2, 1].item() == pytest.approx(0.75)
+    # uniform policy visits: root 1, each child 0.5
+    assert state_visit_probs(t, torch.full((3, 2), 0.5, dtype=D)).tolist() == [1.0, 0.5, 0.5]
+
+
+def test_kl_in_reward_accepts_a_callable():
+    b = make_bandit(n_prompts=2, n_answers=3)
+    inp_named, _ = policy_input(b, b.ref_logits + 1.0 * torch.eye(2, 3, dtype=D), kl_in_reward="k1", beta=0.3)
+    inp_fn, _ = policy_input(b, b.ref_logits + 1.0 * torch.eye(2, 3, dtype=D),
+                             kl_in_reward=lambda lp, lr, **kw: lp - lr, beta=0.3)
+    assert torch.equal(inp_named.advantages, inp_fn.advantages)

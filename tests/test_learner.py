@@ -61,6 +61,6 @@ def test_nonfinite_loss_step_is_skipped(tiny_llama_dir):
     batch.advantages[0, 0] = float("nan")
     before = copy.deepcopy(pol.model.state_dict())
     out = _learner(pol.model, "ppo_clip", minibatches=1).update(batch)
-    assert out["train/skipped"] == 1 and out["train/trailing_bad"] == 1
+    assert out["train/skipped"] == 1 and out["train/bad_streak"] == 1
     for k, v in pol.model.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -9,9 +9,10 @@ Every estimator is ``fn(logp [N, T], ref_logp [N, T], *, logits=None, ref_logits
     low_var_kl = k3 with log rho clamped to [-20, 20] and the result to [-10, 10] (verl)
     full = sum_v pi(v) log pi(v)/pi_ref(v) from the full logits [N, T, V] (exact, no sampling)
 
-Source: J. Schulman, "Approximating KL divergence" (2020); k1/k2/k3 as named in Sec. 2 of
+Source: J. Schulman, "Approximating KL divergence" (2020); k1/k2/k3 as named in
 arXiv:2505.17508 (RPG); low_var_kl as in verl ``verl/trainer/ppo/core_algos.py::kl_penalty``.
-The Tsallis estimator (catalogue A3) lives in tilt.losses.regularizers and registers here.
+Also registered here: ``tsallis`` (catalogue A3, q-logarithm KL) and ``critical`` (catalogue A7,
+KL down-weighted on tokens where the reference is uncertain).
 """
 from __future__ import annotations
 
@@ -69,6 +70,66 @@ def categorical_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     logq = torch.log_softmax(logits, dim=-1)  # [..., V]
     logq_ref = torch.log_softmax(ref_logits, dim=-1)  # [..., V]
     return (logq.exp() * (logq - logq_ref)).sum(-1)
+
+
+def q_log(log_x: Tensor, q: float) -> Tensor:
+    """q-logarithm ln_q(x) = (x^(1-q) - 1) / (1 - q) from log x; ln_1 = log (Tsallis 1988;
+    the convention of arXiv:2301.11476 and its code ``logq_x``)."""
+    if q == 1.0:
+        return log_x
+    return torch.expm1((1.0 - q) * log_x) / (1.0 - q)
+
+
+@KL_ESTIMATORS.register("tsallis")
+def tsallis(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
+            ref_logits: Optional[Tensor] = None, q: float = 2.0) -> Tensor:
+    """-ln_q(pi_ref/pi) at the sampled token, [N, T]: unbiased for the Tsallis KL
+    D_q(pi || pi_ref) = E_pi[-ln_q(pi_ref / pi)] (arXiv:2301.11476); q = 1 gives k1."""
+    return -q_log(ref_logp - logp, q)
+
+
+def tsallis_kl(logits: Tensor, ref_logits: Tensor, *, q: float) -> Tensor:
+    """Exact D_q(softmax(logits) || softmax(ref_logits)) over the last dim, [..., V] -> [...]."""
+    logq = torch.log_softmax(logits, dim=-1)  # [..., V]
+    logq_ref = torch.log_softmax(ref_logits, dim=-1)  # [..., V]
+    return (logq.exp() * -q_log(logq_ref - logq, q)).sum(-1)
+
+
+def reference_certainty(ref_logits: Tensor, *, kind: str = "max_prob") -> Tensor:
+    """How sure pi_ref is at each position, in [0, 1], [N, T, V] -> [N, T] (arXiv:2502.06533 and its code).
+
+    "max_prob": max_v pi_ref(v); "negentropy_max_prob": 1 + log max_v pi_ref(v) / log V
+    (both as in the paper's code); "negentropy": 1 - H(pi_ref) / log V (our addition).
+    """
+    logp_ref = torch.log_softmax(ref_logits, dim=-1)  # [N, T, V]
+    log_v = torch.log(torch.tensor(float(ref_logits.shape[-1]), dtype=ref_logits.dtype))
+    if kind == "max_prob":
+        return logp_ref.max(-1).values.exp()
+    if kind == "negentropy_max_prob":
+        return 1.0 + logp_ref.max(-1).values / log_v
+    if kind == "negentropy":
+        return 1.0 + (logp_ref.exp() * logp_ref).sum(-1) / log_v
+    raise ValueError(f"unknown certainty {kind!r}; valid: max_prob, negentropy_max_prob, negentropy")
+
+
+@KL_ESTIMATORS.register("critical")
+def critical(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
+             ref_logits: Optional[Tensor] = None, base: str = "k3", certainty: str = "max_prob",
+             exponent: float = 1.0, intercept: float = 0.0) -> Tensor:
+    """Prioritised KL: weight(c(s)) * k(s, y), c = certainty of pi_ref at s (arXiv:2502.06533).
+
+    weight = (1 - intercept) * certainty^exponent + intercept (intercept <= 0, weight(1) = 1),
+    so the penalty fades on tokens where pi_ref is unsure ("critical tokens") and the policy
+    may explore there. ``base`` is the per-token estimator (k1, k2, k3, ...). [N, T].
+    """
+    if ref_logits is None:
+        raise ValueError("the 'critical' KL estimator needs ref_logits [N, T, V]")
+    if intercept > 0:
+        raise ValueError(f"intercept must be <= 0, got {intercept}")
+    c = reference_certainty(ref_logits.detach(), kind=certainty)  # [N, T]
+    weight = (1.0 - intercept) * c ** exponent + intercept  # [N, T]
+    kl = KL_ESTIMATORS.get(base)(logp, ref_logp, logits=logits, ref_logits=ref_logits)  # [N, T]
+    return weight * kl
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3", beta: float,

@@ -86,13 +86,15 @@ class Learner:
     def __init__(self, model, optimizer, scheduler, *, loss_fn: Callable, loss_needs: tuple[str, ...],
                  reduction: str, max_len: int, temperature: float, kl_fn: Optional[Callable],
                  kl_beta: float, kl_in_loss: bool, epochs: int, minibatches: int, grad_accum: int,
-                 grad_clip: float, generator: torch.Generator):
+                 grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
         self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
         self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
         self.grad_clip, self.generator = grad_clip, generator
+        self.max_bad_steps = max_bad_steps
+        self.bad_streak = 0  # consecutive skipped optimizer steps, across updates (checkpointed)
         self.need_logits = bool({"logits", "ref_logits", "teacher_logits"} & self.loss_needs) or (
             kl_fn is not None and getattr(kl_fn, "needs_logits", False))
 
@@ -124,13 +126,14 @@ class Learner:
         """``epochs x minibatches`` optimizer steps on ``batch``. Returns averaged metrics.
 
         A step whose loss or gradient norm is not finite is skipped (no parameter change)
-        and counted in ``train/skipped``; ``train/bad_streak`` is the current run of them.
+        and counted in ``train/skipped``. After ``max_bad_steps`` consecutive skipped steps
+        (counted across calls) ``NonFiniteLoss`` is raised before anything else changes.
         """
         n = batch.completion_ids.shape[0]
         mb_size = math.ceil(n / self.minibatches)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        skipped, steps, streak = 0, 0, 0
+        skipped, steps = 0, 0
         for _ in range(self.epochs):
             perm = torch.randperm(n, generator=self.generator) if self.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb_size):
@@ -153,9 +156,12 @@ class Learner:
                 if not (math.isfinite(total) and math.isfinite(float(gnorm))):
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
-                    streak += 1
+                    self.bad_streak += 1
+                    if self.bad_streak >= self.max_bad_steps:
+                        raise NonFiniteLoss(f"{self.bad_streak} consecutive optimizer steps had a non-finite "
+                                            f"loss ({total}) or gradient norm ({float(gnorm)})")
                     continue
-                streak = 0
+                self.bad_streak = 0
                 self.optimizer.step()
                 self.scheduler.step()
                 sums["loss"] = sums.get("loss", 0.0) + total
@@ -164,5 +170,5 @@ class Learner:
                 counts["grad_norm"] = counts.get("grad_norm", 0) + 1
         out = {k: sums[k] / counts[k] for k in sums}
         out.update({"train/skipped": float(skipped), "train/optimizer_steps": float(steps),
-                    "train/trailing_bad": float(streak), "lr": float(self.scheduler.get_last_lr()[0])})
+                    "train/bad_streak": float(self.bad_streak), "lr": float(self.scheduler.get_last_lr()[0])})
         return out

@@ -84,7 +84,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         max_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, kl_fn=kl_fn,
         kl_beta=cfg.kl.beta, kl_in_loss=cfg.kl.placement == "loss", epochs=cfg.train.epochs,
         minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip,
-        generator=generator)
+        generator=generator, max_bad_steps=cfg.train.max_bad_steps)
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
@@ -214,6 +214,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
         else:
             state = load_checkpoint(ckpt, model=parts.policy.model, optimizer=parts.learner.optimizer,
                                     scheduler=parts.learner.scheduler, generator=parts.generator)
+            parts.learner.bad_streak = state["bad_streak"]
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
     log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
     if state["before"] is None:
@@ -230,20 +231,19 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             batch, metrics, messages = rollout_step(parts, cfg, items)
             for m in messages:
                 echo(f"step {step}: reward {m}")
-            metrics.update(parts.learner.update(batch))
-            skipped, opt_steps = int(metrics["train/skipped"]), int(metrics["train/optimizer_steps"])
-            state["skipped_total"] += skipped
-            state["bad_streak"] = state["bad_streak"] + skipped if skipped == opt_steps else int(
-                metrics["train/trailing_bad"])
-            if skipped:
-                echo(f"step {step}: skipped {skipped} optimizer step(s) with a non-finite loss or gradient")
-            if state["bad_streak"] >= cfg.train.max_bad_steps:
+            try:
+                metrics.update(parts.learner.update(batch))
+            except NonFiniteLoss as exc:
                 last = latest_checkpoint(ckpt_root)
                 raise NonFiniteLoss(
-                    f"stopping at step {step}: {state['bad_streak']} consecutive optimizer steps had a "
-                    f"non-finite loss or gradient (loss {cfg.loss.name!r}, lr {cfg.optim.lr}). "
+                    f"stopping at step {step}: {exc} (loss {cfg.loss.name!r}, lr {cfg.optim.lr}). "
                     + (f"The last checkpoint {last} is intact; fix the cause, then "
-                       f"`tilt train --resume {run_dir}`." if last else "No checkpoint was written yet."))
+                       f"`tilt train --resume {run_dir}`." if last else "No checkpoint was written yet.")) from None
+            skipped = int(metrics["train/skipped"])
+            state["skipped_total"] += skipped
+            state["bad_streak"] = parts.learner.bad_streak
+            if skipped:
+                echo(f"step {step}: skipped {skipped} optimizer step(s) with a non-finite loss or gradient")
             dt = time.time() - t0
             metrics.update({"tokens_per_s": float(batch.completion_mask.sum()) / dt, "time/step_s": dt,
                             "train/skipped_total": float(state["skipped_total"])})

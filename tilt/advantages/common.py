@@ -60,7 +60,8 @@ def outcome_token_rewards(rewards: Tensor, mask: Tensor, token_rewards: Tensor |
     m = mask.to(rewards.dtype)
     last = last_token_index(mask)  # [B, G]
     onehot = torch.nn.functional.one_hot(last.clamp(min=0), mask.shape[-1]).to(rewards.dtype)
-    dense = onehot * (last >= 0).unsqueeze(-1).to(rewards.dtype) * rewards.unsqueeze(-1)  # [B, G, T]
+    present = (last >= 0).unsqueeze(-1).to(rewards.dtype)  # [B, G, 1] 0 for an empty completion
+    dense = onehot * present * rewards.unsqueeze(-1)  # [B, G, T]
     if token_rewards is not None:
         dense = dense + token_rewards.to(rewards.dtype) * m
     return dense
@@ -70,5 +71,5 @@ def leave_one_out_mean(x: Tensor) -> Tensor:
     """mean_{j != i} x_j along the last axis (size G >= 2), [..., G]."""
     G = x.shape[-1]
     if G < 2:
-        raise ValueError(f"a leave-one-out baseline needs at least 2 completions per group, got {G}")
+        raise ValueError(f"a leave-one-out baseline needs >= 2 completions per group, got {G}")
     return (x.sum(dim=-1, keepdim=True) - x) / (G - 1)

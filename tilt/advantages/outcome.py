@@ -31,11 +31,13 @@ def group_normalised(rewards: Tensor, *, scale_rewards: str = "group", eps: floa
     if scale_rewards == "none":
         return centred
     if scale_rewards == "group":
-        std = rewards.std(dim=1, keepdim=True) if G > 1 else torch.zeros_like(rewards[:, :1])  # [B, 1]
+        zero = torch.zeros_like(rewards[:, :1])
+        std = rewards.std(dim=1, keepdim=True) if G > 1 else zero  # [B, 1]
     elif scale_rewards == "batch":
         std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)  # []
     else:
-        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: {', '.join(SCALE_MODES)}")
+        valid = ", ".join(SCALE_MODES)
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: {valid}")
     return centred / (std + eps)
 
 

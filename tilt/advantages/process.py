@@ -5,8 +5,8 @@ adding high-reward steps. PURE's min-form value is the worst future step:
 
     V_s = min_{k >= s} r_k                                        ("min": the exact min form)
 
-The authors' code realises it by transforming the process rewards and summing as usual
-(README of github.com/CJReinforce/PURE, Sec. 3 of the paper):
+The authors realise it by transforming the process rewards and then summing as usual (README
+of github.com/CJReinforce/PURE: sum_t softmax(-PR_t/T) PR_t approximates min_t PR_t as T -> 0):
 
     r*_s = softmax(-r / T)_s * r_s,    G_s = sum_{k >= s} r*_k     ("softmin": the default)
 
@@ -17,7 +17,8 @@ receive (almost) no credit. PURE uses an RLOO baseline; here
 
 for token t of completion i in step s(t); c = ``outcome_coef`` mixes in the verifiable outcome
 reward (PURE-PRM+VR; c = 0 is PURE-PRM). Tokens after the last step get no process credit.
-Step s covers the tokens (step_ends[s-1], step_ends[s]]; step 0 starts at token 0.
+Step s covers the tokens (step_ends[s-1], step_ends[s]]; step 0 starts at token 0; the valid
+step ends (finite reward, end >= 0) must be non-decreasing. The default T = 0.1 is ours.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def valid_steps(step_rewards: Tensor, step_ends: Tensor) -> tuple[Tensor, Tensor
     valid = torch.isfinite(step_rewards) & (step_ends >= 0)  # [B, G, S]
     order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # valid first
     valid = valid.gather(-1, order)
-    r = torch.where(valid, step_rewards.gather(-1, order), torch.full_like(step_rewards, float("inf")))
+    inf = torch.full_like(step_rewards, float("inf"))
+    r = torch.where(valid, step_rewards.gather(-1, order), inf)
     ends = torch.where(valid, step_ends.gather(-1, order), torch.full_like(step_ends, -1))
     return r, ends, valid
 
@@ -52,7 +54,8 @@ def min_form_values(step_rewards: Tensor, valid: Tensor) -> Tensor:
 
 def softmin_returns(step_rewards: Tensor, valid: Tensor, *, temperature: float) -> Tensor:
     """G_s = sum_{k >= s} softmax(-r/T)_k r_k over the valid steps, [..., S]; 0 on invalid."""
-    logits = torch.where(valid, -step_rewards / temperature, torch.full_like(step_rewards, -float("inf")))
+    neg_inf = torch.full_like(step_rewards, -float("inf"))
+    logits = torch.where(valid, -step_rewards / temperature, neg_inf)
     any_valid = valid.any(dim=-1, keepdim=True)
     w = torch.softmax(torch.where(any_valid, logits, torch.zeros_like(logits)), dim=-1)  # [..., S]
     r_star = torch.where(valid, w * step_rewards, torch.zeros_like(w))  # [..., S]

@@ -35,7 +35,8 @@ def group_quantile(rewards: Tensor, k: float, *, interpolation: str = "lower") -
     if interpolation == "linear":
         return torch.quantile(rewards, k, dim=1, keepdim=True)
     if interpolation != "lower":
-        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+        valid = ", ".join(INTERPOLATIONS)
+        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {valid}")
     G = rewards.shape[1]
     rank = min(max(math.ceil(k * G - 1e-9), 1), G)  # 1-based rank of the quantile
     return rewards.sort(dim=1).values[:, rank - 1: rank]  # [B, 1]

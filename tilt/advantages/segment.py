@@ -15,7 +15,10 @@ it moved the Monte Carlo value of the prefix:
 
 Inputs: ``step_ends`` [B, G, S] carries the segment end tokens (-1 = none; an end past the
 completion counts as its last token) and ``values`` [B, G, T] carries the Monte Carlo value of
-the prefix ending at token t (read only at segment ends that are not the last token). Reference: arXiv:2505.23564 (SPO-chain); github.com/AIFrameResearch/SPO.
+the prefix ending at token t (read only at segment ends that are not the last token).
+Reference: arXiv:2505.23564 (SPO-chain); github.com/AIFrameResearch/SPO. The cutpoint
+threshold rho and the 'every n-th cutpoint' placement are our reading of the paper (its code
+was not available to us); both are hyper-parameters here.
 """
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ def spo_chain(inp: AdvantageInput, *, logprobs: Tensor | None = None, prob_thres
     ends = torch.where(inp.step_ends >= 0, inp.step_ends, torch.full_like(inp.step_ends, T + 1))
     ends = ends.sort(dim=-1).values  # [B, G, S] valid ends first
     valid = (ends <= T - 1) & (last >= 0)  # [B, G, S]
-    ends = torch.where(valid, torch.minimum(ends, last), torch.full_like(ends, -1))  # past the end -> last
+    # an end past the completion is its last token
+    ends = torch.where(valid, torch.minimum(ends, last), torch.full_like(ends, -1))
     v_end = inp.values.to(r.dtype).gather(-1, ends.clamp(min=0))  # [B, G, S]
     is_last = ends == last  # [B, G, S] the terminal state's value is the reward itself
     v_end = torch.where(is_last, r.unsqueeze(-1).expand_as(v_end), v_end)

@@ -16,7 +16,7 @@ s_t also goes through s_{t+1}, so the TD term is exactly 0 there and TEMPO reduc
 The branching at the prompt itself (t = 0) is not given a TD term: V(s_1) - V(prompt) would
 repeat the GRPO term r~_i whenever the first tokens all differ; hence TEMPO equals GRPO exactly
 when no two completions share a prefix past the prompt. (The exact gating and lambda are our
-reading of the abstract and overview; the paper's equations were not available to us.)
+reading of the abstract and public summaries; we could not read the paper's equations.)
 """
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ from tilt.exact.targets import (
     per_state_fixed_point,
     reverse_kl_tilt,
     state_visit_probs,
+    tsallis_optimum,
+    tsallis_tilt,
 )
 from tilt.exact.tree import TokenTree, level_offset, make_tree
 
@@ -29,4 +31,5 @@ __all__ = [
     "forward_kl_optimum", "forward_kl_tilt", "group_mean", "level_offset", "make_bandit", "make_tree",
     "maximize_objective", "optimal_policy", "per_state_fixed_point", "policy_input", "reverse_kl_tilt",
     "sequence_probs", "solve", "state_visit_probs", "table_logp", "tilted_distribution", "total_variation",
+    "tsallis_optimum", "tsallis_tilt",
 ]

@@ -89,7 +89,7 @@ def policy_input(
     *,
     old_logits: Optional[Tensor] = None,
     advantage: Advantage = "exact",
-    kl_in_reward: Optional[str] = None,
+    kl_in_reward: Optional[str | Callable] = None,
     beta: float = 0.0,
     teacher_logits: Optional[Tensor] = None,
     baseline_v: Optional[Tensor] = None,
@@ -102,7 +102,7 @@ def policy_input(
         old_logits: [S, V] sampling policy; default the detached current policy (on-policy).
         advantage: "exact" (A = G - E_pi_old[G | x], the infinite-group baseline), "reward"
             (A = G), or callable(returns [N, T], weights [N], enum) -> [N, T].
-        kl_in_reward: a KL estimator name; if given, each token gets reward -beta * kl_t
+        kl_in_reward: a KL estimator name (or callable with its signature); if given, each token gets reward -beta * kl_t
             (evaluated at pi_old, detached) and G_it = r_i - beta * sum_{t' >= t} kl_it'.
         beta: KL coefficient for ``kl_in_reward``.
         teacher_logits: [S, V] optional teacher table (distillation losses).
@@ -124,7 +124,8 @@ def policy_input(
     if kl_in_reward is not None:
         from tilt.kl import KL_ESTIMATORS
 
-        kl_tok = KL_ESTIMATORS.get(kl_in_reward)(
+        estimator = kl_in_reward if callable(kl_in_reward) else KL_ESTIMATORS.get(kl_in_reward)
+        kl_tok = estimator(
             old_logp, ref_logp, logits=old_table[enum.states], ref_logits=ref_table[enum.states]
         )  # [N, T]
         returns = returns - beta * kl_tok.flip(-1).cumsum(-1).flip(-1)  # [N, T] reward-to-go

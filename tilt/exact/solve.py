@@ -48,7 +48,7 @@ def solve(
     steps: int = 300,
     lr: float = 0.1,
     advantage: Advantage = "exact",
-    kl: Optional[str] = None,
+    kl: Optional[str | Callable] = None,
     init_logits: Optional[Tensor] = None,
     teacher_logits: Optional[Tensor] = None,
     mode: Optional[str] = None,
@@ -64,7 +64,7 @@ def solve(
             ``beta`` keyword and ``loss_kwargs`` does not already set it.
         steps, lr: Adam steps and peak learning rate (cosine decay to 0).
         advantage: "exact" (A = r - E_pi[r], the infinite-group baseline), "reward", or callable.
-        kl: KL estimator name placed in the reward (-beta * kl per token), or None.
+        kl: KL estimator name (or callable) placed in the reward (-beta * kl per token), or None.
         init_logits: starting table [S, V]; default the reference policy.
         teacher_logits: [S, V] teacher table for distillation losses.
         mode: reduction override.

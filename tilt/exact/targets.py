@@ -39,6 +39,38 @@ def forward_kl_tilt(logp_ref: Tensor, values: Tensor, beta: float, *, iters: int
     return p / p.sum(-1, keepdim=True)
 
 
+def tsallis_tilt(logp_ref: Tensor, values: Tensor, beta: float, *, q: float, iters: int = 200) -> Tensor:
+    """argmax_p <p, v> - beta D_q(p || p_ref), D_q = sum p (1 - (p_ref/p)^(1-q)) / (1-q), [..., K].
+
+    Stationarity (KKT, q > 0): p = p_ref u with u = [(1 + (q-1)(v - lambda)/beta) / q]_+^(1/(q-1)),
+    lambda found by bisection so that sum p = 1 (q > 1 may put exact zeros: sparse policies,
+    arXiv:2301.11476). q = 1 is the softmax tilt.
+    """
+    if q == 1.0:
+        return reverse_kl_tilt(logp_ref, values, beta)
+    p_ref = logp_ref.exp()  # [..., K]
+
+    def total(lam: Tensor) -> tuple[Tensor, Tensor]:
+        base = (1.0 + (q - 1.0) * (values - lam) / beta).clamp(min=0.0)  # [..., K]
+        u = torch.where(base > 0, (base / q).clamp(min=1e-300) ** (1.0 / (q - 1.0)), torch.zeros_like(base))
+        return (p_ref * u).sum(-1, keepdim=True), p_ref * u
+
+    v_max, v_min = values.max(-1, keepdim=True).values, values.min(-1, keepdim=True).values
+    edge = v_max - beta / (1.0 - q) if q < 1.0 else None  # q < 1: base > 0 needs lambda > edge
+    lo = edge + 1e-12 * beta if q < 1.0 else v_min - beta  # [..., 1]
+    hi = v_max + beta  # [..., 1]
+    for _ in range(64):  # widen the bracket: total(lo) > 1 > total(hi)
+        hi = torch.where(total(hi)[0] >= 1.0, hi + 2.0 * (hi - lo), hi)
+        if q > 1.0:
+            lo = torch.where(total(lo)[0] <= 1.0, lo - 2.0 * (hi - lo), lo)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = total(mid)[0] > 1.0
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    p = total(0.5 * (lo + hi))[1]  # [..., K]
+    return p / p.sum(-1, keepdim=True)
+
+
 TILTS = {"reverse": reverse_kl_tilt, "forward": forward_kl_tilt}
 
 
@@ -49,20 +81,33 @@ def forward_kl_optimum(problem, beta: float) -> Tensor:
     return forward_kl_tilt(ref_seq.log(), rewards, beta)
 
 
-def per_state_fixed_point(problem, beta: float, *, divergence: str = "reverse") -> Tensor:
-    """Fixed point of a per-state KL penalty (module docstring), probs table [S, V]."""
-    tilt = TILTS[divergence]
+def tsallis_optimum(problem, beta: float, *, q: float) -> Tensor:
+    """Sequence-level argmax E[r] - beta D_q(pi || pi_ref) (tsallis_tilt over sequences), [X, Y]."""
+    ref_seq = sequence_probs(problem, torch.softmax(problem.ref_logits, -1))  # [X, Y]
+    rewards = problem.enumerate().rewards.reshape(ref_seq.shape)  # [X, Y]
+    return tsallis_tilt(ref_seq.log(), rewards, beta, q=q)
+
+
+def per_state_fixed_point(problem, beta: float, *, divergence: str = "reverse", q: float = 2.0) -> Tensor:
+    """Fixed point of a per-state penalty (module docstring), probs table [S, V].
+
+    divergence: "reverse" (KL(pi||pi_ref)), "forward" (KL(pi_ref||pi)) or "tsallis" (D_q).
+    """
+    if divergence == "tsallis":
+        tilt = lambda lp, v, b: tsallis_tilt(lp, v, b, q=q)  # noqa: E731
+    else:
+        tilt = TILTS[divergence]
     logp_ref = torch.log_softmax(problem.ref_logits, -1)  # [S, V]
     if isinstance(problem, Bandit):
         return tilt(logp_ref, problem.rewards, beta)
     v, d = problem.vocab, problem.depth
     probs = torch.empty_like(logp_ref)  # [S, V]
-    q = problem.rewards.reshape(-1, v)  # [V^(d-1), V] at the last level
+    q_vals = problem.rewards.reshape(-1, v)  # [V^(d-1), V] at the last level
     for level in range(d - 1, -1, -1):
         lo, hi = level_offset(level, v), level_offset(level + 1, v)
-        probs[lo:hi] = tilt(logp_ref[lo:hi], q, beta)
+        probs[lo:hi] = tilt(logp_ref[lo:hi], q_vals, beta)
         if level > 0:  # reward-only state values become the parents' Q
-            q = (probs[lo:hi] * q).sum(-1).reshape(-1, v)
+            q_vals = (probs[lo:hi] * q_vals).sum(-1).reshape(-1, v)
     return probs
 
 

@@ -10,7 +10,7 @@ Token-level optimum of max E[r] - beta KL(pi || pi_ref) (soft Bellman backup):
     Q*(s, a) = r(s, a) + beta log E_{a' ~ pi_ref(.|s')} exp(Q*(s', a') / beta)
     V*(s)    = beta log E_{a ~ pi_ref(.|s)} exp(Q*(s, a) / beta)
     pi*(a|s) = pi_ref(a|s) exp((Q*(s, a) - V*(s)) / beta)
-whose product over a path equals pi_ref(y) exp(r(y)/beta) / Z (e.g. arXiv:2404.12358, Sec. 4).
+whose product over a path equals pi_ref(y) exp(r(y)/beta) / Z (soft Bellman equations, e.g. arXiv:2404.12358).
 """
 from __future__ import annotations
 

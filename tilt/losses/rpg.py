@@ -38,7 +38,7 @@ from tilt.reduction import masked_mean
 LEVELS = ("token", "sequence")
 
 
-class _Ratios(NamedTuple):
+class Ratios(NamedTuple):
     """Log-ratios per token [N, T] (level "token") or per sequence [N, 1] (level "sequence")."""
 
     logpi: Tensor  # log pi_theta (carries grad)
@@ -49,7 +49,7 @@ class _Ratios(NamedTuple):
     mask: Tensor
 
 
-def _log_ratios(inp: PolicyLossInput, level: str) -> _Ratios:
+def log_ratios(inp: PolicyLossInput, level: str) -> Ratios:
     """The log-ratios RPG needs, at token or sequence level; padding is zeroed (no NaN leaks)."""
     if inp.ref_logp is None:
         raise ValueError("RPG losses need ref_logp")
@@ -60,16 +60,16 @@ def _log_ratios(inp: PolicyLossInput, level: str) -> _Ratios:
     ref = torch.where(m > 0, inp.ref_logp, zero).detach()  # [N, T]
     adv = torch.where(m > 0, inp.advantages, zero).detach()  # [N, T]
     if level == "token":
-        return _Ratios(logp, logp - old, ref - old, logp - ref, adv, m)
+        return Ratios(logp, logp - old, ref - old, logp - ref, adv, m)
     if level == "sequence":
         length = m.sum(-1, keepdim=True)  # [N, 1]
         s = lambda x: x.sum(-1, keepdim=True)  # noqa: E731  [N, T] -> [N, 1]
-        return _Ratios(s(logp), s(logp - old), s(ref - old), s(logp - ref),
-                       s(adv) / length.clamp(min=1.0), (length > 0).to(m.dtype))
+        return Ratios(s(logp), s(logp - old), s(ref - old), s(logp - ref),
+                      s(adv) / length.clamp(min=1.0), (length > 0).to(m.dtype))
     raise ValueError(f"unknown RPG level {level!r}; valid: {', '.join(LEVELS)}")
 
 
-def _to_tokens(loss: Tensor, inp: PolicyLossInput, level: str) -> Tensor:
+def to_tokens(loss: Tensor, inp: PolicyLossInput, level: str) -> Tensor:
     """Per-token loss [N, T]: token level as is; a sequence loss [N, 1] as L_i m_it / len_i."""
     m = inp.mask.to(inp.logp.dtype)  # [N, T]
     if level == "token":
@@ -115,12 +115,12 @@ def rpg_differentiable(inp: PolicyLossInput, *, kind: str, beta: float, level: s
     Returns:
         (per-token loss [N, T] for reduction "seq-mean-token-sum", metrics).
     """
-    r = _log_ratios(inp, level)
+    r = log_ratios(inp, level)
     f = _divergence_sample(kind, r.log_w, r.log_rho, r.log_u)  # [N, T] or [N, 1]
     loss = -torch.exp(r.log_w) * r.adv + beta * f
     metrics = {f"kl/rpg_{kind}": masked_mean(f.detach(), r.mask),
                "ratio/mean": masked_mean(r.log_w.detach().exp(), r.mask)}
-    return _to_tokens(loss, inp, level), metrics
+    return to_tokens(loss, inp, level), metrics
 
 
 def rpg_reinforce(inp: PolicyLossInput, *, kind: str, beta: float, level: str = "token",
@@ -130,14 +130,15 @@ def rpg_reinforce(inp: PolicyLossInput, *, kind: str, beta: float, level: str = 
 
     Args:
         kind, beta, level: as ``rpg_differentiable``.
-        clip_low, clip_high, clip_c: RPG-Style Clip (Sec. 4.3): if set, drop the gradient of a
+        clip_low, clip_high, clip_c: RPG-Style Clip (the reference code's
+            ``clip_ppo`` kl_type): if set, drop the gradient of a
             sample with A > 0 and w >= 1 + clip_high, or A <= 0 and w outside [1 - clip_low,
             clip_c) (dual clip). None = no clipping. Our coefficient keeps the unclamped w; the
             reference code also clamps w inside the KL coefficient.
     Returns:
         (per-token loss [N, T] for reduction "seq-mean-token-sum", metrics).
     """
-    r = _log_ratios(inp, level)
+    r = log_ratios(inp, level)
     w, adv = torch.exp(r.log_w), r.adv
     coef = (w * adv - beta * _score_coefficient(kind, r.log_w, r.log_rho, r.log_u)).detach()
     keep = torch.ones_like(w)
@@ -148,7 +149,7 @@ def rpg_reinforce(inp: PolicyLossInput, *, kind: str, beta: float, level: str = 
         keep = torch.where(adv > 0, keep_pos, keep_neg).detach()
     loss = -keep * coef * r.logpi
     metrics = {"clip/frac": masked_mean(1.0 - keep, r.mask), "ratio/mean": masked_mean(w.detach(), r.mask)}
-    return _to_tokens(loss, inp, level), metrics
+    return to_tokens(loss, inp, level), metrics
 
 
 def _register(kind: str) -> None:

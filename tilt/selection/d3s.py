@@ -53,7 +53,8 @@ def top_tokens(scores: Tensor, mask: Tensor, *, keep_frac: float) -> Tensor:
     valid = (mask > 0).reshape(-1)
     n = int(valid.sum())
     keep_n = min(n, math.ceil(keep_frac * n - 1e-9))
-    flat = torch.where(valid, scores.reshape(-1), torch.full_like(scores.reshape(-1), -float("inf")))
+    flat = scores.reshape(-1)
+    flat = torch.where(valid, flat, torch.full_like(flat, -float("inf")))
     keep = torch.zeros_like(valid)
     if keep_n > 0:
         keep[flat.topk(keep_n).indices] = True
@@ -61,7 +62,7 @@ def top_tokens(scores: Tensor, mask: Tensor, *, keep_frac: float) -> Tensor:
 
 
 def d3s_schedule(step: int, *, total_steps: int, start: float, end: float = 1.0) -> float:
-    """Keep fraction at ``step``: linear from ``start`` (step 0) to ``end`` (step >= total_steps)."""
+    """Keep fraction at ``step``: linear from ``start`` (step 0) to ``end`` (step >= total)."""
     progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
     return start + (end - start) * progress
 

@@ -45,7 +45,8 @@ def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-
         select/zero_var_returned  zero-variance groups in the returned batch
     """
     if max_draws < 1 or batch_size < 1:
-        raise ValueError(f"refill needs max_draws >= 1 and batch_size >= 1, got {max_draws}, {batch_size}")
+        raise ValueError(f"refill needs max_draws >= 1 and batch_size >= 1, "
+                         f"got {max_draws}, {batch_size}")
     kept: list[tuple[Tensor, Any]] = []
     dropped: list[tuple[Tensor, Any]] = []
     draws = drawn = 0

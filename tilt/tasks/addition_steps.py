@@ -96,7 +96,8 @@ class AdditionStepsTask:
         for k, (da, db) in enumerate(zip(column_digits(a, n), column_digits(b, n))):
             total = da + db + carry_in
             parsed = STEP.fullmatch(steps[k][0].strip()) if k < len(steps) else None
-            ok = parsed is not None and (int(parsed[1]), int(parsed[2])) == (total % 10, total // 10)
+            want = (total % 10, total // 10)
+            ok = parsed is not None and (int(parsed[1]), int(parsed[2])) == want
             out.append(float(ok))
             true_total = da + db + true_carry
             true_carry = true_total // 10
