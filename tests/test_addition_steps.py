@@ -39,7 +39,7 @@ def test_reference_completion_verifies_and_every_step_scores_one(seed, d):
     item = TASK.generate(seed, d)
     assert item == TASK.generate(seed, d)  # deterministic
     a, b = item.columns["a"], item.columns["b"]
-    assert item.prompt == f"{a}+{b}="
+    assert item.prompt == f"st {a}+{b}="
     assert TASK.verify(item.answer, **item.columns) == 1.0
     assert TASK.step_rewards(item.answer, **item.columns) == [1.0] * (d + 1)
     ends = TASK.step_char_ends(item.answer, **item.columns)

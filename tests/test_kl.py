@@ -229,7 +229,8 @@ def test_critical_kl_hand_value_and_limits():
     assert out.item() == pytest.approx(0.106231, abs=1e-6)
     # a fully certain reference keeps the whole penalty; exponent 0 recovers the plain estimator
     sure = torch.tensor([[[0.0, -1e4, -1e4, -1e4]]], dtype=D)
-    assert KL_ESTIMATORS.get("critical")(_t(LOG(0.5)), _t(LOG(0.25)), ref_logits=sure).item() == pytest.approx(0.193147, abs=1e-6)
+    full_weight = KL_ESTIMATORS.get("critical")(_t(LOG(0.5)), _t(LOG(0.25)), ref_logits=sure)
+    assert full_weight.item() == pytest.approx(0.193147, abs=1e-6)
     assert KL_ESTIMATORS.get("critical")(_t(LOG(0.5)), _t(LOG(0.25)), ref_logits=ref_logits,
                                          exponent=0.0).item() == pytest.approx(0.193147, abs=1e-6)
     with pytest.raises(ValueError, match="intercept"):

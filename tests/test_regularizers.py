@@ -153,7 +153,9 @@ def test_tsallis_pg_padding_masking_gradcheck(level):
     value = _reduced("tsallis_pg", inp, beta=0.2, q=1.5, level=level)
     assert torch.allclose(_reduced("tsallis_pg", _pad(inp), beta=0.2, q=1.5, level=level), value, atol=1e-12)
     x = inp.logp.clone().requires_grad_(True)
-    f = lambda lp: LOSSES.get("tsallis_pg")(PolicyLossInput(**dict(inp.__dict__, logp=lp)), beta=0.2, q=1.5, level=level)[0]  # noqa: E731
+    def f(lp):
+        return LOSSES.get("tsallis_pg")(PolicyLossInput(**dict(inp.__dict__, logp=lp)), beta=0.2, q=1.5, level=level)[0]
+
     assert torch.autograd.gradcheck(f, (x,))
 
 
@@ -217,7 +219,8 @@ def test_aer_update_hand_values():
 def test_aer_prompt_coefficients_and_group_accuracy_hand_values():
     # alpha = .2, rho = .6, acc = (0, .25, .5, 1) -> .2*(1, .75, .5, 0) = (.2, .15, .1, 0)
     acc = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=D)
-    assert torch.allclose(aer_prompt_coefficients(acc, alpha=0.2, rho=0.6), torch.tensor([0.2, 0.15, 0.1, 0.0], dtype=D))
+    expected = torch.tensor([0.2, 0.15, 0.1, 0.0], dtype=D)
+    assert torch.allclose(aer_prompt_coefficients(acc, alpha=0.2, rho=0.6), expected)
     # groups {0: (1, 0)}, {1: (1,)} -> (.5, .5, 1)
     acc2 = group_accuracy(torch.tensor([1.0, 0.0, 1.0], dtype=D), torch.tensor([0, 0, 1]))
     assert acc2.tolist() == [0.5, 0.5, 1.0]

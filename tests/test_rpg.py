@@ -290,5 +290,6 @@ def test_token_level_rpg_reaches_per_state_fixed_point(name, divergence):
     probs = solve(name, problem, beta=BETA, steps=300, lr=0.15)
     target = per_state_fixed_point(problem, BETA, divergence=divergence)
     assert total_variation(sequence_probs(problem, probs), sequence_probs(problem, target)) < 1e-4
-    sequence_target = tilted_distribution(problem, BETA) if divergence == "reverse" else forward_kl_optimum(problem, BETA)
+    reverse = divergence == "reverse"
+    sequence_target = tilted_distribution(problem, BETA) if reverse else forward_kl_optimum(problem, BETA)
     assert total_variation(sequence_probs(problem, target), sequence_target) > 1e-3

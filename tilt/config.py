@@ -70,7 +70,7 @@ class LossCfg(Section):
     reduction: Optional[str] = None
     """Token-loss reduction mode; None = the loss's declared default (see tilt.reduction.MODES)."""
     kwargs: dict[str, Any] = {}
-    """Keyword hyper-parameters passed to the loss (e.g. {clip_eps: 0.2})."""
+    """Keyword hyper-parameters passed to the loss (e.g. {eps_high: 0.28})."""
 
     @field_validator("name")
     @classmethod

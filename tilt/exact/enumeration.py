@@ -102,8 +102,8 @@ def policy_input(
         old_logits: [S, V] sampling policy; default the detached current policy (on-policy).
         advantage: "exact" (A = G - E_pi_old[G | x], the infinite-group baseline), "reward"
             (A = G), or callable(returns [N, T], weights [N], enum) -> [N, T].
-        kl_in_reward: a KL estimator name (or callable with its signature); if given, each token gets reward -beta * kl_t
-            (evaluated at pi_old, detached) and G_it = r_i - beta * sum_{t' >= t} kl_it'.
+        kl_in_reward: a KL estimator name (or callable with its signature); if given, each
+            token gets reward -beta * kl_t (evaluated at pi_old, detached) and G_it = r_i - beta * sum_{t' >= t} kl_it'.
         beta: KL coefficient for ``kl_in_reward``.
         teacher_logits: [S, V] optional teacher table (distillation losses).
         baseline_v: [X] value for the ``baseline_v`` field; default V*(x) = beta log

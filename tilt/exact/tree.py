@@ -40,7 +40,8 @@ class TokenTree:
         if tuple(self.rewards.shape) != (self.vocab,) * self.depth:
             raise ValueError(f"rewards must be {(self.vocab,) * self.depth}, got {tuple(self.rewards.shape)}")
         if tuple(self.ref_logits.shape) != (self.n_states, self.vocab):
-            raise ValueError(f"ref_logits must be {(self.n_states, self.vocab)}, got {tuple(self.ref_logits.shape)}")
+            raise ValueError(f"ref_logits must be {(self.n_states, self.vocab)}, "
+                             f"got {tuple(self.ref_logits.shape)}")
 
     @property
     def n_states(self) -> int:

@@ -155,7 +155,8 @@ def minp_proxy_logp(logits: Tensor, logp: Tensor, *, min_p: float = 0.1, mode: s
         cut = torch.log(torch.tensor(min_p, dtype=logq.dtype)).expand(logq.shape[:-1] + (1,))
     else:
         raise ValueError(f"unknown Lp-Reg proxy mode {mode!r}; valid: minp, fixed")
-    kept_mass = torch.logsumexp(torch.where(logq >= cut, logq, torch.full_like(logq, -torch.inf)), -1)  # [N, T]
+    kept = torch.where(logq >= cut, logq, torch.full_like(logq, -torch.inf))  # [N, T, V]
+    kept_mass = torch.logsumexp(kept, -1)  # [N, T] log of the surviving mass
     lp = logp.detach()
     return torch.where(lp >= cut[..., 0], lp - kept_mass, torch.full_like(lp, -torch.inf))
 
@@ -175,7 +176,8 @@ def lowest_fraction(values: Tensor, eligible: Tensor, frac: float) -> Tensor:
 def lp_reg_penalty(logp: Tensor, proxy_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                    neg_frac: float = 0.01, pos_frac: float = 0.0, estimator: str = "low_var_kl"
                    ) -> tuple[Tensor, Tensor]:
-    """Per-token KL toward the proxy on selected tokens (arXiv:2510.03222; reference code compute_policy_loss_lp_reg).
+    """Per-token KL toward the proxy on selected tokens (arXiv:2510.03222; its code's
+    ``compute_policy_loss_lp_reg``).
 
     Selected: among negative- (positive-) advantage tokens, the lowest-probability ``neg_frac``
     (``pos_frac``) fraction of the batch, kept only where log pi < log pi_proxy (the token

@@ -130,11 +130,11 @@ def rpg_reinforce(inp: PolicyLossInput, *, kind: str, beta: float, level: str = 
 
     Args:
         kind, beta, level: as ``rpg_differentiable``.
-        clip_low, clip_high, clip_c: RPG-Style Clip (the reference code's
-            ``clip_ppo`` kl_type): if set, drop the gradient of a
-            sample with A > 0 and w >= 1 + clip_high, or A <= 0 and w outside [1 - clip_low,
-            clip_c) (dual clip). None = no clipping. Our coefficient keeps the unclamped w; the
-            reference code also clamps w inside the KL coefficient.
+        clip_low, clip_high, clip_c: RPG-Style Clip (the reference code's ``clip_ppo``
+            kl_type): if set, drop the gradient of a sample with A > 0 and w >= 1 + clip_high,
+            or A <= 0 and w outside [1 - clip_low, clip_c) (dual clip). None = no clipping.
+            Our coefficient keeps the unclamped w; the reference code also clamps w inside
+            the KL coefficient.
     Returns:
         (per-token loss [N, T] for reduction "seq-mean-token-sum", metrics).
     """
@@ -163,6 +163,7 @@ def _register(kind: str) -> None:
         return rpg_reinforce(inp, kind=kind, beta=beta, level=level,
                              clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
 
+    differentiable.__name__, reinforce.__name__ = f"rpg_{kind}", f"rpg_rf_{kind}"
     differentiable.__doc__ = f"RPG fully differentiable surrogate, D = {kind} (Table 1, arXiv:2505.17508)."
     reinforce.__doc__ = f"RPG REINFORCE-style surrogate, D = {kind} (Table 2, arXiv:2505.17508)."
     LOSSES.register(f"rpg_{kind}", **meta)(differentiable)

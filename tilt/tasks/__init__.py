@@ -10,10 +10,11 @@ from tilt.tasks.arithmetic import ADDITION, MULTIPLICATION
 from tilt.tasks.base import SEED_RANGES, Item, Task
 from tilt.tasks.countdown import COUNTDOWN
 from tilt.tasks.sorting import SORTING
+from tilt.tasks.addition_steps import ADDITION_STEPS
 
 TASKS: Registry = Registry("task")
 
-for _task in (ADDITION, MULTIPLICATION, COUNTDOWN, SORTING):
+for _task in (ADDITION, MULTIPLICATION, COUNTDOWN, SORTING, ADDITION_STEPS):
     TASKS.register(_task.name, difficulties=_task.difficulties)(_task)
 
 

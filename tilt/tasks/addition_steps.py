@@ -3,7 +3,7 @@
 The model adds column by column from the right, writing for each column the result digit and
 the carry out, then the sum:
 
-    prompt "47+85="   completion "2c1,3c1>132"
+    prompt "st 47+85="   completion "2c1,3c1>132"  ("st" keeps it apart from `addition`)
     column 0: 7 + 5 + 0 = 12 -> digit 2, carry 1 -> "2c1"
     column 1: 4 + 8 + 1 = 13 -> digit 3, carry 1 -> "3c1"
     answer:   132
@@ -77,7 +77,7 @@ class AdditionStepsTask:
         lo, hi = OPERAND_RANGES[difficulty]
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         answer = reference_completion(a, b, difficulty)
-        return Item(self.name, difficulty, seed, f"{a}+{b}=", answer, {"a": a, "b": b})
+        return Item(self.name, difficulty, seed, f"st {a}+{b}=", answer, {"a": a, "b": b})
 
     def verify(self, completion: Any, *, a: int, b: int, **_: Any) -> float:
         """Outcome reward: 1.0 iff exactly one ">" and the stripped text after it is a + b."""
