@@ -221,8 +221,8 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
         state["before"] = heldout(parts, cfg, eval_set)
         log.log(0, {"eval/pass1": state["before"]["pass1"], "eval/greedy": state["before"]["greedy"]})
     train_items = sample_items(mix, split="train", start=data_offset(cfg.seed), count=cfg.train.steps * B)
-    write_text_atomic(run_dir / "seeds.json", json.dumps(
-        {"train": seed_report(train_items), "eval": seed_report(eval_set)}, indent=1))
+    write_text_atomic(run_dir / "seeds.json", json.dumps(  # {"train": {task: range}, "eval": {...}}
+        {**seed_report(train_items), **seed_report(eval_set)}, indent=1))
     progress = Progress(cfg.train.steps, state["step"], cfg.log.progress, cfg.log.every)
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
