@@ -37,9 +37,9 @@ class ModelCfg(Section):
 
 
 class TasksCfg(Section):
-    mix: str = "addition:1-3,multiplication:1-2,countdown:1-2,sorting:1-2"
+    mix: str = "addition:1,multiplication:1,countdown:1,sorting:1-2"
     """Task mix, "task:difficulties[@weight],..." (difficulties "2", "1-3" or "1|3")."""
-    eval_per_cell: int = Field(32, ge=1)
+    eval_per_cell: int = Field(64, ge=1)
     """Held-out prompts per (task, difficulty) cell, from the eval seed range."""
 
     @field_validator("mix")
@@ -123,7 +123,7 @@ class RewardCfg(Section):
 
 
 class OptimCfg(Section):
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
@@ -138,7 +138,7 @@ class OptimCfg(Section):
 
 
 class TrainCfg(Section):
-    steps: int = Field(150, ge=1)
+    steps: int = Field(300, ge=1)
     """RL steps (each: sample B*G completions, then optimizer steps on them)."""
     epochs: int = Field(1, ge=1)
     """Passes over each batch (PPO epochs)."""
@@ -158,7 +158,7 @@ class CheckpointCfg(Section):
 
 
 class EvalCfg(Section):
-    every: int = Field(0, ge=0)
+    every: int = Field(100, ge=0)
     """Held-out evaluation every this many steps (0 = only before and after training)."""
     n_samples: int = Field(8, ge=1)
     """Samples per held-out prompt for pass@1 at T=1.0."""
