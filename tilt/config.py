@@ -71,6 +71,18 @@ class LossCfg(Section):
     """Token-loss reduction mode; None = the loss's declared default (see tilt.reduction.MODES)."""
     kwargs: dict[str, Any] = {}
     """Keyword hyper-parameters passed to the loss (e.g. {eps_high: 0.28})."""
+    prev_refresh: int = Field(10, ge=1)
+    """haepo: copy the policy into the frozen previous policy pi_prev every this many RL steps (at steps 1, 1+N, ...)."""
+    astar_samples: int = Field(8, ge=1)
+    """astar_po stage 1: M samples from pi_ref per training prompt for V*(x) = beta log mean_j exp(r_j / beta)."""
+    astar_beta: Optional[float] = Field(None, gt=0)
+    """astar_po stage 1: beta of V* (the paper's beta_1); None = the loss's beta (then the fixed point is exact)."""
+    aer_tau: float = Field(0.4, gt=0)
+    """aer: target entropy H* = aer_tau * H_0, H_0 the entropy measured at the first step."""
+    aer_lr: float = Field(1e-3, ge=0)
+    """aer: step of the global coefficient controller, alpha <- clip(alpha + aer_lr (H* - H), 0, aer_alpha_max)."""
+    aer_alpha_max: float = Field(1.0, ge=0)
+    """aer: upper bound of the global coefficient alpha (its start value is loss.kwargs.alpha, default 1e-3)."""
 
     @field_validator("name")
     @classmethod
@@ -98,6 +110,11 @@ class AdvantageCfg(Section):
     def _name(cls, v: str) -> str:
         return _check_name("tilt.advantages", "ADVANTAGES", v)
 
+    mc_continuations: int = Field(4, ge=1)
+    """spo_chain: K Monte-Carlo continuations drawn from each segment-end prefix; their mean reward is V(prefix)."""
+    spo_segments: int = Field(4, ge=1)
+    """spo_chain: at most this many segments per completion (tilt.advantages.segment.cutpoints)."""
+
 
 class KLCfg(Section):
     estimator: str = "k3"
@@ -106,11 +123,39 @@ class KLCfg(Section):
     """"loss": beta*KL added per token to the loss; "reward": -beta*KL subtracted from the reward."""
     beta: float = Field(0.04, ge=0)
     """KL coefficient beta of max E[r] - beta*KL(pi||pi_ref); 0 disables the reference model."""
+    kwargs: dict[str, Any] = {}
+    """Keyword hyper-parameters of the estimator (e.g. {q: 2.0} for tsallis, {base: k1} for critical)."""
 
     @field_validator("estimator")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name("tilt.kl", "KL_ESTIMATORS", v)
+
+
+class TeacherCfg(Section):
+    path: Optional[str] = None
+    """Frozen teacher for distillation losses (kdrl, reverse_kl_distill, akl_distill): "shipped" or a local
+    Hugging Face causal-LM directory with the policy's vocabulary; None = no teacher."""
+
+
+class ValueCfg(Section):
+    coef: float = Field(0.5, ge=0)
+    """gae: weight of the value-head loss added to the policy loss (the head sits on the policy's last hidden states)."""
+    clip_range: Optional[float] = Field(0.2, gt=0)
+    """gae: clip of the value prediction around its rollout-time value (PPO value clipping); None = no clipping."""
+
+
+class SelectionCfg(Section):
+    name: str = "none"
+    """Sample selector: "none" or a name from tilt.selection.SELECTORS (dynamic_sampling, d3s, pf_ppo)."""
+    kwargs: dict[str, Any] = {}
+    """Selector hyper-parameters: dynamic_sampling {max_draws: 4, eps, fill_with_dropped};
+    d3s {sample_start, token_start, end, min_samples}; pf_ppo {strategy}."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return v if v == "none" else _check_name("tilt.selection", "SELECTORS", v)
 
 
 class RewardCfg(Section):
@@ -198,6 +243,12 @@ class Config(Section):
     """Advantage estimator."""
     kl: KLCfg = KLCfg()
     """KL regularisation toward the reference."""
+    teacher: TeacherCfg = TeacherCfg()
+    """Frozen teacher model (distillation losses)."""
+    value: ValueCfg = ValueCfg()
+    """Value head (gae advantage)."""
+    selection: SelectionCfg = SelectionCfg()
+    """Sample / token selection (catalogue D1-D3)."""
     reward: RewardCfg = RewardCfg()
     """Reward functions."""
     optim: OptimCfg = OptimCfg()

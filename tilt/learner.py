@@ -19,6 +19,7 @@ from torch import Tensor
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
 from tilt.rollout import _atleast32
+from tilt.value_head import value_loss
 
 
 def bind_kwargs(fn: Callable, kwargs: dict[str, Any], what: str) -> Callable:
@@ -49,6 +50,9 @@ class LearnerBatch:
     teacher_logits: Optional[Tensor] = None  # [N, T, V]
     prev_logp: Optional[Tensor] = None  # [N, T]
     baseline_v: Optional[Tensor] = None  # [N]
+    loss_mask: Optional[Tensor] = None  # [N, T] tokens the policy loss sees (selection); None = completion_mask
+    returns: Optional[Tensor] = None  # [N, T] value-head targets (GAE returns)
+    old_values: Optional[Tensor] = None  # [N, T] value-head predictions at rollout time
 
     def select(self, idx: Tensor) -> "LearnerBatch":
         """Rows ``idx``, with completion columns past the longest selected completion trimmed."""
@@ -66,14 +70,25 @@ class LearnerBatch:
         return LearnerBatch(**out)
 
 
+def completion_forward(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                       completion_mask: Tensor, *, temperature: float, hidden: bool = False
+                       ) -> tuple[Tensor, Optional[Tensor]]:
+    """Teacher-forced logits at the completion positions, [N, T, V] (float32, / temperature),
+    and, if ``hidden``, the last layer's hidden states there, [N, T, H] (the state before token t)."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # [N, P+T]
+    attn = torch.cat([prompt_mask, completion_mask], 1)  # [N, P+T]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    extra = {"output_hidden_states": True} if hidden else {}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
+    p = prompt_ids.shape[1]
+    states = out.hidden_states[-1][:, p - 1:-1] if hidden else None  # [N, T, H]
+    return _atleast32(out.logits[:, p - 1:-1]) / temperature, states  # [N, T, V]
+
+
 def forward_logits(model, b: LearnerBatch, temperature: float) -> Tensor:
     """Teacher-forced logits for the completion positions: [N, T, V] (float32, / temperature)."""
-    ids = torch.cat([b.prompt_ids, b.completion_ids], 1)  # [N, P+T]
-    attn = torch.cat([b.prompt_mask, b.completion_mask], 1)  # [N, P+T]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
-    p = b.prompt_ids.shape[1]
-    return _atleast32(logits[:, p - 1:-1]) / temperature  # [N, T, V]
+    return completion_forward(model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
+                              temperature=temperature)[0]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,7 +101,9 @@ class Learner:
     def __init__(self, model, optimizer, scheduler, *, loss_fn: Callable, loss_needs: tuple[str, ...],
                  reduction: str, max_len: int, temperature: float, kl_fn: Optional[Callable],
                  kl_beta: float, kl_in_loss: bool, epochs: int, minibatches: int, grad_accum: int,
-                 grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3):
+                 grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3,
+                 kl_needs_logits: bool = False, value_head: Optional[torch.nn.Module] = None,
+                 value_coef: float = 0.5, value_clip: Optional[float] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
@@ -95,22 +112,31 @@ class Learner:
         self.grad_clip, self.generator = grad_clip, generator
         self.max_bad_steps = max_bad_steps
         self.bad_streak = 0  # consecutive skipped optimizer steps, across updates (checkpointed)
-        self.need_logits = bool({"logits", "ref_logits", "teacher_logits"} & self.loss_needs) or (
+        self.need_logits = bool({"logits", "ref_logits", "teacher_logits"} & self.loss_needs) or kl_needs_logits or (
             kl_fn is not None and getattr(kl_fn, "needs_logits", False))
+        self.value_head, self.value_coef, self.value_clip = value_head, value_coef, value_clip
+        self.clip_params = list(model.parameters()) + (list(value_head.parameters()) if value_head else [])
 
-    def micro_loss(self, b: LearnerBatch, denominator: float) -> tuple[Tensor, dict[str, float]]:
-        """Reduced loss of one micro-batch (divided by the mini-batch ``denominator``)."""
-        logits = forward_logits(self.model, b, self.temperature)  # [n, T, V]
+    def micro_loss(self, b: LearnerBatch, denominator: float, *, value_denominator: float = 1.0,
+                   loss_kwargs: Optional[dict[str, Any]] = None) -> tuple[Tensor, dict[str, float]]:
+        """Reduced loss of one micro-batch (divided by the mini-batch ``denominator``).
+
+        With a value head, adds value_coef * value_loss (token-mean over ``value_denominator``).
+        ``loss_kwargs`` are per-update loss hyper-parameters (e.g. AER's controlled alpha).
+        """
+        logits, hidden = completion_forward(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                            b.completion_mask, temperature=self.temperature,
+                                            hidden=self.value_head is not None)  # [n, T, V], [n, T, H]
         logp_all = torch.log_softmax(logits, -1)  # [n, T, V]
         logp = logp_all.gather(-1, b.completion_ids[..., None]).squeeze(-1)  # [n, T]
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n, T]
-        mask = b.completion_mask.float()  # [n, T]
+        mask = (b.completion_mask if b.loss_mask is None else b.loss_mask).float()  # [n, T]
         inp = PolicyLossInput(
             logp=logp, old_logp=b.old_logp, advantages=b.advantages, mask=mask, ref_logp=b.ref_logp,
             rewards=b.rewards, group_index=b.group_index, entropy=entropy,
             logits=logits if self.need_logits else None, ref_logits=b.ref_logits,
             teacher_logits=b.teacher_logits, prev_logp=b.prev_logp, baseline_v=b.baseline_v)
-        per_token, lm = self.loss_fn(inp)  # [n, T]
+        per_token, lm = self.loss_fn(inp, **(loss_kwargs or {}))  # [n, T]
         stats = {k: float(v) for k, v in lm.items()}
         if self.kl_fn is not None and b.ref_logp is not None:
             kl = self.kl_fn(logp, b.ref_logp, logits=logits if self.need_logits else None,
@@ -120,9 +146,15 @@ class Learner:
             stats["kl/mean"] = float(masked_mean(kl.detach(), mask))
         stats["entropy"] = float(masked_mean(entropy.detach(), mask))
         loss = reduce_tokens(per_token, mask, mode=self.reduction, denominator=denominator)
+        if self.value_head is not None:
+            values = self.value_head(hidden.to(next(self.value_head.parameters()).dtype))  # [n, T]
+            vloss, vstats = value_loss(values, b.returns, b.completion_mask, clip_range=self.value_clip,
+                                       old_values=b.old_values, denominator=value_denominator)
+            loss = loss + self.value_coef * vloss
+            stats.update({k: float(v) for k, v in vstats.items()})
         return loss, stats
 
-    def update(self, batch: LearnerBatch) -> dict[str, float]:
+    def update(self, batch: LearnerBatch, loss_kwargs: Optional[dict[str, Any]] = None) -> dict[str, float]:
         """``epochs x minibatches`` optimizer steps on ``batch``. Returns averaged metrics.
 
         A step whose loss or gradient norm is not finite is skipped (no parameter change)
@@ -130,6 +162,7 @@ class Learner:
         (counted across calls) ``NonFiniteLoss`` is raised before anything else changes.
         """
         n = batch.completion_ids.shape[0]
+        loss_mask = batch.completion_mask if batch.loss_mask is None else batch.loss_mask  # [N, T]
         mb_size = math.ceil(n / self.minibatches)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -138,20 +171,21 @@ class Learner:
             perm = torch.randperm(n, generator=self.generator) if self.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb_size):
                 mb = perm[start:start + mb_size]
-                denom = reduction_denominator(batch.completion_mask[mb].float(), self.reduction,
-                                              max_len=self.max_len)
+                denom = reduction_denominator(loss_mask[mb].float(), self.reduction, max_len=self.max_len)
+                vdenom = reduction_denominator(batch.completion_mask[mb].float(), "token-mean")
                 self.optimizer.zero_grad(set_to_none=True)
                 micro_size = math.ceil(len(mb) / self.grad_accum)
                 total = 0.0
                 for ms in range(0, len(mb), micro_size):
-                    loss, stats = self.micro_loss(batch.select(mb[ms:ms + micro_size]), denom)
+                    loss, stats = self.micro_loss(batch.select(mb[ms:ms + micro_size]), denom,
+                                                  value_denominator=vdenom, loss_kwargs=loss_kwargs)
                     if torch.isfinite(loss):
                         loss.backward()
                     total += float(loss.detach())
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                gnorm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.grad_clip)
                 steps += 1
                 if not (math.isfinite(total) and math.isfinite(float(gnorm))):
                     self.optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 Reads top to bottom like cleanrl/ppo.py. Every choice of method is a registry lookup made
 once in ``build``; the loop itself only wires rollout -> reward -> advantage -> learner.
+What a method needs beyond that (reference or teacher logits, a value head, pi_prev, process
+rewards, Monte-Carlo values, V*, sample selection) is chosen once by ``tilt.wiring.method``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,10 +31,18 @@ from tilt.kl import KL_ESTIMATORS
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
 from tilt.losses import LOSSES
 from tilt.model import load_policy
-from tilt.rewards import resolve_reward_fn, score
-from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, sequence_logprobs
+from tilt.rewards import resolve_reward_fn
+from tilt.rollout import sequence_logprobs
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
+from tilt.value_head import ValueHead
+from tilt.wiring.hooks import LoopHooks, checkpoint_module
+from tilt.wiring.method import load_teacher, wire_method
+from tilt.wiring.needs import Needs, resolve_needs
+from tilt.wiring.sampling import Scored, TrainStream
+from tilt.wiring.selection import Filter, SelectContext, keep_all
+from tilt.wiring.signals import Probe, frozen_logits, token_logp
+from tilt.wiring.stages import Stages, run_advantage_stages, run_learner_stages
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -49,6 +59,14 @@ class Parts:
     reward_fns: list[Callable]
     reward_weights: list[float]
     generator: torch.Generator
+    needs: Needs = field(default_factory=Needs)
+    sample: Optional[Callable[[TrainStream], tuple[Scored, dict[str, float]]]] = None  # draws the step's groups
+    probe: Callable[[Scored], Probe] = lambda sc: Probe()
+    stages: Stages = field(default_factory=Stages)
+    select: Filter = keep_all
+    hooks: LoopHooks = field(default_factory=LoopHooks)
+    value_head: Optional[torch.nn.Module] = None
+    prev_model: Optional[torch.nn.Module] = None
 
 
 def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
@@ -58,38 +76,50 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    needs = resolve_needs(cfg)
     dtype = DTYPES[cfg.model.dtype]
     policy = load_policy(cfg.model.path, dtype=dtype)
     policy.model.train()
     entry = LOSSES.entry(cfg.loss.name)
-    needs = tuple(entry.meta.get("needs", ()))
+    loss_needs = tuple(entry.meta.get("needs", ()))
     loss_fn = bind_kwargs(entry.fn, cfg.loss.kwargs, f"loss {cfg.loss.name!r}")
     adv_entry = ADVANTAGES.entry(cfg.advantage.name)
     adv_fn = bind_kwargs(adv_entry.fn, cfg.advantage.kwargs, f"advantage {cfg.advantage.name!r}")
-    use_ref = cfg.kl.beta > 0 or "ref_logp" in needs or "ref_logits" in needs
-    kl_fn = KL_ESTIMATORS.get(cfg.kl.estimator) if use_ref else None
+    use_ref = cfg.kl.beta > 0 or "ref_logp" in loss_needs or "ref_logits" in loss_needs or needs.ref_logits
+    kl_fn = None
+    if use_ref:
+        kl_fn = KL_ESTIMATORS.get(cfg.kl.estimator)
+        if cfg.kl.kwargs:
+            kl_fn = bind_kwargs(kl_fn, cfg.kl.kwargs, f"kl estimator {cfg.kl.estimator!r}")
     ref_model = None
     if use_ref:
         ref_model = load_policy(cfg.model.path, dtype=dtype).model
         ref_model.requires_grad_(False)
+    teacher = load_teacher(cfg, policy, dtype) if needs.teacher else None
+    value_head = ValueHead(policy.model.config.hidden_size).to(dtype) if needs.values else None
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    params += list(value_head.parameters()) if value_head is not None else []
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     total = cfg.train.steps * cfg.train.epochs * cfg.train.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial_schedule(cfg, total))
     generator = torch.Generator().manual_seed(cfg.seed)
     learner = Learner(
-        policy.model, optimizer, scheduler, loss_fn=loss_fn, loss_needs=needs,
+        policy.model, optimizer, scheduler, loss_fn=loss_fn, loss_needs=loss_needs,
         reduction=cfg.loss.reduction or entry.meta.get("reduction", "token-mean"),
         max_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, kl_fn=kl_fn,
         kl_beta=cfg.kl.beta, kl_in_loss=cfg.kl.placement == "loss", epochs=cfg.train.epochs,
         minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip,
-        generator=generator, max_bad_steps=cfg.train.max_bad_steps)
+        generator=generator, max_bad_steps=cfg.train.max_bad_steps, kl_needs_logits=needs.kl_logits,
+        value_head=value_head, value_coef=cfg.value.coef, value_clip=cfg.value.clip_range)
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
         raise ConfigError(f"reward.weights has {len(weights)} entries for {len(fns)} reward functions")
-    return Parts(policy, ref_model, learner, adv_fn, kl_fn, fns, weights, generator)
+    parts = Parts(policy, ref_model, learner, adv_fn, kl_fn, fns, weights, generator, needs=needs,
+                  value_head=value_head)
+    wire_method(parts, cfg, teacher)
+    return parts
 
 
 def partial_schedule(cfg: Config, total: int) -> Callable[[int], float]:
@@ -105,50 +135,56 @@ def partial_schedule(cfg: Config, total: int) -> Callable[[int], float]:
     return f
 
 
-def rollout_step(parts: Parts, cfg: Config, items: list) -> tuple[LearnerBatch, dict[str, float], list[str]]:
-    """Sample G completions per item, score them and compute advantages."""
-    pol, G, B = parts.policy, cfg.rollout.group_size, len(items)
-    prompts = [it.prompt for it in items for _ in range(G)]
-    ids, mask = encode_prompts(pol.tokenizer, prompts)  # [N, P]
-    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
-    pol.model.eval()
-    rb = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
-                  generator=parts.generator)
-    pol.model.train()
-    texts = decode_completions(pol.tokenizer, rb, pol.eos_id)
-    columns = {"task": [it.task for it in items for _ in range(G)],
-               "difficulty": [it.difficulty for it in items for _ in range(G)],
-               "columns": [it.columns for it in items for _ in range(G)]}
-    rewards, rstats, messages = score(parts.reward_fns, parts.reward_weights, prompts, texts, columns,
-                                      timeout=cfg.reward.timeout_s)
-    r = torch.tensor(rewards, dtype=torch.float32)  # [N]
+def reference_pass(parts: Parts, cfg: Config, rb) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """log pi_ref of the sampled tokens [N, T] and, when needed, the full reference logits [N, T, V]."""
+    if parts.ref_model is None:
+        return None, None
+    if parts.needs.ref_logits:
+        ref_logits = frozen_logits(parts.ref_model, rb, temperature=cfg.rollout.temperature)  # [N, T, V]
+        return token_logp(ref_logits, rb.completion_ids, rb.completion_mask), ref_logits
+    with torch.no_grad():
+        ref_logp, _ = sequence_logprobs(parts.ref_model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
+                                        rb.completion_mask, temperature=cfg.rollout.temperature)  # [N, T]
+    return ref_logp, None
+
+
+def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
+                 ) -> tuple[LearnerBatch, dict[str, float], list[str]]:
+    """Draw the step's prompts, sample G completions each, score them and compute advantages."""
+    pol = parts.policy
+    sc, select_metrics = parts.sample(stream)
+    rb, r, B, G = sc.rb, sc.rewards, len(sc.items), sc.group_size
     cmask = rb.completion_mask  # [N, T]
-    ref_logp = None
-    if parts.ref_model is not None:
-        with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(parts.ref_model, ids, mask, rb.completion_ids, cmask,
-                                            temperature=cfg.rollout.temperature)  # [N, T]
+    probe = parts.probe(sc)
+    ref_logp, ref_logits = reference_pass(parts, cfg, rb)
     r_adv, token_rewards = r, None
     if parts.kl_fn is not None and cfg.kl.placement == "reward":
-        kl_tok = parts.kl_fn(rb.logprobs, ref_logp) * cmask  # [N, T] detached penalty
+        kl_extra = {"ref_logits": ref_logits} if ref_logits is not None else {}
+        kl_tok = parts.kl_fn(rb.logprobs, ref_logp, **kl_extra) * cmask  # [N, T] detached penalty
         token_rewards = -cfg.kl.beta * kl_tok
         r_adv = r + token_rewards.sum(-1)  # r - beta * sum_t kl_t
+    if parts.needs.adv_token_rewards:
+        r_adv = r  # the estimator adds token_rewards itself; r_adv would count the KL twice
     T = cmask.shape[1]
-    adv, ametrics = parts.adv_fn(AdvantageInput(
+    extra, adv_kwargs = run_advantage_stages(parts.stages.advantage, sc, probe)
+    ainp = AdvantageInput(
         rewards=r_adv.view(B, G), mask=cmask.view(B, G, T).float(),
         token_ids=rb.completion_ids.view(B, G, T),
-        token_rewards=None if token_rewards is None else token_rewards.view(B, G, T)))
+        token_rewards=None if token_rewards is None else token_rewards.view(B, G, T), **extra)
+    adv, ametrics = parts.adv_fn(ainp, **adv_kwargs)
     batch = LearnerBatch(
-        prompt_ids=ids, prompt_mask=mask, completion_ids=rb.completion_ids, completion_mask=cmask,
-        old_logp=rb.logprobs, advantages=adv.reshape(B * G, T).float(), rewards=r,
-        group_index=torch.arange(B).repeat_interleave(G), ref_logp=ref_logp)
+        prompt_ids=rb.prompt_ids, prompt_mask=rb.prompt_mask, completion_ids=rb.completion_ids,
+        completion_mask=cmask, old_logp=rb.logprobs, advantages=adv.reshape(B * G, T).float(), rewards=r,
+        group_index=torch.arange(B).repeat_interleave(G), ref_logp=ref_logp, ref_logits=ref_logits,
+        **run_learner_stages(parts.stages.learner, sc, probe, ainp))
+    batch, kept_metrics = parts.select(batch, SelectContext(adv, r.view(B, G), probe.entropy, step))
     lengths = cmask.sum(-1).float()
     ended = (rb.completion_ids == pol.eos_id).any(-1).float()
     metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if len(r) > 1 else 0.0,
                "reward/accuracy": float((r >= 1.0 - 1e-6).float().mean()),
                "completion/mean_len": float(lengths.mean()), "completion/clipped_frac": float(1 - ended.mean()),
-               **rstats, **{k: float(v) for k, v in ametrics.items()}}
-    return batch, metrics, messages
+               **sc.rstats, **{k: float(v) for k, v in ametrics.items()}, **select_metrics, **kept_metrics}
+    return batch, metrics, sc.messages
 
 
 def heldout(parts: Parts, cfg: Config, items: list) -> dict:
@@ -207,15 +243,18 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     eval_set = eval_items(mix, per_cell=cfg.tasks.eval_per_cell)
     state: dict[str, Any] = {"step": 0, "bad_streak": 0, "before": None, "skipped_total": 0}
     ckpt_root = run_dir / "checkpoints"
+    ckpt_model = checkpoint_module(parts.policy.model, value_head=parts.value_head, prev_model=parts.prev_model)
     if resume is not None:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             echo(f"no checkpoint in {ckpt_root}; starting {run_dir} from step 0")
         else:
-            state = load_checkpoint(ckpt, model=parts.policy.model, optimizer=parts.learner.optimizer,
+            state = load_checkpoint(ckpt, model=ckpt_model, optimizer=parts.learner.optimizer,
                                     scheduler=parts.learner.scheduler, generator=parts.generator)
             parts.learner.bad_streak = state["bad_streak"]
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
+    parts.hooks.init_state(state)
+    stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
     log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
     if state["before"] is None:
         state["before"] = heldout(parts, cfg, eval_set)
@@ -227,18 +266,20 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
             t0 = time.time()
-            items = train_items[(step - 1) * B: step * B]
-            batch, metrics, messages = rollout_step(parts, cfg, items)
+            parts.hooks.before_step(step)
+            batch, metrics, messages = rollout_step(parts, cfg, stream, step)
+            state["data_pos"] = stream.pos
             for m in messages:
                 echo(f"step {step}: reward {m}")
             try:
-                metrics.update(parts.learner.update(batch))
+                metrics.update(parts.learner.update(batch, loss_kwargs=parts.hooks.loss_kwargs(state)))
             except NonFiniteLoss as exc:
                 last = latest_checkpoint(ckpt_root)
                 raise NonFiniteLoss(
                     f"stopping at step {step}: {exc} (loss {cfg.loss.name!r}, lr {cfg.optim.lr}). "
                     + (f"The last checkpoint {last} is intact; fix the cause, then "
                        f"`tilt train --resume {run_dir}`." if last else "No checkpoint was written yet.")) from None
+            metrics.update(parts.hooks.after_update(state, metrics))
             skipped = int(metrics["train/skipped"])
             state["skipped_total"] += skipped
             state["bad_streak"] = parts.learner.bad_streak
@@ -258,7 +299,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             progress.update(step, metrics)
             state["step"] = step
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                save_checkpoint(ckpt_root, step, model=parts.policy.model, optimizer=parts.learner.optimizer,
+                save_checkpoint(ckpt_root, step, model=ckpt_model, optimizer=parts.learner.optimizer,
                                 scheduler=parts.learner.scheduler, generator=parts.generator,
                                 trainer_state=state, keep=cfg.checkpoint.keep)
                 if cfg.log.plot:
@@ -267,6 +308,9 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
         progress.close()
         log.close()
     after = state.get("after") or heldout(parts, cfg, eval_set)
+    if stream.pos > len(train_items):  # dynamic sampling drew extra prompts: record them all
+        write_text_atomic(run_dir / "seeds.json", json.dumps({**seed_report(sample_items(
+            mix, split="train", start=data_offset(cfg.seed), count=stream.pos)), **seed_report(eval_set)}, indent=1))
     save_final(parts, run_dir)
     summary = {"complete": True, "steps": cfg.train.steps, "run_dir": str(run_dir),
                "heldout": {"pass1_before": state["before"]["pass1"], "pass1_after": after["pass1"],
