@@ -8,17 +8,12 @@ from tilt.batch import PolicyLossInput
 from tilt.exact import Bandit, exact_expectation, solve, total_variation
 from tilt.losses import LOSSES
 from tilt.losses.asymmetric import lens_rewards
-from tilt.reduction import reduce_tokens, reduction_denominator
+from loss_helpers import reduced_loss as _loss
 
 D = torch.float64
 L = math.log
 
 
-def _loss(name, inp, **hypers):
-    entry = LOSSES.entry(name)
-    per_token, metrics = entry.fn(inp, **hypers)
-    mode = entry.meta["reduction"]
-    return reduce_tokens(per_token, inp.mask, mode=mode, denominator=reduction_denominator(inp.mask, mode)), metrics
 
 
 def _topr_inp():
@@ -118,13 +113,8 @@ def test_lens_gives_gradient_in_all_wrong_groups():
 
 # ------------------------------------------------------------------ fixed points (exact harness)
 
-REF = torch.tensor([[0.3, -0.5, 1.0, 0.2, -1.2], [1.1, 0.4, -0.3, -0.8, 0.0]], dtype=D)
-CORRECT = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0, 0.0]], dtype=D)
-
-
-def _ref_given_correct():
-    p = torch.softmax(REF, -1) * CORRECT
-    return p / p.sum(-1, keepdim=True)
+from loss_helpers import CORRECT, REF  # noqa: E402
+from loss_helpers import ref_given_correct as _ref_given_correct  # noqa: E402
 
 
 def test_topr_reaches_topr_fixed_point_offline():

@@ -8,17 +8,12 @@ from tilt.batch import PolicyLossInput
 from tilt.exact import make_bandit, make_tree, sequence_probs, solve, total_variation
 from tilt.losses import LOSSES
 from tilt.losses.distill import reverse_kl
-from tilt.reduction import reduce_tokens, reduction_denominator
+from loss_helpers import reduced_loss as _loss
 
 D = torch.float64
 L = math.log
 
 
-def _loss(name, inp, **hypers):
-    entry = LOSSES.entry(name)
-    per_token, metrics = entry.fn(inp, **hypers)
-    mode = entry.meta["reduction"]
-    return reduce_tokens(per_token, inp.mask, mode=mode, denominator=reduction_denominator(inp.mask, mode)), metrics
 
 
 def _inp():

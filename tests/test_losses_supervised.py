@@ -9,17 +9,12 @@ from tilt.exact import Bandit, exact_expectation, group_mean, solve, total_varia
 from tilt.losses import LOSSES
 from tilt.losses.policy import spread
 from tilt.losses.supervised import balanced_class_weights, nft_per_token, pacs_bce, pacs_score
-from tilt.reduction import reduce_tokens, reduction_denominator
+from loss_helpers import reduced_loss as _loss
 
 D = torch.float64
 L = math.log
 
 
-def _loss(name, inp, **hypers):
-    entry = LOSSES.entry(name)
-    per_token, metrics = entry.fn(inp, **hypers)
-    mode = entry.meta["reduction"]
-    return reduce_tokens(per_token, inp.mask, mode=mode, denominator=reduction_denominator(inp.mask, mode)), metrics
 
 
 def _one_token(log_ratios, rewards, groups):
@@ -98,13 +93,8 @@ def test_redi_value():
 
 # ------------------------------------------------------------------ fixed points (exact harness)
 
-REF = torch.tensor([[0.3, -0.5, 1.0, 0.2, -1.2], [1.1, 0.4, -0.3, -0.8, 0.0]], dtype=D)
-CORRECT = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0, 0.0]], dtype=D)
-
-
-def _ref_given_correct():
-    p = torch.softmax(REF, -1) * CORRECT
-    return p / p.sum(-1, keepdim=True)
+from loss_helpers import CORRECT, REF  # noqa: E402
+from loss_helpers import ref_given_correct as _ref_given_correct  # noqa: E402
 
 
 def test_pacs_reaches_pacs_fixed_point():

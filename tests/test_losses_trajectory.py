@@ -10,18 +10,13 @@ from tilt.exact import (Bandit, make_bandit, make_tree, optimal_policy, sequence
                         total_variation)
 from tilt.losses import LOSSES
 from tilt.losses.trajectory import astar_v_star, group_softmax
-from tilt.reduction import reduce_tokens, reduction_denominator
+from loss_helpers import reduced_loss as _loss
 
 D = torch.float64
 L = math.log
 MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=D)
 
 
-def _loss(name, inp, **hypers):
-    entry = LOSSES.entry(name)
-    per_token, metrics = entry.fn(inp, **hypers)
-    mode = entry.meta["reduction"]
-    return reduce_tokens(per_token, inp.mask, mode=mode, denominator=reduction_denominator(inp.mask, mode)), metrics
 
 
 def _haepo_inp():
