@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tilt.config import load_config
 from tilt.trainer import train
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def starts_with_seven(prompts, completions, **_):
@@ -39,3 +43,24 @@ def test_short_run_reward_rises_and_run_dir_is_complete(tiny_llama_dir, tmp_path
         before, after = line.split(": ", 1)[1].split(" -> ")
         assert 0 <= float(before) <= 1 and 0 <= float(after) <= 1
     assert summary["complete"] and json.loads((run / "seeds.json").read_text())["train"]["addition"]["count"] == 192
+    # every logged metric is documented with its formula
+    documented = (REPO / "docs" / "metrics.md").read_text()
+    for key in sorted({k for r in rows for k in r if k != "step"}):
+        assert f"`{key}`" in documented, f"metric {key} is missing from docs/metrics.md"
+
+
+def test_final_model_loads_with_transformers_and_generates(tmp_path):
+    """The shipped Llama after a short GRPO run: AutoModelForCausalLM loads final/ and generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run}", "train.steps=2", "rollout.prompts_per_step=2",
+                             "tasks.eval_per_cell=2", "log.progress=none", "log.tensorboard=false"])
+    train(cfg, echo=lambda s: None)
+    model = AutoModelForCausalLM.from_pretrained(str(run / "final"), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(run / "final"), local_files_only=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    enc = tok("5+4=", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert out.shape[1] > enc.input_ids.shape[1] and text.strip() != ""
