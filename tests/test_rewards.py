@@ -72,3 +72,16 @@ def test_resolve_names_and_import_paths():
         resolve_reward_fn("verifyer")
     with pytest.raises(ValueError, match="could not be imported"):
         resolve_reward_fn("no_such_module_xyz:f")
+
+
+def test_many_hanging_calls_do_not_exhaust_anything():
+    """Eight hung calls in a row: each times out on its own; a good function still scores after them."""
+    def hang(prompts, completions, **_):
+        time.sleep(20)
+        return [1.0] * len(completions)
+
+    for _ in range(8):
+        r, counts, _ = score([hang], [1.0], PROMPTS, COMPLETIONS, COLS, timeout=0.05)
+        assert counts["reward/timeouts"] == 3
+    r, counts, _ = score([verifier_reward], [1.0], PROMPTS, COMPLETIONS, COLS, timeout=5)
+    assert r == [1.0, 0.0, 1.0] and counts["reward/timeouts"] == 0

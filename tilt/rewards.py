@@ -10,9 +10,9 @@ counts are returned as metrics (``reward/errors``, ``reward/nonfinite``, ``rewar
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import importlib
 import math
+import threading
 from typing import Any, Callable, Sequence
 
 from tilt.registry import Registry
@@ -47,24 +47,26 @@ def resolve_reward_fn(name: str) -> RewardFn:
                      "or an importable 'module:function'")
 
 
-_POOL = None
-
-
-def _pool() -> cf.ThreadPoolExecutor:
-    global _POOL  # one worker thread per process; a hung call is abandoned, not joined
-    if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tilt-reward")
-    return _POOL
-
-
 def _call(fn: RewardFn, timeout: float, *args: Any, **kwargs: Any) -> tuple[list[float] | None, str]:
-    fut = _pool().submit(fn, *args, **kwargs)
-    try:
-        out = fut.result(timeout=timeout)
-    except cf.TimeoutError:
+    """Call ``fn`` in its own daemon thread; a call still running after ``timeout`` is abandoned
+    (Python cannot kill a thread) and cannot block later calls or the interpreter's exit."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any user error is counted, not fatal
+            box["err"] = exc
+
+    worker = threading.Thread(target=run, name="tilt-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
         return None, "timeout"
-    except Exception as exc:  # noqa: BLE001 - any user error is counted, not fatal
+    if "err" in box:
+        exc = box["err"]
         return None, f"error: {type(exc).__name__}: {exc}"
+    out = box.get("out")
     try:
         vals = [float(v) for v in out]
     except (TypeError, ValueError) as exc:
