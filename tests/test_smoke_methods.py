@@ -70,6 +70,16 @@ def assert_trained(out: Path, model_dir: Path, rows: list[dict], steps: int = 2)
         assert r["train/skipped"] == 0
     before, after = load_file(str(model_dir / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
+    assert_documented(rows)
+
+
+DOCUMENTED = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+
+
+def assert_documented(rows: list[dict]) -> None:
+    """Metrics are a contract: every logged key has its formula in docs/metrics.md."""
+    missing = sorted({k for r in rows for k in r if k != "step" and f"`{k}`" not in DOCUMENTED})
+    assert not missing, f"metrics missing from docs/metrics.md: {missing}"
 
 
 def extra_for_loss(name: str, teacher_dir: Path) -> list[str]:
