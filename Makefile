@@ -4,15 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	# torch first, pinned to the local CPU wheel when no torch is present
+	# torch first: the local CPU wheel 2.13.0 when no torch is present (a newer or unpinned
+	# torch would pull gigabytes of CUDA packages)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
-	# everything else with the installed torch held fixed
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# everything else with the installed torch held fixed by a constraints file
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,10 +24,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15
-
-bench: $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
-	$(BIN)/python benchmarks/bench_vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
