@@ -86,15 +86,12 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     adv_entry = ADVANTAGES.entry(cfg.advantage.name)
     adv_fn = bind_kwargs(adv_entry.fn, cfg.advantage.kwargs, f"advantage {cfg.advantage.name!r}")
     use_ref = cfg.kl.beta > 0 or "ref_logp" in loss_needs or "ref_logits" in loss_needs or needs.ref_logits
-    kl_fn = None
+    kl_fn, ref_model = None, None
     if use_ref:
         kl_fn = KL_ESTIMATORS.get(cfg.kl.estimator)
         if cfg.kl.kwargs:
             kl_fn = bind_kwargs(kl_fn, cfg.kl.kwargs, f"kl estimator {cfg.kl.estimator!r}")
-    ref_model = None
-    if use_ref:
-        ref_model = load_policy(cfg.model.path, dtype=dtype).model
-        ref_model.requires_grad_(False)
+        ref_model = load_policy(cfg.model.path, dtype=dtype).model.requires_grad_(False)
     teacher = load_teacher(cfg, policy, dtype) if needs.teacher else None
     value_head = ValueHead(policy.model.config.hidden_size).to(dtype) if needs.values else None
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -162,9 +159,8 @@ def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
         kl_extra = {"ref_logits": ref_logits} if ref_logits is not None else {}
         kl_tok = parts.kl_fn(rb.logprobs, ref_logp, **kl_extra) * cmask  # [N, T] detached penalty
         token_rewards = -cfg.kl.beta * kl_tok
-        r_adv = r + token_rewards.sum(-1)  # r - beta * sum_t kl_t
-    if parts.needs.adv_token_rewards:
-        r_adv = r  # the estimator adds token_rewards itself; r_adv would count the KL twice
+        # r - beta * sum_t kl_t, unless the estimator adds token_rewards itself (no double count)
+        r_adv = r if parts.needs.adv_token_rewards else r + token_rewards.sum(-1)
     T = cmask.shape[1]
     extra, adv_kwargs = run_advantage_stages(parts.stages.advantage, sc, probe)
     ainp = AdvantageInput(
