@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tilt.batch import PolicyLossInput
-from tilt.exact import Bandit, exact_expectation, solve, total_variation
+from tilt.exact import Bandit, exact_expectation, exact_gradient, solve, total_variation
 from tilt.losses import LOSSES
 from tilt.losses.asymmetric import lens_rewards
 from loss_helpers import reduced_loss as _loss
@@ -160,3 +160,37 @@ def test_nsr_plain_gradient_removes_wrong_mass_and_keeps_the_order():
         assert torch.equal(torch.argsort(p[row, idx]), torch.argsort(q[row, idx]))
     # row 0: pi_ref order of correct answers 2 > 0 > 4; their ratio 2:4 sharpens
     assert p[0, 2] / p[0, 4] > q[0, 2] / q[0, 4]
+
+
+# ------------------------------------------------------------------ LENS on all-wrong groups (exact harness)
+
+# prompt 0 has correct answers 1 and 3; prompt 1 is an all-wrong ("negative") group
+LENS_BANDIT = Bandit(rewards=torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=D),
+                     ref_logits=REF)
+
+
+def test_lens_exact_gradient_is_nonzero_on_the_all_wrong_prompt_where_grpo_is_zero():
+    """The claim of arXiv:2510.08696: GRPO gives an all-wrong group zero advantage, hence zero
+    gradient; LENS's confidence-weighted penalty makes the group informative. Exact expected
+    gradients over every answer: GRPO's row for prompt 1 is exactly 0, LENS's is not, and LENS
+    lowers the logit of the most confident mistake (the pi_ref argmax, answer 0 of prompt 1)."""
+    grpo = exact_gradient("grpo", REF, LENS_BANDIT)
+    lens = exact_gradient("lens", REF, LENS_BANDIT, loss_kwargs=dict(confidence="sequence"))
+    assert grpo[1].abs().max() == 0 and grpo[0].abs().max() > 0
+    assert lens[1].abs().max() > 1e-3
+    top = int(REF[1].argmax())
+    assert lens[1, top] > 0  # gradient descent lowers it
+    assert lens[1].sum().abs() < 1e-12  # softmax logits: the update only redistributes mass
+
+
+def test_lens_reaches_lens_fixed_point_uniform_on_all_wrong_prompt():
+    """Fixed point of LENS (on-policy, c = pi_old(y|x)): on an all-wrong prompt the modified
+    reward -c/(1-c) is equal for all answers only when pi is uniform, and it is decreasing in c,
+    so mass flows from confident to unconfident mistakes -- the iterate reaches the uniform policy
+    (the group baseline and the per-group std only rescale, so the unweighted group statistics of
+    the enumeration give the same fixed point). On prompt 0 the wrong answers lose their mass."""
+    p = solve("lens", LENS_BANDIT, beta=0.0, steps=300, lr=0.1, confidence="sequence")
+    uniform = torch.full((5,), 0.2, dtype=D)
+    assert total_variation(p[1], uniform) < 0.02
+    assert total_variation(torch.softmax(REF[1], -1), uniform) > 0.2  # it had to move
+    assert (p[0] * (1 - LENS_BANDIT.rewards[0])).sum() < 0.02

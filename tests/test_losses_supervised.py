@@ -1,11 +1,12 @@
 """B5 PACS, B6 NFT, B9 REDI: hand-computed values and fixed points."""
+import contextlib
 import math
 
 import pytest
 import torch
 
 from tilt.batch import PolicyLossInput
-from tilt.exact import Bandit, exact_expectation, group_mean, solve, total_variation
+from tilt.exact import Bandit, TokenTree, exact_expectation, exact_gradient, group_mean, solve, total_variation
 from tilt.losses import LOSSES
 from tilt.losses.policy import spread
 from tilt.losses.supervised import balanced_class_weights, nft_per_token, pacs_bce, pacs_score
@@ -137,3 +138,62 @@ def test_nft_reaches_nft_fixed_point_offline():
         exact_expectation(nft_exact_rate, logits, bandit, old_logits=REF, mode="seq-mean-token-sum-norm").backward()
         opt.step()
     assert total_variation(torch.softmax(logits.detach(), -1), _ref_given_correct()) < 0.02
+
+
+# ------------------------------------------------------------------ REDI asymmetric weighting (exact harness)
+
+@contextlib.contextmanager
+def one_thread():
+    """Scoped single intra-op thread for loops of tiny ops (restored on exit; never global)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _redi_pair_tree():
+    """Depth 2, vocab 2: the positive trace (0, 0) and the negative trace (0, 1) share token 0.
+    Teacher data (the fixed sampling table): root always emits 0, then 0 or 1 with 1/2 each, so
+    the offline data is pairs (y+, y-) in equal shares. The student starts uniform."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=D)
+    tree = TokenTree(depth=2, vocab=2, rewards=rewards, ref_logits=torch.zeros(3, 2, dtype=D))
+    teacher = torch.tensor([[0.0, -30.0], [0.0, 0.0], [0.0, 0.0]], dtype=D)  # [S, V]
+    return tree, teacher
+
+
+def test_redi_exact_gradient_on_shared_prefix_hand_value():
+    # E[loss] = 1/2 * (-(log pi(0) + log pi(0|0)) / 2) + 1/2 * (alpha (log pi(0) + log pi(1|0)) / 2)
+    # coefficient of log pi(0|root): (alpha - 1) / 4 ; d log pi(0) / d z_root = e_0 - pi = (.5, -.5)
+    # alpha = .8: (-.2 / 4) * (.5, -.5) = (-.025, .025) -> descent raises the shared token
+    tree, teacher = _redi_pair_tree()
+    g = exact_gradient("redi", tree.ref_logits, tree, old_logits=teacher, loss_kwargs=dict(alpha=0.8))
+    torch.testing.assert_close(g[0], torch.tensor([-0.025, 0.025], dtype=D))
+    g = exact_gradient("redi", tree.ref_logits, tree, old_logits=teacher, loss_kwargs=dict(alpha=1.0))
+    assert g[0].abs().max() < 1e-12  # symmetric weights: no net push on the shared prefix (teacher e^-30 aside)
+
+
+def _redi_positive_likelihood(alpha, steps=120):
+    tree, teacher = _redi_pair_tree()
+    logits = tree.ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    with one_thread():
+        for _ in range(steps):
+            opt.zero_grad()
+            exact_expectation("redi", logits, tree, old_logits=teacher, loss_kwargs=dict(alpha=alpha)).backward()
+            opt.step()
+    p = torch.softmax(logits.detach(), -1)  # [S, V]
+    return float(p[0, 0] * p[1, 0])  # pi(y+) = pi(0 | root) pi(0 | (0,))
+
+
+def test_redi_asymmetric_weighting_keeps_the_positive_likelihood_from_collapsing():
+    """REDI's claim (asymmetric weighting, arXiv:2505.24850): with alpha < 1 the negative traces
+    cannot drag the positive likelihood down. Offline on the exact tree (teacher pairs sharing
+    their first token), the shared token carries net weight (1 - alpha)/L toward the positive:
+    alpha = 0.8 drives pi(y+) from 0.25 to above 0.9; alpha = 1 leaves the shared token where it
+    was (pi(y+) -> 0.5, only the last token moves); alpha = 1.25 pushes the shared prefix down and
+    the positive likelihood collapses below its start although y+ itself is never penalised."""
+    assert _redi_positive_likelihood(0.8) > 0.9
+    assert _redi_positive_likelihood(1.0) == pytest.approx(0.5, abs=0.02)
+    assert _redi_positive_likelihood(1.25) < 0.1

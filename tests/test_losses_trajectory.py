@@ -1,4 +1,5 @@
 """B4 HAEPO and B8 A*-PO: hand-computed values and the A*-PO fixed point."""
+import contextlib
 import dataclasses
 import math
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from tilt.batch import PolicyLossInput
-from tilt.exact import (Bandit, make_bandit, make_tree, optimal_policy, sequence_probs, solve, tilted_distribution,
-                        total_variation)
+from tilt.exact import (Bandit, TokenTree, make_bandit, make_tree, optimal_policy, policy_input, sequence_probs, solve,
+                        tilted_distribution, total_variation)
 from tilt.losses import LOSSES
 from tilt.losses.trajectory import astar_v_star, group_softmax
+from tilt.reduction import reduce_tokens, reduction_denominator
 from loss_helpers import reduced_loss as _loss
 
 D = torch.float64
@@ -118,3 +120,70 @@ def test_astar_po_two_stages_reach_tilted_optimum():
 
     p = solve(with_stage1, bandit, beta=BETA, steps=60, lr=0.3, mode="seq-mean-token-sum")
     assert total_variation(p, optimal_policy(bandit, BETA)) < 0.02
+
+
+# ------------------------------------------------------------------ HAEPO property (exact harness)
+
+@contextlib.contextmanager
+def one_thread():
+    """Scoped single intra-op thread for loops of tiny ops (restored on exit; never global)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _haepo_group_objective(problem, logits):
+    """HAEPO's Plackett-Luce term with one group per prompt that lists every trajectory once
+    (the exact harness's enumeration), exact advantages R~ = r - E_pi[r], reduced as registered."""
+    inp, _ = policy_input(problem, logits)
+    per_token, _ = LOSSES.get("haepo")(inp, entropy_coef=0.0, kl_coef=0.0)
+    mode = LOSSES.entry("haepo").meta["reduction"]
+    return reduce_tokens(per_token, inp.mask, mode=mode, denominator=reduction_denominator(inp.mask, mode)), inp
+
+
+@pytest.mark.parametrize("problem", [make_bandit(n_prompts=2, n_answers=4, seed=4),
+                                     make_tree(depth=2, vocab=3, seed=5)], ids=["bandit", "tree"])
+def test_haepo_plackett_luce_weights_are_trajectory_probabilities(problem):
+    """w_k = softmax_k(L_k) with L_k = sum_t log pi(y_t^k) (steps 1-2 of HAEPO, arXiv:2508.18884):
+    over a group that lists every trajectory of a prompt once, sum_j exp(L_j) = 1, so w_k = pi(y_k)."""
+    logits = problem.ref_logits + torch.randn(problem.ref_logits.shape, generator=torch.Generator().manual_seed(1),
+                                              dtype=D)
+    inp, _ = policy_input(problem, logits)
+    w = group_softmax(inp.logp.sum(-1), inp.group_index)  # [N]
+    x = problem.enumerate().n_prompts
+    torch.testing.assert_close(w.reshape(x, -1), sequence_probs(problem, torch.softmax(logits, -1)))
+
+
+def _tree_with_isolated_best_leaf():
+    """make_tree(seed=5) with leaf (0, 1) raised to 1.0: the best trajectory starts with 40% of
+    its group's weight on other branches and only 0.04 on itself, and its branch's mean is lower."""
+    base = make_tree(depth=2, vocab=3, seed=5)
+    rewards = base.rewards.clone()
+    rewards[0, 1] = 1.0
+    return TokenTree(depth=2, vocab=3, rewards=rewards, ref_logits=base.ref_logits)
+
+
+@pytest.mark.parametrize("problem", [make_bandit(n_prompts=2, n_answers=4, seed=4),
+                                     _tree_with_isolated_best_leaf()], ids=["bandit", "tree"])
+def test_haepo_weights_concentrate_on_the_best_trajectory(problem):
+    """HAEPO's claimed behaviour without its regularisers: minimising -sum_k w_k R~_k moves the
+    Plackett-Luce weights onto the highest-return trajectory of each group. With every trajectory
+    listed once, w_k = pi(y_k) and the gradient is the exact policy gradient of E_pi[r], whose
+    only stable point puts all mass on argmax r; after 150 Adam steps the best trajectory's
+    weight exceeds 0.98 in every group (rewards are distinct, so the argmax is unique). The tree's
+    best leaf sits in a branch with a lower mean, so a greedy branch choice would fail."""
+    logits = problem.ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=0.3)
+    with one_thread():
+        for _ in range(150):
+            opt.zero_grad()
+            _haepo_group_objective(problem, logits)[0].backward()
+            opt.step()
+    _, inp = _haepo_group_objective(problem, logits.detach())
+    w = group_softmax(inp.logp.sum(-1), inp.group_index)  # [N]
+    rewards = problem.enumerate().rewards.reshape(problem.enumerate().n_prompts, -1)  # [X, Y]
+    best = rewards.argmax(-1)  # [X]
+    assert w.reshape(rewards.shape).gather(-1, best[:, None]).min() > 0.98

@@ -1,4 +1,7 @@
 """A3-A7 regularisers: Tsallis PG, AKL, AER, Lp-Reg, critical-token KL fixed point."""
+import contextlib
+import copy
+import dataclasses
 import functools
 import math
 
@@ -6,8 +9,11 @@ import pytest
 import torch
 
 from tilt.batch import PolicyLossInput
+from tilt.config import load_config
 from tilt.exact import (
+    exact_expectation,
     exact_gradient,
+    group_mean,
     make_bandit,
     make_tree,
     per_state_fixed_point,
@@ -20,9 +26,11 @@ from tilt.exact import (
     tsallis_tilt,
 )
 from tilt.kl import critical, reference_certainty, tsallis_kl
-from tilt.losses import LOSSES
+from tilt.learner import Learner, LearnerBatch
+from tilt.losses import LOSSES, regularizers
 from tilt.losses.regularizers import (
     AERState,
+    aer_per_token,
     aer_prompt_coefficients,
     aer_update,
     akl,
@@ -30,8 +38,13 @@ from tilt.losses.regularizers import (
     group_accuracy,
     lowest_fraction,
     lp_reg_penalty,
+    lp_reg_selection,
     minp_proxy_logp,
 )
+from tilt.model import load_policy
+from tilt.rollout import SamplingParams, encode_prompts, generate
+from tilt.wiring.needs import resolve_needs
+from tilt.wiring.selection import keep_all, with_lp_selection
 from tilt.reduction import reduce_tokens, reduction_denominator
 
 D = torch.float64
@@ -58,6 +71,17 @@ def _random(n=3, t=4, v=5, seed=0):
         group_index=torch.tensor([0, 0, 1])[:n], entropy=torch.rand(n, t, generator=gen, dtype=D),
         logits=logits, teacher_logits=torch.randn(n, t, v, generator=gen, dtype=D),
     )
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Scoped single intra-op thread for loops of tiny ops (restored on exit; never global)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _reduced(name, inp, **kw):
@@ -255,6 +279,42 @@ def test_aer_controller_holds_entropy_at_anchored_target():
     assert state.alpha > 0
 
 
+def test_aer_closed_loop_on_exact_bandit_holds_anchored_target_entropy():
+    """AER's property (components ii + iii, arXiv:2510.10959): with the global coefficient driven
+    by aer_update, training settles at the initial-anchored target H* = tau * H_0. Exact harness:
+    every step takes Adam on the exact expected AER loss (PPO-clip on-policy, exact advantages
+    r - E_pi[r]) with the difficulty-aware coefficients of the infinite group,
+    lambda_x = alpha (1 - E_pi[r | x]); the logged entropy is sum_x p(x) H(pi(.|x)), the
+    ``entropy`` metric of the trainer. tau = 0.5 is below 1, so the target is reachable."""
+    bandit = make_bandit(n_prompts=2, n_answers=4, seed=3)
+    enum = bandit.enumerate()
+    logits = bandit.ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    state, tau = AERState(alpha=0.0), 0.5
+    with one_thread():
+        h = _aer_closed_loop(bandit, enum, logits, opt, state, tau)
+    assert h[0] == pytest.approx(tau * h[1].initial_entropy, abs=0.02)
+    assert h[1].alpha > 0  # the regulariser is active at the fixed point (plain PG would collapse H)
+
+
+def _aer_closed_loop(bandit, enum, logits, opt, state, tau):
+    """400 Adam steps of the exact AER loss with aer_update between them; (entropy, state)."""
+    for _ in range(400):
+        probs = torch.softmax(logits.detach(), -1)  # [X, K]
+        h = float((bandit.prompt_probs * -(probs * probs.log()).sum(-1)).sum())
+        state = aer_update(state, h, tau=tau, lr=0.05, alpha_max=10.0)
+
+        def loss(inp):
+            w = enum.prompt_prob * torch.exp(inp.old_logp.sum(-1))  # [N] sampling weights
+            acc = group_mean(inp.rewards, w, enum)  # [N] E_pi[r | x]
+            return aer_per_token(inp, aer_prompt_coefficients(acc, alpha=state.alpha))
+
+        opt.zero_grad()
+        exact_expectation(loss, logits, bandit, mode="token-mean").backward()
+        opt.step()
+    return h, state
+
+
 # ---------------------------------------------------------------- A6 Lp-Reg
 def test_minp_proxy_hand_values():
     # pi = (.5,.3,.15,.05), min_p = .2: minp cut .2*.5 = .1 keeps {0,1,2} (mass .95):
@@ -269,22 +329,72 @@ def test_minp_proxy_hand_values():
 
 
 def test_lowest_fraction_hand_value():
-    # values (3, 1, 2, 5), token 1 ineligible; frac .5 of 3 eligible -> ceil(1.5) = 2: {2 -> 2, 0 -> 3}
-    chosen = lowest_fraction(torch.tensor([[3.0, 1.0, 2.0, 5.0]]), torch.tensor([[True, False, True, True]]), 0.5)
-    assert chosen.tolist() == [[True, False, True, False]]
+    # values (3, 1, 2, 5), token 1 ineligible; frac .5 of 3 eligible -> int(1.5) = 1 (as the
+    # reference's int(n * k_percent)): the smallest eligible, value 2 ; frac 1 -> all 3 eligible
+    values, eligible = torch.tensor([[3.0, 1.0, 2.0, 5.0]]), torch.tensor([[True, False, True, True]])
+    assert lowest_fraction(values, eligible, 0.5).tolist() == [[False, False, True, False]]
+    assert lowest_fraction(values, eligible, 1.0).tolist() == [[True, False, True, True]]
+    assert not lowest_fraction(values, eligible, 0.3).any()  # int(0.9) = 0
+
+
+def test_lp_reg_selection_hand_value_and_masking():
+    # row 0 (A = -1): probs .1 .2 [masked .001] .3 .4 ; row 1 (A = +1): .05 .6 [masked .001] .7 .8
+    # neg_frac .5 of 4 valid negatives -> 2 lowest: .1, .2 ; pos_frac .25 of 4 valid positives
+    # -> int(1.0) = 1 lowest: .05 (the masked .001 columns are never eligible)
+    logp = torch.log(torch.tensor([[0.1, 0.2, 0.001, 0.3, 0.4], [0.05, 0.6, 0.001, 0.7, 0.8]], dtype=D))
+    adv = torch.tensor([[-1.0] * 5, [1.0] * 5], dtype=D)
+    mask = torch.tensor([[1.0, 1, 0, 1, 1], [1, 1, 0, 1, 1]], dtype=D)
+    pick = lp_reg_selection(logp, adv, mask, neg_frac=0.5, pos_frac=0.25)
+    assert pick.tolist() == [[True, True, False, False, False], [True, False, False, False, False]]
+    # masked == selected-only: dropping the masked column selects the same tokens
+    keep = [0, 1, 3, 4]
+    assert torch.equal(lp_reg_selection(logp[:, keep], adv[:, keep], mask[:, keep], neg_frac=0.5, pos_frac=0.25),
+                       pick[:, keep])
 
 
 def test_lp_reg_penalty_hand_value_and_direction():
     # token 0: pi = .3, proxy .3/.95 -> rho = 1/.95 = 1.052632, k3 = .052632 - log 1.052632 = 0.001338
-    # token 1: filtered (proxy -inf) -> 0; token 2: positive advantage, pos_frac 0 -> 0
+    # token 1: filtered (proxy -inf) -> 0 ; token 2: not a candidate -> 0
     logp = torch.log(torch.tensor([[0.3, 0.05, 0.3]], dtype=D)).requires_grad_(True)
     proxy = torch.tensor([[LOG(0.3 / 0.95), -math.inf, LOG(0.3 / 0.95)]], dtype=D)
-    adv = torch.tensor([[-1.0, -1.0, 1.0]], dtype=D)
-    pen, pick = lp_reg_penalty(logp, proxy, adv, torch.ones(1, 3, dtype=D), neg_frac=1.0)
+    pen, pick = lp_reg_penalty(logp, proxy, torch.tensor([[True, True, False]]))
     assert pick.tolist() == [[True, False, False]]
     assert torch.allclose(pen, torch.tensor([[0.001338, 0.0, 0.0]], dtype=D), atol=1e-6)
     (g,) = torch.autograd.grad(pen.sum(), logp)
     assert g[0, 0] < 0 and g[0, 1] == 0 and torch.isfinite(g).all()  # descent raises pi of token 0
+
+
+def _lp_hand_inp():
+    """One row, probs (.5,.3,.15,.05) at every position; tokens 1, 2, 0 (pi .3, .15, .5); old
+    probs .6, .15, .25 -> ratios .5, 1, 2; all advantages -1."""
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]], dtype=D)).expand(1, 3, 4)
+    logp = torch.log(torch.tensor([[0.3, 0.15, 0.5]], dtype=D)).requires_grad_(True)
+    return PolicyLossInput(logp=logp, old_logp=torch.log(torch.tensor([[0.6, 0.15, 0.25]], dtype=D)),
+                           advantages=-torch.ones(1, 3, dtype=D), mask=torch.ones(1, 3, dtype=D), logits=logits)
+
+
+def test_lp_reg_hand_value_selected_tokens_drop_the_clip():
+    # min_p .2 keeps {0,1,2} (mass .95); neg_frac .7 of 3 -> int(2.1) = 2 lowest: tokens .15, .3.
+    # Both survive the filter (pi < pi/.95), k3 = 0.0013383 each (see the penalty test).
+    # selected, ratio .5:  -r A + k3 = .5 + .0013383 = .5013383   (PPO-clip alone: max(.5, .8) = .8)
+    # selected, ratio 1:   1 + .0013383 = 1.0013383
+    # not selected, r 2:   max(2, clip(2) = 1.2) = 2
+    # token-mean = (.5013383 + 1.0013383 + 2) / 3 = 3.5026766 / 3 = 1.1675589
+    k3 = 1 / 0.95 - 1 - LOG(1 / 0.95)
+    inp = _lp_hand_inp()
+    loss = _reduced("lp_reg", inp, min_p=0.2, neg_frac=0.7)
+    assert loss.item() == pytest.approx((0.5 + k3 + 1 + k3 + 2) / 3, abs=1e-12)
+    assert loss.item() == pytest.approx(1.1675589, abs=1e-6)
+    (g,) = torch.autograd.grad(loss, inp.logp)
+    # d/dlogp: -A r + (1 - rho) with rho = 1/.95 on selected, -A r elsewhere, then / 3:
+    # (.5 - .0526316) / 3 = .1491228 ; (1 - .0526316) / 3 = .3157895 ; 2 / 3 = .6666667
+    expected = torch.tensor([[0.5 + 1 - 1 / 0.95, 1 + 1 - 1 / 0.95, 2.0]], dtype=D) / 3
+    torch.testing.assert_close(g, expected)
+    # with batch-level candidates (lp_select) only token 1: token 0 is back on the clip (.8, no grad)
+    # (.8 + 1.0013383 + 2) / 3 = 3.8013383 / 3 = 1.2671128
+    inp = _lp_hand_inp()
+    inp.lp_select = torch.tensor([[False, True, False]])
+    assert _reduced("lp_reg", inp, min_p=0.2, neg_frac=0.7).item() == pytest.approx(1.2671128, abs=1e-6)
 
 
 def test_lp_reg_loss_on_policy_value_padding_masking():
@@ -292,12 +402,102 @@ def test_lp_reg_loss_on_policy_value_padding_masking():
     inp.old_logp = inp.logp.detach()
     per_token, _ = LOSSES.get("lp_reg")(inp, coef=1.0, neg_frac=1.0, min_p=0.05)
     proxy = minp_proxy_logp(inp.logits, inp.logp, min_p=0.05)
-    pen, _ = lp_reg_penalty(inp.logp, proxy, inp.advantages, inp.mask, neg_frac=1.0)
-    assert torch.allclose(per_token, -inp.advantages + pen, atol=1e-12)
+    cand = lp_reg_selection(inp.logp, inp.advantages, inp.mask, neg_frac=1.0)
+    pen, pick = lp_reg_penalty(inp.logp, proxy, cand)
+    assert pick.any()
+    assert torch.allclose(per_token, -inp.advantages + pen, atol=1e-12)  # ratio 1: clip inactive
+    assert torch.allclose(_reduced("lp_reg", _pad(inp), neg_frac=1.0, min_p=0.05),
+                          _reduced("lp_reg", inp, neg_frac=1.0, min_p=0.05), atol=1e-12)
+    inp.lp_select = cand
     assert torch.allclose(_reduced("lp_reg", _pad(inp), neg_frac=1.0, min_p=0.05),
                           _reduced("lp_reg", inp, neg_frac=1.0, min_p=0.05), atol=1e-12)
     with pytest.raises(ValueError, match="unknown Lp-Reg proxy mode"):
         minp_proxy_logp(inp.logits, inp.logp, mode="top_k")
+
+
+def test_lp_reg_gradcheck_float64(monkeypatch):
+    """gradcheck of the registered loss in logp, with its stop-gradient target (the proxy, built
+    from the detached logits) held at its value -- finite differences would otherwise move it."""
+    inp = _random()
+    cand = lp_reg_selection(inp.logp, inp.advantages, inp.mask, neg_frac=1.0)
+    proxy = minp_proxy_logp(inp.logits, inp.logp, min_p=0.05)
+    monkeypatch.setattr(regularizers, "minp_proxy_logp", lambda *a, **k: proxy)
+    assert lp_reg_penalty(inp.logp, proxy, cand)[1].any()
+
+    def f(lp):
+        return LOSSES.get("lp_reg")(PolicyLossInput(**dict(inp.__dict__, logp=lp, lp_select=cand)),
+                                    neg_frac=1.0, min_p=0.05)[0]
+
+    assert torch.autograd.gradcheck(f, (inp.logp.clone().requires_grad_(True),))
+
+
+def _learner_batch(pol):
+    prompts = [p for p in ["47+85=", "cd 3 5 7>22:", "sort 5 3 1:"] for _ in range(2)]
+    ids, mask = encode_prompts(pol.tokenizer, prompts)
+    rb = generate(pol.model, ids, mask, params=SamplingParams(8), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                  generator=torch.Generator().manual_seed(0))
+    n, t = rb.completion_ids.shape
+    adv = torch.tensor([1.0, -1.0, -0.5, 0.5, -1.0, 1.0], dtype=torch.float64)[:, None].expand(n, t)
+    return LearnerBatch(prompt_ids=ids, prompt_mask=mask, completion_ids=rb.completion_ids,
+                        completion_mask=rb.completion_mask, old_logp=rb.logprobs.double(),
+                        advantages=adv * rb.completion_mask, rewards=torch.zeros(n),
+                        group_index=torch.arange(3).repeat_interleave(2))
+
+
+def _lp_learner(model, accum):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = functools.partial(LOSSES.get("lp_reg"), min_p=0.5, neg_frac=0.3, pos_frac=0.3)
+    return Learner(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), loss_fn=loss_fn,
+                   loss_needs=("logits",), reduction="token-mean", max_len=8, temperature=1.0, kl_fn=None,
+                   kl_beta=0.0, kl_in_loss=False, epochs=1, minibatches=1, grad_accum=accum, grad_clip=1e9,
+                   generator=torch.Generator().manual_seed(0))
+
+
+def _max_param_diff(a, b):
+    return max(float((pa - pb).detach().abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def test_lp_reg_learner_update_is_micro_batch_invariant(tiny_llama_dir):
+    """With the batch-level selection (``lp_select``, as the training loop supplies it) an update
+    with grad_accum = 3 equals one with grad_accum = 1. Without it each micro-batch ranks its
+    own tokens (the reference code's behaviour) and the two updates differ -- so this test can fail."""
+    pol = load_policy(str(tiny_llama_dir), dtype=torch.float64)
+    batch = _learner_batch(pol)
+    batch.lp_select = lp_reg_selection(batch.old_logp, batch.advantages, batch.completion_mask.double(),
+                                       neg_frac=0.3, pos_frac=0.3)
+    assert batch.lp_select.sum() >= 4
+    models = [copy.deepcopy(pol.model) for _ in range(4)]
+    with one_thread():
+        out1 = _lp_learner(models[0], 1).update(batch)
+        out3 = _lp_learner(models[1], 3).update(batch)
+        unranked = dataclasses.replace(batch, lp_select=None)
+        _lp_learner(models[2], 1).update(unranked)
+        _lp_learner(models[3], 3).update(unranked)
+    assert out1["lp_reg/frac"] > 0  # tokens were regularised
+    assert out1["loss"] == pytest.approx(out3["loss"], rel=1e-9, abs=1e-12)
+    assert _max_param_diff(models[0], models[1]) < 1e-10
+    assert _max_param_diff(models[0], pol.model) > 1e-6  # the update moved the weights
+    assert _max_param_diff(models[2], models[3]) > 1e-8
+
+
+def test_lp_reg_selection_is_wired_once_per_batch():
+    """The training loop wraps the batch filter for lp_reg (resolve_needs -> with_lp_selection):
+    the candidates are lp_reg_selection over the kept batch's loss_mask and old_logp."""
+    assert resolve_needs(load_config(None, ["loss.name=lp_reg"])).lp_select
+    assert not resolve_needs(load_config(None, ["loss.name=grpo"])).lp_select
+    gen = torch.Generator().manual_seed(4)
+    n, t = 4, 5
+    old = -torch.rand(n, t, generator=gen, dtype=D) * 3
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=D)[:, None].expand(n, t)
+    loss_mask = (torch.rand(n, t, generator=gen) > 0.3).to(D)
+    batch = LearnerBatch(prompt_ids=torch.ones(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                         completion_ids=torch.ones(n, t, dtype=torch.long), completion_mask=torch.ones(n, t),
+                         old_logp=old, advantages=adv, rewards=torch.zeros(n), group_index=torch.tensor([0, 0, 1, 1]),
+                         loss_mask=loss_mask)
+    out, _ = with_lp_selection(keep_all, neg_frac=0.5, pos_frac=0.25)(batch, None)
+    expected = lp_reg_selection(old, adv, loss_mask, neg_frac=0.5, pos_frac=0.25)
+    assert torch.equal(out.lp_select, expected) and expected.any()
+    assert not (out.lp_select & (loss_mask == 0)).any()
 
 
 # ---------------------------------------------------------------- A7 critical-token KL fixed point

@@ -54,6 +54,7 @@ class PolicyLossInput:
     teacher_logits: Optional[Tensor] = None  # [N, T, V] teacher logits (distillation)
     prev_logp: Optional[Tensor] = None  # [N, T] log pi_prev of a frozen previous policy (HAEPO)
     baseline_v: Optional[Tensor] = None  # [N] offline V*(x) (A*-PO stage 1)
+    lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates decided once over the whole batch
 
 
 @dataclass

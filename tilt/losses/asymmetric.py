@@ -100,7 +100,8 @@ def lens_rewards(rewards: Tensor, confidence: Tensor, *, threshold: float = 0.5,
                  max_confidence: float = 0.999) -> Tensor:
     """LENS-modified rewards: r~ = r on correct samples, -scale * c / (1 - c) on wrong ones. [N] -> [N].
 
-    Derivation (our reading of Sec. 3, arXiv:2510.08696): treat the model's confidence
+    Derivation (our reading of the abstract of arXiv:2510.08696; the paper body and code were not
+    found, so the exact confidence c and any normalisation are unconfirmed): treat the model's confidence
     c = p_theta(y|x) as the probability that y is correct and maximise the Bernoulli likelihood
     sum_i r_i log c_i + (1 - r_i) log(1 - c_i). Its gradient is sum_i r~_i grad log p_theta(y_i|x)
     with r~ as above: a policy gradient whose penalty on a wrong answer grows with the

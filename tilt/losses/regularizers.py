@@ -81,6 +81,11 @@ def akl_distill(inp: PolicyLossInput, *, mu: float = 0.5) -> tuple[Tensor, dict[
 
 
 # ------------------------------------------------------------------ A5 AER
+# Source: arXiv:2510.10959 (abstract and secondary summaries only; the paper body and code were
+# not found). Confirmed there: three components -- difficulty-aware coefficients, a target
+# entropy anchored to the initial entropy (H* = tau H_0, best tau ~ 0.4), a global coefficient
+# adjusted during training -- and the hyper-parameters tau and rho. The exact per-prompt
+# allocation and the controller's step rule below are our reading, not the paper's equations.
 @dataclass(frozen=True)
 class AERState:
     """Controller state of AER: the global coefficient and the anchor entropy H_0."""
@@ -125,6 +130,15 @@ def _clipped_pg(inp: PolicyLossInput, eps_low: float, eps_high: float) -> tuple[
     return loss, ratio
 
 
+def aer_per_token(inp: PolicyLossInput, coef: Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2) -> Tensor:
+    """PPO-clip minus coef_i H_it: the entropy-regularised surrogate with per-sequence coefficients
+    ``coef`` [N] (AER, arXiv:2510.10959). Returns [N, T]."""
+    if inp.entropy is None:
+        raise ValueError("aer needs PolicyLossInput.entropy")
+    pg, _ = _clipped_pg(inp, eps_low, eps_high)  # [N, T]
+    return pg - coef[:, None] * inp.entropy  # [N, T]
+
+
 @LOSSES.register("aer", reduction="token-mean", needs=("rewards", "group_index", "entropy"))
 def aer(inp: PolicyLossInput, *, alpha: float = 1e-3, rho: float = 1.0, eps_low: float = 0.2,
         eps_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
@@ -134,14 +148,30 @@ def aer(inp: PolicyLossInput, *, alpha: float = 1e-3, rho: float = 1.0, eps_low:
     """
     if inp.entropy is None or inp.rewards is None or inp.group_index is None:
         raise ValueError("aer needs entropy, rewards and group_index")
-    pg, _ = _clipped_pg(inp, eps_low, eps_high)
     lam = aer_prompt_coefficients(group_accuracy(inp.rewards, inp.group_index), alpha=alpha, rho=rho)  # [N]
-    loss = pg - lam[:, None] * inp.entropy  # [N, T]
+    loss = aer_per_token(inp, lam, eps_low=eps_low, eps_high=eps_high)  # [N, T]
     return loss, {"entropy": masked_mean(inp.entropy.detach(), inp.mask), "aer/coef_mean": lam.mean()}
 
 
 # ------------------------------------------------------------------ A6 Lp-Reg
-def minp_proxy_logp(logits: Tensor, logp: Tensor, *, min_p: float = 0.1, mode: str = "minp") -> Tensor:
+# Source: arXiv:2510.03222 and its reference code, CarlanLark/Lp-Reg-dev (the authors' development
+# repo of github.com/CarlanLark/Lp-Reg): verl/workers/actor/dp_actor.py ``apply_min_p`` (proxy),
+# verl/trainer/ppo/core_algos.py ``compute_policy_loss_lp_reg`` (selection and loss) and the
+# recipes recipe/lp_reg/*_onpolicy_64gpu.sh (min-p kappa = 0.02, rho = 1% (0.5% at 32B),
+# beta = 1, low_var_kl, token-mean). The objective, per token:
+#     selected:  -r A + beta * k3(pi_theta -> pi_proxy)      (ratio r NOT clipped there)
+#     otherwise: max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)   (PPO-clip)
+# selected = among negative- (positive-) advantage tokens, the lowest-probability rho fraction
+# (int(rho * n) of n), kept only where pi_theta < pi_proxy (the token survived the min-p filter).
+# Differences we keep on purpose (both documented in docs/methods.md):
+#   * the reference ranks tokens inside each micro-batch by the current log-prob and skips the
+#     rank when int(rho n) == 1; we rank once per batch by the sampling policy's log-prob
+#     (``lp_select``, equal to the current one at the first optimizer step), so k accumulated
+#     micro-batches equal one full batch; without ``lp_select`` we rank inside the given tensors;
+#   * the proxy is built from the current policy's detached logits (the reference's
+#     ``minp_old_log_prob=False`` path; its recipes build it from the sampling policy, the same
+#     value at the first optimizer step) at the training temperature.
+def minp_proxy_logp(logits: Tensor, logp: Tensor, *, min_p: float = 0.02, mode: str = "minp") -> Tensor:
     """log pi_proxy(y_t) of the sampled tokens, [N, T, V] + [N, T] -> [N, T] (arXiv:2510.03222).
 
     The proxy drops presumed-noise tokens and renormalises: "minp" drops v with
@@ -162,9 +192,10 @@ def minp_proxy_logp(logits: Tensor, logp: Tensor, *, min_p: float = 0.1, mode: s
 
 
 def lowest_fraction(values: Tensor, eligible: Tensor, frac: float) -> Tensor:
-    """Mask of the ceil(frac * n) smallest ``values`` among the ``eligible`` ones (n of them)."""
+    """Mask of the int(frac * n) smallest ``values`` among the ``eligible`` ones (n of them), as the
+    reference's ``int(len(indices) * k_percent)``."""
     n = int(eligible.sum())
-    k = min(n, int(torch.ceil(torch.tensor(frac * n)).item()))
+    k = min(n, int(frac * n))
     chosen = torch.zeros_like(eligible)
     if k == 0:
         return chosen
@@ -173,36 +204,59 @@ def lowest_fraction(values: Tensor, eligible: Tensor, frac: float) -> Tensor:
     return chosen.reshape(-1).index_fill(0, idx, True).reshape(eligible.shape)
 
 
-def lp_reg_penalty(logp: Tensor, proxy_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                   neg_frac: float = 0.01, pos_frac: float = 0.0, estimator: str = "low_var_kl"
-                   ) -> tuple[Tensor, Tensor]:
-    """Per-token KL toward the proxy on selected tokens (arXiv:2510.03222; its code's
-    ``compute_policy_loss_lp_reg``).
+def lp_reg_selection(logp: Tensor, advantages: Tensor, mask: Tensor, *, neg_frac: float = 0.01,
+                     pos_frac: float = 0.0) -> Tensor:
+    """Lp-Reg candidates [N, T] bool: the lowest-probability ``neg_frac`` of the negative-advantage
+    tokens and ``pos_frac`` of the positive ones, ranked over ALL the tensors given.
 
-    Selected: among negative- (positive-) advantage tokens, the lowest-probability ``neg_frac``
-    (``pos_frac``) fraction of the batch, kept only where log pi < log pi_proxy (the token
-    survived the filter, so the proxy raises it). Penalty = estimator(logp, proxy_logp).
-    Returns (penalty [N, T] zero off the selection, selection mask [N, T] bool).
+    Call it once on the whole batch (the training loop does, with the sampling policy's
+    log-probs) and pass the result as ``PolicyLossInput.lp_select``, so micro-batching cannot
+    change which tokens are chosen. Args: logp, advantages, mask [N, T] (detached).
     """
     valid = mask > 0
+    lp, adv = logp.detach(), advantages.detach()
+    pick = lowest_fraction(lp, valid & (adv < 0), neg_frac)
+    return pick | lowest_fraction(lp, valid & (adv > 0), pos_frac)
+
+
+def lp_reg_penalty(logp: Tensor, proxy_logp: Tensor, candidates: Tensor, *, estimator: str = "low_var_kl"
+                   ) -> tuple[Tensor, Tensor]:
+    """Per-token KL toward the proxy on the candidates that survived the filter (arXiv:2510.03222).
+
+    A candidate is regularised only where log pi < log pi_proxy (``-inf`` proxies, i.e. filtered
+    tokens, never pass). Penalty = estimator(logp, proxy_logp), low_var_kl = k3 with
+    rho = pi_proxy / pi as the reference's ``kl_penalty``. Returns (penalty [N, T] zero off the
+    selection, selection [N, T] bool).
+    """
     lp = logp.detach()
-    pick = lowest_fraction(lp, valid & (advantages < 0), neg_frac)
-    pick = pick | lowest_fraction(lp, valid & (advantages > 0), pos_frac)
-    pick = pick & (lp < proxy_logp)  # -inf proxies (filtered tokens) never pass
+    pick = candidates.bool() & (lp < proxy_logp)
     safe_proxy = torch.where(pick, proxy_logp, lp)  # finite everywhere
     kl = KL_ESTIMATORS.get(estimator)(logp, safe_proxy)  # [N, T]
     return torch.where(pick, kl, torch.zeros_like(kl)), pick
 
 
 @LOSSES.register("lp_reg", reduction="token-mean", needs=("logits",))
-def lp_reg(inp: PolicyLossInput, *, coef: float = 1.0, min_p: float = 0.1, mode: str = "minp",
+def lp_reg(inp: PolicyLossInput, *, coef: float = 1.0, min_p: float = 0.02, mode: str = "minp",
            neg_frac: float = 0.01, pos_frac: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2
            ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO-clip plus coef * KL(pi_proxy-anchored) on low-probability tokens (Lp-Reg)."""
+    """Lp-Reg: PPO-clip, and on the selected low-probability tokens -r A + coef * KL toward the
+    min-p proxy instead (``compute_policy_loss_lp_reg``, arXiv:2510.03222; see the block comment).
+
+    Args:
+        coef: beta of the KL term (reference ``ppo_kl_coef`` = 1). min_p, mode: proxy filter
+            (recipes: "minp", kappa = 0.02). neg_frac, pos_frac: rho for negative / positive
+            advantages (recipes 0.01 and 0). eps_low, eps_high: PPO clip range elsewhere.
+    Uses ``inp.lp_select`` (batch-level candidates) when given, else ranks inside ``inp``.
+    Returns (per-token loss [N, T], {"lp_reg/frac"}).
+    """
     if inp.logits is None:
         raise ValueError("lp_reg needs logits [N, T, V]")
-    pg, _ = _clipped_pg(inp, eps_low, eps_high)
+    clipped, ratio = _clipped_pg(inp, eps_low, eps_high)  # [N, T]
     proxy = minp_proxy_logp(inp.logits, inp.logp, min_p=min_p, mode=mode)  # [N, T]
-    penalty, pick = lp_reg_penalty(inp.logp, proxy, inp.advantages.detach(), inp.mask,
-                                   neg_frac=neg_frac, pos_frac=pos_frac)
-    return pg + coef * penalty, {"lp_reg/frac": masked_mean(pick.to(pg.dtype), inp.mask)}
+    if inp.lp_select is None:
+        candidates = lp_reg_selection(inp.logp, inp.advantages, inp.mask, neg_frac=neg_frac, pos_frac=pos_frac)
+    else:
+        candidates = inp.lp_select.bool() & (inp.mask > 0)  # [N, T]
+    penalty, pick = lp_reg_penalty(inp.logp, proxy, candidates)  # [N, T]
+    selected = -ratio * inp.advantages.detach() + coef * penalty  # [N, T]
+    return torch.where(pick, selected, clipped), {"lp_reg/frac": masked_mean(pick.to(clipped.dtype), inp.mask)}

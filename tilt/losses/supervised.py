@@ -155,11 +155,19 @@ def nft(inp: PolicyLossInput, *, neg_weight: float = 1.0, clamp_positive: float 
 
 @LOSSES.register("redi", reduction="seq-mean-token-mean", needs=("rewards",))
 def redi(inp: PolicyLossInput, *, alpha: float = 0.8, threshold: float = 0.5) -> tuple[Tensor, Metrics]:
-    """REDI: -log pi(y+)/|y+| + alpha * log pi(y-)/|y-| (Sec. 4, arXiv:2505.24850), reference-free, offline.
+    """REDI: -log pi(y+)/|y+| + alpha * log pi(y-)/|y-| (the REDI objective, arXiv:2505.24850), reference-free.
 
-    Length normalisation is the ``seq-mean-token-mean`` reduction; alpha < 1 down-weights the
-    negative traces (asymmetric weighting; 0.8 is our default after the paper's ablation,
-    where a value below 1 was needed for stability).
+    Checked against the reference code (Tim-Siu/reinforcement-distillation,
+    trl/trl/trainer/dpo2_trainer.py ``loss_type == "reinforce"``: -c+ logp(y+)/|y+| + c- logp(y-)/|y-|
+    per (positive, negative) pair) and its recipe experiments_trl/recipes/redi/redi_1_08_1e-6/config.yaml
+    (c+ = 1, c- = alpha = 0.8, no reference model). Length normalisation is the
+    ``seq-mean-token-mean`` reduction; we average over sequences instead of over pairs, i.e.
+    half the reference's pair loss on balanced pairs (a constant factor, absorbed by the learning
+    rate), which also lets unpaired on-policy groups use it. alpha < 1 is the paper's asymmetric
+    weighting: shared prefixes of y+ and y- get net weight (1 - alpha) toward y+, so the
+    positive likelihood cannot be dragged down (tests/test_losses_supervised.py). The
+    reference's optional ``use_neg_weighting`` is not implemented. Offline use: feed teacher
+    traces as the batch (``old_logp`` is not read).
     """
     labels = _labels(inp, threshold)  # [N]
     logp = masked(inp.logp, inp.mask)  # [N, T]

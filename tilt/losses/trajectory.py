@@ -39,8 +39,15 @@ def haepo(inp: PolicyLossInput, *, temperature: float = 1.0, entropy_coef: float
     The group term -sum_k w_k R~_k enters as -|g| w_k R~_k per sequence, so the mean over
     sequences is the mean over equal-size groups. Entropy (``inp.entropy``, optional) and the
     soft KL to the frozen previous policy (``prev_logp``, k3 estimator, optional) are summed
-    over each trajectory's tokens. The paper's coefficients are not in its abstract; the
-    defaults here are ours.
+    over each trajectory's tokens.
+
+    Sources read: the abstract and a literature review of the paper (themoonlight.io review of
+    arXiv:2508.18884), which confirm L_k (step 1) and w_k = softmax of the L_k over the episodes
+    of a batch (step 2). Not confirmed (paper body and code not found): the return
+    normalisation R~, the temperature, the exact entropy and KL estimators and their
+    coefficients -- the defaults here are ours. When a group enumerates every trajectory once,
+    w_k = pi(y_k) and the group term's gradient is the exact policy gradient of E_pi[R~], so the
+    weights concentrate on the best trajectory (tests/test_losses_trajectory.py).
     """
     if inp.group_index is None:
         raise ValueError("haepo needs PolicyLossInput.group_index")

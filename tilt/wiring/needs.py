@@ -31,6 +31,7 @@ class Needs:
     prev_logp: bool = False  # log-probs of a frozen previous policy (haepo)
     baseline_v: bool = False  # offline V*(x) (astar_po)
     aer: bool = False  # AER's coefficient controller
+    lp_select: bool = False  # Lp-Reg's token selection, decided once per batch (lp_reg)
     entropy: bool = False  # sampling-policy entropy at rollout (canon metric=entropy, d3s)
     values: bool = False  # value head (gae)
     steps: bool = False  # process rewards per step (pure)
@@ -67,7 +68,7 @@ def resolve_needs(cfg: Config) -> Needs:
     needs = Needs(
         ref_logp="ref_logp" in loss, ref_logits="ref_logits" in kl | loss, kl_logits="logits" in kl,
         teacher="teacher_logits" in loss, prev_logp="prev_logp" in loss, baseline_v="baseline_v" in loss,
-        aer=cfg.loss.name == "aer",
+        aer=cfg.loss.name == "aer", lp_select=cfg.loss.name == "lp_reg",
         entropy=("entropy" in adv_reads and cfg.advantage.kwargs.get("metric", "entropy") == "entropy")
         or "entropy" in sel,
         values=cfg.advantage.name == "gae", steps="step_rewards" in adv_reads, spo=cfg.advantage.name == "spo_chain",

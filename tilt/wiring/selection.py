@@ -9,6 +9,10 @@ A filter is ``fn(batch, ctx) -> (batch, metrics)``, chosen once by ``make_filter
 
 DAPO dynamic sampling (D1) acts earlier, while drawing prompts: tilt.wiring.sampling.
 Advantages are computed on the full groups before a filter drops rows.
+
+``with_lp_selection`` wraps a filter for Lp-Reg (catalogue A6): after filtering, it ranks the
+batch's tokens once (``lp_reg_selection`` on the sampling policy's log-probs) and stores the
+choice as ``LearnerBatch.lp_select``, so splitting into micro-batches cannot change it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import Tensor
 
 from tilt.config import ConfigError
 from tilt.learner import LearnerBatch
+from tilt.losses.regularizers import lp_reg_selection
 from tilt.selection import SELECTORS
 from tilt.selection.dynamic_sampling import refill
 
@@ -88,3 +93,17 @@ def make_filter(name: str, kwargs: dict[str, Any], *, total_steps: int, generato
     if name == "pf_ppo":
         return lambda b, ctx: pf_filter_batch(b, ctx, generator=generator, **kw)
     raise ConfigError(f"selector {name!r} has no wiring in the training loop")
+
+
+def with_lp_selection(filt: Filter, *, neg_frac: float, pos_frac: float) -> Filter:
+    """``filt``, then Lp-Reg's candidates decided once over the kept batch (arXiv:2510.03222):
+    the lowest-probability fractions of negative / positive-advantage tokens by ``old_logp``
+    among the tokens the loss sees (``loss_mask``, else the completion mask)."""
+    def wrapped(batch: LearnerBatch, ctx: SelectContext) -> tuple[LearnerBatch, dict[str, float]]:
+        kept, metrics = filt(batch, ctx)
+        mask = kept.completion_mask if kept.loss_mask is None else kept.loss_mask  # [N, T]
+        pick = lp_reg_selection(kept.old_logp, kept.advantages, mask.float(), neg_frac=neg_frac,
+                                pos_frac=pos_frac)  # [N, T] bool
+        return replace(kept, lp_select=pick), metrics
+
+    return wrapped
