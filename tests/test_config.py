@@ -121,3 +121,9 @@ def test_every_shipped_yaml_loads(path):
 
 def test_shipped_yamls_exist():
     assert list((REPO / "configs").rglob("*.yaml")), "the repo ships example configs"
+
+
+def test_min_new_tokens_above_max_is_refused():
+    with pytest.raises(ConfigError, match=r"rollout.*min_new_tokens \(20\) exceeds max_new_tokens \(16\)"):
+        load_config(None, ["rollout.min_new_tokens=20"])
+    assert load_config(None, ["rollout.min_new_tokens=16"]).rollout.min_new_tokens == 16

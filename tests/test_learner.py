@@ -64,3 +64,20 @@ def test_nonfinite_loss_step_is_skipped(tiny_llama_dir):
     assert out["train/skipped"] == 1 and out["train/bad_streak"] == 1
     for k, v in pol.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_token_budget_micro_batches_equal_one_full_batch(tiny_llama_dir):
+    """``micro_batch_tokens`` only bounds memory: a budget that forces one or two rows per
+    micro-batch gives the same update as no budget; ``micro_rows`` picks budget // width rows."""
+    pol = load_policy(str(tiny_llama_dir), dtype=torch.float64)
+    batch = _batch(pol)
+    width = batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
+    a, b = copy.deepcopy(pol.model), copy.deepcopy(pol.model)
+    la, lb = _learner(a, "dapo"), _learner(b, "dapo")
+    lb.micro_batch_tokens = 2 * width + 1  # two rows fit, three do not
+    assert lb.micro_rows(12, width) == 2 and la.micro_rows(12, width) == 12
+    ma, mb = la.update(batch), lb.update(batch)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-9, abs=1e-12)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-10, rtol=0, msg=name)
+    assert mb["time/fwd_bwd_s"] > 0 and mb["time/optimizer_s"] > 0

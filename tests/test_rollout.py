@@ -95,3 +95,35 @@ def test_decode_strips_eos_and_padding(tiny_llama_dir):
     b = _rollout(pol, PROMPTS)
     for text in decode_completions(pol.tokenizer, b, pol.eos_id):
         assert "<eos>" not in text and "<pad>" not in text
+
+
+def test_min_new_tokens_forces_length_and_keeps_teacher_forced_logprobs(tiny_llama_dir):
+    """With min_new_tokens = max_new_tokens no completion ends early (EOS is never sampled before
+    it), and the reported log-probs are still the policy's own (EOS keeps its mass), so they equal
+    a teacher-forced pass."""
+    pol = load_policy(str(tiny_llama_dir))
+    pol.model.lm_head.weight.data[pol.eos_id] += 3.0  # make EOS likely, so the ban matters
+    free = _rollout(pol, PROMPTS * 4)
+    assert free.completion_mask.sum(-1).min() < 12, "without the ban some completion must stop early"
+    b = _rollout(pol, PROMPTS * 4, min_new_tokens=12)
+    assert b.completion_ids.shape[1] == 12 and bool(b.completion_mask.bool().all())
+    assert not bool((b.completion_ids == pol.eos_id).any())
+    lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    torch.testing.assert_close(lp, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_preallocated_cache_equals_default_cache(tiny_llama_dir):
+    """The buffer KV cache changes no number: same samples and log-probs as HF's growing cache."""
+    import tilt.rollout as rollout
+
+    pol = load_policy(str(tiny_llama_dir))
+    assert rollout.preallocated_cache(pol.model, 32) is not None
+    fast = _rollout(pol, PROMPTS * 2)
+    orig = rollout.preallocated_cache
+    rollout.preallocated_cache = lambda model, capacity: None
+    try:
+        slow = _rollout(pol, PROMPTS * 2)
+    finally:
+        rollout.preallocated_cache = orig
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-6, rtol=0)

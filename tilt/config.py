@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -62,6 +62,14 @@ class RolloutCfg(Section):
     """Nucleus sampling mass during training."""
     max_new_tokens: int = Field(16, ge=1)
     """Generation budget per completion (also L_max of the dr_grpo reduction)."""
+    min_new_tokens: int = Field(0, ge=0)
+    """EOS is masked out until a completion has this many tokens (benchmarks force lengths with it)."""
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "RolloutCfg":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+        return self
 
 
 class LossCfg(Section):
@@ -191,6 +199,9 @@ class TrainCfg(Section):
     """Optimizer steps per epoch; the batch is split into this many mini-batches."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step (memory only: the result is the same)."""
+    micro_batch_tokens: Optional[int] = Field(2048, ge=1)
+    """Upper bound on rows x padded width per micro-batch (more micro-batches when exceeded): bounds
+    activation memory without changing the update. None: only grad_accum splits."""
     max_bad_steps: int = Field(3, ge=1)
     """Consecutive non-finite losses after which the run stops (the last checkpoint stays)."""
 

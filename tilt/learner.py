@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Callable, Optional
@@ -53,6 +54,7 @@ class LearnerBatch:
     loss_mask: Optional[Tensor] = None  # [N, T] tokens the policy loss sees (selection); None = completion_mask
     returns: Optional[Tensor] = None  # [N, T] value-head targets (GAE returns)
     old_values: Optional[Tensor] = None  # [N, T] value-head predictions at rollout time
+    lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates chosen over the whole batch
 
     def select(self, idx: Tensor) -> "LearnerBatch":
         """Rows ``idx``, with completion columns past the longest selected completion trimmed."""
@@ -103,12 +105,14 @@ class Learner:
                  kl_beta: float, kl_in_loss: bool, epochs: int, minibatches: int, grad_accum: int,
                  grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3,
                  kl_needs_logits: bool = False, value_head: Optional[torch.nn.Module] = None,
-                 value_coef: float = 0.5, value_clip: Optional[float] = None):
+                 value_coef: float = 0.5, value_clip: Optional[float] = None,
+                 micro_batch_tokens: Optional[int] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
         self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
         self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
+        self.micro_batch_tokens = micro_batch_tokens
         self.grad_clip, self.generator = grad_clip, generator
         self.max_bad_steps = max_bad_steps
         self.bad_streak = 0  # consecutive skipped optimizer steps, across updates (checkpointed)
@@ -135,7 +139,8 @@ class Learner:
             logp=logp, old_logp=b.old_logp, advantages=b.advantages, mask=mask, ref_logp=b.ref_logp,
             rewards=b.rewards, group_index=b.group_index, entropy=entropy,
             logits=logits if self.need_logits else None, ref_logits=b.ref_logits,
-            teacher_logits=b.teacher_logits, prev_logp=b.prev_logp, baseline_v=b.baseline_v)
+            teacher_logits=b.teacher_logits, prev_logp=b.prev_logp, baseline_v=b.baseline_v,
+            lp_select=b.lp_select)
         per_token, lm = self.loss_fn(inp, **(loss_kwargs or {}))  # [n, T]
         stats = {k: float(v) for k, v in lm.items()}
         if self.kl_fn is not None and b.ref_logp is not None:
@@ -154,6 +159,14 @@ class Learner:
             stats.update({k: float(v) for k, v in vstats.items()})
         return loss, stats
 
+    def micro_rows(self, rows: int, width: int) -> int:
+        """Rows per micro-batch: ``grad_accum`` equal parts, smaller if a part would exceed
+        ``micro_batch_tokens`` (rows x padded width), which bounds activation memory."""
+        size = math.ceil(rows / self.grad_accum)
+        if self.micro_batch_tokens:
+            size = min(size, max(1, self.micro_batch_tokens // width))
+        return size
+
     def update(self, batch: LearnerBatch, loss_kwargs: Optional[dict[str, Any]] = None) -> dict[str, float]:
         """``epochs x minibatches`` optimizer steps on ``batch``. Returns averaged metrics.
 
@@ -167,6 +180,7 @@ class Learner:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         skipped, steps = 0, 0
+        timing = {"fwd_bwd": 0.0, "optimizer": 0.0}  # seconds, summed over this update's optimizer steps
         for _ in range(self.epochs):
             perm = torch.randperm(n, generator=self.generator) if self.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb_size):
@@ -174,8 +188,9 @@ class Learner:
                 denom = reduction_denominator(loss_mask[mb].float(), self.reduction, max_len=self.max_len)
                 vdenom = reduction_denominator(batch.completion_mask[mb].float(), "token-mean")
                 self.optimizer.zero_grad(set_to_none=True)
-                micro_size = math.ceil(len(mb) / self.grad_accum)
+                micro_size = self.micro_rows(len(mb), batch.prompt_ids.shape[1] + batch.completion_ids.shape[1])
                 total = 0.0
+                t_fwd = time.perf_counter()
                 for ms in range(0, len(mb), micro_size):
                     loss, stats = self.micro_loss(batch.select(mb[ms:ms + micro_size]), denom,
                                                   value_denominator=vdenom, loss_kwargs=loss_kwargs)
@@ -185,6 +200,8 @@ class Learner:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
+                t_opt = time.perf_counter()
+                timing["fwd_bwd"] += t_opt - t_fwd
                 gnorm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.grad_clip)
                 steps += 1
                 if not (math.isfinite(total) and math.isfinite(float(gnorm))):
@@ -198,11 +215,13 @@ class Learner:
                 self.bad_streak = 0
                 self.optimizer.step()
                 self.scheduler.step()
+                timing["optimizer"] += time.perf_counter() - t_opt
                 sums["loss"] = sums.get("loss", 0.0) + total
                 counts["loss"] = counts.get("loss", 0) + 1
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm)
                 counts["grad_norm"] = counts.get("grad_norm", 0) + 1
         out = {k: sums[k] / counts[k] for k in sums}
         out.update({"train/skipped": float(skipped), "train/optimizer_steps": float(steps),
-                    "train/bad_streak": float(self.bad_streak), "lr": float(self.scheduler.get_last_lr()[0])})
+                    "train/bad_streak": float(self.bad_streak), "lr": float(self.scheduler.get_last_lr()[0]),
+                    "time/fwd_bwd_s": timing["fwd_bwd"], "time/optimizer_s": timing["optimizer"]})
         return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Keys that measure wall-clock and so differ between otherwise identical runs.
-TIMING_KEYS = ("tokens_per_s", "time/step_s", "time/elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "time/step_s", "time/elapsed_s", "time/fwd_bwd_s", "time/optimizer_s")
 
 
 class MetricsLog:

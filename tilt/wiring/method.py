@@ -19,15 +19,16 @@ from tilt.rewards import score
 from tilt.rollout import SamplingParams
 from tilt.wiring.hooks import AERController, LoopHooks, PrevPolicy
 from tilt.wiring.sampling import Scored, dynamic_sampling, sample_scored
-from tilt.wiring.selection import make_filter, selector_kwargs
+from tilt.wiring.selection import make_filter, selector_kwargs, with_lp_selection
 from tilt.wiring.signals import policy_probe
-from tilt.wiring.stages import make_stages
+from tilt.wiring.stages import kwarg, make_stages
 
 
 def wire_method(parts, cfg: Config, teacher: Optional[torch.nn.Module]) -> None:
     """Choose the sampler, probe, stages, filter and hooks of the configured method (once)."""
     pol, needs, gen = parts.policy, parts.needs, parts.generator
-    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                            min_new_tokens=cfg.rollout.min_new_tokens)
     draw = partial_draw(parts, cfg, params)
     B = cfg.rollout.prompts_per_step
     if cfg.selection.name == "dynamic_sampling":
@@ -54,6 +55,10 @@ def wire_method(parts, cfg: Config, teacher: Optional[torch.nn.Module]) -> None:
     parts.stages = make_stages(cfg, needs, policy=pol, ref_model=parts.ref_model, teacher=teacher, prev=prev,
                                rewards_fn=rewards_fn, generator=gen)
     parts.select = make_filter(cfg.selection.name, cfg.selection.kwargs, total_steps=cfg.train.steps, generator=gen)
+    if needs.lp_select:  # Lp-Reg ranks its tokens once per batch, not per micro-batch
+        lp = LOSSES.get("lp_reg")
+        parts.select = with_lp_selection(parts.select, neg_frac=kwarg(lp, cfg.loss.kwargs, "neg_frac"),
+                                         pos_frac=kwarg(lp, cfg.loss.kwargs, "pos_frac"))
 
 
 def partial_draw(parts, cfg: Config, params: SamplingParams) -> Callable[[list], Scored]:
