@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	# everything else with the installed torch held fixed by a constraints file
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+	# the bench extra (TRL) too: the test suite smoke-runs benchmarks/ on one tiny configuration
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15
+
+# the tilt-vs-TRL benchmarks (about 25 minutes on 2 cores); results in benchmarks/results/
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/time_to_accuracy.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -86,3 +86,27 @@ def test_missing_model_path_is_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_policy(str(tmp_path / "empty"))
+
+
+def test_shared_prompt_forward_equals_plain_forward(hf_dir):
+    """The shared-prompt forward (KV cache of each distinct prompt indexed out to its rows) is
+    exact for Qwen2 and GPT-2 too: values and gradients."""
+    from shared_prefix import assert_shared_prefix_forward_is_exact
+
+    assert_shared_prefix_forward_is_exact(load_policy(str(hf_dir)), ["47+85=", "cd 3 5 7>22:", "5+4="])
+
+
+def test_lean_decoder_covers_qwen2_not_gpt2(hf_dir):
+    """Qwen2 (q/k/v biases) decodes through tilt.fastdecode with the same samples as HF's
+    forward; GPT-2 is not a supported type and keeps HF's forward."""
+    from tilt.fastdecode import lean_decoder
+    from tilt.rollout import preallocated_cache
+
+    pol = load_policy(str(hf_dir))
+    dec = lean_decoder(pol.model, preallocated_cache(pol.model, 8))
+    assert (dec is not None) == (pol.model.config.model_type == "qwen2")
+    ids, mask = encode_prompts(pol.tokenizer, ["47+85=", "cd 3 5 7>22:", "5+4="] * 2)
+    run = [generate(pol.model, ids, mask, params=SamplingParams(8, lean=lean), eos_id=pol.eos_id,
+                    pad_id=pol.pad_id, generator=torch.Generator().manual_seed(0)) for lean in (True, False)]
+    assert torch.equal(run[0].completion_ids, run[1].completion_ids)
+    torch.testing.assert_close(run[0].logprobs, run[1].logprobs, atol=1e-5, rtol=0)

@@ -475,7 +475,8 @@ def test_lp_reg_learner_update_is_micro_batch_invariant(tiny_llama_dir):
         _lp_learner(models[3], 3).update(unranked)
     assert out1["lp_reg/frac"] > 0  # tokens were regularised
     assert out1["loss"] == pytest.approx(out3["loss"], rel=1e-9, abs=1e-12)
-    assert _max_param_diff(models[0], models[1]) < 1e-10
+    # float64 rounding only: micro-batches run the shared-prompt forward over different row sets
+    assert _max_param_diff(models[0], models[1]) < 1e-9
     assert _max_param_diff(models[0], pol.model) > 1e-6  # the update moved the weights
     assert _max_param_diff(models[2], models[3]) > 1e-8
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
-from tilt.rollout import _atleast32
+from tilt.rollout import _atleast32, completion_logits
 from tilt.value_head import value_loss
 
 
@@ -76,15 +76,11 @@ def completion_forward(model, prompt_ids: Tensor, prompt_mask: Tensor, completio
                        completion_mask: Tensor, *, temperature: float, hidden: bool = False
                        ) -> tuple[Tensor, Optional[Tensor]]:
     """Teacher-forced logits at the completion positions, [N, T, V] (float32, / temperature),
-    and, if ``hidden``, the last layer's hidden states there, [N, T, H] (the state before token t)."""
-    ids = torch.cat([prompt_ids, completion_ids], 1)  # [N, P+T]
-    attn = torch.cat([prompt_mask, completion_mask], 1)  # [N, P+T]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    extra = {"output_hidden_states": True} if hidden else {}
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
-    p = prompt_ids.shape[1]
-    states = out.hidden_states[-1][:, p - 1:-1] if hidden else None  # [N, T, H]
-    return _atleast32(out.logits[:, p - 1:-1]) / temperature, states  # [N, T, V]
+    and, if ``hidden``, the last layer's hidden states there, [N, T, H] (the state before token t).
+    Shared prompts run once per distinct prompt (``tilt.rollout.completion_logits``)."""
+    logits, states = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                       hidden=hidden)
+    return _atleast32(logits) / temperature, states  # [N, T, V]
 
 
 def forward_logits(model, b: LearnerBatch, temperature: float) -> Tensor:

@@ -142,7 +142,8 @@ def reference_pass(parts: Parts, cfg: Config, rb) -> tuple[Optional[torch.Tensor
         return token_logp(ref_logits, rb.completion_ids, rb.completion_mask), ref_logits
     with torch.no_grad():
         ref_logp, _ = sequence_logprobs(parts.ref_model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
-                                        rb.completion_mask, temperature=cfg.rollout.temperature)  # [N, T]
+                                        rb.completion_mask, temperature=cfg.rollout.temperature,
+                                        chunk_tokens=cfg.train.micro_batch_tokens)  # [N, T]
     return ref_logp, None
 
 

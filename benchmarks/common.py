@@ -1,0 +1,98 @@
+"""Shared pieces of the tilt-vs-TRL benchmarks: models, prompts, the reward, and measurements.
+
+Both sides get the same HF-format model directory, the same prompts in the same order and the
+same reward function, so the only difference between a tilt step and a TRL step is the code
+that runs it.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tilt.model import build_llama, shipped_model_dir
+from tilt.rewards import verifier_reward
+from tilt.tasks.mix import parse_mix, sample_items
+
+MIX = "addition:1,multiplication:1,countdown:1,sorting:1-2"  # tilt's default task mix
+# Model sizes of the grid. "1m" is the shipped base model; the others are random-init Llamas with the
+# shipped tokenizer (timing only). Parameter counts are printed by the benchmark.
+SIZES: dict[str, dict[str, int] | None] = {
+    "1m": None,
+    "10m": {"hidden": 256, "layers": 10, "heads": 8, "intermediate": 1024},
+    "30m": {"hidden": 512, "layers": 9, "heads": 8, "intermediate": 1408},
+}
+
+
+def model_dir(size: str, cache: Path) -> Path:
+    """HF-format model directory for a grid size (built once into ``cache``; deterministic)."""
+    shape = SIZES[size]
+    if shape is None:
+        return shipped_model_dir()
+    out = cache / f"llama-{size}"
+    if (out / "config.json").exists():
+        return out
+    tmp = cache / f".llama-{size}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shipped = shipped_model_dir()
+    vocab = json.loads((shipped / "config.json").read_text())["vocab_size"]
+    model = build_llama(vocab, max_positions=1024, seed=0, **shape)
+    model.save_pretrained(tmp)
+    for f in shipped.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+def train_items(count: int, start: int = 0) -> list:
+    """The benchmark's prompts: items of tilt's default mix, train split, fixed order."""
+    return sample_items(parse_mix(MIX), split="train", start=start, count=count)
+
+
+def trl_rows(items: list) -> list[dict[str, Any]]:
+    """Dataset rows for TRL: the prompt plus what the verifier needs (columns as JSON text)."""
+    return [{"prompt": it.prompt, "task": it.task, "columns_json": json.dumps(it.columns)} for it in items]
+
+
+def trl_reward(prompts: list[str], completions: list[str], *, task: list[str], columns_json: list[str],
+               **_: Any) -> list[float]:
+    """tilt's verifier reward behind TRL's reward-function signature (same numbers on both sides)."""
+    return verifier_reward(prompts, completions, task=task, columns=[json.loads(c) for c in columns_json])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_flops(model: torch.nn.Module, positions: int, seq_len: int, passes: float = 3.0) -> float:
+    """FLOPs of the training phase: ``passes`` x (forward FLOPs) over ``positions`` token positions.
+
+    Forward FLOPs per position: 2 x (Linear weights) + attention scores and mixing, 4 x seq_len x
+    hidden per layer. passes = 3 for forward + backward (backward = 2 forwards), 4 with gradient
+    checkpointing (the forward runs again during backward).
+    """
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = model.config
+    attn = 4 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
+    return passes * positions * (2 * linear + attn)
+
+
+def measure_matmul_peak(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """Best sustained fp32 matmul throughput of this machine at ``threads`` threads, FLOP/s."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
