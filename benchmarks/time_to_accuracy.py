@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -78,18 +79,23 @@ def run_trl(lr: float, a: argparse.Namespace, eval_set) -> list[dict]:
     return curve
 
 
-def run_tilt(a: argparse.Namespace, out_dir: Path) -> list[dict]:
-    """tilt's default config with the same G, B, tokens, beta; returns [{step, train_s, pass1}]."""
+def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> list[dict]:
+    """tilt's config (defaults + ``--tilt-set``) with the same G, B, tokens, beta; returns [{step, train_s, pass1}]."""
     from tilt.config import Config
     from tilt.trainer import train
 
-    cfg = Config.model_validate({
-        "threads": a.threads, "run_dir": str(out_dir / "tilt-run"),
+    from tilt.config import parse_set
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
+
+    cfg = Config.model_validate(merge({
+        "seed": seed, "threads": a.threads, "run_dir": str(out_dir / "tilt-run"),
         "rollout": {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens},
         "kl": {"beta": a.beta}, "train": {"steps": a.steps},
         "eval": {"every": a.eval_every}, "tasks": {"mix": MIX, "eval_per_cell": a.eval_per_cell},
         "log": {"progress": "none", "every": 1, "tensorboard": False, "plot": False},
-        "checkpoint": {"every": a.steps}})
+        "checkpoint": {"every": a.steps}}, parse_set(a.tilt_set)))
     train(cfg, echo=lambda s: None)
     rows = [json.loads(x) for x in (out_dir / "tilt-run" / "metrics.jsonl").read_text().splitlines()]
     curve, total = [], 0.0
@@ -115,6 +121,10 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-per-cell", type=int, default=64, help="held-out prompts per task cell (5 cells)")
+    p.add_argument("--tilt-set", nargs="*", default=[],
+                   help="tilt config overrides on top of its defaults, e.g. optim.lr=2e-4 train.minibatches=4")
+    p.add_argument("--tilt-seeds", default="0", help="tilt runs, one per seed; the median ratio is reported")
+    p.add_argument("--reuse-trl", default=None, help="take TRL's curves from an earlier result JSON instead of rerunning")
     p.add_argument("--out", default=str(HERE / "results" / "time_to_accuracy.json"))
     a = p.parse_args()
     from tilt.tasks.mix import eval_items, parse_mix
@@ -122,25 +132,34 @@ def main() -> None:
     eval_set = eval_items(parse_mix(MIX), per_cell=a.eval_per_cell)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    trl = {}
-    for lr in (float(x) for x in a.lrs.split(",")):
-        trl[f"{lr:g}"] = run_trl(lr, a, eval_set)
+    if a.reuse_trl:
+        trl = json.loads(Path(a.reuse_trl).read_text())["trl_curves"]
+    else:
+        trl = {f"{lr:g}": run_trl(lr, a, eval_set) for lr in (float(x) for x in a.lrs.split(","))}
     best_lr, best = max(((lr, max(c["pass1"] for c in curve)) for lr, curve in trl.items()), key=lambda x: x[1])
     trl_hit = first_reaching(trl[best_lr], best)
-    with tempfile.TemporaryDirectory() as tmp:
-        tilt_curve = run_tilt(a, Path(tmp))
-    tilt_hit = first_reaching(tilt_curve, best)
-    ratio = tilt_hit["train_s"] / trl_hit["train_s"] if tilt_hit and trl_hit["train_s"] > 0 else None
-    result = {"target_pass1": best, "trl_best_lr": best_lr, "trl_hit": trl_hit, "tilt_hit": tilt_hit, "ratio": ratio,
-              "trl_curves": trl, "tilt_curve": tilt_curve, "args": vars(a)}
-    out.write_text(json.dumps(result, indent=1))
     print(f"TRL best held-out pass@1 {best:.3f} (lr {best_lr}) at step {trl_hit['step']} after {trl_hit['train_s']:.1f}s")
     if trl_hit["step"] == 0:
         print("TRL never rose above the base model's accuracy: no time-to-accuracy ratio")
-    elif tilt_hit:
-        print(f"tilt reaches it at step {tilt_hit['step']} after {tilt_hit['train_s']:.1f}s: ratio {ratio:.3f}")
-    else:
-        print(f"tilt does not reach {best:.3f} in {a.steps} steps (best {max(c['pass1'] for c in tilt_curve):.3f})")
+    runs = []
+    for seed in (int(x) for x in a.tilt_seeds.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            curve = run_tilt(a, Path(tmp), seed)
+        hit = first_reaching(curve, best)
+        ratio = hit["train_s"] / trl_hit["train_s"] if hit and trl_hit["train_s"] > 0 else None
+        runs.append({"seed": seed, "hit": hit, "ratio": ratio, "curve": curve})
+        if hit:
+            print(f"tilt seed {seed} reaches it at step {hit['step']} after {hit['train_s']:.1f}s: ratio "
+                  + (f"{ratio:.3f}" if ratio is not None else "n/a"))
+        else:
+            print(f"tilt seed {seed} does not reach {best:.3f} in {a.steps} steps "
+                  f"(best {max(c['pass1'] for c in curve):.3f})")
+    ratios = [r["ratio"] if r["ratio"] is not None else float("inf") for r in runs]
+    median = statistics.median(ratios)
+    print(f"median ratio over {len(runs)} tilt seed(s): {median:.3f}")
+    result = {"target_pass1": best, "trl_best_lr": best_lr, "trl_hit": trl_hit, "tilt_runs": runs,
+              "median_ratio": median, "trl_curves": trl, "args": vars(a)}
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

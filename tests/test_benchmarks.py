@@ -42,5 +42,5 @@ def test_time_to_accuracy_benchmark_runs_tiny(tmp_path):
     assert "TRL best held-out pass@1" in stdout
     data = json.loads(res.read_text())
     assert [c["step"] for c in data["trl_curves"]["1e-05"]] == [0, 1, 2]
-    assert [c["step"] for c in data["tilt_curve"]] == [0, 1, 2]
+    assert [c["step"] for c in data["tilt_runs"][0]["curve"]] == [0, 1, 2]
     assert data["target_pass1"] == max(c["pass1"] for c in data["trl_curves"]["1e-05"])

@@ -81,3 +81,24 @@ def test_token_budget_micro_batches_equal_one_full_batch(tiny_llama_dir):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-10, rtol=0, msg=name)
     assert mb["time/fwd_bwd_s"] > 0 and mb["time/optimizer_s"] > 0
+
+
+def test_group_minibatches_hold_whole_groups(tiny_llama_dir):
+    """``minibatch_by="group"`` shuffles whole groups: the order is a permutation of the rows, each
+    group's rows are contiguous, and different generator states give different group orders."""
+    pol = load_policy(str(tiny_llama_dir))
+    batch = _batch(pol, n_prompts=3, g=4)
+    learner = _learner(pol.model, minibatches=3)
+    learner.minibatch_by = "group"
+    orders = set()
+    for _ in range(8):
+        perm = learner.permutation(batch)
+        assert sorted(perm.tolist()) == list(range(12))
+        groups = batch.group_index[perm].view(3, 4)  # 3 mini-batches of one group each
+        assert bool((groups == groups[:, :1]).all()) and len(set(groups[:, 0].tolist())) == 3
+        orders.add(tuple(groups[:, 0].tolist()))
+    assert len(orders) > 1, "the group order must be shuffled"
+    with pytest.raises(ValueError, match="minibatch_by must be 'row' or 'group'"):
+        Learner(pol.model, None, None, loss_fn=None, loss_needs=(), reduction="token-mean", max_len=1,
+                temperature=1.0, kl_fn=None, kl_beta=0.0, kl_in_loss=False, epochs=1, minibatches=1,
+                grad_accum=1, grad_clip=1.0, generator=torch.Generator(), minibatch_by="prompt")

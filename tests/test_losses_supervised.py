@@ -1,10 +1,10 @@
 """B5 PACS, B6 NFT, B9 REDI: hand-computed values and fixed points."""
-import contextlib
 import math
 
 import pytest
 import torch
 
+from tilt.exact.solve import single_thread
 from tilt.batch import PolicyLossInput
 from tilt.exact import Bandit, TokenTree, exact_expectation, exact_gradient, group_mean, solve, total_variation
 from tilt.losses import LOSSES
@@ -142,15 +142,7 @@ def test_nft_reaches_nft_fixed_point_offline():
 
 # ------------------------------------------------------------------ REDI asymmetric weighting (exact harness)
 
-@contextlib.contextmanager
-def one_thread():
-    """Scoped single intra-op thread for loops of tiny ops (restored on exit; never global)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+one_thread = single_thread  # scoped single intra-op thread for loops of tiny ops
 
 
 def _redi_pair_tree():

@@ -1,11 +1,11 @@
 """B4 HAEPO and B8 A*-PO: hand-computed values and the A*-PO fixed point."""
-import contextlib
 import dataclasses
 import math
 
 import pytest
 import torch
 
+from tilt.exact.solve import single_thread
 from tilt.batch import PolicyLossInput
 from tilt.exact import (Bandit, TokenTree, make_bandit, make_tree, optimal_policy, policy_input, sequence_probs, solve,
                         tilted_distribution, total_variation)
@@ -124,15 +124,7 @@ def test_astar_po_two_stages_reach_tilted_optimum():
 
 # ------------------------------------------------------------------ HAEPO property (exact harness)
 
-@contextlib.contextmanager
-def one_thread():
-    """Scoped single intra-op thread for loops of tiny ops (restored on exit; never global)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+one_thread = single_thread  # scoped single intra-op thread for loops of tiny ops
 
 
 def _haepo_group_objective(problem, logits):

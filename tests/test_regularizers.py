@@ -1,5 +1,4 @@
 """A3-A7 regularisers: Tsallis PG, AKL, AER, Lp-Reg, critical-token KL fixed point."""
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -8,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tilt.exact.solve import single_thread
 from tilt.batch import PolicyLossInput
 from tilt.config import load_config
 from tilt.exact import (
@@ -73,15 +73,7 @@ def _random(n=3, t=4, v=5, seed=0):
     )
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Scoped single intra-op thread for loops of tiny ops (restored on exit; never global)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+one_thread = single_thread  # scoped single intra-op thread for loops of tiny ops
 
 
 def _reduced(name, inp, **kw):

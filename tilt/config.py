@@ -199,6 +199,9 @@ class TrainCfg(Section):
     """Optimizer steps per epoch; the batch is split into this many mini-batches."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step (memory only: the result is the same)."""
+    minibatch_by: Literal["row", "group"] = "row"
+    """How a batch is split into mini-batches: shuffled rows, or shuffled whole groups (each
+    mini-batch then runs each of its prompts once in the shared-prompt forward)."""
     micro_batch_tokens: Optional[int] = Field(2048, ge=1)
     """Upper bound on rows x padded width per micro-batch (more micro-batches when exceeded): bounds
     activation memory without changing the update. None: only grad_accum splits."""

@@ -102,13 +102,16 @@ class Learner:
                  grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3,
                  kl_needs_logits: bool = False, value_head: Optional[torch.nn.Module] = None,
                  value_coef: float = 0.5, value_clip: Optional[float] = None,
-                 micro_batch_tokens: Optional[int] = None):
+                 micro_batch_tokens: Optional[int] = None, minibatch_by: str = "row"):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
         self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
         self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
         self.micro_batch_tokens = micro_batch_tokens
+        if minibatch_by not in ("row", "group"):
+            raise ValueError(f"minibatch_by must be 'row' or 'group', not {minibatch_by!r}")
+        self.minibatch_by = minibatch_by
         self.grad_clip, self.generator = grad_clip, generator
         self.max_bad_steps = max_bad_steps
         self.bad_streak = 0  # consecutive skipped optimizer steps, across updates (checkpointed)
@@ -155,6 +158,19 @@ class Learner:
             stats.update({k: float(v) for k, v in vstats.items()})
         return loss, stats
 
+    def permutation(self, batch: LearnerBatch) -> Tensor:
+        """Row order for splitting into mini-batches: rows shuffled, or (``minibatch_by="group"``)
+        whole groups shuffled, so a mini-batch holds complete groups and its shared-prompt forward
+        runs each prompt once (``tilt.rollout.completion_logits``)."""
+        n = batch.completion_ids.shape[0]
+        if self.minibatch_by == "row":
+            return torch.randperm(n, generator=self.generator)
+        groups = torch.unique(batch.group_index)  # sorted group ids
+        order = groups[torch.randperm(len(groups), generator=self.generator)]
+        rank = torch.empty_like(order)
+        rank[torch.searchsorted(groups, order)] = torch.arange(len(order))  # group id -> its new place
+        return torch.sort(rank[torch.searchsorted(groups, batch.group_index)] * n + torch.arange(n)).indices
+
     def micro_rows(self, rows: int, width: int) -> int:
         """Rows per micro-batch: ``grad_accum`` equal parts, smaller if a part would exceed
         ``micro_batch_tokens`` (rows x padded width), which bounds activation memory."""
@@ -178,7 +194,7 @@ class Learner:
         skipped, steps = 0, 0
         timing = {"fwd_bwd": 0.0, "optimizer": 0.0}  # seconds, summed over this update's optimizer steps
         for _ in range(self.epochs):
-            perm = torch.randperm(n, generator=self.generator) if self.minibatches > 1 else torch.arange(n)
+            perm = self.permutation(batch) if self.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb_size):
                 mb = perm[start:start + mb_size]
                 denom = reduction_denominator(loss_mask[mb].float(), self.reduction, max_len=self.max_len)

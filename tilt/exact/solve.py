@@ -17,7 +17,7 @@ from tilt.exact.enumeration import Advantage, exact_expectation, resolve_loss, s
 
 
 @contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """Tables here are tiny: intra-op threads only add sync overhead (10-100x on a busy CPU).
     Scoped to the solver; the caller's thread count is restored on exit."""
     before = torch.get_num_threads()
@@ -80,7 +80,7 @@ def solve(
     baseline_v = problem.soft_value(beta) if beta > 0 else None  # [X], computed once
     opt = torch.optim.Adam([logits], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    with _single_thread():
+    with single_thread():
         for _ in range(steps):
             opt.zero_grad()
             value = exact_expectation(call, logits, problem, mode=mode, advantage=advantage,
@@ -108,6 +108,6 @@ def maximize_objective(objective: Callable[[Tensor], Tensor], problem, *, iters:
         value.backward()
         return value
 
-    with _single_thread():
+    with single_thread():
         opt.step(closure)
     return torch.softmax(logits.detach(), dim=-1)
