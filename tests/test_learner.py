@@ -102,3 +102,30 @@ def test_group_minibatches_hold_whole_groups(tiny_llama_dir):
         Learner(pol.model, None, None, loss_fn=None, loss_needs=(), reduction="token-mean", max_len=1,
                 temperature=1.0, kl_fn=None, kl_beta=0.0, kl_in_loss=False, epochs=1, minibatches=1,
                 grad_accum=1, grad_clip=1.0, generator=torch.Generator(), minibatch_by="prompt")
+
+
+def test_shared_prompt_backward_is_bitwise_deterministic(char_tok, tmp_path):
+    """Two threads, the same batch, the same weights: the shared-prompt forward's gradients are
+    bit-identical every time (its prompt expansion uses index_select, whose backward is
+    deterministic on CPU; advanced indexing's accumulate-backward is not)."""
+    from tilt.model import build_llama
+    from tilt.rollout import completion_logits
+
+    model = build_llama(len(char_tok), hidden=64, layers=2, heads=2, intermediate=128, seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, len(char_tok), (16, 24), generator=g).repeat_interleave(8, 0)  # [128, 24]
+    prompt_ids = prompt_ids[torch.randperm(128, generator=g)]
+    prompt_mask = torch.ones_like(prompt_ids)
+    comp = torch.randint(3, len(char_tok), (128, 6), generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = set()
+        for _ in range(6):
+            model.zero_grad()
+            logits, _ = completion_logits(model, prompt_ids, prompt_mask, comp, torch.ones_like(comp))
+            logits.pow(2).mean().backward()
+            grads.add(b"".join(p.grad.numpy().tobytes() for p in model.parameters()))
+    finally:
+        torch.set_num_threads(before)
+    assert len(grads) == 1

@@ -105,7 +105,7 @@ def preallocated_cache(model, capacity: int):
 
         def batch_select_indices(self, indices: Tensor) -> None:
             if self.is_initialized:
-                self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+                self.kbuf, self.vbuf = self.kbuf.index_select(0, indices), self.vbuf.index_select(0, indices)
                 self.keys, self.values = self.kbuf[..., :self.filled, :], self.vbuf[..., :self.filled, :]
 
     try:
@@ -146,7 +146,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
                         past_key_values=preallocated_cache(model, prompt_ids.shape[1] + params.max_new_tokens),
                         use_cache=True)
             inverse = torch.arange(n)
-        logits = out.logits[:, -1][inverse]  # [N, V]
+        logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     else:
         out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                     use_cache=True)
@@ -208,12 +208,18 @@ def unique_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Ten
 
 
 def _select_rows(cache, rows: Tensor) -> bool:
-    """Expand a prompt cache to the rows ``rows`` (differentiable indexing); False if unsupported."""
+    """Expand a prompt cache to the rows ``rows``; False if the cache is not per-layer K/V.
+
+    ``index_select`` rather than ``tensor[rows]``: its backward (index_add) is deterministic on
+    CPU, while advanced indexing's (index_put with accumulate) varies from run to run."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(hasattr(layer, "batch_select_indices") for layer in layers):
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
         return False
     for layer in layers:
-        layer.batch_select_indices(rows)
+        if hasattr(layer, "kbuf"):  # tilt's BufferLayer: expand the buffers themselves
+            layer.batch_select_indices(rows)
+        elif layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
     return True
 
 
@@ -240,10 +246,11 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
         if _select_rows(head.past_key_values, inverse):
             tail = model(input_ids=completion_ids, attention_mask=attn, position_ids=pos[:, p:],
                          past_key_values=head.past_key_values, use_cache=True, **extra)
-            logits = torch.cat([head.logits[:, -1:][inverse], tail.logits[:, :-1]], 1)  # [N, T, V]
+            logits = torch.cat([head.logits[:, -1:].index_select(0, inverse), tail.logits[:, :-1]], 1)  # [N, T, V]
             states = None
             if hidden:
-                states = torch.cat([head.hidden_states[-1][:, -1:][inverse], tail.hidden_states[-1][:, :-1]], 1)
+                states = torch.cat([head.hidden_states[-1][:, -1:].index_select(0, inverse),
+                                    tail.hidden_states[-1][:, :-1]], 1)
             return logits, states
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
     states = out.hidden_states[-1][:, p - 1:-1] if hidden else None  # [N, T, H]
