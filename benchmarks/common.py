@@ -66,6 +66,16 @@ def trl_reward(prompts: list[str], completions: list[str], *, task: list[str], c
     return verifier_reward(prompts, completions, task=task, columns=[json.loads(c) for c in columns_json])
 
 
+def with_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """A tilt config dict with ``--set``-style overrides (``a.b=value``) merged in."""
+    from tilt.config import parse_set
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
+
+    return merge(cfg, parse_set(overrides))
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, MiB (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

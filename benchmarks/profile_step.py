@@ -16,7 +16,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MIX, model_dir  # noqa: E402
+from common import MIX, model_dir, with_overrides  # noqa: E402
 
 
 def main() -> None:
@@ -40,12 +40,7 @@ def main() -> None:
         "rollout": {"group_size": 8, "prompts_per_step": 8, "max_new_tokens": a.tokens, "min_new_tokens": a.tokens},
         "loss": {"name": "dapo"}, "optim": {"lr": 1e-5}, "train": {"steps": a.steps + 1, "minibatches": 1}})
     if a.set:  # --set overrides on top of the benchmark's config
-        from tilt.config import parse_set
-
-        def merge(base: dict, over: dict) -> dict:
-            return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
-
-        cfg = Config.model_validate(merge(cfg.model_dump(), parse_set(a.set)))
+        cfg = Config.model_validate(with_overrides(cfg.model_dump(), a.set))
     parts = build(cfg)
     stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed))
 

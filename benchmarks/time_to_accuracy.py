@@ -25,7 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MIX, train_items, trl_reward, trl_rows  # noqa: E402
+from common import MIX, train_items, trl_reward, trl_rows, with_overrides  # noqa: E402
 
 
 def heldout_pass1(model, tokenizer, items, seed: int) -> float:
@@ -84,18 +84,13 @@ def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> list[dict]:
     from tilt.config import Config
     from tilt.trainer import train
 
-    from tilt.config import parse_set
-
-    def merge(base: dict, over: dict) -> dict:
-        return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
-
-    cfg = Config.model_validate(merge({
+    cfg = Config.model_validate(with_overrides({
         "seed": seed, "threads": a.threads, "run_dir": str(out_dir / "tilt-run"),
         "rollout": {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens},
         "kl": {"beta": a.beta}, "train": {"steps": a.steps},
         "eval": {"every": a.eval_every}, "tasks": {"mix": MIX, "eval_per_cell": a.eval_per_cell},
         "log": {"progress": "none", "every": 1, "tensorboard": False, "plot": False},
-        "checkpoint": {"every": a.steps}}, parse_set(a.tilt_set)))
+        "checkpoint": {"every": a.steps}}, a.tilt_set))
     train(cfg, echo=lambda s: None)
     rows = [json.loads(x) for x in (out_dir / "tilt-run" / "metrics.jsonl").read_text().splitlines()]
     curve, total = [], 0.0
