@@ -135,21 +135,14 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
     n = prompt_ids.shape[0]
     attn = prompt_mask.clone()  # [N, P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P] positions ignore left padding
-    cache = preallocated_cache(model, prompt_ids.shape[1] + params.max_new_tokens)
-    u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
-    if 2 * u_ids.shape[0] <= n:  # G samples per prompt: prefill each distinct prompt once
-        u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
-        out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache,
-                    use_cache=True)
-        if not _select_rows(out.past_key_values, inverse):
-            out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
-                        past_key_values=preallocated_cache(model, prompt_ids.shape[1] + params.max_new_tokens),
-                        use_cache=True)
-            inverse = torch.arange(n)
+    capacity = prompt_ids.shape[1] + params.max_new_tokens
+    shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity))
+    if shared is not None:  # G samples per prompt: each distinct prompt was prefilled once
+        out, inverse = shared
         logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     else:
-        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
+                    past_key_values=preallocated_cache(model, capacity), use_cache=True)
         logits = out.logits[:, -1]  # [N, V]
     past = out.past_key_values
     fast = lean_decoder(model, past) if params.lean and past is not None else None  # see tilt.fastdecode
@@ -223,6 +216,22 @@ def _select_rows(cache, rows: Tensor) -> bool:
     return True
 
 
+def shared_prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, *, cache=None, **extra):
+    """Run each distinct prompt once and expand its KV cache to its rows.
+
+    Returns (model output over the U distinct prompts, inverse [N]) with the output's cache
+    holding N rows, or None when fewer than two rows share a prompt on average (nothing to save)
+    or the cache cannot be expanded; the caller then runs the plain forward (with a fresh cache).
+    """
+    u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
+    if 2 * u_ids.shape[0] > prompt_ids.shape[0]:
+        return None
+    u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+    out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache,
+                use_cache=True, **extra)
+    return (out, inverse) if _select_rows(out.past_key_values, inverse) else None
+
+
 def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                       completion_mask: Tensor, *, hidden: bool = False) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced logits at the completion positions [N, T, V] (model dtype) and, if ``hidden``,
@@ -237,21 +246,19 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     ids = torch.cat([prompt_ids, completion_ids], 1)  # [N, P+T]
     attn = torch.cat([prompt_mask, completion_mask], 1)  # [N, P+T]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P+T] positions ignore left padding
-    p, n = prompt_ids.shape[1], prompt_ids.shape[0]
+    p = prompt_ids.shape[1]
     extra = {"output_hidden_states": True} if hidden else {}
-    u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
-    if 2 * u_ids.shape[0] <= n:
-        u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
-        head = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True, **extra)
-        if _select_rows(head.past_key_values, inverse):
-            tail = model(input_ids=completion_ids, attention_mask=attn, position_ids=pos[:, p:],
-                         past_key_values=head.past_key_values, use_cache=True, **extra)
-            logits = torch.cat([head.logits[:, -1:].index_select(0, inverse), tail.logits[:, :-1]], 1)  # [N, T, V]
-            states = None
-            if hidden:
-                states = torch.cat([head.hidden_states[-1][:, -1:].index_select(0, inverse),
-                                    tail.hidden_states[-1][:, :-1]], 1)
-            return logits, states
+    shared = shared_prefill(model, prompt_ids, prompt_mask, **extra)
+    if shared is not None:
+        head, inverse = shared
+        tail = model(input_ids=completion_ids, attention_mask=attn, position_ids=pos[:, p:],
+                     past_key_values=head.past_key_values, use_cache=True, **extra)
+        logits = torch.cat([head.logits[:, -1:].index_select(0, inverse), tail.logits[:, :-1]], 1)  # [N, T, V]
+        states = None
+        if hidden:
+            states = torch.cat([head.hidden_states[-1][:, -1:].index_select(0, inverse),
+                                tail.hidden_states[-1][:, :-1]], 1)
+        return logits, states
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
     states = out.hidden_states[-1][:, p - 1:-1] if hidden else None  # [N, T, H]
     return out.logits[:, p - 1:-1], states  # [N, T, V]
