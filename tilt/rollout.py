@@ -40,10 +40,12 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """Tokenize prompts (with the tokenizer's special tokens, e.g. BOS) and left-pad."""
+    """Tokenize prompts (with the tokenizer's special tokens, e.g. BOS) and left-pad.
+
+    Each distinct prompt is tokenized once (a group repeats its prompt G times)."""
     pad_id = tokenizer.pad_token_id
-    seqs = [tokenizer(p).input_ids for p in prompts]
-    return left_pad(seqs, pad_id)
+    ids_of = {p: tokenizer(p).input_ids for p in dict.fromkeys(prompts)}
+    return left_pad([ids_of[p] for p in prompts], pad_id)
 
 
 def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
