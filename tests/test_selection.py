@@ -69,6 +69,28 @@ def test_refill_after_draw_limit_fills_with_dropped_and_reports():
         refill(draw, batch_size=2, max_draws=0)
 
 
+def test_refill_oversample_draws_more_and_discards_surplus():
+    asked = []
+    inner = scripted_draws([[1, 1], [0, 1], [1, 0], [0, 0], [1, 1], [0, 1], [1, 0], [0, 1]])
+
+    def draw(n):
+        asked.append(n)
+        return inner(n)
+
+    # batch of 3, oversample 1.5: draw 1 asks ceil(4.5) = 5 -> 2 kept, 3 dropped; draw 2 asks
+    # ceil(1.5) = 2 -> both kept; 4 kept groups, the last one is discarded
+    rewards, items, m = refill(draw, batch_size=3, max_draws=4, oversample=1.5)
+    assert asked == [5, 2]
+    assert items == [(0, 1), (1, 0), (0, 1)]
+    assert float(m["select/draws"]) == 2 and float(m["select/groups_dropped"]) == 3
+    # a surplus of kept groups is cut to the batch, in draw order
+    rewards, items, _ = refill(scripted_draws([[0, 1], [1, 0], [0, 1], [1, 0]]), batch_size=2, max_draws=1,
+                               oversample=2.0)
+    assert items == [(0, 1), (1, 0)]
+    with pytest.raises(ValueError, match="oversample"):
+        refill(draw, batch_size=2, max_draws=1, oversample=0.5)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 1), min_size=3, max_size=3), min_size=1, max_size=30),
        st.integers(1, 5), st.integers(1, 6))

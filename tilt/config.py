@@ -157,7 +157,7 @@ class SelectionCfg(Section):
     name: str = "none"
     """Sample selector: "none" or a name from tilt.selection.SELECTORS (dynamic_sampling, d3s, pf_ppo)."""
     kwargs: dict[str, Any] = {}
-    """Selector hyper-parameters: dynamic_sampling {max_draws: 4, eps, fill_with_dropped};
+    """Selector hyper-parameters: dynamic_sampling {max_draws: 4, eps, fill_with_dropped, oversample: 1.0};
     d3s {sample_start, token_start, end, min_samples}; pf_ppo {strategy}."""
 
     @field_validator("name")

@@ -2,10 +2,14 @@
 
 A group whose G rewards are all equal has zero group-relative advantage and gives no gradient;
 DAPO drops such groups and keeps drawing until the batch is full of informative groups, up to a
-limit on the number of generation rounds (verl's ``max_num_gen_batches``).
+limit on the number of generation rounds (verl's ``max_num_gen_batches``). ``oversample``
+draws more prompts than the batch still needs (verl's ``gen_batch_size`` above
+``train_batch_size``), so one generation call usually fills the batch; surplus kept groups are
+discarded, as in verl.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,7 +30,7 @@ def keep_groups(rewards: Tensor, *, eps: float = 1e-6) -> Tensor:
 
 
 def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-6,
-           fill_with_dropped: bool = True) -> tuple[Tensor, list[Any], dict[str, Tensor]]:
+           fill_with_dropped: bool = True, oversample: float = 1.0) -> tuple[Tensor, list[Any], dict[str, Tensor]]:
     """Merge successive draws until ``batch_size`` informative groups are kept.
 
     Args:
@@ -36,6 +40,8 @@ def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-
         max_draws: limit on calls to ``draw_fn``. While it lasts no zero-variance group is
             returned. Once it is spent with the batch still short, the batch is topped up with
             dropped groups (``fill_with_dropped``) or returned short, and the metrics say so.
+        oversample: each draw asks for ``ceil(oversample * deficit)`` groups (>= 1; 1 draws
+            exactly the deficit). Kept groups beyond ``batch_size`` are discarded.
     Returns:
         (rewards [n, G], items of the n returned groups in draw order, metrics) with
         select/groups_dropped   number of drawn groups with all-equal rewards
@@ -47,11 +53,13 @@ def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-
     if max_draws < 1 or batch_size < 1:
         raise ValueError(f"refill needs max_draws >= 1 and batch_size >= 1, "
                          f"got {max_draws}, {batch_size}")
+    if not oversample >= 1.0:
+        raise ValueError(f"refill needs oversample >= 1 (a factor on the groups still missing), got {oversample}")
     kept: list[tuple[Tensor, Any]] = []
     dropped: list[tuple[Tensor, Any]] = []
     draws = drawn = 0
     while len(kept) < batch_size and draws < max_draws:
-        rewards, items = draw_fn(batch_size - len(kept))
+        rewards, items = draw_fn(math.ceil(oversample * (batch_size - len(kept)) - 1e-9))
         draws += 1
         drawn += len(items)
         keep = keep_groups(rewards, eps=eps)  # [n']

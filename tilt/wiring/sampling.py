@@ -99,7 +99,8 @@ def merge_scored(groups: list[Scored], *, pad_id: int) -> Scored:
 
 
 def dynamic_sampling(draw: Callable[[int], Scored], *, batch_size: int, pad_id: int, max_draws: int = 4,
-                     eps: float = 1e-6, fill_with_dropped: bool = True) -> tuple[Scored, dict[str, float]]:
+                     eps: float = 1e-6, fill_with_dropped: bool = True, oversample: float = 1.0
+                     ) -> tuple[Scored, dict[str, float]]:
     """DAPO dynamic sampling (Sec. 3.2, arXiv:2503.14476): drop groups whose G rewards are all
     equal and draw more prompts until ``batch_size`` groups are kept or ``max_draws`` draws are
     spent (``tilt.selection.dynamic_sampling.refill``). Reward counts add up over all draws."""
@@ -114,6 +115,6 @@ def dynamic_sampling(draw: Callable[[int], Scored], *, batch_size: int, pad_id: 
         return sc.rewards.view(len(sc.items), sc.group_size), [sc.group(i) for i in range(len(sc.items))]
 
     _, groups, metrics = refill(draw_fn, batch_size=batch_size, max_draws=max_draws, eps=eps,
-                                fill_with_dropped=fill_with_dropped)
+                                fill_with_dropped=fill_with_dropped, oversample=oversample)
     merged = replace(merge_scored(groups, pad_id=pad_id), rstats=counts, messages=messages)
     return merged, {k: float(v) for k, v in metrics.items()}
