@@ -113,7 +113,7 @@ def trl_worker(a: argparse.Namespace, proto: Protocol) -> None:
         loss_type=a.loss, lr_scheduler_type="constant", max_steps=a.steps, save_strategy="no",
         report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False, seed=0, temperature=1.0,
         disable_tqdm=True, gradient_accumulation_steps=1, steps_per_generation=1, max_grad_norm=1.0,
-        optim="adamw_torch", adam_beta2=0.999, weight_decay=0.0,
+        optim="adamw_torch_fused", adam_beta2=0.999, weight_decay=0.0,
         generation_kwargs={"min_new_tokens": a.tokens} if a.force_length else None)
     box: dict[str, float] = {}
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_reward, args=args, train_dataset=ds)

@@ -129,3 +129,25 @@ def test_shared_prompt_backward_is_bitwise_deterministic(char_tok, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert len(grads) == 1
+
+
+def test_trainer_adamw_is_fused_and_equals_the_default_update():
+    from tilt.trainer import adamw
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    b.load_state_dict(a.state_dict())
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    fused, plain = adamw(list(a.parameters()), **kw), torch.optim.AdamW(b.parameters(), **kw)
+    assert fused.param_groups[0]["fused"] is True
+    start = copy.deepcopy(a.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    assert all((v - start[k]).abs().max() > 1e-2 for k, v in a.state_dict().items())  # the steps moved it
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
