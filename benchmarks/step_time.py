@@ -88,13 +88,18 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dic
                   "rss_mb": rss[s], "train_flops_frac": flops / med["fwd_bwd"] / peak, "train_flops": flops,
                   "completion_tokens": statistics.median(r["tokens"] for r in rows[s]), "seq_len": seq}
     out["ratio"] = {p: out["tilt"][p] / out["trl"][p] if out["trl"][p] > 0 else None for p in PHASES}
+    # tilt's FLOP floor: its step's matmul FLOPs (training 3 passes + the reference pass over the same
+    # positions + one forward per sampled token, decode attention left out) at the measured peak
+    t = out["tilt"]
+    t["floor_s"] = (t["train_flops"] * 4 / 3 + matmul_flops(net, t["completion_tokens"], 0, 1.0)) / peak
     return out
 
 
 def table(points: list[dict]) -> str:
     """Markdown table of medians (s) and tilt/TRL ratios."""
     head = ("| size | new tokens | step tilt / TRL (s) | ratio | generate | ref | fwd+bwd | optimizer | "
-            "tokens/s tilt / TRL | peak RSS tilt / TRL (MiB) | training phase FLOP/s, share of matmul peak, tilt / TRL |")
+            "tokens/s tilt / TRL | peak RSS tilt / TRL (MiB) | training phase FLOP/s, share of matmul peak, tilt / TRL | "
+            "tilt's FLOP floor / TRL step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in points:
         t, r, q = p["tilt"], p["trl"], p["ratio"]
@@ -102,7 +107,8 @@ def table(points: list[dict]) -> str:
         lines.append(f"| {p['size']} ({p['params'] / 1e6:.1f}M) | {p['tokens']} | {t['step_s']:.3f} / {r['step_s']:.3f} | "
                      f"**{q['step_s']:.2f}** | {f(q['generate'])} | {f(q['ref'])} | {f(q['fwd_bwd'])} | "
                      f"{f(q['optimizer'])} | {t['tokens_per_s']:.0f} / {r['tokens_per_s']:.0f} | "
-                     f"{t['rss_mb']:.0f} / {r['rss_mb']:.0f} | {t['train_flops_frac']:.0%} / {r['train_flops_frac']:.0%} |")
+                     f"{t['rss_mb']:.0f} / {r['rss_mb']:.0f} | {t['train_flops_frac']:.0%} / {r['train_flops_frac']:.0%} | "
+                     f"{t['floor_s'] / r['step_s']:.2f} |")
     return "\n".join(lines)
 
 

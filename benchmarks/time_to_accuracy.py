@@ -2,10 +2,13 @@
 
     python benchmarks/time_to_accuracy.py                 # TRL at lr 1e-4, 3e-5, 1e-5, then tilt
     python benchmarks/time_to_accuracy.py --steps 20 --eval-every 10 --lrs 1e-5   # smoke
+    python benchmarks/time_to_accuracy.py --reuse-trl results/time_to_accuracy.json \
+        --tilt-config configs/fast.yaml --tilt-seeds 0,1,2,3,4,5   # tilt's fast config, TRL's curves reused
 
 Both sides start from the shipped base model on tilt's default task mix, with the same G, B,
 max new tokens, KL beta and sampling temperature; each keeps its own defaults otherwise (TRL:
-its default loss ``dapo``, gradient checkpointing, linear decay; tilt: ``tilt train``'s config).
+its default loss ``dapo``, gradient checkpointing, linear decay; tilt: ``tilt train``'s config, or
+``--tilt-config`` / ``--tilt-set`` on top of it).
 Held-out accuracy is pass@1 at T=1.0 (mean of 8 samples) on the same 320 held-out prompts,
 scored by the same code (``tilt.evaluate``) for both. The clock counts training only: it is
 paused while evaluating. TRL's target is its best accuracy over the three learning rates; each
@@ -22,10 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MIX, train_items, trl_reward, trl_rows, with_overrides  # noqa: E402
+from common import MIX, merge, train_items, trl_reward, trl_rows, with_overrides  # noqa: E402
 
 
 def heldout_pass1(model, tokenizer, items, seed: int) -> float:
@@ -79,18 +83,20 @@ def run_trl(lr: float, a: argparse.Namespace, eval_set) -> list[dict]:
     return curve
 
 
-def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> list[dict]:
-    """tilt's config (defaults + ``--tilt-set``) with the same G, B, tokens, beta; returns [{step, train_s, pass1}]."""
+def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> tuple[list[dict], dict]:
+    """tilt's config (defaults, ``--tilt-config``, ``--tilt-set``) with the same G, B, tokens, beta;
+    returns ([{step, train_s, pass1}], the resolved config)."""
     from tilt.config import Config
     from tilt.trainer import train
 
-    cfg = Config.model_validate(with_overrides({
+    base = yaml.safe_load(Path(a.tilt_config).read_text()) if a.tilt_config else {}
+    cfg = Config.model_validate(with_overrides(merge(base, {
         "seed": seed, "threads": a.threads, "run_dir": str(out_dir / "tilt-run"),
         "rollout": {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens},
         "kl": {"beta": a.beta}, "train": {"steps": a.steps},
         "eval": {"every": a.eval_every}, "tasks": {"mix": MIX, "eval_per_cell": a.eval_per_cell},
         "log": {"progress": "none", "every": 1, "tensorboard": False, "plot": False},
-        "checkpoint": {"every": a.steps}}, a.tilt_set))
+        "checkpoint": {"every": a.steps}}), a.tilt_set))
     train(cfg, echo=lambda s: None)
     rows = [json.loads(x) for x in (out_dir / "tilt-run" / "metrics.jsonl").read_text().splitlines()]
     curve, total = [], 0.0
@@ -98,7 +104,7 @@ def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> list[dict]:
         total += r.get("time/step_s", 0.0)
         if "eval/pass1" in r:
             curve.append({"step": r["step"], "train_s": total, "pass1": r["eval/pass1"]})
-    return curve
+    return curve, cfg.model_dump(mode="json")
 
 
 def first_reaching(curve: list[dict], target: float) -> dict | None:
@@ -118,6 +124,8 @@ def main() -> None:
     p.add_argument("--eval-per-cell", type=int, default=64, help="held-out prompts per task cell (5 cells)")
     p.add_argument("--tilt-set", nargs="*", default=[],
                    help="tilt config overrides on top of its defaults, e.g. optim.lr=2e-4 train.minibatches=4")
+    p.add_argument("--tilt-config", default=None,
+                   help="a tilt YAML config (e.g. configs/fast.yaml) under the benchmark's fixed G, B, tokens, beta")
     p.add_argument("--tilt-seeds", default="0", help="tilt runs, one per seed; the median ratio is reported")
     p.add_argument("--reuse-trl", default=None, help="take TRL's curves from an earlier result JSON instead of rerunning")
     p.add_argument("--out", default=str(HERE / "results" / "time_to_accuracy.json"))
@@ -139,10 +147,10 @@ def main() -> None:
     runs = []
     for seed in (int(x) for x in a.tilt_seeds.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            curve = run_tilt(a, Path(tmp), seed)
+            curve, resolved = run_tilt(a, Path(tmp), seed)
         hit = first_reaching(curve, best)
         ratio = hit["train_s"] / trl_hit["train_s"] if hit and trl_hit["train_s"] > 0 else None
-        runs.append({"seed": seed, "hit": hit, "ratio": ratio, "curve": curve})
+        runs.append({"seed": seed, "hit": hit, "ratio": ratio, "curve": curve, "config": resolved})
         if hit:
             print(f"tilt seed {seed} reaches it at step {hit['step']} after {hit['train_s']:.1f}s: ratio "
                   + (f"{ratio:.3f}" if ratio is not None else "n/a"))
