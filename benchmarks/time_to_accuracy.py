@@ -93,10 +93,10 @@ def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> tuple[list[
     cfg = Config.model_validate(with_overrides(merge(base, {
         "seed": seed, "threads": a.threads, "run_dir": str(out_dir / "tilt-run"),
         "rollout": {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens},
-        "kl": {"beta": a.beta}, "train": {"steps": a.steps},
+        "kl": {"beta": a.beta}, "train": {"steps": a.tilt_steps or a.steps},
         "eval": {"every": a.eval_every}, "tasks": {"mix": MIX, "eval_per_cell": a.eval_per_cell},
         "log": {"progress": "none", "every": 1, "tensorboard": False, "plot": False},
-        "checkpoint": {"every": a.steps}}), a.tilt_set))
+        "checkpoint": {"every": a.tilt_steps or a.steps}}), a.tilt_set))
     train(cfg, echo=lambda s: None)
     rows = [json.loads(x) for x in (out_dir / "tilt-run" / "metrics.jsonl").read_text().splitlines()]
     curve, total = [], 0.0
@@ -114,6 +114,7 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--tilt-steps", type=int, default=None, help="tilt's run length (default: --steps)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--lrs", default="1e-4,3e-5,1e-5")
     p.add_argument("--group", type=int, default=8)
@@ -155,7 +156,7 @@ def main() -> None:
             print(f"tilt seed {seed} reaches it at step {hit['step']} after {hit['train_s']:.1f}s: ratio "
                   + (f"{ratio:.3f}" if ratio is not None else "n/a"))
         else:
-            print(f"tilt seed {seed} does not reach {best:.3f} in {a.steps} steps "
+            print(f"tilt seed {seed} does not reach {best:.3f} in {a.tilt_steps or a.steps} steps "
                   f"(best {max(c['pass1'] for c in curve):.3f})")
     ratios = [r["ratio"] if r["ratio"] is not None else float("inf") for r in runs]
     median = statistics.median(ratios)
