@@ -66,16 +66,11 @@ def trl_reward(prompts: list[str], completions: list[str], *, task: list[str], c
     return verifier_reward(prompts, completions, task=task, columns=[json.loads(c) for c in columns_json])
 
 
-def merge(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` merged in, nested sections key by key."""
-    return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
-
-
 def with_overrides(cfg: dict, overrides: list[str]) -> dict:
     """A tilt config dict with ``--set``-style overrides (``a.b=value``) merged in."""
-    from tilt.config import parse_set
+    from tilt.config import merge_config, parse_set
 
-    return merge(cfg, parse_set(overrides))
+    return merge_config(cfg, parse_set(overrides))
 
 
 def peak_rss_mb() -> float:

@@ -2,7 +2,7 @@
 
     python benchmarks/time_to_accuracy.py                 # TRL at lr 1e-4, 3e-5, 1e-5, then tilt
     python benchmarks/time_to_accuracy.py --steps 20 --eval-every 10 --lrs 1e-5   # smoke
-    python benchmarks/time_to_accuracy.py --reuse-trl results/time_to_accuracy.json \
+    python benchmarks/time_to_accuracy.py --reuse-trl benchmarks/results/time_to_accuracy.json \
         --tilt-config configs/fast.yaml --tilt-seeds 0,1,2,3,4,5   # tilt's fast config, TRL's curves reused
 
 Both sides start from the shipped base model on tilt's default task mix, with the same G, B,
@@ -29,7 +29,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MIX, merge, train_items, trl_reward, trl_rows, with_overrides  # noqa: E402
+from common import MIX, train_items, trl_reward, trl_rows, with_overrides  # noqa: E402
 
 
 def heldout_pass1(model, tokenizer, items, seed: int) -> float:
@@ -86,11 +86,11 @@ def run_trl(lr: float, a: argparse.Namespace, eval_set) -> list[dict]:
 def run_tilt(a: argparse.Namespace, out_dir: Path, seed: int = 0) -> tuple[list[dict], dict]:
     """tilt's config (defaults, ``--tilt-config``, ``--tilt-set``) with the same G, B, tokens, beta;
     returns ([{step, train_s, pass1}], the resolved config)."""
-    from tilt.config import Config
+    from tilt.config import Config, merge_config
     from tilt.trainer import train
 
     base = yaml.safe_load(Path(a.tilt_config).read_text()) if a.tilt_config else {}
-    cfg = Config.model_validate(with_overrides(merge(base, {
+    cfg = Config.model_validate(with_overrides(merge_config(base, {
         "seed": seed, "threads": a.threads, "run_dir": str(out_dir / "tilt-run"),
         "rollout": {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens},
         "kl": {"beta": a.beta}, "train": {"steps": a.tilt_steps or a.steps},

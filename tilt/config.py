@@ -314,10 +314,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Raw config dict ``base`` with ``over`` merged in, nested sections key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -337,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(raw).__name__}")
         source = str(p)
     if overrides:
-        raw = _merge(raw, parse_set(overrides))
+        raw = merge_config(raw, parse_set(overrides))
         source += " + --set"
     try:
         return Config.model_validate(raw)
