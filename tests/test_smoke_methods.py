@@ -179,6 +179,15 @@ def test_unmet_needs_fail_clearly(tmp_path, tiny_llama_dir):
         run(tmp_path, tiny_llama_dir, ["kl.estimator=full", "kl.placement=reward"], name="full")
     with pytest.raises(ConfigError, match="unknown keyword 'strategyy'.*allowed: strategy"):
         run(tmp_path, tiny_llama_dir, ["selection.name=pf_ppo", "selection.kwargs.strategyy=best_of_n"], name="pf")
+    with pytest.raises(ConfigError, match="oversample >= 1.*got 0.5"):
+        run(tmp_path, tiny_llama_dir, ["selection.name=dynamic_sampling", "selection.kwargs.oversample=0.5"],
+            name="ds1")
+    with pytest.raises(ConfigError, match="selection.kwargs.oversample: 'dynamic_sampling' expects float, got 'abc'"):
+        run(tmp_path, tiny_llama_dir, ["selection.name=dynamic_sampling", "selection.kwargs.oversample=abc"],
+            name="ds2")
+    with pytest.raises(ConfigError, match="selection.kwargs.max_draws: 'dynamic_sampling' expects int, got 1.5"):
+        run(tmp_path, tiny_llama_dir, ["selection.name=dynamic_sampling", "selection.kwargs.max_draws=1.5"],
+            name="ds3")
     with pytest.raises(ConfigError, match="valid names: d3s, dynamic_sampling, pf_ppo"):
         load_config(None, ["selection.name=bogus"])
 

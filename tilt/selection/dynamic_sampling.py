@@ -29,6 +29,14 @@ def keep_groups(rewards: Tensor, *, eps: float = 1e-6) -> Tensor:
     return (rewards.amax(dim=1) - rewards.amin(dim=1)) > eps  # [B]
 
 
+def check_refill_args(*, batch_size: int = 1, max_draws: int = 1, oversample: float = 1.0) -> None:
+    """ValueError naming the argument unless batch_size >= 1, max_draws >= 1 and oversample >= 1."""
+    if max_draws < 1 or batch_size < 1:
+        raise ValueError(f"refill needs max_draws >= 1 and batch_size >= 1, got {max_draws}, {batch_size}")
+    if not oversample >= 1.0:
+        raise ValueError(f"refill needs oversample >= 1 (a factor on the groups still missing), got {oversample}")
+
+
 def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-6,
            fill_with_dropped: bool = True, oversample: float = 1.0) -> tuple[Tensor, list[Any], dict[str, Tensor]]:
     """Merge successive draws until ``batch_size`` informative groups are kept.
@@ -50,11 +58,7 @@ def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-
         select/exhausted        1 if the limit was spent before the batch was full, else 0
         select/zero_var_returned  zero-variance groups in the returned batch
     """
-    if max_draws < 1 or batch_size < 1:
-        raise ValueError(f"refill needs max_draws >= 1 and batch_size >= 1, "
-                         f"got {max_draws}, {batch_size}")
-    if not oversample >= 1.0:
-        raise ValueError(f"refill needs oversample >= 1 (a factor on the groups still missing), got {oversample}")
+    check_refill_args(batch_size=batch_size, max_draws=max_draws, oversample=oversample)
     kept: list[tuple[Tensor, Any]] = []
     dropped: list[tuple[Tensor, Any]] = []
     draws = drawn = 0

@@ -27,7 +27,7 @@ from tilt.config import ConfigError
 from tilt.learner import LearnerBatch
 from tilt.losses.regularizers import lp_reg_selection
 from tilt.selection import SELECTORS
-from tilt.selection.dynamic_sampling import refill
+from tilt.selection.dynamic_sampling import check_refill_args, refill
 
 # Keywords the loop supplies itself; every other keyword of the selector comes from selection.kwargs.
 RESERVED = {"dynamic_sampling": ("draw_fn", "batch_size"), "d3s": ("step", "total_steps"), "pf_ppo": ("generator",)}
@@ -55,6 +55,15 @@ def selector_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"selection.kwargs: unknown keyword {bad[0]!r} for selector {name!r}; "
                           f"allowed: {', '.join(allowed)}")
+    for k, v in kwargs.items():  # scalar parameters: the value must have the annotated type (int is a float)
+        want = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(str(params[k].annotation))
+        if want and (not isinstance(v, want) or (isinstance(v, bool) and bool not in want)):
+            raise ConfigError(f"selection.kwargs.{k}: {name!r} expects {want[-1].__name__}, got {v!r}")
+    if name == "dynamic_sampling":
+        try:
+            check_refill_args(**{k: v for k, v in kwargs.items() if k in ("max_draws", "oversample")})
+        except ValueError as exc:
+            raise ConfigError(f"selection.kwargs: {exc}") from None
     return dict(kwargs)
 
 
