@@ -43,8 +43,8 @@ from tilt.losses.regularizers import (
 )
 from tilt.model import load_policy
 from tilt.rollout import SamplingParams, encode_prompts, generate
-from tilt.wiring.needs import resolve_needs
-from tilt.wiring.selection import keep_all, with_lp_selection
+from tilt.wiring.providers import LowProbabilitySelection, StepData
+from tilt.wiring.resolve import resolve
 from tilt.reduction import reduce_tokens, reduction_denominator
 
 D = torch.float64
@@ -474,10 +474,13 @@ def test_lp_reg_learner_update_is_micro_batch_invariant(tiny_llama_dir):
 
 
 def test_lp_reg_selection_is_wired_once_per_batch():
-    """The training loop wraps the batch filter for lp_reg (resolve_needs -> with_lp_selection):
-    the candidates are lp_reg_selection over the kept batch's loss_mask and old_logp."""
-    assert resolve_needs(load_config(None, ["loss.name=lp_reg"])).lp_select
-    assert not resolve_needs(load_config(None, ["loss.name=grpo"])).lp_select
+    """lp_reg declares the input lp_select; its provider runs after the batch filter ("selected"
+    stage), with the loss's neg_frac / pos_frac, and picks lp_reg_selection over the kept batch's
+    loss_mask and old_logp."""
+    plan = resolve(load_config(None, ["loss.name=lp_reg", "loss.kwargs={neg_frac: 0.5, pos_frac: 0.25}"]))
+    assert [(cls, s) for cls, _, s in plan.providers if cls is LowProbabilitySelection] == [
+        (LowProbabilitySelection, {"neg_frac": 0.5, "pos_frac": 0.25})]
+    assert LowProbabilitySelection not in [cls for cls, _, _ in resolve(load_config(None, ["loss.name=grpo"])).providers]
     gen = torch.Generator().manual_seed(4)
     n, t = 4, 5
     old = -torch.rand(n, t, generator=gen, dtype=D) * 3
@@ -487,10 +490,11 @@ def test_lp_reg_selection_is_wired_once_per_batch():
                          completion_ids=torch.ones(n, t, dtype=torch.long), completion_mask=torch.ones(n, t),
                          old_logp=old, advantages=adv, rewards=torch.zeros(n), group_index=torch.tensor([0, 0, 1, 1]),
                          loss_mask=loss_mask)
-    out, _ = with_lp_selection(keep_all, neg_frac=0.5, pos_frac=0.25)(batch, None)
+    out = LowProbabilitySelection(None, frozenset({"lp_select"}), neg_frac=0.5, pos_frac=0.25).selected(
+        StepData(step=1, scored=None, batch=batch))["lp_select"]
     expected = lp_reg_selection(old, adv, loss_mask, neg_frac=0.5, pos_frac=0.25)
-    assert torch.equal(out.lp_select, expected) and expected.any()
-    assert not (out.lp_select & (loss_mask == 0)).any()
+    assert torch.equal(out, expected) and expected.any()
+    assert not (out & (loss_mask == 0)).any()
 
 
 # ---------------------------------------------------------------- A7 critical-token KL fixed point

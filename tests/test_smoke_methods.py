@@ -96,12 +96,12 @@ def test_every_loss_runs_end_to_end(loss, tmp_path, tiny_llama_dir, teacher_dir)
 def test_loss_specific_state_is_supplied(tmp_path, tiny_llama_dir, teacher_dir):
     """haepo sees pi_prev (kl/prev_k3 logged), astar_po sees V* (residual logged), aer's alpha moves,
     kdrl sees the teacher (kd/reverse_kl > 0 with a different teacher)."""
-    _, rows = run(tmp_path, tiny_llama_dir, ["loss.name=haepo", "loss.prev_refresh=1"], name="haepo")
+    _, rows = run(tmp_path, tiny_llama_dir, ["loss.name=haepo", "loss.kwargs.prev_refresh=1"], name="haepo")
     assert all("kl/prev_k3" in r for r in rows if r["step"] > 0)
     _, rows = run(tmp_path, tiny_llama_dir, ["loss.name=astar_po", "rollout.group_size=1",
-                                             "rollout.prompts_per_step=4", "loss.astar_samples=3"], name="astar")
+                                             "rollout.prompts_per_step=4", "loss.kwargs.v_star_samples=3"], name="astar")
     assert all(r["astar/residual_abs"] > 0 for r in rows if r["step"] > 0)
-    _, rows = run(tmp_path, tiny_llama_dir, ["loss.name=aer", "loss.aer_tau=2.0", "loss.aer_lr=0.01"], name="aer")
+    _, rows = run(tmp_path, tiny_llama_dir, ["loss.name=aer", "loss.kwargs.tau=2.0", "loss.kwargs.controller_lr=0.01"], name="aer")
     r1, r2 = [r for r in rows if r["step"] > 0]
     h0, h1 = r1["entropy"], r2["entropy"]
     # alpha_1 = 1e-3 + 0.01 * (2 H_0 - H_0); alpha_2 = alpha_1 + 0.01 * (2 H_0 - H_1)  (aer_update, tau = 2)
@@ -129,7 +129,7 @@ def extra_for_advantage(name: str) -> list[str]:
     if name == "pure":  # the random model writes no correct step: add the outcome term so weights move
         return ["tasks.mix=addition_steps:1", "advantage.kwargs.outcome_coef=1.0"]
     if name == "spo_chain":
-        return ["advantage.mc_continuations=2"]
+        return ["advantage.kwargs.continuations=2"]
     return []
 
 
@@ -221,10 +221,10 @@ def test_resume_with_dynamic_sampling_matches_uninterrupted(tmp_path, tiny_llama
 
 def test_resume_with_haepo_matches_uninterrupted(tmp_path, tiny_llama_dir):
     """pi_prev refreshed at steps 1 and 3; resuming at step 4 needs step 3's pi_prev from the checkpoint."""
-    resumed_equals_uninterrupted(tmp_path, tiny_llama_dir, ["loss.name=haepo", "loss.prev_refresh=2"], ckpt=3)
+    resumed_equals_uninterrupted(tmp_path, tiny_llama_dir, ["loss.name=haepo", "loss.kwargs.prev_refresh=2"], ckpt=3)
 
 
 def test_resume_with_aer_and_gae_matches_uninterrupted(tmp_path, tiny_llama_dir):
     """AER's coefficient (trainer state) and the value head (checkpoint) survive a resume."""
-    resumed_equals_uninterrupted(tmp_path, tiny_llama_dir, ["loss.name=aer", "loss.aer_tau=2.0",
-                                                            "loss.aer_lr=0.01", "advantage.name=gae"], ckpt=2)
+    resumed_equals_uninterrupted(tmp_path, tiny_llama_dir, ["loss.name=aer", "loss.kwargs.tau=2.0",
+                                                            "loss.kwargs.controller_lr=0.01", "advantage.name=gae"], ckpt=2)

@@ -14,7 +14,8 @@ from tilt.rollout import SamplingParams, left_pad
 from tilt.tasks import get_task
 from tilt.tasks.mix import sample_items
 from tilt.wiring.sampling import Scored, TrainStream, merge_scored
-from tilt.wiring.selection import SelectContext, pf_filter_batch
+from tilt.selection.pf_ppo import pf_filter_batch
+from tilt.wiring.selection import SelectContext
 from tilt.wiring.signals import astar_baseline, char_to_token, gae_returns, process_steps, spo_values
 
 
@@ -143,8 +144,9 @@ def test_pf_ppo_filter_keeps_the_strategys_rows():
                          old_logp=torch.zeros(N, T), advantages=torch.arange(N).float()[:, None].expand(N, T).clone(),
                          rewards=torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
                          group_index=torch.arange(2).repeat_interleave(4))
-    ctx = SelectContext(adv=torch.zeros(2, 4, T), rewards=batch.rewards.view(2, 4), entropy=None, step=1)
-    out, m = pf_filter_batch(batch, ctx, generator=torch.Generator(), strategy="best_of_n")
+    ctx = SelectContext(adv=torch.zeros(2, 4, T), rewards=batch.rewards.view(2, 4), entropy=None, step=1,
+                        generator=torch.Generator())
+    out, m = pf_filter_batch(batch, ctx, strategy="best_of_n")
     # best_of_n: group 0's argmax is index 1 (row 1); group 1 ties at 0 and 3, the first wins (row 4)
     assert out.advantages[:, 0].tolist() == [1.0, 4.0] and out.group_index.tolist() == [0, 1]
     assert m["select/samples_kept"] == 0.25  # 2 of 8

@@ -7,7 +7,7 @@ T = completion length, V = vocabulary size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -55,6 +55,7 @@ class PolicyLossInput:
     prev_logp: Optional[Tensor] = None  # [N, T] log pi_prev of a frozen previous policy (HAEPO)
     baseline_v: Optional[Tensor] = None  # [N] offline V*(x) (A*-PO stage 1)
     lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates decided once over the whole batch
+    extras: dict[str, Tensor] = field(default_factory=dict)  # inputs of providers registered outside tilt, by name
 
 
 @dataclass

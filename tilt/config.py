@@ -78,19 +78,9 @@ class LossCfg(Section):
     reduction: Optional[str] = None
     """Token-loss reduction mode; None = the loss's declared default (see tilt.reduction.MODES)."""
     kwargs: dict[str, Any] = {}
-    """Keyword hyper-parameters passed to the loss (e.g. {eps_high: 0.28})."""
-    prev_refresh: int = Field(10, ge=1)
-    """haepo: copy the policy into the frozen previous policy pi_prev every this many RL steps (at steps 1, 1+N, ...)."""
-    astar_samples: int = Field(8, ge=1)
-    """astar_po stage 1: M samples from pi_ref per training prompt for V*(x) = beta log mean_j exp(r_j / beta)."""
-    astar_beta: Optional[float] = Field(None, gt=0)
-    """astar_po stage 1: beta of V* (the paper's beta_1); None = the loss's beta (then the fixed point is exact)."""
-    aer_tau: float = Field(0.4, gt=0)
-    """aer: target entropy H* = aer_tau * H_0, H_0 the entropy measured at the first step."""
-    aer_lr: float = Field(1e-3, ge=0)
-    """aer: step of the global coefficient controller, alpha <- clip(alpha + aer_lr (H* - H), 0, aer_alpha_max)."""
-    aer_alpha_max: float = Field(1.0, ge=0)
-    """aer: upper bound of the global coefficient alpha (its start value is loss.kwargs.alpha, default 1e-3)."""
+    """Keyword arguments of the loss and of what it needs (its providers' and state's settings), e.g.
+    {eps_high: 0.28}; haepo {prev_refresh}, astar_po {v_star_samples, v_star_beta}, aer {tau,
+    controller_lr, alpha_max}. Checked against the annotated signatures when the run is built."""
 
     @field_validator("name")
     @classmethod
@@ -111,17 +101,13 @@ class AdvantageCfg(Section):
     name: str = "grpo"
     """Advantage estimator from tilt.advantages.ADVANTAGES."""
     kwargs: dict[str, Any] = {}
-    """Keyword hyper-parameters passed to the estimator."""
+    """Keyword arguments of the estimator and of what it needs, e.g. gae {gamma, lam, value_coef,
+    value_clip}, spo_chain {prob_threshold, continuations, max_segments}."""
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name("tilt.advantages", "ADVANTAGES", v)
-
-    mc_continuations: int = Field(4, ge=1)
-    """spo_chain: K Monte-Carlo continuations drawn from each segment-end prefix; their mean reward is V(prefix)."""
-    spo_segments: int = Field(4, ge=1)
-    """spo_chain: at most this many segments per completion (tilt.advantages.segment.cutpoints)."""
 
 
 class KLCfg(Section):
@@ -144,13 +130,6 @@ class TeacherCfg(Section):
     path: Optional[str] = None
     """Frozen teacher for distillation losses (kdrl, reverse_kl_distill, akl_distill): "shipped" or a local
     Hugging Face causal-LM directory with the policy's vocabulary; None = no teacher."""
-
-
-class ValueCfg(Section):
-    coef: float = Field(0.5, ge=0)
-    """gae: weight of the value-head loss added to the policy loss (the head sits on the policy's last hidden states)."""
-    clip_range: Optional[float] = Field(0.2, gt=0)
-    """gae: clip of the value prediction around its rollout-time value (PPO value clipping); None = no clipping."""
 
 
 class SelectionCfg(Section):
@@ -238,6 +217,75 @@ class LogCfg(Section):
     """Progress display: rich bar on a TTY, plain lines otherwise ("auto")."""
 
 
+# Fields that moved into a method's keyword arguments: old (section, field) -> (section, keyword, old default).
+MOVED = {("loss", "prev_refresh"): ("loss", "prev_refresh", 10),
+         ("loss", "astar_samples"): ("loss", "v_star_samples", 8),
+         ("loss", "astar_beta"): ("loss", "v_star_beta", None),
+         ("loss", "aer_tau"): ("loss", "tau", 0.4),
+         ("loss", "aer_lr"): ("loss", "controller_lr", 1e-3),
+         ("loss", "aer_alpha_max"): ("loss", "alpha_max", 1.0),
+         ("advantage", "mc_continuations"): ("advantage", "continuations", 4),
+         ("advantage", "spo_segments"): ("advantage", "max_segments", 4),
+         ("value", "coef"): ("advantage", "value_coef", 0.5),
+         ("value", "clip_range"): ("advantage", "value_clip", 0.2)}
+
+
+class MovedFieldWarning(UserWarning):
+    """A config field that moved into a method's keyword arguments was translated."""
+
+
+def translate_moved(raw: dict[str, Any]) -> dict[str, Any]:
+    """Old config files keep loading: each moved field goes to its new place with a warning naming
+    it, or is dropped when it holds its old default (as every saved config.yaml of an old run does)."""
+    import warnings
+
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for (sec, key), (new_sec, new_key, default) in MOVED.items():
+        if not isinstance(out.get(sec), dict) or key not in out[sec]:
+            continue
+        value = out[sec].pop(key)
+        if value != default:
+            target = out.setdefault(new_sec, {})
+            kwargs = dict(target.get("kwargs") or {})
+            kwargs.setdefault(new_key, value)
+            target["kwargs"] = kwargs
+            warnings.warn(f"config field {sec}.{key} moved to {new_sec}.kwargs.{new_key}; translated "
+                          f"({new_sec}.kwargs.{new_key}={value!r}); update the config", MovedFieldWarning, stacklevel=3)
+    if out.get("value") == {}:
+        out.pop("value")
+    return out
+
+
+def import_plugins(specs: list[str]) -> None:
+    """Import each plugin: a module name ("mypkg.methods") or a Python file ("path/to/methods.py").
+    A plugin registers methods, providers or reward functions into tilt's registries on import."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for spec in specs:
+        if spec.endswith(".py"):
+            path = Path(spec).resolve()
+            name = f"tilt_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+            if name in sys.modules:
+                continue
+            if not path.exists():
+                raise ValueError(f"plugin file {spec!r} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[name] = module
+            try:
+                mod_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise ValueError(f"plugin file {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
+        else:
+            try:
+                importlib.import_module(spec)
+            except ImportError as exc:
+                raise ValueError(f"plugin module {spec!r} could not be imported: {exc}") from exc
+
+
 class Config(Section):
     seed: int = 0
     """Seed of sampling, initialisation and data order."""
@@ -259,8 +307,6 @@ class Config(Section):
     """KL regularisation toward the reference."""
     teacher: TeacherCfg = TeacherCfg()
     """Frozen teacher model (distillation losses)."""
-    value: ValueCfg = ValueCfg()
-    """Value head (gae advantage)."""
     selection: SelectionCfg = SelectionCfg()
     """Sample / token selection (catalogue D1-D3)."""
     reward: RewardCfg = RewardCfg()
@@ -275,6 +321,22 @@ class Config(Section):
     """Held-out evaluation."""
     log: LogCfg = LogCfg()
     """Logging and progress."""
+    plugins: list[str] = []
+    """Modules ("mypkg.methods") or Python files ("path/methods.py") imported before the config's
+    names are checked, to register methods, providers or reward functions from outside tilt."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        plugins = raw.get("plugins") or []
+        if isinstance(plugins, str):
+            plugins = [plugins]
+        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            import_plugins(plugins)  # before the sections validate registry names
+            raw = {**raw, "plugins": plugins} if "plugins" in raw else raw
+        return translate_moved(raw)
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

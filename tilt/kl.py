@@ -56,7 +56,7 @@ def low_var_kl(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = Non
     return (torch.exp(log_rho) - 1.0 - log_rho).clamp(-10.0, 10.0)
 
 
-@KL_ESTIMATORS.register("full")
+@KL_ESTIMATORS.register("full", needs=("logits", "ref_logits"))
 def full(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
          ref_logits: Optional[Tensor] = None) -> Tensor:
     """Exact KL(pi(.|s_t) || pi_ref(.|s_t)) per position from logits [N, T, V] -> [N, T]."""
@@ -112,7 +112,8 @@ def reference_certainty(ref_logits: Tensor, *, kind: str = "max_prob") -> Tensor
     raise ValueError(f"unknown certainty {kind!r}; valid: max_prob, negentropy_max_prob, negentropy")
 
 
-@KL_ESTIMATORS.register("critical")
+@KL_ESTIMATORS.register(
+    "critical", needs=lambda kw: ("ref_logits",) + tuple(KL_ESTIMATORS.entry(kw.get("base", "k3")).needs(kw)))
 def critical(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
              ref_logits: Optional[Tensor] = None, base: str = "k3", certainty: str = "max_prob",
              exponent: float = 1.0, intercept: float = 0.0) -> Tensor:

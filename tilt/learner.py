@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -55,13 +55,18 @@ class LearnerBatch:
     returns: Optional[Tensor] = None  # [N, T] value-head targets (GAE returns)
     old_values: Optional[Tensor] = None  # [N, T] value-head predictions at rollout time
     lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates chosen over the whole batch
+    extras: dict[str, Tensor] = field(default_factory=dict)  # other provider outputs: [N] or [N, T, ...]
 
     def select(self, idx: Tensor) -> "LearnerBatch":
-        """Rows ``idx``, with completion columns past the longest selected completion trimmed."""
+        """Rows ``idx``, with completion columns past the longest selected completion trimmed
+        (extras: every tensor with a second dimension is taken as per-token)."""
         width = int(self.completion_mask[idx].sum(-1).max().clamp(min=1))
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "extras":
+                out[f.name] = {k: x[idx][:, :width] if x.dim() > 1 else x[idx] for k, x in v.items()}
+                continue
             if v is None:
                 out[f.name] = None
                 continue
@@ -139,7 +144,7 @@ class Learner:
             rewards=b.rewards, group_index=b.group_index, entropy=entropy,
             logits=logits if self.need_logits else None, ref_logits=b.ref_logits,
             teacher_logits=b.teacher_logits, prev_logp=b.prev_logp, baseline_v=b.baseline_v,
-            lp_select=b.lp_select)
+            lp_select=b.lp_select, extras=b.extras)
         per_token, lm = self.loss_fn(inp, **(loss_kwargs or {}))  # [n, T]
         stats = {k: float(v) for k, v in lm.items()}
         if self.kl_fn is not None and b.ref_logp is not None:

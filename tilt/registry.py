@@ -25,6 +25,12 @@ class Entry(Generic[F]):
     fn: F
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def needs(self, kwargs: dict[str, Any] | None = None) -> tuple[str, ...]:
+        """The named inputs this entry reads: meta ``needs``, a tuple or a function of the
+        method's configured keyword arguments (e.g. an input read only for one setting)."""
+        n = self.meta.get("needs", ())
+        return tuple(n(kwargs or {}) if callable(n) else n)
+
 
 class Registry(Generic[F]):
     """A named map of callables. ``@REG.register("name", key=value)`` adds one."""

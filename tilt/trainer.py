@@ -1,9 +1,10 @@
 """The training loop: sample prompts, draw G completions, score, advantages, optimise.
 
 Reads top to bottom like cleanrl/ppo.py. Every choice of method is a registry lookup made
-once in ``build``; the loop itself only wires rollout -> reward -> advantage -> learner.
-What a method needs beyond that (reference or teacher logits, a value head, pi_prev, process
-rewards, Monte-Carlo values, V*, sample selection) is chosen once by ``tilt.wiring.method``.
+once in ``build``; what a method reads beyond the default loop (reference or teacher logits, a
+value head, pi_prev, process rewards, Monte-Carlo values, V*, a token choice) it declares in its
+registry entry, and the provider of each named input (``tilt.wiring.providers``) computes it at
+its stage of ``rollout_step``: rollout -> advantage -> batch -> selected.
 """
 from __future__ import annotations
 
@@ -14,37 +15,33 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from tilt.advantages import ADVANTAGES
 from tilt.batch import AdvantageInput
 from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
 from tilt.evaluate import evaluate_items, summarize
 from tilt.evaluation_cli import EVAL_SEED_OFFSET
-from tilt.kl import KL_ESTIMATORS
-from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
-from tilt.losses import LOSSES
+from tilt.learner import Learner, LearnerBatch, NonFiniteLoss
 from tilt.model import load_policy
-from tilt.rewards import resolve_reward_fn
-from tilt.rollout import sequence_logprobs
+from tilt.rewards import resolve_reward_fn, score
+from tilt.rollout import SamplingParams
+from tilt.state import Component
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
-from tilt.value_head import ValueHead
-from tilt.wiring.hooks import LoopHooks, checkpoint_module
-from tilt.wiring.method import load_teacher, wire_method
-from tilt.wiring.needs import Needs, resolve_needs
-from tilt.wiring.sampling import Scored, TrainStream
-from tilt.wiring.selection import Filter, SelectContext, keep_all
-from tilt.wiring.signals import Probe, frozen_logits, token_logp
-from tilt.wiring.stages import Stages, run_advantage_stages, run_learner_stages
+from tilt.wiring.providers import STAGES, Provider, Run, StepData
+from tilt.wiring.resolve import Plan, keyword_params, resolve
+from tilt.wiring.sampling import Scored, TrainStream, sample_scored
+from tilt.wiring.selection import Filter, SelectContext, make_filter
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+ADV_FIELDS = {f.name for f in fields(AdvantageInput)}
+BATCH_FIELDS = {f.name for f in fields(LearnerBatch)} - {"extras"}
 
 
 @dataclass
@@ -52,71 +49,86 @@ class Parts:
     """Everything ``build`` resolved from the config."""
 
     policy: Any
-    ref_model: Optional[torch.nn.Module]
+    run: Run  # what providers read: models, sampling settings, the reward
+    plan: Plan  # the configured methods and their keyword arguments
     learner: Learner
     adv_fn: Callable
     kl_fn: Optional[Callable]
     reward_fns: list[Callable]
     reward_weights: list[float]
     generator: torch.Generator
-    needs: Needs = field(default_factory=Needs)
-    sample: Optional[Callable[[TrainStream], tuple[Scored, dict[str, float]]]] = None  # draws the step's groups
-    probe: Callable[[Scored], Probe] = lambda sc: Probe()
-    stages: Stages = field(default_factory=Stages)
-    select: Filter = keep_all
-    hooks: LoopHooks = field(default_factory=LoopHooks)
-    value_head: Optional[torch.nn.Module] = None
-    prev_model: Optional[torch.nn.Module] = None
+    providers: list[Provider]  # one per provider class the methods need, in resolution order
+    components: list[Component]  # providers + per-method state: hooks and checkpointed state
+    select: Filter  # the selector's batch filter (keep_all by default)
+    draw: Optional[Callable] = None  # a selector that acts while drawing (dynamic sampling)
+    adv_keywords: frozenset[str] = frozenset()  # estimator keywords a provider fills (not configured ones)
+
+    @property
+    def ref_model(self) -> Optional[torch.nn.Module]:
+        return self.run.ref_model
 
 
 def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
-    """Load models and resolve every registry name of the config into a callable."""
+    """Load models, resolve every registry name of the config and the providers its methods need."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    needs = resolve_needs(cfg)
+    plan = resolve(cfg)  # methods, their needs -> providers, settings; ConfigError if unmet
     dtype = DTYPES[cfg.model.dtype]
     policy = load_policy(cfg.model.path, dtype=dtype)
     policy.model.train()
-    entry = LOSSES.entry(cfg.loss.name)
-    loss_needs = tuple(entry.meta.get("needs", ()))
-    loss_fn = bind_kwargs(entry.fn, cfg.loss.kwargs, f"loss {cfg.loss.name!r}")
-    adv_entry = ADVANTAGES.entry(cfg.advantage.name)
-    adv_fn = bind_kwargs(adv_entry.fn, cfg.advantage.kwargs, f"advantage {cfg.advantage.name!r}")
-    use_ref = cfg.kl.beta > 0 or "ref_logp" in loss_needs or "ref_logits" in loss_needs or needs.ref_logits
-    kl_fn, ref_model = None, None
-    if use_ref:
-        kl_fn = KL_ESTIMATORS.get(cfg.kl.estimator)
-        if cfg.kl.kwargs:
-            kl_fn = bind_kwargs(kl_fn, cfg.kl.kwargs, f"kl estimator {cfg.kl.estimator!r}")
-        ref_model = load_policy(cfg.model.path, dtype=dtype).model.requires_grad_(False)
-    teacher = load_teacher(cfg, policy, dtype) if needs.teacher else None
-    value_head = ValueHead(policy.model.config.hidden_size).to(dtype) if needs.values else None
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    params += list(value_head.parameters()) if value_head is not None else []
-    optimizer = adamw(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    total = cfg.train.steps * cfg.train.epochs * cfg.train.minibatches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial_schedule(cfg, total))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    learner = Learner(
-        policy.model, optimizer, scheduler, loss_fn=loss_fn, loss_needs=loss_needs,
-        reduction=cfg.loss.reduction or entry.meta.get("reduction", "token-mean"),
-        max_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, kl_fn=kl_fn,
-        kl_beta=cfg.kl.beta, kl_in_loss=cfg.kl.placement == "loss", epochs=cfg.train.epochs,
-        minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip,
-        generator=generator, max_bad_steps=cfg.train.max_bad_steps, kl_needs_logits=needs.kl_logits,
-        value_head=value_head, value_coef=cfg.value.coef, value_clip=cfg.value.clip_range,
-        micro_batch_tokens=cfg.train.micro_batch_tokens, minibatch_by=cfg.train.minibatch_by)
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
         raise ConfigError(f"reward.weights has {len(weights)} entries for {len(fns)} reward functions")
-    parts = Parts(policy, ref_model, learner, adv_fn, kl_fn, fns, weights, generator, needs=needs,
-                  value_head=value_head)
-    wire_method(parts, cfg, teacher)
-    return parts
+
+    def rewards_fn(prompts: list[str], texts: list[str], columns: dict) -> torch.Tensor:
+        r, _, _ = score(fns, weights, prompts, texts, columns, timeout=cfg.reward.timeout_s)
+        return torch.tensor(r, dtype=torch.float32)
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                            min_new_tokens=cfg.rollout.min_new_tokens)
+    run = Run(cfg, policy, generator, params, rewards_fn)
+    if "ref_model" in plan.resources:
+        run.ref_model = load_policy(cfg.model.path, dtype=dtype).model.requires_grad_(False)
+    if "teacher" in plan.resources:
+        run.teacher = load_teacher(cfg, policy, dtype)
+    providers = [cls(run, names, **settings) for cls, names, settings in plan.providers]
+    components = providers + [m.state for m in plan.methods.values() if m.state is not None]
+    params_ = [p for p in policy.model.parameters() if p.requires_grad]
+    params_ += [p for c in components for mod in c.modules().values() for p in mod.parameters() if p.requires_grad]
+    optimizer = adamw(params_, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    total = cfg.train.steps * cfg.train.epochs * cfg.train.minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial_schedule(cfg, total))
+    loss, adv, kl = plan.methods["loss"], plan.methods["advantage"], plan.methods.get("kl")
+    learner = Learner(
+        policy.model, optimizer, scheduler, loss_fn=loss.bound(), loss_needs=loss.needs,
+        reduction=cfg.loss.reduction or loss.entry.meta.get("reduction", "token-mean"),
+        max_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+        kl_fn=kl.bound() if kl else None, kl_beta=cfg.kl.beta, kl_in_loss=cfg.kl.placement == "loss",
+        epochs=cfg.train.epochs, minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum,
+        grad_clip=cfg.optim.grad_clip, generator=generator, max_bad_steps=cfg.train.max_bad_steps,
+        kl_needs_logits="logits" in plan.reads("kl"), micro_batch_tokens=cfg.train.micro_batch_tokens,
+        minibatch_by=cfg.train.minibatch_by, **{k: v for c in components for k, v in c.learner_kwargs().items()})
+    selector = plan.methods.get("selector")
+    draw = selector.entry.meta.get("draw") if selector is not None else None
+    return Parts(policy, run, plan, learner, adv.bound(), kl.bound() if kl else None, fns,
+                 weights, generator, providers, components, make_filter(selector),
+                 draw=None if draw is None else lambda sample, B: draw(sample, batch_size=B, pad_id=policy.pad_id,
+                                                                       **selector.fn_kwargs),
+                 adv_keywords=frozenset(keyword_params(adv.entry.fn)) - set(adv.fn_kwargs) - ADV_FIELDS)
+
+
+def load_teacher(cfg: Config, policy, dtype: torch.dtype) -> torch.nn.Module:
+    """The frozen teacher of ``teacher.path``; ConfigError unless it shares the policy's vocabulary."""
+    teacher = load_policy(cfg.teacher.path, dtype=dtype)
+    if teacher.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+        raise ConfigError(f"teacher.path {cfg.teacher.path!r} has a different vocabulary than the policy "
+                          f"{cfg.model.path!r}; distillation compares logits token by token")
+    return teacher.model.requires_grad_(False)
 
 
 def partial_schedule(cfg: Config, total: int) -> Callable[[int], float]:
@@ -132,20 +144,6 @@ def partial_schedule(cfg: Config, total: int) -> Callable[[int], float]:
     return f
 
 
-def reference_pass(parts: Parts, cfg: Config, rb) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """log pi_ref of the sampled tokens [N, T] and, when needed, the full reference logits [N, T, V]."""
-    if parts.ref_model is None:
-        return None, None
-    if parts.needs.ref_logits:
-        ref_logits = frozen_logits(parts.ref_model, rb, temperature=cfg.rollout.temperature)  # [N, T, V]
-        return token_logp(ref_logits, rb.completion_ids, rb.completion_mask), ref_logits
-    with torch.no_grad():
-        ref_logp, _ = sequence_logprobs(parts.ref_model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
-                                        rb.completion_mask, temperature=cfg.rollout.temperature,
-                                        chunk_tokens=cfg.train.micro_batch_tokens)  # [N, T]
-    return ref_logp, None
-
-
 def adamw(params: list, **kwargs) -> torch.optim.AdamW:
     """AdamW with the fused kernel when torch has it for these tensors (the same update in one
     kernel per step; ~8x faster than the per-tensor loop at the shipped model's size), else the
@@ -156,35 +154,74 @@ def adamw(params: list, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kwargs)
 
 
+def draw_groups(parts: Parts, cfg: Config, stream: TrainStream) -> tuple[Scored, dict[str, float]]:
+    """The step's B prompts from the stream, G sampled and scored completions each (a selector
+    with a ``draw`` rule, e.g. dynamic sampling, decides how many prompts are drawn)."""
+    def sample(n: int) -> Scored:
+        def score_fn(prompts, texts, columns):
+            return score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s)
+
+        return sample_scored(parts.policy, stream.take(n), group_size=cfg.rollout.group_size, params=parts.run.params,
+                             generator=parts.generator, score_fn=score_fn)
+
+    B = cfg.rollout.prompts_per_step
+    return parts.draw(sample, B) if parts.draw is not None else (sample(B), {})
+
+
+def provide(parts: Parts, stage: str, data: StepData) -> dict[str, torch.Tensor]:
+    """Every provider's outputs at ``stage`` (one of STAGES), added to ``data.outputs``."""
+    assert stage in STAGES
+    out: dict[str, torch.Tensor] = {}
+    for p in parts.providers:
+        for k, v in getattr(p, stage)(data).items():
+            if k in out or k in data.outputs:
+                raise RuntimeError(f"two providers give {k!r} at the {stage} stage")
+            out[k] = v
+    data.outputs.update(out)
+    return out
+
+
 def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
                  ) -> tuple[LearnerBatch, dict[str, float], list[str]]:
-    """Draw the step's prompts, sample G completions each, score them and compute advantages."""
+    """Draw the step's prompts, sample G completions each, score them, compute what the methods
+    read and the advantages, filter; returns the learner's batch."""
     pol = parts.policy
-    sc, select_metrics = parts.sample(stream)
+    sc, select_metrics = draw_groups(parts, cfg, stream)
     rb, r, B, G = sc.rb, sc.rewards, len(sc.items), sc.group_size
     cmask = rb.completion_mask  # [N, T]
-    probe = parts.probe(sc)
-    ref_logp, ref_logits = reference_pass(parts, cfg, rb)
+    data = StepData(step, sc)
+    rolled = provide(parts, "rollout", data)  # e.g. log pi_ref, sampling entropy, value-head values
     r_adv, token_rewards = r, None
     if parts.kl_fn is not None and cfg.kl.placement == "reward":
-        kl_extra = {"ref_logits": ref_logits} if ref_logits is not None else {}
-        kl_tok = parts.kl_fn(rb.logprobs, ref_logp, **kl_extra) * cmask  # [N, T] detached penalty
+        kl_extra = {"ref_logits": rolled["ref_logits"]} if "ref_logits" in rolled else {}
+        kl_tok = parts.kl_fn(rb.logprobs, rolled["ref_logp"], **kl_extra) * cmask  # [N, T] detached penalty
         token_rewards = -cfg.kl.beta * kl_tok
         # r - beta * sum_t kl_t, unless the estimator adds token_rewards itself (no double count)
-        r_adv = r if parts.needs.adv_token_rewards else r + token_rewards.sum(-1)
+        adds_tokens = "token_rewards" in parts.plan.methods["advantage"].entry.meta.get("optional", ())
+        r_adv = r if adds_tokens else r + token_rewards.sum(-1)
+    provide(parts, "advantage", data)  # e.g. process-reward steps, Monte-Carlo segment values
     T = cmask.shape[1]
-    extra, adv_kwargs = run_advantage_stages(parts.stages.advantage, sc, probe)
     ainp = AdvantageInput(
-        rewards=r_adv.view(B, G), mask=cmask.view(B, G, T).float(),
-        token_ids=rb.completion_ids.view(B, G, T),
-        token_rewards=None if token_rewards is None else token_rewards.view(B, G, T), **extra)
+        rewards=r_adv.view(B, G), mask=cmask.view(B, G, T).float(), token_ids=rb.completion_ids.view(B, G, T),
+        token_rewards=None if token_rewards is None else token_rewards.view(B, G, T),
+        **{k: v.view(B, G, *v.shape[1:]) for k, v in data.outputs.items() if k in ADV_FIELDS})
+    adv_kwargs = {k: v.view(B, G, *v.shape[1:]) for k, v in data.outputs.items() if k in parts.adv_keywords}
     adv, ametrics = parts.adv_fn(ainp, **adv_kwargs)
+    data.adv_input = ainp
+    batched = provide(parts, "batch", data)  # e.g. teacher logits, pi_prev log-probs, V*, GAE returns
+    learner_inputs = {**{k: v for k, v in rolled.items() if k in BATCH_FIELDS}, **batched}
     batch = LearnerBatch(
         prompt_ids=rb.prompt_ids, prompt_mask=rb.prompt_mask, completion_ids=rb.completion_ids,
         completion_mask=cmask, old_logp=rb.logprobs, advantages=adv.reshape(B * G, T).float(), rewards=r,
-        group_index=torch.arange(B).repeat_interleave(G), ref_logp=ref_logp, ref_logits=ref_logits,
-        **run_learner_stages(parts.stages.learner, sc, probe, ainp))
-    batch, kept_metrics = parts.select(batch, SelectContext(adv, r.view(B, G), probe.entropy, step))
+        group_index=torch.arange(B).repeat_interleave(G),
+        **{k: v for k, v in learner_inputs.items() if k in BATCH_FIELDS},
+        extras={k: v for k, v in learner_inputs.items() if k not in BATCH_FIELDS})
+    batch, kept_metrics = parts.select(batch, SelectContext(adv, r.view(B, G), rolled.get("entropy"), step,
+                                                            cfg.train.steps, parts.generator))
+    data.batch = batch
+    chosen = provide(parts, "selected", data)  # e.g. Lp-Reg's token choice over the kept batch
+    batch = replace(batch, **{k: v for k, v in chosen.items() if k in BATCH_FIELDS},
+                    extras={**batch.extras, **{k: v for k, v in chosen.items() if k not in BATCH_FIELDS}})
     lengths = cmask.sum(-1).float()
     ended = (rb.completion_ids == pol.eos_id).any(-1).float()
     metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if len(r) > 1 else 0.0,
@@ -250,7 +287,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     eval_set = eval_items(mix, per_cell=cfg.tasks.eval_per_cell)
     state: dict[str, Any] = {"step": 0, "bad_streak": 0, "before": None, "skipped_total": 0}
     ckpt_root = run_dir / "checkpoints"
-    ckpt_model = checkpoint_module(parts.policy.model, value_head=parts.value_head, prev_model=parts.prev_model)
+    ckpt_model = checkpoint_module(parts.policy.model, parts.components)
     if resume is not None:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
@@ -260,7 +297,9 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
                                     scheduler=parts.learner.scheduler, generator=parts.generator)
             parts.learner.bad_streak = state["bad_streak"]
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
-    parts.hooks.init_state(state)
+    for c in parts.components:  # per-method state restored from the trainer state
+        if c.state_key is not None and c.state_key in state:
+            c.load_state_dict(state[c.state_key])
     stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
     log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
     if state["before"] is None:
@@ -273,20 +312,25 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
             t0 = time.time()
-            parts.hooks.before_step(step)
+            for c in parts.components:
+                c.before_step(step)
             batch, metrics, messages = rollout_step(parts, cfg, stream, step)
             state["data_pos"] = stream.pos
             for m in messages:
                 echo(f"step {step}: reward {m}")
             try:
-                metrics.update(parts.learner.update(batch, loss_kwargs=parts.hooks.loss_kwargs(state)))
+                loss_kwargs = {k: v for c in parts.components for k, v in c.loss_kwargs().items()}
+                metrics.update(parts.learner.update(batch, loss_kwargs=loss_kwargs))
             except NonFiniteLoss as exc:
                 last = latest_checkpoint(ckpt_root)
                 raise NonFiniteLoss(
                     f"stopping at step {step}: {exc} (loss {cfg.loss.name!r}, lr {cfg.optim.lr}). "
                     + (f"The last checkpoint {last} is intact; fix the cause, then "
                        f"`tilt train --resume {run_dir}`." if last else "No checkpoint was written yet.")) from None
-            metrics.update(parts.hooks.after_update(state, metrics))
+            for c in parts.components:
+                metrics.update(c.after_update(metrics))
+                if c.state_key is not None:
+                    state[c.state_key] = c.state_dict()
             skipped = int(metrics["train/skipped"])
             state["skipped_total"] += skipped
             state["bad_streak"] = parts.learner.bad_streak
@@ -328,6 +372,13 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     echo(f"held-out pass@1 (T=1.0): {state['before']['pass1']:.3f} -> {after['pass1']:.3f}")
     echo(f"held-out greedy: {state['before']['greedy']:.3f} -> {after['greedy']:.3f}")
     return summary
+
+
+def checkpoint_module(policy_model: torch.nn.Module, components: list[Component]) -> torch.nn.Module:
+    """What the checkpoint stores as "model": the policy alone (default, unchanged format), or a
+    ModuleDict {policy, <component modules>} when a method adds trained or frozen state."""
+    extras = {k: v for c in components for k, v in c.modules().items()}
+    return policy_model if not extras else torch.nn.ModuleDict({"policy": policy_model, **extras})
 
 
 def data_offset(seed: int) -> int:

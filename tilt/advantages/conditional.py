@@ -49,7 +49,8 @@ def high_half(metric: Tensor) -> Tensor:
     return rank >= G // 2
 
 
-@ADVANTAGES.register("canon", needs=(), optional=("entropy",))
+@ADVANTAGES.register("canon", needs=lambda kw: ("entropy",) if kw.get("metric", "entropy") == "entropy" else (),
+                     optional=())
 def canon(inp: AdvantageInput, *, metric: str = "entropy", mu: float = 1.0
           ) -> tuple[Tensor, dict[str, Tensor]]:
     """CANON advantage on every token of completion i (see module docstring).

@@ -72,7 +72,7 @@ def token_step_index(ends: Tensor, valid: Tensor, T: int) -> Tensor:
     return torch.where(idx < n, idx, torch.full_like(idx, -1))
 
 
-@ADVANTAGES.register("pure", needs=("step_rewards", "step_ends"), optional=())
+@ADVANTAGES.register("pure", needs=("step_rewards",), optional=())
 def pure(inp: AdvantageInput, *, form: str = "softmin", temperature: float = 0.1,
          outcome_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """PURE per-token advantages from process rewards (see module docstring).

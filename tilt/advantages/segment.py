@@ -63,7 +63,7 @@ def cutpoints(logprobs: Tensor, mask: Tensor, *, threshold: float = 0.9, max_seg
     return is_cut, torch.where(ends == big, torch.full_like(ends, -1), ends)
 
 
-@ADVANTAGES.register("spo_chain", needs=("step_ends", "values"), optional=())
+@ADVANTAGES.register("spo_chain", needs=("mc_values",), optional=())
 def spo_chain(inp: AdvantageInput, *, logprobs: Tensor | None = None, prob_threshold: float = 0.9
               ) -> tuple[Tensor, dict[str, Tensor]]:
     """SPO-chain per-token advantages (see module docstring).

@@ -8,8 +8,8 @@ A7 critical-token KL (arXiv:2502.06533) is the KL estimator "critical" in tilt.k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from tilt.kl import KL_ESTIMATORS, q_log
 from tilt.losses import LOSSES
 from tilt.losses.rpg import log_ratios, to_tokens
 from tilt.reduction import masked_mean
+from tilt.state import Component
 
 
 # ------------------------------------------------------------------ A3 Tsallis KL
@@ -108,6 +109,38 @@ def aer_update(state: AERState, entropy: float, *, tau: float = 0.4, lr: float =
     return AERState(alpha=alpha, initial_entropy=h0)
 
 
+class AERController(Component):
+    """AER's global coefficient controller (component iii, arXiv:2510.10959) around ``aer_update``:
+    the loss's per-step ``alpha`` (starting at the loss's ``alpha``), updated after each RL step
+    from the step's entropy; kept in the trainer state under "aer".
+
+    Settings (in loss.kwargs): tau (target entropy H* = tau H_0), controller_lr (the controller's
+    step), alpha_max (upper bound of alpha); alpha is shared with the loss.
+    """
+
+    state_key = "aer"
+
+    def __init__(self, *, alpha: float = 1e-3, tau: float = 0.4, controller_lr: float = 1e-3,
+                 alpha_max: float = 1.0):
+        if tau <= 0 or controller_lr < 0 or alpha_max < 0:
+            raise ValueError(f"aer needs tau > 0, controller_lr >= 0, alpha_max >= 0; got {tau}, "
+                             f"{controller_lr}, {alpha_max}")
+        self.state, self.tau, self.lr, self.alpha_max = AERState(alpha=alpha), tau, controller_lr, alpha_max
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"alpha": self.state.alpha}
+
+    def after_update(self, metrics: dict[str, float]) -> dict[str, float]:
+        self.state = aer_update(self.state, metrics["entropy"], tau=self.tau, lr=self.lr, alpha_max=self.alpha_max)
+        return {"aer/alpha": self.state.alpha, "aer/target_entropy": self.tau * self.state.initial_entropy}
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = AERState(**state)
+
+
 def aer_prompt_coefficients(accuracy: Tensor, *, alpha: float, rho: float = 1.0) -> Tensor:
     """Difficulty-aware coefficients (AER component i): lambda_i = alpha (1 - acc_i) if acc_i < rho
     else 0, so harder prompts (lower group accuracy) explore more. [B] -> [B]. Our reading."""
@@ -139,7 +172,8 @@ def aer_per_token(inp: PolicyLossInput, coef: Tensor, *, eps_low: float = 0.2, e
     return pg - coef[:, None] * inp.entropy  # [N, T]
 
 
-@LOSSES.register("aer", reduction="token-mean", needs=("rewards", "group_index", "entropy"))
+@LOSSES.register("aer", reduction="token-mean", needs=("rewards", "group_index", "entropy"),
+                 state=AERController)
 def aer(inp: PolicyLossInput, *, alpha: float = 1e-3, rho: float = 1.0, eps_low: float = 0.2,
         eps_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip minus lambda_i H_it, lambda_i = aer_prompt_coefficients(acc_i) (arXiv:2510.10959).
@@ -235,7 +269,7 @@ def lp_reg_penalty(logp: Tensor, proxy_logp: Tensor, candidates: Tensor, *, esti
     return torch.where(pick, kl, torch.zeros_like(kl)), pick
 
 
-@LOSSES.register("lp_reg", reduction="token-mean", needs=("logits",))
+@LOSSES.register("lp_reg", reduction="token-mean", needs=("logits", "lp_select"))
 def lp_reg(inp: PolicyLossInput, *, coef: float = 1.0, min_p: float = 0.02, mode: str = "minp",
            neg_frac: float = 0.01, pos_frac: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2
            ) -> tuple[Tensor, dict[str, Tensor]]:

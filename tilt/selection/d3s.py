@@ -18,6 +18,8 @@ only states that it starts aggressive and relaxes (curriculum-style).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,7 +69,6 @@ def d3s_schedule(step: int, *, total_steps: int, start: float, end: float = 1.0)
     return start + (end - start) * progress
 
 
-@SELECTORS.register("d3s", level="token", needs=("entropy",))
 def d3s(adv: Tensor, mask: Tensor, entropy: Tensor, *, step: int, total_steps: int,
         sample_start: float = 0.5, token_start: float = 0.5, end: float = 1.0,
         min_samples: int = 2) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -97,3 +98,20 @@ def d3s(adv: Tensor, mask: Tensor, entropy: Tensor, *, step: int, total_steps: i
         "select/tokens_kept": token_keep.to(adv.dtype).sum() / m.sum().clamp(min=1.0),
     }
     return keep, token_keep, metrics
+
+
+def d3s_filter(batch, ctx, **kwargs) -> tuple[Any, dict[str, float]]:
+    """D3S on a LearnerBatch: drop unkept rollouts and mask unkept tokens out of the loss (the
+    token choice becomes ``loss_mask``; attention still sees every token). The schedule runs on
+    (step - 1) / total_steps, so step 1 uses the start fractions."""
+    B, G, T = ctx.adv.shape
+    mask = batch.completion_mask.view(B, G, T).float()  # [B, G, T]
+    keep, token_keep, m = d3s(ctx.adv, mask, ctx.entropy.view(B, G, T), step=ctx.step - 1,
+                              total_steps=ctx.total_steps, **kwargs)
+    loss_mask = token_keep.reshape(B * G, T).to(batch.completion_mask.dtype)  # [N, T]
+    rows = keep.reshape(-1).nonzero().squeeze(-1)  # kept rows, group-major
+    return replace(batch, loss_mask=loss_mask).select(rows), {k: float(v) for k, v in m.items()}
+
+
+SELECTORS.register("d3s", level="token", needs=("entropy",), loop_args=("step", "total_steps"),
+                   apply=d3s_filter)(d3s)

@@ -10,6 +10,7 @@ discarded, as in verl.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,7 +21,6 @@ from tilt.selection import SELECTORS
 DrawFn = Callable[[int], tuple[Tensor, Sequence[Any]]]
 
 
-@SELECTORS.register("dynamic_sampling", level="group", needs=())
 def keep_groups(rewards: Tensor, *, eps: float = 1e-6) -> Tensor:
     """bool [B]: True for groups whose rewards are not all equal (max - min > eps).
 
@@ -83,3 +83,32 @@ def refill(draw_fn: DrawFn, *, batch_size: int, max_draws: int, eps: float = 1e-
         "select/zero_var_returned": torch.tensor(float(len(out) - min(len(kept), batch_size))),
     }
     return torch.stack([r for r, _ in out]), [item for _, item in out], metrics
+
+
+def draw_informative_groups(draw: Callable[[int], Any], *, batch_size: int, pad_id: int, max_draws: int = 4,
+                            eps: float = 1e-6, fill_with_dropped: bool = True, oversample: float = 1.0
+                            ) -> tuple[Any, dict[str, float]]:
+    """The step's groups with DAPO dynamic sampling: ``draw(n)`` samples and scores n prompts'
+    groups (a ``tilt.wiring.sampling.Scored``); groups whose G rewards are all equal are dropped
+    and more are drawn (``refill``). Reward counts and messages add up over all draws."""
+    from tilt.wiring.sampling import merge_scored
+
+    counts: dict[str, float] = {}
+    messages: list[str] = []
+
+    def draw_fn(n: int) -> tuple[Tensor, list[Any]]:
+        sc = draw(n)
+        for k, v in sc.rstats.items():
+            counts[k] = counts.get(k, 0.0) + v
+        messages.extend(sc.messages)
+        return sc.rewards.view(len(sc.items), sc.group_size), [sc.group(i) for i in range(len(sc.items))]
+
+    _, groups, metrics = refill(draw_fn, batch_size=batch_size, max_draws=max_draws, eps=eps,
+                                fill_with_dropped=fill_with_dropped, oversample=oversample)
+    merged = replace(merge_scored(groups, pad_id=pad_id), rstats=counts, messages=messages)
+    return merged, {k: float(v) for k, v in metrics.items()}
+
+
+# The selector acts while drawing (meta ``draw``); its settings are refill's keywords.
+SELECTORS.register("dynamic_sampling", level="group", needs=(), kwargs_of=refill, loop_args=("draw_fn", "batch_size"),
+                   check=check_refill_args, draw=draw_informative_groups)(keep_groups)

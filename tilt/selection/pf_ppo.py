@@ -13,6 +13,8 @@ actual scores (e.g. unit-test pass rates) on the samples each strategy keeps.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,6 @@ from tilt.selection import SELECTORS
 STRATEGIES = ("best_of_n", "best_random", "best_worst", "all")
 
 
-@SELECTORS.register("pf_ppo", level="sample", needs=())
 def pf_filter(rewards: Tensor, *, strategy: str = "best_random",
               generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """bool [B, G] of the samples kept by ``strategy`` (ties: the first index wins).
@@ -44,6 +45,17 @@ def pf_filter(rewards: Tensor, *, strategy: str = "best_random",
     elif strategy not in STRATEGIES:
         raise ValueError(f"unknown pf_ppo strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     return keep, {"select/samples_kept": keep.to(rewards.dtype).mean()}
+
+
+def pf_filter_batch(batch, ctx, **kwargs) -> tuple[Any, dict[str, float]]:
+    """PF-PPO on a LearnerBatch: keep only the rollouts the strategy selects (``ctx.rewards`` [B, G],
+    ``ctx.generator``); advantages were computed on the full groups before."""
+    keep, m = pf_filter(ctx.rewards, generator=ctx.generator, **kwargs)  # [B, G]
+    rows = keep.reshape(-1).nonzero().squeeze(-1)
+    return batch.select(rows), {k: float(v) for k, v in m.items()}
+
+
+SELECTORS.register("pf_ppo", level="sample", needs=(), loop_args=("generator",), apply=pf_filter_batch)(pf_filter)
 
 
 def r_squared(x: Tensor, y: Tensor) -> Tensor:

@@ -1,13 +1,14 @@
-"""Train prompts in, scored groups of completions out; DAPO dynamic sampling (catalogue D1).
+"""Train prompts in, scored groups of completions out.
 
 ``TrainStream`` reads the train split in order from a cursor, so a run that draws extra
 prompts (dynamic sampling) records its position in the checkpoint and resumes exactly.
 ``Scored`` holds B prompts x G completions with their rewards; ``merge_scored`` re-pads
-groups from different draws into one batch.
+groups from different draws into one batch (DAPO dynamic sampling,
+``tilt.selection.dynamic_sampling.draw_informative_groups``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,6 @@ from torch import Tensor
 
 from tilt.batch import RolloutBatch
 from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, left_pad
-from tilt.selection.dynamic_sampling import refill
 from tilt.tasks.base import Item
 from tilt.tasks.mix import parse_mix, sample_items
 
@@ -96,25 +96,3 @@ def merge_scored(groups: list[Scored], *, pad_id: int) -> Scored:
     columns = {k: [v for g in groups for v in g.columns[k]] for k in groups[0].columns}
     return Scored([it for g in groups for it in g.items], G, [p for g in groups for p in g.prompts], rb,
                   [t for g in groups for t in g.texts], columns, torch.cat([g.rewards for g in groups]), {}, [])
-
-
-def dynamic_sampling(draw: Callable[[int], Scored], *, batch_size: int, pad_id: int, max_draws: int = 4,
-                     eps: float = 1e-6, fill_with_dropped: bool = True, oversample: float = 1.0
-                     ) -> tuple[Scored, dict[str, float]]:
-    """DAPO dynamic sampling (Sec. 3.2, arXiv:2503.14476): drop groups whose G rewards are all
-    equal and draw more prompts until ``batch_size`` groups are kept or ``max_draws`` draws are
-    spent (``tilt.selection.dynamic_sampling.refill``). Reward counts add up over all draws."""
-    counts: dict[str, float] = {}
-    messages: list[str] = []
-
-    def draw_fn(n: int) -> tuple[Tensor, list[Scored]]:
-        sc = draw(n)
-        for k, v in sc.rstats.items():
-            counts[k] = counts.get(k, 0.0) + v
-        messages.extend(sc.messages)
-        return sc.rewards.view(len(sc.items), sc.group_size), [sc.group(i) for i in range(len(sc.items))]
-
-    _, groups, metrics = refill(draw_fn, batch_size=batch_size, max_draws=max_draws, eps=eps,
-                                fill_with_dropped=fill_with_dropped, oversample=oversample)
-    merged = replace(merge_scored(groups, pad_id=pad_id), rstats=counts, messages=messages)
-    return merged, {k: float(v) for k, v in metrics.items()}
