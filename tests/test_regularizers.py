@@ -43,7 +43,8 @@ from tilt.losses.regularizers import (
 )
 from tilt.model import load_policy
 from tilt.rollout import SamplingParams, encode_prompts, generate
-from tilt.wiring.providers import LowProbabilitySelection, StepData
+from tilt.providers import StepData
+from tilt.providers.lp_select import LowProbabilitySelection
 from tilt.wiring.resolve import resolve
 from tilt.reduction import reduce_tokens, reduction_denominator
 
@@ -85,7 +86,7 @@ def _reduced(name, inp, **kw):
 def _pad(inp, pad=2):
     """Append ``pad`` masked columns of garbage to every [N, T] / [N, T, V] field."""
     def cat(x, val):
-        if x is None or x.dim() < 2:
+        if not torch.is_tensor(x) or x.dim() < 2:  # None, [N] fields, extras
             return x
         extra = torch.full(x.shape[:1] + (pad,) + x.shape[2:], val, dtype=x.dtype)
         return torch.cat([x, extra], 1)

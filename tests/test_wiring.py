@@ -1,4 +1,4 @@
-"""Values of the loop's method-specific stages (tilt.wiring), worked out by hand."""
+"""Values of the providers (tilt.providers) and the wiring (tilt.wiring), worked out by hand."""
 from __future__ import annotations
 
 import math
@@ -16,7 +16,9 @@ from tilt.tasks.mix import sample_items
 from tilt.wiring.sampling import Scored, TrainStream, merge_scored
 from tilt.selection.pf_ppo import pf_filter_batch
 from tilt.wiring.selection import SelectContext
-from tilt.wiring.signals import astar_baseline, char_to_token, gae_returns, process_steps, spo_values
+from tilt.providers.probe import gae_returns
+from tilt.providers.process import char_to_token, process_steps
+from tilt.providers.rollouts import astar_baseline, spo_values
 
 
 def scored(tok, items, texts, rewards, group_size=1) -> Scored:

@@ -217,75 +217,6 @@ class LogCfg(Section):
     """Progress display: rich bar on a TTY, plain lines otherwise ("auto")."""
 
 
-# Fields that moved into a method's keyword arguments: old (section, field) -> (section, keyword, old default).
-MOVED = {("loss", "prev_refresh"): ("loss", "prev_refresh", 10),
-         ("loss", "astar_samples"): ("loss", "v_star_samples", 8),
-         ("loss", "astar_beta"): ("loss", "v_star_beta", None),
-         ("loss", "aer_tau"): ("loss", "tau", 0.4),
-         ("loss", "aer_lr"): ("loss", "controller_lr", 1e-3),
-         ("loss", "aer_alpha_max"): ("loss", "alpha_max", 1.0),
-         ("advantage", "mc_continuations"): ("advantage", "continuations", 4),
-         ("advantage", "spo_segments"): ("advantage", "max_segments", 4),
-         ("value", "coef"): ("advantage", "value_coef", 0.5),
-         ("value", "clip_range"): ("advantage", "value_clip", 0.2)}
-
-
-class MovedFieldWarning(UserWarning):
-    """A config field that moved into a method's keyword arguments was translated."""
-
-
-def translate_moved(raw: dict[str, Any]) -> dict[str, Any]:
-    """Old config files keep loading: each moved field goes to its new place with a warning naming
-    it, or is dropped when it holds its old default (as every saved config.yaml of an old run does)."""
-    import warnings
-
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for (sec, key), (new_sec, new_key, default) in MOVED.items():
-        if not isinstance(out.get(sec), dict) or key not in out[sec]:
-            continue
-        value = out[sec].pop(key)
-        if value != default:
-            target = out.setdefault(new_sec, {})
-            kwargs = dict(target.get("kwargs") or {})
-            kwargs.setdefault(new_key, value)
-            target["kwargs"] = kwargs
-            warnings.warn(f"config field {sec}.{key} moved to {new_sec}.kwargs.{new_key}; translated "
-                          f"({new_sec}.kwargs.{new_key}={value!r}); update the config", MovedFieldWarning, stacklevel=3)
-    if out.get("value") == {}:
-        out.pop("value")
-    return out
-
-
-def import_plugins(specs: list[str]) -> None:
-    """Import each plugin: a module name ("mypkg.methods") or a Python file ("path/to/methods.py").
-    A plugin registers methods, providers or reward functions into tilt's registries on import."""
-    import importlib
-    import importlib.util
-    import sys
-
-    for spec in specs:
-        if spec.endswith(".py"):
-            path = Path(spec).resolve()
-            name = f"tilt_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
-            if name in sys.modules:
-                continue
-            if not path.exists():
-                raise ValueError(f"plugin file {spec!r} does not exist")
-            mod_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[name] = module
-            try:
-                mod_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[name]
-                raise ValueError(f"plugin file {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
-        else:
-            try:
-                importlib.import_module(spec)
-            except ImportError as exc:
-                raise ValueError(f"plugin module {spec!r} could not be imported: {exc}") from exc
-
-
 class Config(Section):
     seed: int = 0
     """Seed of sampling, initialisation and data order."""
@@ -334,8 +265,12 @@ class Config(Section):
         if isinstance(plugins, str):
             plugins = [plugins]
         if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            from tilt.plugins import import_plugins
+
             import_plugins(plugins)  # before the sections validate registry names
             raw = {**raw, "plugins": plugins} if "plugins" in raw else raw
+        from tilt.legacy_config import translate_moved
+
         return translate_moved(raw)
 
 

@@ -40,3 +40,10 @@ class Component:
     def learner_kwargs(self) -> dict[str, Any]:
         """Keywords for ``tilt.learner.Learner`` (e.g. a trained head and its loss weight)."""
         return {}
+
+
+def checkpoint_module(policy_model: torch.nn.Module, components: list[Component]) -> torch.nn.Module:
+    """What the checkpoint stores as "model": the policy alone (default, unchanged format), or a
+    ModuleDict {policy, <the components' modules>} when a method adds trained or frozen state."""
+    extras = {k: v for c in components for k, v in c.modules().items()}
+    return policy_model if not extras else torch.nn.ModuleDict({"policy": policy_model, **extras})

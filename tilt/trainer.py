@@ -31,10 +31,11 @@ from tilt.learner import Learner, LearnerBatch, NonFiniteLoss
 from tilt.model import load_policy
 from tilt.rewards import resolve_reward_fn, score
 from tilt.rollout import SamplingParams
-from tilt.state import Component
+from tilt.state import Component, checkpoint_module
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
-from tilt.wiring.providers import STAGES, Provider, Run, StepData
+from tilt.providers import STAGES, Provider, Run, StepData
+from tilt.providers.frozen import RESOURCES
 from tilt.wiring.resolve import Plan, keyword_params, resolve
 from tilt.wiring.sampling import Scored, TrainStream, sample_scored
 from tilt.wiring.selection import Filter, SelectContext, make_filter
@@ -92,10 +93,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                             min_new_tokens=cfg.rollout.min_new_tokens)
     run = Run(cfg, policy, generator, params, rewards_fn)
-    if "ref_model" in plan.resources:
-        run.ref_model = load_policy(cfg.model.path, dtype=dtype).model.requires_grad_(False)
-    if "teacher" in plan.resources:
-        run.teacher = load_teacher(cfg, policy, dtype)
+    for name in sorted(plan.resources):  # frozen models the providers read (reference, teacher)
+        setattr(run, name, RESOURCES[name](cfg, policy, dtype))
     providers = [cls(run, names, **settings) for cls, names, settings in plan.providers]
     components = providers + [m.state for m in plan.methods.values() if m.state is not None]
     params_ = [p for p in policy.model.parameters() if p.requires_grad]
@@ -120,15 +119,6 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
                  draw=None if draw is None else lambda sample, B: draw(sample, batch_size=B, pad_id=policy.pad_id,
                                                                        **selector.fn_kwargs),
                  adv_keywords=frozenset(keyword_params(adv.entry.fn)) - set(adv.fn_kwargs) - ADV_FIELDS)
-
-
-def load_teacher(cfg: Config, policy, dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen teacher of ``teacher.path``; ConfigError unless it shares the policy's vocabulary."""
-    teacher = load_policy(cfg.teacher.path, dtype=dtype)
-    if teacher.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
-        raise ConfigError(f"teacher.path {cfg.teacher.path!r} has a different vocabulary than the policy "
-                          f"{cfg.model.path!r}; distillation compares logits token by token")
-    return teacher.model.requires_grad_(False)
 
 
 def partial_schedule(cfg: Config, total: int) -> Callable[[int], float]:
@@ -372,13 +362,6 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     echo(f"held-out pass@1 (T=1.0): {state['before']['pass1']:.3f} -> {after['pass1']:.3f}")
     echo(f"held-out greedy: {state['before']['greedy']:.3f} -> {after['greedy']:.3f}")
     return summary
-
-
-def checkpoint_module(policy_model: torch.nn.Module, components: list[Component]) -> torch.nn.Module:
-    """What the checkpoint stores as "model": the policy alone (default, unchanged format), or a
-    ModuleDict {policy, <component modules>} when a method adds trained or frozen state."""
-    extras = {k: v for c in components for k, v in c.modules().items()}
-    return policy_model if not extras else torch.nn.ModuleDict({"policy": policy_model, **extras})
 
 
 def data_offset(seed: int) -> int:

@@ -1,10 +1,7 @@
-"""What methods need beyond the default loop, supplied by name.
+"""The loop's wiring: the configured methods' needs resolved to providers, and the data path.
 
-    providers.py  the provider registry: one class per named input (reference / teacher logits,
-                  pi_prev log-probs, value head, process-reward steps, Monte-Carlo segment values,
-                  offline V*, Lp-Reg's token choice), each with its settings and checkpointed state
-    resolve.py    the configured methods' needs -> providers, once per run (clear errors if unmet)
-    signals.py    the tensors providers compute (probe, frozen logits, process steps, SPO values, V*)
+    resolve.py    the configured methods' needs -> providers (tilt.providers), once per run, with
+                  each method's keyword arguments split between its function, providers and state
     sampling.py   the train-prompt stream, sampling and scoring of groups, merging of groups
-    selection.py  the configured selector's batch filter (its adapter is declared in its registry entry)
+    selection.py  the configured selector's batch filter (declared in its registry entry)
 """

@@ -24,7 +24,7 @@ from tilt.kl import KL_ESTIMATORS
 from tilt.losses import LOSSES
 from tilt.registry import Entry
 from tilt.selection import SELECTORS
-from tilt.wiring.providers import INTRINSIC, PROVIDERS, Provider
+from tilt.providers import INTRINSIC, PROVIDERS, Provider
 
 
 @dataclass
@@ -111,7 +111,7 @@ def resolve(cfg: Config) -> Plan:
             if need not in PROVIDERS:
                 raise ConfigError(f"{m.who} needs {need!r}, which no provider supplies (providers: "
                                   f"{', '.join(PROVIDERS.names())}); register one with "
-                                  f"tilt.wiring.providers.provides({need!r})")
+                                  f"tilt.providers.provides({need!r})")
             names, owners = wanted.setdefault(PROVIDERS.get(need), (set(), []))
             names.add(need)
             if m not in owners:
