@@ -1,6 +1,7 @@
 """The `tilt` command line: train, pretrain, eval, compare, config show."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -33,7 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where the run writes everything."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory "
-                                                "from its last checkpoint (uses its saved config).")) -> None:
+                                                "from its last checkpoint (uses its saved config)."),
+          data: Optional[str] = typer.Option(None, "--data", help="Train on this dataset file (sets data.train.path)."),
+          reward: Optional[List[str]] = typer.Option(None, "--reward", help="Reward function (sets "
+                                                     "reward.functions; repeatable): module:function or file.py:function."),
+          allow_contaminated: bool = typer.Option(False, "--allow-contaminated", help="Accept eval prompts that "
+                                                  "also appear in the train data (sets data.allow_contaminated).")) -> None:
     """Train a policy with RL. With no arguments: GRPO on the default task mix from the shipped model."""
     from tilt.config import load_config
     from tilt.learner import NonFiniteLoss
@@ -48,6 +54,9 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
             cfg = None
         else:
             overrides = list(set_ or []) + ([f"run_dir={run_dir}"] if run_dir else [])
+            overrides += [f"data.train.path={data}"] if data else []
+            overrides += [f"reward.functions={json.dumps(list(reward))}"] if reward else []
+            overrides += ["data.allow_contaminated=true"] if allow_contaminated else []
             cfg = load_config(config, overrides)
         from tilt.config import Config
 
@@ -106,13 +115,20 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
              out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSON report "
                                                 "(default RUN/eval.json, or ./eval.json for a model)."),
              seed: Optional[int] = typer.Option(None, help="Sampling seed (default: the run's evaluation seed)."),
-             max_new_tokens: int = typer.Option(16, help="Generation budget per completion.")) -> None:
-    """Greedy accuracy and unbiased pass@k per task and difficulty, on held-out generator seeds."""
+             max_new_tokens: int = typer.Option(16, help="Generation budget per completion."),
+             reward: Optional[List[str]] = typer.Option(None, "--reward", help="Reward function (registry name, "
+                                                        "module:function or file.py:function; repeatable). "
+                                                        "Default: the run's reward.functions."),
+             data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this dataset file "
+                                                "(jsonl/json/csv/parquet/save_to_disk folder) instead of the run's eval source.")) -> None:
+    """Greedy reward and unbiased pass@k on held-out items (per task and difficulty for the built-in
+    tasks, per data.eval.breakdown value for a dataset), scored with the run's reward functions."""
     from tilt.evaluation_cli import run_eval
 
     try:
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
-                        allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens)
+                        allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens,
+                        rewards=list(reward or []) or None, data=data)
     except _user_errors() as exc:
         fail(str(exc))
     raise typer.Exit(code)

@@ -25,15 +25,14 @@ from tilt.advantages import ADVANTAGES
 from tilt.batch import AdvantageInput
 from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
+from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
-from tilt.evaluation_cli import EVAL_SEED_OFFSET
 from tilt.kl import KL_ESTIMATORS
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
 from tilt.losses import LOSSES
 from tilt.model import load_policy
-from tilt.rewards import resolve_reward_fn
+from tilt.rewards import RewardState, check_signature, resolve_reward_fn
 from tilt.rollout import sequence_logprobs
-from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
 from tilt.value_head import ValueHead
 from tilt.wiring.hooks import LoopHooks, checkpoint_module
@@ -67,6 +66,7 @@ class Parts:
     hooks: LoopHooks = field(default_factory=LoopHooks)
     value_head: Optional[torch.nn.Module] = None
     prev_model: Optional[torch.nn.Module] = None
+    reward_state: RewardState = field(default_factory=RewardState)  # trainer_state of reward functions
 
 
 def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
@@ -194,15 +194,46 @@ def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
     return batch, metrics, sc.messages
 
 
-def heldout(parts: Parts, cfg: Config, items: list) -> dict:
-    """pass@1 at T=1.0 (mean over n samples) and greedy accuracy on the held-out items."""
+def heldout(parts: Parts, cfg: Config, items: list, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """pass@1 at T=1.0 (mean over n samples) and greedy reward on the held-out items, scored with
+    the run's own reward functions."""
     pol = parts.policy
     pol.model.eval()
     res = evaluate_items(pol.model, pol.tokenizer, items, n_samples=cfg.eval.n_samples, temperature=1.0,
                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                         seed=cfg.seed + EVAL_SEED_OFFSET)
+                         seed=cfg.seed + EVAL_SEED_OFFSET, reward_fns=parts.reward_fns,
+                         weights=parts.reward_weights, timeout=cfg.reward.timeout_s, progress=progress)
     pol.model.train()
     return summarize(res)
+
+
+def throttled(echo: Callable[[str], None], every_s: float = 10.0) -> Callable[[str], None]:
+    """``echo`` at most once per ``every_s`` seconds (progress lines of a long evaluation)."""
+    last = [time.time()]
+
+    def f(line: str) -> None:
+        if time.time() - last[0] >= every_s:
+            last[0] = time.time()
+            echo(line)
+
+    return f
+
+
+class SignalWatch:
+    """Counts consecutive steps whose advantages are all zero; warns once when ``steps`` is reached."""
+
+    def __init__(self, steps: int):
+        self.steps, self.streak = steps, 0
+
+    def update(self, advantages: torch.Tensor, metrics: dict[str, float]) -> Optional[str]:
+        self.streak = self.streak + 1 if not bool(advantages.abs().gt(0).any()) else 0
+        if not self.steps or self.streak != self.steps:
+            return None
+        return (f"warning: no learning signal for {self.steps} steps: every group's advantages were zero "
+                f"(reward/mean {metrics.get('reward/mean', float('nan')):.3f}, reward/errors "
+                f"{metrics.get('reward/errors', 0):.0f}). Likely causes: the reward is always 0 or always 1 "
+                "for every completion of a prompt (task too hard or too easy for the model, a reward that "
+                "reads the wrong column), or the reward function is failing (see reward/errors).")
 
 
 def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path]:
@@ -241,13 +272,21 @@ def versions() -> dict[str, str]:
 
 
 def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[list[Callable]] = None,
-          echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) one training run; return its summary (also written to summary.json)."""
+          train_dataset=None, eval_dataset=None, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) one training run; return its summary (also written to summary.json).
+
+    ``train_dataset`` / ``eval_dataset`` (``datasets.Dataset`` objects) replace data.train /
+    data.eval; ``reward_fns`` (callables) replace reward.functions (the Python API, tilt.api)."""
     cfg, run_dir = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
     parts = build(cfg, reward_fns)
-    mix = parse_mix(cfg.tasks.mix)
+    source = build_source(cfg, parts.policy.tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    for line in source.warnings:
+        echo(line)
     B = cfg.rollout.prompts_per_step
-    eval_set = eval_items(mix, per_cell=cfg.tasks.eval_per_cell)
+    eval_set = source.eval_items()
+    for fn in parts.reward_fns:  # a wrong signature would score 0 silently at every step
+        check_signature(fn, list(source.train_items(0, 1)[0].reward_columns()))
+    parts.reward_state.max_steps = cfg.train.steps
     state: dict[str, Any] = {"step": 0, "bad_streak": 0, "before": None, "skipped_total": 0}
     ckpt_root = run_dir / "checkpoints"
     ckpt_model = checkpoint_module(parts.policy.model, value_head=parts.value_head, prev_model=parts.prev_model)
@@ -261,23 +300,31 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             parts.learner.bad_streak = state["bad_streak"]
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
     parts.hooks.init_state(state)
-    stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
+    stream = TrainStream(source, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
     log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
     if state["before"] is None:
-        state["before"] = heldout(parts, cfg, eval_set)
+        echo(f"evaluating before training: {len(eval_set)} held-out prompts x (1 greedy + "
+             f"{cfg.eval.n_samples} samples)")
+        state["before"] = heldout(parts, cfg, eval_set, progress=throttled(echo))
         log.log(0, {"eval/pass1": state["before"]["pass1"], "eval/greedy": state["before"]["greedy"]})
-    train_items = sample_items(mix, split="train", start=data_offset(cfg.seed), count=cfg.train.steps * B)
-    write_text_atomic(run_dir / "seeds.json", json.dumps(  # {"train": {task: range}, "eval": {...}}
-        {**seed_report(train_items), **seed_report(eval_set)}, indent=1))
+    n_train = cfg.train.steps * B
+    # built-in tasks: {"train": {task: seed range}, "eval": {...}}; a dataset: {"dataset": {...}}
+    write_text_atomic(run_dir / "seeds.json", json.dumps(source.report(data_offset(cfg.seed), n_train), indent=1))
     progress = Progress(cfg.train.steps, state["step"], cfg.log.progress, cfg.log.every)
+    watch = SignalWatch(cfg.log.no_signal_steps)
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
             t0 = time.time()
             parts.hooks.before_step(step)
+            parts.reward_state.global_step = step - 1  # as TRL: optimizer steps completed so far
             batch, metrics, messages = rollout_step(parts, cfg, stream, step)
+            metrics.update(parts.reward_state.pop_logged())
             state["data_pos"] = stream.pos
             for m in messages:
                 echo(f"step {step}: reward {m}")
+            warning = watch.update(batch.advantages, metrics)
+            if warning:
+                echo(f"step {step}: {warning}")
             try:
                 metrics.update(parts.learner.update(batch, loss_kwargs=parts.hooks.loss_kwargs(state)))
             except NonFiniteLoss as exc:
@@ -315,24 +362,20 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
         progress.close()
         log.close()
     after = state.get("after") or heldout(parts, cfg, eval_set)
-    if stream.pos > len(train_items):  # dynamic sampling drew extra prompts: record them all
-        write_text_atomic(run_dir / "seeds.json", json.dumps({**seed_report(sample_items(
-            mix, split="train", start=data_offset(cfg.seed), count=stream.pos)), **seed_report(eval_set)}, indent=1))
+    if stream.pos > n_train:  # dynamic sampling drew extra prompts: record them all
+        write_text_atomic(run_dir / "seeds.json", json.dumps(source.report(data_offset(cfg.seed), stream.pos), indent=1))
     save_final(parts, run_dir)
     summary = {"complete": True, "steps": cfg.train.steps, "run_dir": str(run_dir),
                "heldout": {"pass1_before": state["before"]["pass1"], "pass1_after": after["pass1"],
                            "greedy_before": state["before"]["greedy"], "greedy_after": after["greedy"],
                            "per_cell_before": state["before"]["per_cell"], "per_cell": after["per_cell"]},
                "config_hash": config_hash(cfg), "versions": versions()}
+    if getattr(source, "info", None):
+        summary["dataset"] = source.info
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     echo(f"held-out pass@1 (T=1.0): {state['before']['pass1']:.3f} -> {after['pass1']:.3f}")
     echo(f"held-out greedy: {state['before']['greedy']:.3f} -> {after['greedy']:.3f}")
     return summary
-
-
-def data_offset(seed: int) -> int:
-    """Where seed ``seed`` starts reading the train split: each seed sees different prompts."""
-    return (seed % 97) * 10_000_000
 
 
 def config_hash(cfg: Config) -> str:

@@ -49,7 +49,8 @@ def wire_method(parts, cfg: Config, teacher: Optional[torch.nn.Module]) -> None:
     parts.hooks = LoopHooks(pol.model, prev=prev, aer=aer)
 
     def rewards_fn(prompts: list[str], texts: list[str], columns: dict) -> torch.Tensor:
-        r, _, _ = score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s)
+        r, _, _ = score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s,
+                        trainer_state=parts.reward_state)
         return torch.tensor(r, dtype=torch.float32)
 
     parts.stages = make_stages(cfg, needs, policy=pol, ref_model=parts.ref_model, teacher=teacher, prev=prev,
@@ -63,8 +64,9 @@ def wire_method(parts, cfg: Config, teacher: Optional[torch.nn.Module]) -> None:
 
 def partial_draw(parts, cfg: Config, params: SamplingParams) -> Callable[[list], Scored]:
     """items -> their G sampled and scored completions each."""
-    def score_fn(prompts, texts, columns):
-        return score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s)
+    def score_fn(prompts, texts, columns, **kw):  # kw: completion_ids (tilt.rewards.score)
+        return score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s,
+                     trainer_state=parts.reward_state, **kw)
 
     return lambda items: sample_scored(parts.policy, items, group_size=cfg.rollout.group_size, params=params,
                                        generator=parts.generator, score_fn=score_fn)
