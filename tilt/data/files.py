@@ -77,6 +77,8 @@ def load_file(path: str, *, split: Optional[str] = None, fmt: str = "auto", fiel
     if not p.exists():
         raise ConfigError(f"{field}: dataset file {str(p)!r} does not exist")
     name = detect_format(p) if fmt == "auto" else fmt
+    if p.is_file() and p.stat().st_size < 65536 and not p.read_bytes().strip():
+        raise ConfigError(f"{field}: the dataset {str(p)!r} is empty (0 rows)")
     loader = FORMATS.get(name)
     try:
         return loader(p, split)
