@@ -1,4 +1,4 @@
-"""The `tilt` command line: train, pretrain, eval, compare, config show."""
+"""The `tilt` command line: train, sft, pretrain, eval, compare, config show."""
 from __future__ import annotations
 
 import json
@@ -68,8 +68,43 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
 
 
 @app.command()
-def pretrain(out: Path = typer.Option(None, "--out", help="Output directory (default: the packaged "
-                                      "tilt/assets/base, i.e. the shipped model)."),
+def sft(data: str = typer.Argument(..., help="Dataset file (jsonl/json/csv/parquet) or save_to_disk folder with "
+                                   "prompt + completion columns, or a conversational messages column."),
+        out: Path = typer.Option(..., "--out", help="Where to write the fine-tuned Hugging Face model directory."),
+        model: str = typer.Option("shipped", help="Model to start from: 'shipped' or a local HF model directory."),
+        epochs: int = typer.Option(3, min=1, help="Passes over the dataset."),
+        lr: float = typer.Option(1e-4, min=0.0, help="AdamW learning rate."),
+        batch_size: int = typer.Option(16, min=1, help="Examples per optimizer step."),
+        seed: int = typer.Option(0, help="Seed of data order."),
+        threads: int = typer.Option(1, min=1, help="torch threads."),
+        split: Optional[str] = typer.Option(None, help="Split or slice to read, e.g. 'train[:200]'."),
+        prompt_column: str = typer.Option("prompt", help="Prompt column (string or messages)."),
+        completion_column: str = typer.Option("completion", help="Completion column."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model at --out.")) -> None:
+    """Supervised fine-tuning on your dataset (loss on completion tokens only); `tilt train
+    --set model.path=OUT` then starts RL from the result."""
+    from tilt.model import shipped_model_dir
+    from tilt.supervised import SFTCfg, sft as run_sft
+
+    if out.resolve() == shipped_model_dir().resolve():
+        fail("--out is the shipped model's directory; write the fine-tuned model elsewhere")
+    if (out / "config.json").exists() and not overwrite:
+        fail(f"{str(out)!r} already holds a model; pass --overwrite to replace it or choose another --out")
+    cfg = SFTCfg(model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, threads=threads, split=split,
+                 prompt_column=prompt_column, completion_column=completion_column)
+    try:
+        info = run_sft(data, out, cfg)
+    except _user_errors() as exc:
+        fail(str(exc))
+    typer.echo(f"saved fine-tuned model to {out} (final completion loss {info['epoch_losses'][-1]:.4f}); "
+               f"train from it with `tilt train --set model.path={out}`")
+
+
+@app.command()
+def pretrain(out: Path = typer.Option(None, "--out", help="Output directory (required unless "
+                                      "--overwrite-shipped)."),
+             overwrite_shipped: bool = typer.Option(False, "--overwrite-shipped", help="Write to the packaged "
+                                                    "tilt/assets/base, replacing the shipped model."),
              n_examples: int = typer.Option(2500, help="Labelled SFT examples (from the 'sft' seed range)."),
              max_epochs: int = typer.Option(40, help="Epoch limit; early stopping on held-out SFT loss."),
              threads: int = typer.Option(1, help="torch threads (1 = bit-reproducible)."),
@@ -82,6 +117,8 @@ def pretrain(out: Path = typer.Option(None, "--out", help="Output directory (def
     cfg = PretrainCfg(n_examples=n_examples, max_epochs=max_epochs, seed=seed, threads=threads)
     if mix:
         cfg.mix = mix
+    if out is None and not overwrite_shipped:
+        fail("pass --out DIR for the new base model (or --overwrite-shipped to replace the packaged one)")
     target = out or shipped_model_dir()
     try:
         info = run_pretrain(cfg, target)
