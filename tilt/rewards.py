@@ -90,6 +90,10 @@ def check_signature(fn: RewardFn, columns: Sequence[str]) -> None:
     except (TypeError, ValueError):
         return  # builtins without a signature: let the call decide
     names = ["prompts", "completions", "completion_ids", *columns, *EXTRA_KWARGS]
+    if fn is verifier_reward and not {"task", "columns"} <= set(columns):
+        raise ValueError("reward function 'verifier' scores the built-in tasks only (it reads their task and "
+                         f"columns columns; this dataset has {', '.join(columns)}); give your own with --reward "
+                         "module:function or reward.functions")
     try:
         sig.bind(**{k: None for k in names})
     except TypeError as exc:
