@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REWARDS = '''
 def reverse_reward(prompts, completions, answer, **kwargs):
@@ -122,6 +123,7 @@ def test_cli_train_and_eval_on_a_dataset_with_a_file_reward(tmp_path, tiny_llama
     assert summary["dataset"]["eval_rows"] == 4 and list(summary["heldout"]["per_cell"]) == ["data"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reward/errors"] == 0 for r in rows if "reward/errors" in r)
+    assert "evaluating before training: 4 held-out prompts x (1 greedy + 2 samples)" in out.output
     out = cli("eval", "run", "--n", "2", "--max-new-tokens", "6")
     assert out.exit_code == 0 and "data" in out.output, out.output
     # a reward module that does not import, and a wrong signature: clear errors, exit code 2, nothing trained
@@ -135,3 +137,78 @@ def test_cli_train_and_eval_on_a_dataset_with_a_file_reward(tmp_path, tiny_llama
     assert not (tmp_path / "r_narrow" / "checkpoints").exists()
     missing = cli("train", "--data", "nope.jsonl", "--run-dir", "r_missing")
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_no_signal_warning_after_n_all_zero_steps():
+    from tilt.trainer import SignalWatch
+
+    w = SignalWatch(3)
+    zero, live = torch.zeros(4, 2), torch.tensor([[0.0, 0.5]])
+    # steps: zero, zero, live (streak resets), zero, zero, zero (streak 3 -> warn once), zero (no repeat)
+    out = [w.update(a, {"reward/mean": 0.0}) for a in (zero, zero, live, zero, zero, zero, zero)]
+    assert [o is not None for o in out] == [False, False, False, False, False, True, False]
+    assert "no learning signal for 3 steps" in out[5] and "reward is always 0 or always 1" in out[5]
+    assert SignalWatch(0).update(zero, {}) is None
+
+
+def test_pretrain_no_longer_overwrites_the_shipped_model_by_default():
+    out = cli("pretrain")
+    assert out.exit_code == 2 and "--overwrite-shipped" in out.output
+
+
+def test_conversational_dataset_trains_and_rewards_see_messages(tmp_path, tiny_llama_dir):
+    """A chat-template model on a messages dataset: prompts reach the reward as message lists and
+    completions as [{"role": "assistant", "content": ...}], as TRL passes them."""
+    import shutil
+
+    from datasets import Dataset
+
+    import tilt
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(tiny_llama_dir, model)
+    cfg_path = model / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                                "{% if add_generation_prompt %}a: {% endif %}")
+    cfg_path.write_text(json.dumps(tok_cfg))
+    seen: list = []
+
+    def reward(prompts, completions, answer, **kwargs):
+        seen.append((prompts[0], completions[0], kwargs["trainer_state"].global_step))
+        return [float(c[0]["content"].strip() == a) for c, a in zip(completions, answer)]
+
+    rows = [{"prompt": [{"role": "user", "content": f"rev {n}"}], "answer": str(n)[::-1]} for n in range(10, 30)]
+    summary = tilt.train({"model": {"path": str(model)}, "train": {"steps": 2},
+                          "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
+                          "eval": {"n_samples": 1, "max_new_tokens": 4}, "threads": 1,
+                          "log": {"plot": False, "tensorboard": False, "progress": "none"}},
+                         reward_funcs=[reward], train_dataset=Dataset.from_list(rows[:16]),
+                         eval_dataset=Dataset.from_list(rows[16:]), run_dir=str(tmp_path / "run"), echo=lambda s: None)
+    assert summary["complete"] and summary["dataset"]["eval_rows"] == 4
+    prompt, completion, _ = seen[0]
+    assert prompt[0]["role"] == "user" and completion[0]["role"] == "assistant"
+    # before-training eval and step 1 see global_step 0, step 2 sees 1, the final eval 2 (steps completed)
+    assert sorted({step for _, _, step in seen}) == [0, 1, 2]
+
+
+def test_overlapping_eval_file_is_refused_then_marked_when_allowed(tmp_path, tiny_llama_dir, monkeypatch):
+    write_task(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    lines = (tmp_path / "rl.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:40]))
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[35:45]))  # rows 35..39 are in both: 5 of 10
+    args = ["train", "--data", "train.jsonl", "--reward", "rewards.py:reverse_reward", "--set", "data.eval.path=eval.jsonl",
+            "--set", f"model.path={tiny_llama_dir}", "--set", "train.steps=1", "--set", "eval.n_samples=1",
+            "--set", "rollout.max_new_tokens=4", "--set", "eval.max_new_tokens=4", *COMMON]
+    refused = cli(*args, "--run-dir", "r1")
+    assert refused.exit_code == 2 and "5 of 10 eval prompts also appear in the train source" in refused.output
+    assert not (tmp_path / "r1" / "checkpoints").exists()
+    ok = cli(*args, "--run-dir", "r2", "--allow-contaminated")
+    assert ok.exit_code == 0, ok.output
+    seeds = json.loads((tmp_path / "r2" / "seeds.json").read_text())["dataset"]
+    assert seeds["eval_overlap_train"] == 5 and seeds["contaminated"] and seeds["allow_contaminated"]
+    ev = cli("eval", "r2", "--n", "1", "--max-new-tokens", "4")
+    assert ev.exit_code == 2 and "5 of 10 eval prompts also appear in the train rows" in ev.output
+    ev = cli("eval", "r2", "--n", "1", "--max-new-tokens", "4", "--allow-contaminated")
+    assert ev.exit_code == 0 and json.loads((tmp_path / "r2" / "eval.json").read_text())["contaminated"] is True

@@ -73,6 +73,9 @@ class EvalSourceCfg(DataSourceCfg):
 
 
 class DataCfg(Section):
+    source: str = "auto"
+    """Kind of source from tilt.data.SOURCES ("tasks": the built-in tasks of tasks.mix; "dataset": rows of
+    data.train.path); "auto" = "dataset" when data.train.path is set, else "tasks"."""
     train: DataSourceCfg = DataSourceCfg()
     """Train prompts: a dataset file, or None for the built-in tasks of tasks.mix."""
     eval: EvalSourceCfg = EvalSourceCfg()
@@ -83,6 +86,11 @@ class DataCfg(Section):
     allow_contaminated: bool = False
     """Accept eval prompts that also appear in the train rows (normalised-prompt hash); the overlap
     is recorded in seeds.json and the run is marked contaminated."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return v if v == "auto" else _check_name("tilt.data.sources", "SOURCES", v)
 
 
 class RolloutCfg(Section):

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tilt.rewards import RewardFn, score, verifier_reward
+from tilt.rewards import RewardFn, RewardState, score, verifier_reward
 from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate
 from tilt.tasks.base import Item
 
@@ -31,18 +31,20 @@ def cell_name(item: Item) -> str:
 
 
 def _rewards(items: list[Item], texts: list[str], completion_ids: list[list[int]], reward_fns: list[RewardFn],
-             weights: list[float], timeout: float) -> list[float]:
+             weights: list[float], timeout: float, state: Optional[RewardState]) -> list[float]:
     from tilt.wiring.sampling import row_columns
 
     prompts, columns = row_columns(items)
-    return score(reward_fns, weights, prompts, texts, columns, timeout=timeout, completion_ids=completion_ids)[0]
+    return score(reward_fns, weights, prompts, texts, columns, timeout=timeout, completion_ids=completion_ids,
+                 trainer_state=state)[0]
 
 
 @torch.no_grad()
 def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, temperature: float = 1.0,
                    max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0,
                    reward_fns: Optional[list[RewardFn]] = None, weights: Optional[list[float]] = None,
-                   timeout: float = 10.0, progress: Optional[Callable[[str], None]] = None) -> list[ItemResult]:
+                   timeout: float = 10.0, progress: Optional[Callable[[str], None]] = None,
+                   trainer_state: Optional[RewardState] = None) -> list[ItemResult]:
     """Greedy decode once and sample ``n_samples`` per item; score with ``reward_fns`` (weighted
     sum; default the built-in verifier).
 
@@ -68,7 +70,7 @@ def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, t
                              pad_id=pad, generator=gen)
             cids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)]
             rewards = _rewards([items[i] for i in sub], decode_completions(tokenizer, batch, eos), cids, fns, w,
-                               timeout)
+                               timeout, trainer_state)
             for i, r in zip(sub, rewards):
                 if temp == 0.0:
                     results[i].greedy_reward = r

@@ -202,7 +202,8 @@ def heldout(parts: Parts, cfg: Config, items: list, progress: Optional[Callable[
     res = evaluate_items(pol.model, pol.tokenizer, items, n_samples=cfg.eval.n_samples, temperature=1.0,
                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                          seed=cfg.seed + EVAL_SEED_OFFSET, reward_fns=parts.reward_fns,
-                         weights=parts.reward_weights, timeout=cfg.reward.timeout_s, progress=progress)
+                         weights=parts.reward_weights, timeout=cfg.reward.timeout_s, progress=progress,
+                         trainer_state=parts.reward_state)
     pol.model.train()
     return summarize(res)
 
@@ -340,6 +341,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             if skipped:
                 echo(f"step {step}: skipped {skipped} optimizer step(s) with a non-finite loss or gradient")
             dt = time.time() - t0
+            parts.reward_state.global_step = step
             metrics.update({"tokens_per_s": float(batch.completion_mask.sum()) / dt, "time/step_s": dt,
                             "train/skipped_total": float(state["skipped_total"])})
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:

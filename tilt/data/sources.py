@@ -21,11 +21,15 @@ from typing import Any, Optional, Protocol
 from tilt.config import Config, ConfigError
 from tilt.data.files import check_rows, load_file
 from tilt.data.prompts import in_heldout, prompt_hash, render, unknown_chars
+from tilt.registry import Registry
 from tilt.tasks.base import Item
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 
 # columns TRL never passes to reward functions (GRPOTrainer._calculate_rewards, TRL 1.16)
 NOT_REWARD_COLUMNS = ("completion", "completion_ids")
+
+# kind of source -> builder(cfg, tokenizer, train_dataset, eval_dataset) -> Source (data.source)
+SOURCES: Registry = Registry("data source")
 
 
 class Source(Protocol):
@@ -109,16 +113,38 @@ def _load(cfg_src, dataset, *, field: str, prompt_column: str) -> tuple[list[dic
     return check_rows(ds, prompt_column=prompt_column, where=f"{field} {cfg_src.path!r}"), str(cfg_src.path)
 
 
+def source_kind(cfg: Config, *, given: bool = False) -> str:
+    """``data.source``, with "auto" = "dataset" when data.train.path is set (or a Dataset is
+    ``given`` to the Python API), else "tasks"."""
+    if cfg.data.source != "auto":
+        return cfg.data.source
+    return "dataset" if given or cfg.data.train.path is not None else "tasks"
+
+
 def build_source(cfg: Config, tokenizer, *, train_dataset=None, eval_dataset=None) -> Source:
-    """The run's source: ``tasks.mix`` when no dataset is configured or given, else a RowSource.
+    """The run's source, built by the ``SOURCES`` entry ``source_kind`` names.
 
     Raises ConfigError for unreadable / invalid datasets and for train/eval overlap (unless
     ``data.allow_contaminated``)."""
+    kind = source_kind(cfg, given=train_dataset is not None)
+    return SOURCES.get(kind)(cfg, tokenizer, train_dataset, eval_dataset)
+
+
+@SOURCES.register("tasks")
+def task_source(cfg: Config, tokenizer, train_dataset=None, eval_dataset=None) -> TaskSource:
+    """The built-in procedural tasks of ``tasks.mix`` (held out: ``tasks.eval_per_cell`` per cell)."""
+    if train_dataset is not None or eval_dataset is not None or cfg.data.eval.path is not None:
+        raise ConfigError("data.source 'tasks' takes no dataset; data.eval.path (or eval_dataset) needs a train "
+                          "dataset too (data.train.path)")
+    return TaskSource(cfg.tasks.mix, eval_per_cell=cfg.tasks.eval_per_cell)
+
+
+@SOURCES.register("dataset")
+def dataset_source(cfg: Config, tokenizer, train_dataset=None, eval_dataset=None) -> RowSource:
+    """Rows of ``data.train.path`` (or ``train_dataset``); held out: ``data.eval``."""
     d = cfg.data
     if train_dataset is None and d.train.path is None:
-        if eval_dataset is not None or d.eval.path is not None:
-            raise ConfigError("data.eval.path (or eval_dataset) needs a train dataset too (data.train.path)")
-        return TaskSource(cfg.tasks.mix, eval_per_cell=cfg.tasks.eval_per_cell)
+        raise ConfigError("data.source 'dataset' needs data.train.path (or train_dataset in the Python API)")
     col = d.prompt_column
     train_rows, train_name = _load(d.train, train_dataset, field="data.train", prompt_column=col)
     if eval_dataset is not None or d.eval.path is not None:
