@@ -140,7 +140,7 @@ def test_cli_train_and_eval_on_a_dataset_with_a_file_reward(tmp_path, tiny_llama
 
 
 def test_no_signal_warning_after_n_all_zero_steps():
-    from tilt.trainer import SignalWatch
+    from tilt.alerts import SignalWatch
 
     w = SignalWatch(3)
     zero, live = torch.zeros(4, 2), torch.tensor([[0.0, 0.5]])

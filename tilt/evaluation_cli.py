@@ -35,7 +35,7 @@ def _resolve(target: str) -> tuple[str, Optional[Path], Config]:
     return target, None, Config()
 
 
-def _task_items(cfg: Config, tasks: Optional[str], per_cell: Optional[int], split: str, run_dir, seeds: dict):
+def _task_items(cfg: Config, tasks: Optional[str], per_cell: Optional[int], split: str, seeds: dict):
     """(items, contamination problems) of the built-in tasks."""
     mix = parse_mix(tasks or cfg.tasks.mix)
     per_cell = per_cell or cfg.tasks.eval_per_cell
@@ -84,7 +84,7 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
     if isinstance(source, RowSource):
         items, problems = _data_items(source, cfg, split, per_cell)
     else:
-        items, problems = _task_items(cfg, tasks, per_cell, split, run_dir, seeds)
+        items, problems = _task_items(cfg, tasks, per_cell, split, seeds)
     console = Console()
     for line in source.warnings:
         console.print(line, markup=False)

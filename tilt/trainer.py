@@ -25,6 +25,7 @@ from tilt.advantages import ADVANTAGES
 from tilt.batch import AdvantageInput
 from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
+from tilt.alerts import SignalWatch, throttled
 from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
 from tilt.kl import KL_ESTIMATORS
@@ -206,35 +207,6 @@ def heldout(parts: Parts, cfg: Config, items: list, progress: Optional[Callable[
                          trainer_state=parts.reward_state)
     pol.model.train()
     return summarize(res)
-
-
-def throttled(echo: Callable[[str], None], every_s: float = 10.0) -> Callable[[str], None]:
-    """``echo`` at most once per ``every_s`` seconds (progress lines of a long evaluation)."""
-    last = [time.time()]
-
-    def f(line: str) -> None:
-        if time.time() - last[0] >= every_s:
-            last[0] = time.time()
-            echo(line)
-
-    return f
-
-
-class SignalWatch:
-    """Counts consecutive steps whose advantages are all zero; warns once when ``steps`` is reached."""
-
-    def __init__(self, steps: int):
-        self.steps, self.streak = steps, 0
-
-    def update(self, advantages: torch.Tensor, metrics: dict[str, float]) -> Optional[str]:
-        self.streak = self.streak + 1 if not bool(advantages.abs().gt(0).any()) else 0
-        if not self.steps or self.streak != self.steps:
-            return None
-        return (f"warning: no learning signal for {self.steps} steps: every group's advantages were zero "
-                f"(reward/mean {metrics.get('reward/mean', float('nan')):.3f}, reward/errors "
-                f"{metrics.get('reward/errors', 0):.0f}). Likely causes: the reward is always 0 or always 1 "
-                "for every completion of a prompt (task too hard or too easy for the model, a reward that "
-                "reads the wrong column), or the reward function is failing (see reward/errors).")
 
 
 def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path]:
