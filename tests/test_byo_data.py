@@ -126,6 +126,13 @@ def test_cli_train_and_eval_on_a_dataset_with_a_file_reward(tmp_path, tiny_llama
     assert "evaluating before training: 4 held-out prompts x (1 greedy + 2 samples)" in out.output
     out = cli("eval", "run", "--n", "2", "--max-new-tokens", "6")
     assert out.exit_code == 0 and "data" in out.output, out.output
+    # a model directory (no run) on a dataset file, broken down by a column, with the user's reward
+    out = cli("eval", str(tiny_llama_dir), "--data", "rl.jsonl", "--reward", "rewards.py:reverse_reward", "--n", "1",
+              "--per-cell", "6", "--max-new-tokens", "4", "--breakdown", "digits", "--out", "model_eval.json")
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "model_eval.json").read_text())
+    assert report["dataset"]["eval_rows"] == 256 and sum(r["n_items"] for r in report["rows"][:-1]) == 6
+    assert set(report["per_cell"]) <= {"digits=3", "digits=4", "digits=5"} and not report["contaminated"]
     # a reward module that does not import, and a wrong signature: clear errors, exit code 2, nothing trained
     (tmp_path / "bad.py").write_text("raise RuntimeError('boom at import')\n")
     (tmp_path / "narrow.py").write_text("def f(prompts, completions):\n    return [0.0] * len(prompts)\n")

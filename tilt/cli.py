@@ -157,7 +157,9 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
                                                         "module:function or file.py:function; repeatable). "
                                                         "Default: the run's reward.functions."),
              data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this dataset file "
-                                                "(jsonl/json/csv/parquet/save_to_disk folder) instead of the run's eval source.")) -> None:
+                                                "(jsonl/json/csv/parquet/save_to_disk folder) instead of the run's eval source."),
+             breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Dataset column to break scores "
+                                                     "down by (default: the run's data.eval.breakdown).")) -> None:
     """Greedy reward and unbiased pass@k on held-out items (per task and difficulty for the built-in
     tasks, per data.eval.breakdown value for a dataset), scored with the run's reward functions."""
     from tilt.evaluation_cli import run_eval
@@ -165,7 +167,7 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
     try:
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
                         allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens,
-                        rewards=list(reward or []) or None, data=data)
+                        rewards=list(reward or []) or None, data=data, breakdown=breakdown)
     except _user_errors() as exc:
         fail(str(exc))
     raise typer.Exit(code)

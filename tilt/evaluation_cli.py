@@ -13,6 +13,7 @@ from rich.console import Console
 
 from tilt.config import Config, load_config
 from tilt.data import EVAL_SEED_OFFSET, RowSource, build_source, data_offset
+from tilt.data.sources import eval_only_source
 from tilt.evaluate import evaluate_items
 from tilt.evaluation.report import build_eval_report, check_seed_overlap, render_eval_table
 from tilt.model import load_policy
@@ -64,22 +65,28 @@ def _data_items(source: RowSource, cfg: Config, split: str, per_cell: Optional[i
 
 def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: int, k: str, split: str,
              allow_contaminated: bool, out: Optional[Path], seed: Optional[int], max_new_tokens: int,
-             rewards: Optional[list[str]] = None, data: Optional[str] = None) -> int:
+             rewards: Optional[list[str]] = None, data: Optional[str] = None,
+             breakdown: Optional[str] = None) -> int:
     """Evaluate and write the JSON report; return the exit code (2 when refused).
 
-    ``rewards`` replaces the run's reward.functions; ``data`` evaluates a dataset file (all its
-    rows are the eval source)."""
+    ``rewards`` replaces the run's reward.functions; ``data`` evaluates a dataset file (checked
+    against the run's train rows when ``target`` is a run); ``breakdown`` names the column
+    to break a dataset's scores down by."""
     model_path, run_dir, cfg = _resolve(target)
-    if data is not None:
+    if breakdown is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-            "train": cfg.data.train.model_copy(update={"path": cfg.data.train.path or data}),
+            "eval": cfg.data.eval.model_copy(update={"breakdown": breakdown})})})
+    own_train = data is not None and cfg.data.train.path is None  # a model, not a dataset run
+    if data is not None and not own_train:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
             "eval": cfg.data.eval.model_copy(update={"path": data})})})
     fns = [resolve_reward_fn(r) for r in (rewards or cfg.reward.functions)]
     weights = (cfg.reward.weights if not rewards else None) or [1.0] * len(fns)
     ks = [int(x) for x in k.split(",") if x.strip()]
     pol = load_policy(model_path)
     allowed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"allow_contaminated": True})})
-    source = build_source(allowed, pol.tokenizer)  # overlap is counted here and refused below
+    # overlap is counted here and refused below
+    source = eval_only_source(cfg, pol.tokenizer, data) if own_train else build_source(allowed, pol.tokenizer)
     seeds = json.loads((run_dir / "seeds.json").read_text()) if run_dir and (run_dir / "seeds.json").exists() else {}
     if isinstance(source, RowSource):
         items, problems = _data_items(source, cfg, split, per_cell)

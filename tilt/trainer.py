@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from tilt.advantages import ADVANTAGES
+from tilt.alerts import SignalWatch, throttled
 from tilt.batch import AdvantageInput
 from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
-from tilt.alerts import SignalWatch, throttled
 from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
 from tilt.kl import KL_ESTIMATORS

@@ -180,6 +180,20 @@ def dataset_source(cfg: Config, tokenizer, train_dataset=None, eval_dataset=None
     return RowSource(train, heldout, info, _unk_warning(tokenizer, [it.prompt for it in train + heldout]))
 
 
+def eval_only_source(cfg: Config, tokenizer, path: str) -> RowSource:
+    """Every row of the dataset at ``path`` as held-out items, for ``tilt eval MODEL --data FILE``
+    when no run (hence no train source) is known: nothing to compare against, overlap 0."""
+    d = cfg.data
+    ds = load_file(path, split=d.eval.split, fmt=d.eval.format, field="--data")
+    rows = check_rows(ds, prompt_column=d.prompt_column, where=f"--data {path!r}")[:d.eval.max_rows or None]
+    if d.eval.breakdown is not None and d.eval.breakdown not in rows[0]:
+        raise ConfigError(f"--breakdown: no column {d.eval.breakdown!r} in {path!r}; columns: {', '.join(rows[0])}")
+    items = _items(rows, prompt_column=d.prompt_column, tokenizer=tokenizer, label="data", breakdown=d.eval.breakdown)
+    info = {"train": None, "eval": str(path), "train_rows": 0, "eval_rows": len(items), "eval_overlap_train": 0,
+            "allow_contaminated": d.allow_contaminated, "contaminated": False}
+    return RowSource(items, items, info, _unk_warning(tokenizer, [it.prompt for it in items]))
+
+
 def _unk_warning(tokenizer, texts: list[str]) -> list[str]:
     bad, chars = unknown_chars(tokenizer, texts)
     if not bad:
