@@ -47,8 +47,9 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
 
     try:
         if resume is not None:
-            if config is not None or set_:
-                fail("--resume uses the run's saved config.yaml; do not pass --config or --set with it")
+            if config is not None or set_ or data or reward or allow_contaminated:
+                fail("--resume uses the run's saved config.yaml; do not pass --config, --set, --data, --reward "
+                     "or --allow-contaminated with it")
             if not resume.exists():
                 fail(f"cannot resume: run directory {str(resume)!r} does not exist")
             cfg = None
