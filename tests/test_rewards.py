@@ -49,7 +49,7 @@ def test_nan_reward_is_zero_and_counted():
 
 
 def test_wrong_length_is_an_error_not_a_crash():
-    r, counts, msgs = score([lambda p, c, **_: [1.0]], [1.0], PROMPTS, COMPLETIONS, COLS, timeout=5)
+    r, counts, msgs = score([lambda prompts, completions, **_: [1.0]], [1.0], PROMPTS, COMPLETIONS, COLS, timeout=5)
     # the batch call returns 1 value for 3 completions -> retried one by one, each returning 1 value
     assert r == [1.0, 1.0, 1.0] and "returned 1 rewards for 3" in msgs[0]
 

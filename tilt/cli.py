@@ -1,6 +1,7 @@
-"""The `tilt` command line: train, pretrain, eval, compare, config show."""
+"""The `tilt` command line: train, sft, pretrain, eval, compare, config show."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -33,7 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where the run writes everything."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory "
-                                                "from its last checkpoint (uses its saved config).")) -> None:
+                                                "from its last checkpoint (uses its saved config)."),
+          data: Optional[str] = typer.Option(None, "--data", help="Train on this dataset file (sets data.train.path)."),
+          reward: Optional[List[str]] = typer.Option(None, "--reward", help="Reward function (sets "
+                                                     "reward.functions; repeatable): module:function or file.py:function."),
+          allow_contaminated: bool = typer.Option(False, "--allow-contaminated", help="Accept eval prompts that "
+                                                  "also appear in the train data (sets data.allow_contaminated).")) -> None:
     """Train a policy with RL. With no arguments: GRPO on the default task mix from the shipped model."""
     from tilt.config import load_config
     from tilt.learner import NonFiniteLoss
@@ -41,13 +47,17 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
 
     try:
         if resume is not None:
-            if config is not None or set_:
-                fail("--resume uses the run's saved config.yaml; do not pass --config or --set with it")
+            if config is not None or set_ or data or reward or allow_contaminated:
+                fail("--resume uses the run's saved config.yaml; do not pass --config, --set, --data, --reward "
+                     "or --allow-contaminated with it")
             if not resume.exists():
                 fail(f"cannot resume: run directory {str(resume)!r} does not exist")
             cfg = None
         else:
             overrides = list(set_ or []) + ([f"run_dir={run_dir}"] if run_dir else [])
+            overrides += [f"data.train.path={data}"] if data else []
+            overrides += [f"reward.functions={json.dumps(list(reward))}"] if reward else []
+            overrides += ["data.allow_contaminated=true"] if allow_contaminated else []
             cfg = load_config(config, overrides)
         from tilt.config import Config
 
@@ -59,8 +69,43 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
 
 
 @app.command()
-def pretrain(out: Path = typer.Option(None, "--out", help="Output directory (default: the packaged "
-                                      "tilt/assets/base, i.e. the shipped model)."),
+def sft(data: str = typer.Argument(..., help="Dataset file (jsonl/json/csv/parquet) or save_to_disk folder with "
+                                   "prompt + completion columns, or a conversational messages column."),
+        out: Path = typer.Option(..., "--out", help="Where to write the fine-tuned Hugging Face model directory."),
+        model: str = typer.Option("shipped", help="Model to start from: 'shipped' or a local HF model directory."),
+        epochs: int = typer.Option(3, min=1, help="Passes over the dataset."),
+        lr: float = typer.Option(1e-4, min=0.0, help="AdamW learning rate."),
+        batch_size: int = typer.Option(16, min=1, help="Examples per optimizer step."),
+        seed: int = typer.Option(0, help="Seed of data order."),
+        threads: int = typer.Option(1, min=1, help="torch threads."),
+        split: Optional[str] = typer.Option(None, help="Split or slice to read, e.g. 'train[:200]'."),
+        prompt_column: str = typer.Option("prompt", help="Prompt column (string or messages)."),
+        completion_column: str = typer.Option("completion", help="Completion column."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model at --out.")) -> None:
+    """Supervised fine-tuning on your dataset (loss on completion tokens only); `tilt train
+    --set model.path=OUT` then starts RL from the result."""
+    from tilt.model import shipped_model_dir
+    from tilt.supervised import SFTCfg, sft as run_sft
+
+    if out.resolve() == shipped_model_dir().resolve():
+        fail("--out is the shipped model's directory; write the fine-tuned model elsewhere")
+    if (out / "config.json").exists() and not overwrite:
+        fail(f"{str(out)!r} already holds a model; pass --overwrite to replace it or choose another --out")
+    cfg = SFTCfg(model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, threads=threads, split=split,
+                 prompt_column=prompt_column, completion_column=completion_column)
+    try:
+        info = run_sft(data, out, cfg)
+    except _user_errors() as exc:
+        fail(str(exc))
+    typer.echo(f"saved fine-tuned model to {out} (final completion loss {info['epoch_losses'][-1]:.4f}); "
+               f"train from it with `tilt train --set model.path={out}`")
+
+
+@app.command()
+def pretrain(out: Path = typer.Option(None, "--out", help="Output directory (required unless "
+                                      "--overwrite-shipped)."),
+             overwrite_shipped: bool = typer.Option(False, "--overwrite-shipped", help="Write to the packaged "
+                                                    "tilt/assets/base, replacing the shipped model."),
              n_examples: int = typer.Option(2500, help="Labelled SFT examples (from the 'sft' seed range)."),
              max_epochs: int = typer.Option(40, help="Epoch limit; early stopping on held-out SFT loss."),
              threads: int = typer.Option(1, help="torch threads (1 = bit-reproducible)."),
@@ -73,6 +118,8 @@ def pretrain(out: Path = typer.Option(None, "--out", help="Output directory (def
     cfg = PretrainCfg(n_examples=n_examples, max_epochs=max_epochs, seed=seed, threads=threads)
     if mix:
         cfg.mix = mix
+    if out is None and not overwrite_shipped:
+        fail("pass --out DIR for the new base model (or --overwrite-shipped to replace the packaged one)")
     target = out or shipped_model_dir()
     try:
         info = run_pretrain(cfg, target)
@@ -106,13 +153,22 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
              out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSON report "
                                                 "(default RUN/eval.json, or ./eval.json for a model)."),
              seed: Optional[int] = typer.Option(None, help="Sampling seed (default: the run's evaluation seed)."),
-             max_new_tokens: int = typer.Option(16, help="Generation budget per completion.")) -> None:
-    """Greedy accuracy and unbiased pass@k per task and difficulty, on held-out generator seeds."""
+             max_new_tokens: int = typer.Option(16, help="Generation budget per completion."),
+             reward: Optional[List[str]] = typer.Option(None, "--reward", help="Reward function (registry name, "
+                                                        "module:function or file.py:function; repeatable). "
+                                                        "Default: the run's reward.functions."),
+             data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this dataset file "
+                                                "(jsonl/json/csv/parquet/save_to_disk folder) instead of the run's eval source."),
+             breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Dataset column to break scores "
+                                                     "down by (default: the run's data.eval.breakdown).")) -> None:
+    """Greedy reward and unbiased pass@k on held-out items (per task and difficulty for the built-in
+    tasks, per data.eval.breakdown value for a dataset), scored with the run's reward functions."""
     from tilt.evaluation_cli import run_eval
 
     try:
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
-                        allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens)
+                        allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens,
+                        rewards=list(reward or []) or None, data=data, breakdown=breakdown)
     except _user_errors() as exc:
         fail(str(exc))
     raise typer.Exit(code)

@@ -51,6 +51,48 @@ class TasksCfg(Section):
         return v
 
 
+class DataSourceCfg(Section):
+    path: Optional[str] = None
+    """Local dataset: a .jsonl / .json / .csv / .parquet file or a save_to_disk folder, read with the
+    `datasets` library. None = the built-in procedural tasks of tasks.mix (train) / a held-out fraction (eval)."""
+    split: Optional[str] = None
+    """Split to read: a DatasetDict split of a save_to_disk folder, or a datasets slice like "train[:80%]"
+    of a file (None = "train")."""
+    format: Literal["auto", "json", "csv", "parquet", "disk"] = "auto"
+    """File format (tilt.data.FORMATS); "auto" = from the suffix, a folder is "disk"."""
+
+
+class EvalSourceCfg(DataSourceCfg):
+    fraction: float = Field(0.1, gt=0, lt=1)
+    """Without an eval path: the share of train rows held out for evaluation, chosen by hashing each
+    normalised prompt (the same prompt always lands on the same side, whatever the seed)."""
+    max_rows: Optional[int] = Field(256, ge=1)
+    """Evaluate at most this many held-out rows (the first ones, in file order); None = all."""
+    breakdown: Optional[str] = None
+    """A column of the eval rows to break held-out scores down by (one cell per value), e.g. "level"."""
+
+
+class DataCfg(Section):
+    source: str = "auto"
+    """Kind of source from tilt.data.SOURCES ("tasks": the built-in tasks of tasks.mix; "dataset": rows of
+    data.train.path); "auto" = "dataset" when data.train.path is set, else "tasks"."""
+    train: DataSourceCfg = DataSourceCfg()
+    """Train prompts: a dataset file, or None for the built-in tasks of tasks.mix."""
+    eval: EvalSourceCfg = EvalSourceCfg()
+    """Held-out prompts of a dataset run: a second file / split, or a hashed fraction of the train rows."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt: a string, or a list of {"role", "content"} messages (rendered with the
+    tokenizer's chat template). Every other column reaches the reward functions as a keyword list (TRL's convention)."""
+    allow_contaminated: bool = False
+    """Accept eval prompts that also appear in the train rows (normalised-prompt hash); the overlap
+    is recorded in seeds.json and the run is marked contaminated."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return v if v == "auto" else _check_name("tilt.data.sources", "SOURCES", v)
+
+
 class RolloutCfg(Section):
     group_size: int = Field(8, ge=1)
     """G: completions sampled per prompt."""
@@ -147,7 +189,8 @@ class SelectionCfg(Section):
 
 class RewardCfg(Section):
     functions: list[str] = ["verifier"]
-    """Reward functions: registry names or "module:function" paths of f(prompts, completions, **columns)."""
+    """Reward functions: registry names, "package.module:function" or "path/to/file.py:function", each
+    f(prompts, completions, completion_ids, **columns) -> list[float] as for trl.GRPOTrainer."""
     weights: Optional[list[float]] = None
     """Weight per reward function (default 1 each); the reward is the weighted sum."""
     timeout_s: float = Field(10.0, gt=0)
@@ -215,6 +258,8 @@ class LogCfg(Section):
     """Write curves.png (reward, accuracy, KL, entropy) at checkpoints and at the end."""
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     """Progress display: rich bar on a TTY, plain lines otherwise ("auto")."""
+    no_signal_steps: int = Field(10, ge=0)
+    """Warn when this many consecutive steps had every advantage zero (no learning signal); 0 = never."""
 
 
 class Config(Section):
@@ -228,6 +273,8 @@ class Config(Section):
     """Policy (and frozen reference) model."""
     tasks: TasksCfg = TasksCfg()
     """Training and held-out tasks."""
+    data: DataCfg = DataCfg()
+    """Bring-your-own dataset (overrides tasks.mix when data.train.path is set)."""
     rollout: RolloutCfg = RolloutCfg()
     """Sampling of completions."""
     loss: LossCfg = LossCfg()

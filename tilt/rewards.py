@@ -1,8 +1,12 @@
 """Reward component: (prompts, completions, dataset columns) in, floats out.
 
-A reward function is a plain callable ``f(prompts, completions, **columns) -> list[float]``
-(TRL's convention), where each column is a list with one entry per completion. Functions are
-chosen by registry name or by an importable "module:function" path.
+A reward function is called exactly as ``trl.GRPOTrainer._calculate_rewards`` (TRL 1.16) calls
+it, all by keyword: ``f(prompts=, completions=, completion_ids=, **columns, trainer_state=,
+log_extra=, log_metric=) -> list[float]``. Each column of the dataset except the prompt (and
+``completion`` / ``completion_ids``) is a list with one entry per completion. ``prompts`` are
+strings, or lists of {role, content} messages for a conversational dataset, whose
+``completions`` are then ``[{"role": "assistant", "content": text}]``. Functions are chosen by
+registry name, an importable "module:function", or a file "path/to/rewards.py:function".
 
 Scoring is defensive: a function that raises, returns the wrong length, returns NaN/inf, or
 takes longer than the timeout does not stop the run. The affected samples score 0, and the
@@ -11,9 +15,13 @@ counts are returned as metrics (``reward/errors``, ``reward/nonfinite``, ``rewar
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import math
+import sys
 import threading
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 from tilt.registry import Registry
 
@@ -24,37 +32,117 @@ REWARDS: Registry = Registry("reward function")
 @REWARDS.register("verifier")
 def verifier_reward(prompts: list[str], completions: list[str], *, task: list[str],
                     columns: list[dict[str, Any]], **_: Any) -> list[float]:
-    """The task's own verifier: reward in [0, 1] per completion."""
+    """The built-in task's own verifier: reward in [0, 1] per completion. Reads the procedural
+    source's ``task`` and ``columns`` columns (tilt.tasks.base.Item.reward_columns)."""
     from tilt.tasks import get_task
 
     return [float(get_task(t).verify(c, **col)) for t, c, col in zip(task, completions, columns)]
 
 
+def _import_module(mod: str, spec: str):
+    if mod.endswith(".py"):
+        path = Path(mod).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"reward function {spec!r}: file {str(path)!r} does not exist")
+        name = f"tilt_user_rewards_{abs(hash(str(path)))}"
+        if name in sys.modules:
+            return sys.modules[name]
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    return importlib.import_module(mod)
+
+
 def resolve_reward_fn(name: str) -> RewardFn:
-    """A registry name, or "package.module:function" for a user-defined reward."""
+    """A registry name, "package.module:function", or "path/to/file.py:function"."""
     if name in REWARDS:
         return REWARDS.get(name)
     if ":" in name:
-        mod, _, attr = name.partition(":")
+        mod, _, attr = name.rpartition(":")
         try:
-            fn = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward function {name!r} could not be imported: {exc}") from exc
+            module = _import_module(mod, name)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user module may fail in any way while importing
+            raise ValueError(f"reward function {name!r}: module {mod!r} could not be imported: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        fn = getattr(module, attr, None)
+        if fn is None:
+            raise ValueError(f"reward function {name!r}: module {mod!r} has no attribute {attr!r}")
         if not callable(fn):
             raise ValueError(f"reward function {name!r} is not callable")
         return fn
-    raise ValueError(f"unknown reward function {name!r}; valid names: {', '.join(REWARDS.names())} "
-                     "or an importable 'module:function'")
+    raise ValueError(f"unknown reward function {name!r}; valid names: {', '.join(REWARDS.names())}, "
+                     "an importable 'module:function' or 'path/to/file.py:function'")
 
 
-def _call(fn: RewardFn, timeout: float, *args: Any, **kwargs: Any) -> tuple[list[float] | None, str]:
+def check_signature(fn: RewardFn, columns: Sequence[str]) -> None:
+    """ValueError unless ``fn`` accepts the keywords tilt (like TRL) passes it: prompts,
+    completions, completion_ids, every column, trainer_state, log_extra, log_metric."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: let the call decide
+    names = ["prompts", "completions", "completion_ids", *columns, *EXTRA_KWARGS]
+    if fn is verifier_reward and not {"task", "columns"} <= set(columns):
+        raise ValueError("reward function 'verifier' scores the built-in tasks only (it reads their task and "
+                         f"columns columns; this dataset has {', '.join(columns)}); give your own with --reward "
+                         "module:function or reward.functions")
+    try:
+        sig.bind(**{k: None for k in names})
+    except TypeError as exc:
+        raise ValueError(
+            f"reward function {getattr(fn, '__name__', fn)!r}{sig} cannot be called as TRL and tilt call it, "
+            f"with keywords {', '.join(names)}: {exc}. Write it as f(prompts, completions, **kwargs) and read "
+            "columns from kwargs") from None
+
+
+EXTRA_KWARGS = ("trainer_state", "log_extra", "log_metric")
+
+
+class RewardState:
+    """What ``trainer_state`` holds for a reward function (as transformers.TrainerState): the
+    current ``global_step`` and ``max_steps``. ``log_metric(name, value)`` calls are gathered in
+    ``logged`` and reach metrics.jsonl as ``reward_fn/<name>`` (mean over the step's calls)."""
+
+    def __init__(self, max_steps: int = 0):
+        self.global_step, self.max_steps, self.epoch = 0, max_steps, 0.0
+        self.logged: dict[str, list[float]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.logged.setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:  # completions table: not kept by tilt
+        return None
+
+    def pop_logged(self) -> dict[str, float]:
+        out = {f"reward_fn/{k}": sum(v) / len(v) for k, v in self.logged.items() if v}
+        self.logged = {}
+        return out
+
+
+def completions_as(prompts: Sequence[Any], texts: list[str]) -> list[Any]:
+    """Completions in the prompts' format: strings, or ``[{"role": "assistant", "content": t}]``
+    after conversational prompts (as TRL 1.16 decodes them without a response parser)."""
+    if prompts and isinstance(prompts[0], list):
+        return [[{"role": "assistant", "content": t}] for t in texts]
+    return list(texts)
+
+
+def _call(fn: RewardFn, timeout: float, **kwargs: Any) -> tuple[list[float] | None, str]:
     """Call ``fn`` in its own daemon thread; a call still running after ``timeout`` is abandoned
     (Python cannot kill a thread) and cannot block later calls or the interpreter's exit."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            box["out"] = fn(*args, **kwargs)
+            box["out"] = fn(**kwargs)
         except Exception as exc:  # noqa: BLE001 - any user error is counted, not fatal
             box["err"] = exc
 
@@ -68,25 +156,32 @@ def _call(fn: RewardFn, timeout: float, *args: Any, **kwargs: Any) -> tuple[list
         return None, f"error: {type(exc).__name__}: {exc}"
     out = box.get("out")
     try:
-        vals = [float(v) for v in out]
+        vals = [math.nan if v is None else float(v) for v in out]  # None -> NaN, as TRL
     except (TypeError, ValueError) as exc:
         return None, f"error: returned {type(out).__name__} that is not a list of numbers ({exc})"
     return vals, ""
 
 
-def score(fns: list[RewardFn], weights: list[float], prompts: list[str], completions: list[str],
-          columns: dict[str, list[Any]], *, timeout: float) -> tuple[list[float], dict[str, float], list[str]]:
+def score(fns: list[RewardFn], weights: list[float], prompts: list[Any], completions: list[str],
+          columns: dict[str, list[Any]], *, timeout: float, completion_ids: Optional[list[list[int]]] = None,
+          trainer_state: Optional[RewardState] = None) -> tuple[list[float], dict[str, float], list[str]]:
     """Weighted sum of reward functions, one float per completion.
 
-    Returns (rewards, counts, messages). If a batch call fails, each sample is retried alone
-    so one bad sample does not zero the batch; samples that still fail score 0.
+    ``prompts`` are as the dataset holds them (strings or message lists); ``completions`` are
+    the decoded texts, passed on in the prompts' format (``completions_as``); ``columns`` are the
+    rows' other columns. Returns (rewards, counts, messages). If a batch call fails, each sample
+    is retried alone so one bad sample does not zero the batch; samples that still fail score 0.
     """
     n = len(completions)
     total = [0.0] * n
     counts = {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0}
     messages: list[str] = []
+    state = trainer_state or RewardState()
+    extra = {"trainer_state": state, "log_extra": state.log_extra, "log_metric": state.log_metric}
+    kw = {"prompts": list(prompts), "completions": completions_as(prompts, completions),
+          "completion_ids": completion_ids, **columns, **extra}
     for fn, w in zip(fns, weights):
-        vals, why = _call(fn, timeout, prompts, completions, **columns)
+        vals, why = _call(fn, timeout, **kw)
         if vals is not None and len(vals) != n:
             vals, why = None, f"error: returned {len(vals)} rewards for {n} completions"
         if vals is None:
@@ -95,7 +190,7 @@ def score(fns: list[RewardFn], weights: list[float], prompts: list[str], complet
                 counts["reward/timeouts"] += n
                 vals = [0.0] * n
             else:
-                vals = [_score_one(fn, timeout, prompts, completions, columns, i, counts) for i in range(n)]
+                vals = [_score_one(fn, timeout, kw, i, counts) for i in range(n)]
         for i, v in enumerate(vals):
             if not math.isfinite(v):
                 counts["reward/nonfinite"] += 1
@@ -104,10 +199,9 @@ def score(fns: list[RewardFn], weights: list[float], prompts: list[str], complet
     return total, counts, messages
 
 
-def _score_one(fn: RewardFn, timeout: float, prompts: list[str], completions: list[str],
-               columns: dict[str, list[Any]], i: int, counts: dict[str, float]) -> float:
-    cols = {k: [v[i]] for k, v in columns.items()}
-    vals, why = _call(fn, timeout, [prompts[i]], [completions[i]], **cols)
+def _score_one(fn: RewardFn, timeout: float, kw: dict[str, Any], i: int, counts: dict[str, float]) -> float:
+    one = {k: (v if k in EXTRA_KWARGS or v is None else [v[i]]) for k, v in kw.items()}
+    vals, why = _call(fn, timeout, **one)
     if vals is None or len(vals) != 1:
         counts["reward/timeouts" if why == "timeout" else "reward/errors"] += 1
         return 0.0

@@ -39,12 +39,13 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """Tokenize prompts (with the tokenizer's special tokens, e.g. BOS) and left-pad.
+def encode_prompts(tokenizer, prompts: list[str], *, add_special_tokens: bool = True) -> tuple[Tensor, Tensor]:
+    """Tokenize prompts (with the tokenizer's special tokens, e.g. BOS, unless the text was
+    rendered by a chat template, which writes its own) and left-pad.
 
     Each distinct prompt is tokenized once (a group repeats its prompt G times)."""
     pad_id = tokenizer.pad_token_id
-    ids_of = {p: tokenizer(p).input_ids for p in dict.fromkeys(prompts)}
+    ids_of = {p: tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in dict.fromkeys(prompts)}
     return left_pad([ids_of[p] for p in prompts], pad_id)
 
 

@@ -15,24 +15,24 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from tilt.alerts import SignalWatch, throttled
 from tilt.batch import AdvantageInput
 from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
+from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
-from tilt.evaluation_cli import EVAL_SEED_OFFSET
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss
 from tilt.model import load_policy
-from tilt.rewards import resolve_reward_fn, score
+from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.rollout import SamplingParams
 from tilt.state import Component, checkpoint_module
-from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
 from tilt.providers import STAGES, Provider, Run, StepData
 from tilt.providers.frozen import RESOURCES
@@ -67,6 +67,7 @@ class Parts:
     @property
     def ref_model(self) -> Optional[torch.nn.Module]:
         return self.run.ref_model
+    reward_state: RewardState = field(default_factory=RewardState)  # trainer_state of reward functions
 
 
 def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
@@ -85,8 +86,10 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     if len(weights) != len(fns):
         raise ConfigError(f"reward.weights has {len(weights)} entries for {len(fns)} reward functions")
 
+    reward_state = RewardState()  # what reward functions get as trainer_state
+
     def rewards_fn(prompts: list[str], texts: list[str], columns: dict) -> torch.Tensor:
-        r, _, _ = score(fns, weights, prompts, texts, columns, timeout=cfg.reward.timeout_s)
+        r, _, _ = score(fns, weights, prompts, texts, columns, timeout=cfg.reward.timeout_s, trainer_state=reward_state)
         return torch.tensor(r, dtype=torch.float32)
 
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -118,7 +121,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
                  weights, generator, providers, components, make_filter(selector),
                  draw=None if draw is None else lambda sample, B: draw(sample, batch_size=B, pad_id=policy.pad_id,
                                                                        **selector.fn_kwargs),
-                 adv_keywords=frozenset(keyword_params(adv.entry.fn)) - set(adv.fn_kwargs) - ADV_FIELDS)
+                 adv_keywords=frozenset(keyword_params(adv.entry.fn)) - set(adv.fn_kwargs) - ADV_FIELDS,
+                 reward_state=reward_state)
 
 
 def partial_schedule(cfg: Config, total: int) -> Callable[[int], float]:
@@ -148,8 +152,9 @@ def draw_groups(parts: Parts, cfg: Config, stream: TrainStream) -> tuple[Scored,
     """The step's B prompts from the stream, G sampled and scored completions each (a selector
     with a ``draw`` rule, e.g. dynamic sampling, decides how many prompts are drawn)."""
     def sample(n: int) -> Scored:
-        def score_fn(prompts, texts, columns):
-            return score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s)
+        def score_fn(prompts, texts, columns, **kw):  # kw: completion_ids (tilt.rewards.score)
+            return score(parts.reward_fns, parts.reward_weights, prompts, texts, columns, timeout=cfg.reward.timeout_s,
+                         trainer_state=parts.reward_state, **kw)
 
         return sample_scored(parts.policy, stream.take(n), group_size=cfg.rollout.group_size, params=parts.run.params,
                              generator=parts.generator, score_fn=score_fn)
@@ -221,13 +226,16 @@ def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
     return batch, metrics, sc.messages
 
 
-def heldout(parts: Parts, cfg: Config, items: list) -> dict:
-    """pass@1 at T=1.0 (mean over n samples) and greedy accuracy on the held-out items."""
+def heldout(parts: Parts, cfg: Config, items: list, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """pass@1 at T=1.0 (mean over n samples) and greedy reward on the held-out items, scored with
+    the run's own reward functions."""
     pol = parts.policy
     pol.model.eval()
     res = evaluate_items(pol.model, pol.tokenizer, items, n_samples=cfg.eval.n_samples, temperature=1.0,
                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                         seed=cfg.seed + EVAL_SEED_OFFSET)
+                         seed=cfg.seed + EVAL_SEED_OFFSET, reward_fns=parts.reward_fns,
+                         weights=parts.reward_weights, timeout=cfg.reward.timeout_s, progress=progress,
+                         trainer_state=parts.reward_state)
     pol.model.train()
     return summarize(res)
 
@@ -268,13 +276,21 @@ def versions() -> dict[str, str]:
 
 
 def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[list[Callable]] = None,
-          echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) one training run; return its summary (also written to summary.json)."""
+          train_dataset=None, eval_dataset=None, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) one training run; return its summary (also written to summary.json).
+
+    ``train_dataset`` / ``eval_dataset`` (``datasets.Dataset`` objects) replace data.train /
+    data.eval; ``reward_fns`` (callables) replace reward.functions (the Python API, tilt.api)."""
     cfg, run_dir = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
     parts = build(cfg, reward_fns)
-    mix = parse_mix(cfg.tasks.mix)
+    source = build_source(cfg, parts.policy.tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    for line in source.warnings:
+        echo(line)
     B = cfg.rollout.prompts_per_step
-    eval_set = eval_items(mix, per_cell=cfg.tasks.eval_per_cell)
+    eval_set = source.eval_items()
+    for fn in parts.reward_fns:  # a wrong signature would score 0 silently at every step
+        check_signature(fn, list(source.train_items(0, 1)[0].reward_columns()))
+    parts.reward_state.max_steps = cfg.train.steps
     state: dict[str, Any] = {"step": 0, "bad_streak": 0, "before": None, "skipped_total": 0}
     ckpt_root = run_dir / "checkpoints"
     ckpt_model = checkpoint_module(parts.policy.model, parts.components)
@@ -290,24 +306,32 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     for c in parts.components:  # per-method state restored from the trainer state
         if c.state_key is not None and c.state_key in state:
             c.load_state_dict(state[c.state_key])
-    stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
+    stream = TrainStream(source, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
     log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
     if state["before"] is None:
-        state["before"] = heldout(parts, cfg, eval_set)
+        echo(f"evaluating before training: {len(eval_set)} held-out prompts x (1 greedy + "
+             f"{cfg.eval.n_samples} samples)")
+        state["before"] = heldout(parts, cfg, eval_set, progress=throttled(echo))
         log.log(0, {"eval/pass1": state["before"]["pass1"], "eval/greedy": state["before"]["greedy"]})
-    train_items = sample_items(mix, split="train", start=data_offset(cfg.seed), count=cfg.train.steps * B)
-    write_text_atomic(run_dir / "seeds.json", json.dumps(  # {"train": {task: range}, "eval": {...}}
-        {**seed_report(train_items), **seed_report(eval_set)}, indent=1))
+    n_train = cfg.train.steps * B
+    # built-in tasks: {"train": {task: seed range}, "eval": {...}}; a dataset: {"dataset": {...}}
+    write_text_atomic(run_dir / "seeds.json", json.dumps(source.report(data_offset(cfg.seed), n_train), indent=1))
     progress = Progress(cfg.train.steps, state["step"], cfg.log.progress, cfg.log.every)
+    watch = SignalWatch(cfg.log.no_signal_steps)
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
             t0 = time.time()
             for c in parts.components:
                 c.before_step(step)
+            parts.reward_state.global_step = step - 1  # as TRL: optimizer steps completed so far
             batch, metrics, messages = rollout_step(parts, cfg, stream, step)
+            metrics.update(parts.reward_state.pop_logged())
             state["data_pos"] = stream.pos
             for m in messages:
                 echo(f"step {step}: reward {m}")
+            warning = watch.update(batch.advantages, metrics)
+            if warning:
+                echo(f"step {step}: {warning}")
             try:
                 loss_kwargs = {k: v for c in parts.components for k, v in c.loss_kwargs().items()}
                 metrics.update(parts.learner.update(batch, loss_kwargs=loss_kwargs))
@@ -327,6 +351,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             if skipped:
                 echo(f"step {step}: skipped {skipped} optimizer step(s) with a non-finite loss or gradient")
             dt = time.time() - t0
+            parts.reward_state.global_step = step
             metrics.update({"tokens_per_s": float(batch.completion_mask.sum()) / dt, "time/step_s": dt,
                             "train/skipped_total": float(state["skipped_total"])})
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
@@ -349,24 +374,20 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
         progress.close()
         log.close()
     after = state.get("after") or heldout(parts, cfg, eval_set)
-    if stream.pos > len(train_items):  # dynamic sampling drew extra prompts: record them all
-        write_text_atomic(run_dir / "seeds.json", json.dumps({**seed_report(sample_items(
-            mix, split="train", start=data_offset(cfg.seed), count=stream.pos)), **seed_report(eval_set)}, indent=1))
+    if stream.pos > n_train:  # dynamic sampling drew extra prompts: record them all
+        write_text_atomic(run_dir / "seeds.json", json.dumps(source.report(data_offset(cfg.seed), stream.pos), indent=1))
     save_final(parts, run_dir)
     summary = {"complete": True, "steps": cfg.train.steps, "run_dir": str(run_dir),
                "heldout": {"pass1_before": state["before"]["pass1"], "pass1_after": after["pass1"],
                            "greedy_before": state["before"]["greedy"], "greedy_after": after["greedy"],
                            "per_cell_before": state["before"]["per_cell"], "per_cell": after["per_cell"]},
                "config_hash": config_hash(cfg), "versions": versions()}
+    if getattr(source, "info", None):
+        summary["dataset"] = source.info
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     echo(f"held-out pass@1 (T=1.0): {state['before']['pass1']:.3f} -> {after['pass1']:.3f}")
     echo(f"held-out greedy: {state['before']['greedy']:.3f} -> {after['greedy']:.3f}")
     return summary
-
-
-def data_offset(seed: int) -> int:
-    """Where seed ``seed`` starts reading the train split: each seed sees different prompts."""
-    return (seed % 97) * 10_000_000
 
 
 def config_hash(cfg: Config) -> str:

@@ -101,6 +101,8 @@ def seed_rows(runs: list[dict]) -> list[dict]:
     acc: dict[tuple[str, str], dict] = {}
     for run in runs:
         for split, tasks in (run["seeds"] or {}).items():
+            if split == "dataset":  # a dataset run: see dataset_rows
+                continue
             for task, r in tasks.items():
                 row = acc.setdefault((split, task), {"split": split, "task": task, "min_seed": r["min_seed"],
                                                      "max_seed": r["max_seed"], "counts": set(), "runs": 0})
@@ -114,6 +116,13 @@ def seed_rows(runs: list[dict]) -> list[dict]:
             train = acc.get(("train", row["task"]))
             row["overlaps_train"] = bool(train and row["min_seed"] <= train["max_seed"] and train["min_seed"] <= row["max_seed"])
     return rows
+
+
+def dataset_rows(runs: list[dict]) -> list[dict]:
+    """One row per dataset run: its train / eval sources and how many eval prompts overlap train."""
+    return [{"run": r["name"], **{k: r["seeds"]["dataset"].get(k) for k in
+                                  ("train", "eval", "train_rows", "eval_rows", "eval_overlap_train", "allow_contaminated")}}
+            for r in runs if r["seeds"] and "dataset" in r["seeds"]]
 
 
 def _f(x: float) -> str:
@@ -160,6 +169,13 @@ def render_markdown(spec: CompareSpec, col: Collected, res: dict, plots: list[st
     lines += _table(["split", "task", "seeds", "items per run", "runs", "eval overlaps train"], [
         [r["split"], r["task"], f"{r['min_seed']}..{r['max_seed']}", ", ".join(map(str, r["counts"])), str(r["runs"]),
          ("**YES**" if r["overlaps_train"] else "no") if r["split"] == "eval" else ""] for r in seeds])
+    data_rows = dataset_rows(col.runs)
+    if data_rows:
+        lines += ["", "Dataset runs: eval prompts compared with train prompts by normalised-prompt hash.", ""]
+        lines += _table(["run", "train", "eval", "train rows", "eval rows", "eval overlaps train"], [
+            [r["run"], str(r["train"]), str(r["eval"]), str(r["train_rows"]), str(r["eval_rows"]),
+             (f"**YES: {r['eval_overlap_train']} prompts (allowed)**" if r["eval_overlap_train"] else "no")]
+            for r in data_rows])
     lines += ["", "## Versions", "", "Report written with: " + ", ".join(f"{k} {v}" for k, v in res["versions_here"].items()), ""]
     lines += _table(["runs", "versions"], [[str(n), v] for v, n in res["run_versions"].items()])
     return "\n".join(lines + _missing(col)) + "\n"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tilt.compare.spec import CompareSpec, SpecError, task_slug
+from tilt.compare.spec import DATASET, CompareSpec, SpecError, task_slug
 
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "tilt.cli")
 MANIFEST = "compare_run.json"  # what the grid asked of this directory, to refuse reusing it for another spec
@@ -52,7 +52,7 @@ def expand_grid(spec: CompareSpec, out_dir: Path) -> list[Run]:
         for task in spec.tasks:
             for seed in spec.seeds:
                 overrides = dict(mspec.overrides)
-                overrides.update({"seed": seed, "tasks.mix": task})
+                overrides.update({"seed": seed} if task == DATASET else {"seed": seed, "tasks.mix": task})
                 if spec.steps is not None:
                     overrides["train.steps"] = spec.steps
                 runs.append(Run(method, task, seed, Path(out_dir) / "runs" / run_name(method, task, seed), overrides))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # safe as part of a directory name
 GRID_KEYS = ("seed", "tasks.mix")  # set by the grid itself, never by a method
+DATASET = "dataset"  # a tasks entry meaning "the base config's data.* source" (no tasks.mix override)
 
 
 class SpecError(ValueError):
@@ -50,7 +51,8 @@ class CompareSpec(_Strict):
     seeds: list[int]
     """Training seeds; every (method, task) pair runs once per seed. The runs are the rows of the score matrix."""
     tasks: list[str]
-    """Task mixes, e.g. "addition:1-2"; each one is trained and evaluated separately and is one column of the score matrix."""
+    """Task mixes, e.g. "addition:1-2"; each one is trained and evaluated separately and is one column of the score
+    matrix. "dataset" = the base config's own data source (data.train.path), scored with its reward functions."""
     baseline: str
     """The method every other method is compared against (probability of improvement)."""
     workers: Optional[int] = Field(None, ge=1)
@@ -87,7 +89,8 @@ class CompareSpec(_Strict):
         from tilt.tasks.mix import parse_mix
 
         for task in v:
-            parse_mix(task)  # ValueError names the bad piece and the valid tasks / difficulties
+            if task != DATASET:
+                parse_mix(task)  # ValueError names the bad piece and the valid tasks / difficulties
         slugs = [task_slug(t) for t in v]
         if len(set(slugs)) != len(slugs):
             raise ValueError(f"tasks {v} are not distinct (directory names {slugs})")
@@ -134,6 +137,16 @@ def parse_spec(raw: Any, *, source: str = "spec", root: Path | None = None) -> C
             raise SpecError(f"invalid compare spec ({source}):\n  field 'base_config': value "
                             f"{str(spec.base_config)!r} is not allowed: no such file {str(path)!r}")
         spec = spec.model_copy(update={"base_config": path.resolve()})
+    if DATASET in spec.tasks:
+        from tilt.config import ConfigError, load_config
+
+        try:
+            has_data = load_config(spec.base_config).data.train.path is not None
+        except ConfigError as exc:
+            raise SpecError(f"invalid compare spec ({source}): base_config: {exc}") from None
+        if not has_data:
+            raise SpecError(f"invalid compare spec ({source}):\n  field 'tasks': value {DATASET!r} needs a "
+                            "base_config with data.train.path set")
     return spec
 
 

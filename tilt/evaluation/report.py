@@ -29,8 +29,9 @@ class ItemResult(Protocol):
 
 
 def cell_key(task: str, difficulty: int) -> str:
-    """The name of a (task, difficulty) cell, as in summary.json: "addition:1"."""
-    return f"{task}:{difficulty}"
+    """The name of a (task, difficulty) cell, as in summary.json: "addition:1"; a dataset row
+    (difficulty 0) is named by its label alone ("data", or "level=2" with data.eval.breakdown)."""
+    return task if difficulty == 0 else f"{task}:{difficulty}"
 
 
 def _row(label: str, task: str | None, difficulty: int | None, results: list[ItemResult], ks: Sequence[int], threshold: float) -> dict:
@@ -85,7 +86,7 @@ def build_eval_report(
     for r in results:
         by_cell[(r.item.task, r.item.difficulty)].append(r)
     rows = [_row(cell_key(t, d), t, d, by_cell[(t, d)], ks, threshold) for t, d in sorted(by_cell)]
-    for task in sorted({t for t, _ in by_cell}):
+    for task in sorted({t for t, d in by_cell if d != 0}):  # dataset cells have no per-task row
         rows.append(_row(task, task, None, [r for r in results if r.item.task == task], ks, threshold))
     rows.append(_row("all", None, None, results, ks, threshold))
     metric_keys = ["greedy", *(f"pass{k}" for k in ks)]
@@ -95,7 +96,7 @@ def build_eval_report(
         "ks": list(ks),
         "threshold": threshold,
         "contaminated": bool(contaminated),
-        "eval_seeds": seed_report([r.item for r in results]),
+        "eval_seeds": seed_report([r.item for r in results if r.item.fields is None]),
         "train_seeds": dict(seeds) if seeds is not None else None,
     }
 
@@ -116,7 +117,8 @@ def render_eval_table(report: Mapping[str, Any]):
         table.add_row(row["cell"], str(row["n_items"]), str(row["n_samples"]), *values, style=style)
     ranges = [f"{split}/{task} {r['min_seed']}..{r['max_seed']}"
               for split, tasks in report["eval_seeds"].items() for task, r in tasks.items()]
-    table.caption = f"evaluated seeds: {'; '.join(ranges)}. correct = reward >= {report['threshold']}"
+    where = f"evaluated seeds: {'; '.join(ranges)}" if ranges else f"evaluated rows of {report.get('dataset', {}).get('eval', 'a dataset')}"
+    table.caption = f"{where}. correct = reward >= {report['threshold']}"
     return table
 
 

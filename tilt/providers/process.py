@@ -9,7 +9,7 @@ from torch import Tensor
 
 from tilt.config import Config, ConfigError
 from tilt.providers import Provider, StepData, provides
-from tilt.tasks import get_task
+from tilt.tasks import TASKS, get_task
 from tilt.wiring.sampling import Scored
 
 
@@ -27,18 +27,20 @@ def process_steps(policy, sc: Scored) -> dict[str, Tensor]:
 
     A task with ``step_rewards`` / ``step_char_ends`` (tilt.tasks.addition_steps) gives one
     reward per step and the step's last character, mapped here to the token holding it. A row
-    of any other task is one step: its outcome reward, closed at its last token.
+    of any other task, or a dataset row, is one step: its outcome reward, closed at its last token.
     """
     rows: list[tuple[list[float], list[int]]] = []
     for i, text in enumerate(sc.texts):
         m = sc.rb.completion_mask[i].bool()
         ids = sc.rb.completion_ids[i][m].tolist()
         last = len(ids) - 1
-        task, cols = get_task(sc.columns["task"][i]), sc.columns["columns"][i]
+        name = sc.columns["task"][i] if "task" in sc.columns else None  # dataset rows have no task
+        task = get_task(name) if name in TASKS else None
         if not hasattr(task, "step_rewards"):
             rows.append(([float(sc.rewards[i])], [last]))
             continue
         ends = char_to_token(policy.tokenizer, ids, policy.eos_id)
+        cols = sc.columns["columns"][i]
         tok = [next((k for k, e in enumerate(ends) if e > c), last) for c in task.step_char_ends(text, **cols)]
         rows.append(([float(x) for x in task.step_rewards(text, **cols)], tok))
     S = max(len(r) for r, _ in rows)
@@ -57,7 +59,6 @@ class ProcessSteps(Provider):
 
     @classmethod
     def check(cls, cfg: Config, names: frozenset[str], who: str) -> None:
-        from tilt.tasks import get_task
         from tilt.tasks.mix import parse_mix
 
         tasks = {task for task, _, _ in parse_mix(cfg.tasks.mix)}

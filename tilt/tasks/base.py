@@ -7,7 +7,7 @@ a run can say exactly which items it trained on and which it evaluated on (catal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 # Disjoint generator-seed ranges, half-open [start, stop). The labelled SFT set that built the
 # shipped base model, the RL training prompts and the held-out evaluation never share a seed.
@@ -28,6 +28,22 @@ class Item:
     prompt: str  # text the model continues, e.g. "47+85="
     answer: str  # one reference solution, e.g. "132" (used for SFT and display only)
     columns: dict[str, Any] = field(default_factory=dict)  # verifier inputs, JSON-serialisable
+    raw_prompt: Any = None  # a dataset's prompt as stored (string or messages); None = ``prompt``
+    fields: Optional[dict[str, Any]] = None  # a dataset row minus its prompt; None = a procedural item
+
+    @property
+    def prompt_value(self) -> Any:
+        """The prompt as reward functions receive it: the string, or the list of messages."""
+        return self.prompt if self.raw_prompt is None else self.raw_prompt
+
+    def reward_columns(self) -> dict[str, Any]:
+        """The row's columns as TRL passes them to reward functions (everything but the prompt).
+
+        A procedural item's row is {task, difficulty, answer, columns}: the built-in verifier
+        reads ``task`` and the ``columns`` dict; a dataset row's are its own columns."""
+        if self.fields is not None:
+            return self.fields
+        return {"task": self.task, "difficulty": self.difficulty, "answer": self.answer, "columns": self.columns}
 
 
 class Task(Protocol):

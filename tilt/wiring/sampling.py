@@ -1,7 +1,8 @@
 """Train prompts in, scored groups of completions out.
 
-``TrainStream`` reads the train split in order from a cursor, so a run that draws extra
-prompts (dynamic sampling) records its position in the checkpoint and resumes exactly.
+``TrainStream`` reads the run's data source (tilt.data: built-in tasks or a dataset) in order
+from a cursor, so a run that draws extra prompts (dynamic sampling) records its position in
+the checkpoint and resumes exactly. Rewards are called with TRL's arguments (tilt.rewards).
 ``Scored`` holds B prompts x G completions with their rewards; ``merge_scored`` re-pads
 groups from different draws into one batch (DAPO dynamic sampling,
 ``tilt.selection.dynamic_sampling.draw_informative_groups``).
@@ -17,20 +18,24 @@ from torch import Tensor
 from tilt.batch import RolloutBatch
 from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, left_pad
 from tilt.tasks.base import Item
-from tilt.tasks.mix import parse_mix, sample_items
 
-ScoreFn = Callable[[list[str], list[str], dict[str, list[Any]]], tuple[list[float], dict[str, float], list[str]]]
+ScoreFn = Callable[..., tuple[list[float], dict[str, float], list[str]]]  # (prompts, texts, columns, **kw)
 
 
 class TrainStream:
-    """The run's train prompts in order: stream item j is item ``offset + j`` of the train split."""
+    """The run's train prompts in order: stream item j is item ``offset + j`` of the source's
+    train stream. ``source`` is a tilt.data source, or a task-mix string (built-in tasks)."""
 
-    def __init__(self, mix: str, *, offset: int, pos: int = 0):
-        self.cells, self.offset, self.pos = parse_mix(mix), offset, pos
+    def __init__(self, source, *, offset: int, pos: int = 0):
+        if isinstance(source, str):
+            from tilt.data.sources import TaskSource
+
+            source = TaskSource(source)
+        self.source, self.offset, self.pos = source, offset, pos
 
     def take(self, n: int) -> list[Item]:
         """The next ``n`` items; advances the cursor ``pos``."""
-        items = sample_items(self.cells, split="train", start=self.offset + self.pos, count=n)
+        items = self.source.train_items(self.offset + self.pos, n)
         self.pos += n
         return items
 
@@ -41,10 +46,10 @@ class Scored:
 
     items: list[Item]  # [B]
     group_size: int
-    prompts: list[str]  # [N]
+    prompts: list[Any]  # [N] as the source holds them: strings, or message lists (reward functions' input)
     rb: RolloutBatch  # [N, ...]
     texts: list[str]  # [N] completions, EOS stripped
-    columns: dict[str, list[Any]]  # reward-function columns, one entry per row
+    columns: dict[str, list[Any]]  # [N] per column: the rows' non-prompt columns (Item.reward_columns)
     rewards: Tensor  # [N] float32
     rstats: dict[str, float]  # reward error / timeout counts
     messages: list[str]
@@ -60,21 +65,29 @@ class Scored:
 
 def sample_scored(policy, items: list[Item], *, group_size: int, params: SamplingParams,
                   generator: torch.Generator, score_fn: ScoreFn) -> Scored:
-    """Sample G completions per item with the policy (eval mode) and score them."""
+    """Sample G completions per item with the policy (eval mode) and score them with TRL's
+    arguments: raw prompts, decoded completions, completion ids (EOS kept) and the row columns."""
     G = group_size
-    prompts = [it.prompt for it in items for _ in range(G)]
-    ids, mask = encode_prompts(policy.tokenizer, prompts)  # [N, P]
+    ids, mask = encode_prompts(policy.tokenizer, [it.prompt for it in items for _ in range(G)],
+                               add_special_tokens=items[0].raw_prompt is None)  # [N, P]; a chat template adds its own
     policy.model.eval()
     rb = generate(policy.model, ids, mask, params=params, eos_id=policy.eos_id, pad_id=policy.pad_id,
                   generator=generator)
     policy.model.train()
     texts = decode_completions(policy.tokenizer, rb, policy.eos_id)
-    columns = {"task": [it.task for it in items for _ in range(G)],
-               "difficulty": [it.difficulty for it in items for _ in range(G)],
-               "columns": [it.columns for it in items for _ in range(G)]}
-    rewards, rstats, messages = score_fn(prompts, texts, columns)
+    prompts, columns = row_columns(items, G)
+    completion_ids = [row[m.bool()].tolist() for row, m in zip(rb.completion_ids, rb.completion_mask)]
+    rewards, rstats, messages = score_fn(prompts, texts, columns, completion_ids=completion_ids)
     r = torch.tensor(rewards, dtype=torch.float32)  # [N]
     return Scored(list(items), G, prompts, rb, texts, columns, r, rstats, messages)
+
+
+def row_columns(items: list[Item], repeat: int = 1) -> tuple[list[Any], dict[str, list[Any]]]:
+    """(prompts [N], {column: [N] values}) of ``items``, each repeated ``repeat`` times in a row:
+    TRL's ``reward_kwargs`` (the columns of the first row; every row of a source has the same)."""
+    prompts = [it.prompt_value for it in items for _ in range(repeat)]
+    rows = [it.reward_columns() for it in items]
+    return prompts, {k: [row.get(k) for row in rows for _ in range(repeat)] for k in rows[0]}
 
 
 def merge_scored(groups: list[Scored], *, pad_id: int) -> Scored:
