@@ -132,6 +132,33 @@ def critical(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
     return weight * kl
 
 
+@KL_ESTIMATORS.register("k3_is", needs=("old_logp", "mask"))
+def k3_is(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
+          ref_logits: Optional[Tensor] = None, old_logp: Optional[Tensor] = None,
+          mask: Optional[Tensor] = None, level: str = "token") -> Tensor:
+    """k3 weighted by the importance ratio pi/pi_old (differentiable): TRL's ``use_bias_correction_kl``.
+
+    k3_is = (pi(y) / pi_old(y)) * k3, [N, T] (DeepSeek-V3.2 arXiv:2512.02556, "unbiased KL
+    estimate"; TRL 1.16 grpo_trainer.py L3096-L3104, where it is the default). Samples come
+    from pi_old, so E_pi_old[r k3] = E_pi[k3] = KL(pi || pi_ref) even off-policy, and its
+    gradient is that of the REVERSE KL: on-policy grad(r k3) = (log pi - log pi_ref) grad log pi,
+    so ``grpo`` + beta k3_is in the loss reaches pi* prop. to pi_ref exp(r/beta), while plain
+    k3 in the loss reaches the forward-KL optimum (tests/test_losses_policy.py).
+    Args:
+        old_logp: [N, T] log pi_old of the sampled tokens (the learner supplies it: registry
+            ``needs``); None means on-policy, ratio exp(logp - sg[logp]) = 1 in value.
+        mask: [N, T] completion mask, used by ``level="sequence"``.
+        level: "token" (per-token ratio) or "sequence" (GSPO's exp(mean_t log ratio), as TRL
+            with ``importance_sampling_level="sequence"``).
+    """
+    from tilt.losses.policy import log_importance_ratio
+
+    old = logp.detach() if old_logp is None else old_logp
+    m = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+    log_ratio = log_importance_ratio(logp, old, m, level=level)  # [N, T]
+    return torch.exp(log_ratio) * k3(logp, ref_logp)
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3", beta: float,
                placement: str = "loss", logits: Optional[Tensor] = None,
                ref_logits: Optional[Tensor] = None, **hypers) -> Tensor:

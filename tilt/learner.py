@@ -102,11 +102,13 @@ class Learner:
                  grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3,
                  kl_needs_logits: bool = False, value_head: Optional[torch.nn.Module] = None,
                  value_coef: float = 0.5, value_clip: Optional[float] = None,
-                 micro_batch_tokens: Optional[int] = None, minibatch_by: str = "row"):
+                 micro_batch_tokens: Optional[int] = None, minibatch_by: str = "row",
+                 kl_inputs: tuple[str, ...] = ()):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
         self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
+        self.kl_inputs = tuple(kl_inputs)  # PolicyLossInput fields the KL estimator reads (registry ``needs``)
         self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
         self.micro_batch_tokens = micro_batch_tokens
         if minibatch_by not in ("row", "group"):
@@ -144,7 +146,7 @@ class Learner:
         stats = {k: float(v) for k, v in lm.items()}
         if self.kl_fn is not None and b.ref_logp is not None:
             kl = self.kl_fn(logp, b.ref_logp, logits=logits if self.need_logits else None,
-                            ref_logits=b.ref_logits)  # [n, T]
+                            ref_logits=b.ref_logits, **{k: getattr(inp, k) for k in self.kl_inputs})  # [n, T]
             if self.kl_in_loss and self.kl_beta > 0:
                 per_token = per_token + self.kl_beta * kl
             stats["kl/mean"] = float(masked_mean(kl.detach(), mask))

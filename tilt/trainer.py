@@ -108,7 +108,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip,
         generator=generator, max_bad_steps=cfg.train.max_bad_steps, kl_needs_logits=needs.kl_logits,
         value_head=value_head, value_coef=cfg.value.coef, value_clip=cfg.value.clip_range,
-        micro_batch_tokens=cfg.train.micro_batch_tokens, minibatch_by=cfg.train.minibatch_by)
+        micro_batch_tokens=cfg.train.micro_batch_tokens, minibatch_by=cfg.train.minibatch_by,
+        kl_inputs=tuple(KL_ESTIMATORS.entry(cfg.kl.estimator).meta.get("needs", ())))
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
