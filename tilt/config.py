@@ -140,6 +140,20 @@ class KLCfg(Section):
         return _check_name("tilt.kl", "KL_ESTIMATORS", v)
 
 
+class CorrectionCfg(Section):
+    name: str = "none"
+    """Training-inference correction from tilt.corrections.CORRECTIONS (token_tis, sequence_mis, icepop, ...).
+    Anything but "none" recomputes the learner's own log-probs of the sampled tokens after each rollout
+    and weights the per-token policy loss by the correction of sampler vs learner; "none" costs nothing."""
+    kwargs: dict[str, Any] = {}
+    """Keyword hyper-parameters of the correction (e.g. {clip_max: 2.0})."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("tilt.corrections", "CORRECTIONS", v)
+
+
 class TeacherCfg(Section):
     path: Optional[str] = None
     """Frozen teacher for distillation losses (kdrl, reverse_kl_distill, akl_distill): "shipped" or a local
@@ -257,6 +271,8 @@ class Config(Section):
     """Advantage estimator."""
     kl: KLCfg = KLCfg()
     """KL regularisation toward the reference."""
+    correction: CorrectionCfg = CorrectionCfg()
+    """Training-inference correction of the sampler's vs the learner's log-probs (off by default)."""
     teacher: TeacherCfg = TeacherCfg()
     """Frozen teacher model (distillation losses)."""
     value: ValueCfg = ValueCfg()

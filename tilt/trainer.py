@@ -25,6 +25,7 @@ from tilt.advantages import ADVANTAGES
 from tilt.batch import AdvantageInput
 from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
+from tilt.corrections import CORRECTIONS
 from tilt.evaluate import evaluate_items, summarize
 from tilt.evaluation_cli import EVAL_SEED_OFFSET
 from tilt.kl import KL_ESTIMATORS
@@ -109,7 +110,9 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         generator=generator, max_bad_steps=cfg.train.max_bad_steps, kl_needs_logits=needs.kl_logits,
         value_head=value_head, value_coef=cfg.value.coef, value_clip=cfg.value.clip_range,
         micro_batch_tokens=cfg.train.micro_batch_tokens, minibatch_by=cfg.train.minibatch_by,
-        kl_inputs=tuple(KL_ESTIMATORS.entry(cfg.kl.estimator).meta.get("needs", ())))
+        kl_inputs=tuple(KL_ESTIMATORS.entry(cfg.kl.estimator).meta.get("needs", ())),
+        correction_fn=None if cfg.correction.name == "none" else bind_kwargs(
+            CORRECTIONS.get(cfg.correction.name), cfg.correction.kwargs, f"correction {cfg.correction.name!r}"))
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
@@ -185,6 +188,12 @@ def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
         completion_mask=cmask, old_logp=rb.logprobs, advantages=adv.reshape(B * G, T).float(), rewards=r,
         group_index=torch.arange(B).repeat_interleave(G), ref_logp=ref_logp, ref_logits=ref_logits,
         **run_learner_stages(parts.stages.learner, sc, probe, ainp))
+    if parts.learner.correction_fn is not None:  # the learner's own log-probs of the sampled tokens
+        with torch.no_grad():
+            learner_logp, _ = sequence_logprobs(pol.model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids, cmask,
+                                                temperature=cfg.rollout.temperature,
+                                                chunk_tokens=cfg.train.micro_batch_tokens)  # [N, T]
+        batch.sampler_logp, batch.old_logp = batch.old_logp, learner_logp * cmask
     batch, kept_metrics = parts.select(batch, SelectContext(adv, r.view(B, G), probe.entropy, step))
     lengths = cmask.sum(-1).float()
     ended = (rb.completion_ids == pol.eos_id).any(-1).float()
