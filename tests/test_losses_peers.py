@@ -163,3 +163,50 @@ def test_grpo_with_k3_is_in_loss_reaches_tilted_optimum():
     assert total_variation(p, target) < 0.02
     p_k3 = solve(grpo_k3, bandit, beta=beta, mode="seq-mean-token-mean", steps=300, lr=0.3)
     assert total_variation(p_k3, target) > 0.05
+
+
+# ------------------------------------------------------------------ GRPO's std normalisation and beta
+
+def std_normalised(returns, weights, enum):
+    """GRPO's advantage in the infinite-group limit: (r - E_pi[r|x]) / std_pi(r|x)."""
+    from tilt.exact import group_mean
+
+    centred = returns[:, 0] - group_mean(returns[:, 0], weights, enum)  # [N]
+    std = group_mean(centred**2, weights, enum).sqrt()  # [N]
+    return (centred / std)[:, None].expand_as(returns)
+
+
+def test_grpo_std_normalisation_scales_the_effective_kl_coefficient():
+    """With A = (r - mean)/sigma_x(pi), the on-policy gradient is that of E[r]/sigma_x - beta KL per prompt,
+    i.e. of E[r] - beta sigma_x(pi) KL: the effective coefficient is beta * sigma_x at the fixed point.
+    So grpo + beta k3_is (reverse KL) reaches softmax(log pi_ref + r / (beta sigma_x)), not pi*; the
+    default job (grpo advantage + grpo loss + k3 in the loss, forward KL) reaches the forward-KL optimum
+    at beta sigma_x, neither pi* nor the forward-KL optimum at beta."""
+    from tilt.exact import forward_kl_optimum
+    from tilt.exact.targets import forward_kl_tilt
+
+    beta = 0.3
+    bandit = make_bandit(n_prompts=2, n_answers=4, seed=1)
+    logp_ref = torch.log_softmax(bandit.ref_logits, -1)
+
+    def sigma(p):  # std of r under p per prompt, [X, 1]
+        m = (p * bandit.rewards).sum(-1, keepdim=True)
+        return (p * (bandit.rewards - m) ** 2).sum(-1, keepdim=True).sqrt()
+
+    for est, reverse in ((k3_is, True), (k3, False)):
+        def loss(inp, est=est):
+            per_token, _ = LOSSES.get("grpo")(inp)
+            kw = {"old_logp": inp.old_logp, "mask": inp.mask} if est is k3_is else {}
+            return per_token + beta * est(inp.logp, inp.ref_logp, **kw)
+
+        p = solve(loss, bandit, beta=beta, mode="seq-mean-token-mean", advantage=std_normalised, steps=400, lr=0.2)
+        s = sigma(p)  # [X, 1] self-consistent sigma at the fixed point
+        if reverse:
+            scaled = torch.softmax(logp_ref + bandit.rewards / (beta * s), -1)
+            plain = optimal_policy(bandit, beta)
+        else:
+            scaled = forward_kl_tilt(logp_ref, bandit.rewards / s, beta)
+            plain = forward_kl_optimum(bandit, beta)
+        assert total_variation(p, scaled) < 0.02
+        assert total_variation(p, plain) > 0.1
+        assert (s < 0.5).all()  # sigma_x < 1: the effective beta is smaller, the policy greedier

@@ -11,8 +11,9 @@ Every estimator is ``fn(logp [N, T], ref_logp [N, T], *, logits=None, ref_logits
 
 Source: J. Schulman, "Approximating KL divergence" (2020); k1/k2/k3 as named in
 arXiv:2505.17508 (RPG); low_var_kl as in verl ``verl/trainer/ppo/core_algos.py::kl_penalty``.
-Also registered here: ``tsallis`` (catalogue A3, q-logarithm KL) and ``critical`` (catalogue A7,
-KL down-weighted on tokens where the reference is uncertain).
+Also registered here: ``tsallis`` (catalogue A3, q-logarithm KL), ``critical`` (catalogue A7,
+KL down-weighted on tokens where the reference is uncertain) and ``k3_is`` (TRL's
+``use_bias_correction_kl``: k3 times the importance ratio pi/pi_old, reverse-KL gradient).
 """
 from __future__ import annotations
 
@@ -121,6 +122,11 @@ def critical(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
     weight = (1 - intercept) * certainty^exponent + intercept (intercept <= 0, weight(1) = 1),
     so the penalty fades on tokens where pi_ref is unsure ("critical tokens") and the policy
     may explore there. ``base`` is the per-token estimator (k1, k2, k3, ...). [N, T].
+    Which base: in the REWARD (kl.placement=reward) only ``base="k1"`` reaches the certainty-scaled
+    target softmax(log pi_ref + r / (beta w)) (tests/test_regularizers.py); with the default k3
+    there the same run ends 0.66 in TV from it (k3's value is not a score-function KL reward). In the LOSS k1 has zero expected gradient and k3 the forward-KL
+    gradient (scaled by w), so the default k3 suits the default placement, but does not reach the
+    reverse-KL target either.
     """
     if ref_logits is None:
         raise ValueError("the 'critical' KL estimator needs ref_logits [N, T, V]")
