@@ -65,8 +65,9 @@ def _logp(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, tor
     return logp_all.gather(-1, tokens[..., None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
 
 
-def trl_value_and_grad(d: dict, trl_args: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRL's ``_compute_loss`` on a stub trainer; returns (loss, d loss / d logits)."""
+def trl_value_and_grad(d: dict, trl_args: dict, is_ratio=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's ``_compute_loss`` on a stub trainer; returns (loss, d loss / d logits). ``is_ratio``: TRL's
+    vLLM importance-sampling ratio (turns on ``use_vllm`` and its correction)."""
     args = SimpleNamespace(**trl_args, steps_per_generation=1)
     for k in ("delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
               "vespo_k_neg", "vespo_lambda_neg", "use_bias_correction_kl"):
@@ -86,9 +87,9 @@ def trl_value_and_grad(d: dict, trl_args: dict) -> tuple[torch.Tensor, torch.Ten
         args=args, loss_type=trl_args["loss_type"], beta=trl_args.get("beta", 0.0),
         epsilon_low=eps, epsilon_high=eps if eps_high is None else eps_high,
         importance_sampling_level=trl_args.get("importance_sampling_level", "token"),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
-        vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
-        max_completion_length=L_MAX, current_gradient_accumulation_steps=1, accelerator=acc,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=is_ratio is not None, aux_loss_enabled=False,
+        _entropy_bonus_enabled=False, max_completion_length=L_MAX, current_gradient_accumulation_steps=1, accelerator=acc,
         model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=forward,
         get_off_policy_mask=trl_grpo.GRPOTrainer.get_off_policy_mask,
@@ -101,14 +102,17 @@ def trl_value_and_grad(d: dict, trl_args: dict) -> tuple[torch.Tensor, torch.Ten
         inputs["old_per_token_logps"] = d["old"]
     if stub.beta != 0.0:
         inputs["ref_per_token_logps"] = d["ref"]
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
     loss = trl_grpo.GRPOTrainer._compute_loss(stub, None, inputs)
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), grad
 
 
-def tilt_value_and_grad(d: dict, trl_args: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def tilt_value_and_grad(d: dict, trl_args: dict, weight=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """tilt's loss from ``loss_settings(trl_args)``, composed as tilt.learner.Learner.micro_loss:
-    per-token loss + beta * KL estimator, then the loss's reduction over the batch."""
+    per-token loss (x the correction ``weight`` [N, T] if given) + beta * KL estimator, then the
+    loss's reduction over the batch."""
     s = loss_settings(trl_args)
     entry = LOSSES.entry(s["loss"]["name"])
     leaf = d["logits"].clone().requires_grad_(True)
@@ -118,6 +122,8 @@ def tilt_value_and_grad(d: dict, trl_args: dict) -> tuple[torch.Tensor, torch.Te
     inp = PolicyLossInput(logp=logp, old_logp=old, advantages=d["adv"][:, None].expand(N, T), mask=mask,
                           ref_logp=d["ref"], entropy=ent)
     per_token, metrics = entry.fn(inp, **s["loss"]["kwargs"])  # [N, T]
+    if weight is not None:
+        per_token = per_token * weight
     kl_cfg = s["kl"]
     if kl_cfg["beta"] > 0:
         kl_entry = KL_ESTIMATORS.entry(kl_cfg["estimator"])
@@ -166,3 +172,25 @@ def test_two_sided_clipping_delta_equals_trl(loss_type):
     torch.testing.assert_close(g_tilt, g_trl, rtol=0, atol=1e-6)
     no_delta = tilt_value_and_grad(d, {**trl_args, "delta": None})[0]
     assert not math.isclose(float(no_delta), float(v_tilt), abs_tol=1e-6)  # delta binds on this batch
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "token_mis", "sequence_tis", "sequence_mis"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_correction_placement_equals_trl_vllm_importance_sampling(loss_type, mode):
+    """TRL multiplies the per-token loss by its vLLM IS ratio before adding the KL term; tilt's learner
+    multiplies by the correction weight at the same place. Same weights in -> same loss and gradient."""
+    from tilt.corrections import CORRECTIONS
+
+    d = _data(True, seed=5)
+    g = torch.Generator().manual_seed(9)
+    sampler = d["old"] + 0.4 * torch.randn(N, T, generator=g, dtype=D)  # the engine's log-probs
+    mask = d["mask"].to(D)
+    weight, _ = CORRECTIONS.get(mode)(d["old"], sampler, mask, clip_max=1.5)  # [N, T]
+    assert (weight * mask != mask).any()  # the correction changes something
+    is_ratio = weight[:, :1] if mode.startswith("sequence") else weight  # TRL's [N, 1] for sequence modes
+    trl_args = {"loss_type": loss_type, "beta": 0.04, "epsilon_high": 0.28 if loss_type != "cispo" else 1.5,
+                "max_completion_length": L_MAX}
+    v_trl, g_trl = trl_value_and_grad(d, trl_args, is_ratio=is_ratio)
+    v_tilt, g_tilt, _ = tilt_value_and_grad(d, trl_args, weight=weight)
+    torch.testing.assert_close(v_tilt, v_trl, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_tilt, g_trl, rtol=0, atol=1e-6)
