@@ -1,7 +1,9 @@
 """``tilt config from-trl``: TRL GRPOConfig fields -> tilt config, field by field; TRL's defaults are TRL's;
 a ported GRPOConfig YAML runs in tilt and its first step's loss equals TRL's ``_compute_loss`` on the
 same model and batch."""
+import contextlib
 import dataclasses
+import functools
 import json
 from collections import defaultdict
 from types import SimpleNamespace
@@ -140,9 +142,10 @@ def test_cli_converts_and_the_converted_config_trains(tmp_path, tiny_llama_dir):
 
 def test_first_step_loss_equals_trl_on_the_same_model_and_batch(tmp_path, tiny_llama_dir):
     """The learner built from the converted config and TRL's ``_compute_loss`` (on a stub holding the
-    converted settings; its model forward replaced by a plain Hugging Face forward of the same model,
-    log-softmax of logits / temperature) give the same loss and gradient on one batch."""
+    converted settings, with TRL's own ``_get_per_token_logps_and_entropies`` and fused LM head on the
+    same model) give the same loss and gradient on one batch."""
     trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    trl_utils = pytest.importorskip("trl.trainer.utils")
     from tilt.learner import LearnerBatch
     from tilt.reduction import reduction_denominator
     from tilt.rollout import SamplingParams, generate
@@ -176,20 +179,19 @@ def test_first_step_loss_equals_trl_on_the_same_model_and_batch(tmp_path, tiny_l
     loss, _ = learner.micro_loss(batch, reduction_denominator(mask, learner.reduction, max_len=learner.max_len))
     g_tilt = torch.autograd.grad(loss, list(model.parameters()))
 
-    def forward(model_, input_ids, attention_mask, logits_to_keep, **_):
-        logits = model_(input_ids=input_ids, attention_mask=attention_mask).logits[:, -logits_to_keep - 1:-1]
-        logp_all = torch.log_softmax(logits / cfg.rollout.temperature, -1)
-        logp = logp_all.gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1)
-        return logp, -(logp_all.exp() * logp_all).sum(-1), None
-
     args = SimpleNamespace(use_bias_correction_kl=True, delta=None, steps_per_generation=1)
     stub = SimpleNamespace(
         args=args, loss_type="dr_grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.28, importance_sampling_level="token",
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
         vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
         max_completion_length=8, current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction="sum": x),
-        _metrics={"train": defaultdict(list)}, _get_per_token_logps_and_entropies=forward)
+        accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction="sum": x,
+                                    autocast=contextlib.nullcontext, is_main_process=True),
+        _metrics={"train": defaultdict(list)})
+    # TRL's own log-prob pass: its fused LM head patched onto the same model (the plain forward is unchanged)
+    trl_utils.add_fused_lm_head(model, temperature=cfg.rollout.temperature, outputs=("log_probs", "entropy"))
+    stub._get_per_token_logps_and_entropies = functools.partial(
+        trl_grpo.GRPOTrainer._get_per_token_logps_and_entropies, stub)
     inputs = {"prompt_ids": ids, "prompt_mask": pmask, "completion_ids": rb.completion_ids,
               "completion_mask": rb.completion_mask, "advantages": adv, "old_per_token_logps": old,
               "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
