@@ -57,7 +57,9 @@ def cispo(inp: PolicyLossInput, *, eps_max: float = 5.0, eps_min: Optional[float
     The weight is detached, so every token keeps a gradient (REINFORCE weighted by the clipped
     ratio). TRL 1.16 ``loss_type="cispo"`` (L3106-L3108) clips from above only, at its
     ``epsilon_high`` (an absolute bound on r, 5.0 recommended after ScaleRL arXiv:2510.13786);
-    the MiniMax-M1 paper also allows a lower bound (``eps_min``, off by default as in TRL).
+    the MiniMax-M1 paper also allows a lower bound (``eps_min``, off by default as in TRL). verl and
+    SkyRL clip the weight to the relative range [1 - eps_low, 1 + eps_high]: eps_min = 1 - eps_low,
+    eps_max = 1 + eps_high here gives theirs.
     Returns:
         (per_token_loss [N, T], {"clip/frac": share of tokens with A > 0 whose ratio exceeds
         eps_max (TRL's ``cispo_clip_ratio``), "ratio/mean"}).
