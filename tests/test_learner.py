@@ -151,3 +151,30 @@ def test_trainer_adamw_is_fused_and_equals_the_default_update():
     assert all((v - start[k]).abs().max() > 1e-2 for k, v in a.state_dict().items())  # the steps moved it
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_estimator_gets_old_logp_through_its_needs(tiny_llama_dir):
+    """k3_is declares needs=(old_logp, mask); the learner passes them (``kl_inputs``), so its KL
+    term is the ratio-weighted k3 of the batch's sampling log-probs, not the on-policy k3."""
+    from tilt.batch import PolicyLossInput
+    from tilt.learner import forward_logits
+    from tilt.reduction import reduce_tokens, reduction_denominator
+
+    pol = load_policy(str(tiny_llama_dir), dtype=torch.float64)
+    batch = _batch(pol)
+    batch.old_logp = batch.old_logp - 0.3 * batch.completion_mask  # off-policy: ratio e^0.3 on every token
+    learner = _learner(pol.model, "grpo")
+    entry = KL_ESTIMATORS.entry("k3_is")
+    learner.kl_fn, learner.kl_inputs = entry.fn, tuple(entry.meta["needs"])
+    mask = batch.completion_mask.double()
+    denom = reduction_denominator(mask, "seq-mean-token-mean")
+    loss, _ = learner.micro_loss(batch, denom)
+    logp = torch.log_softmax(forward_logits(pol.model, batch, 1.0), -1).gather(
+        -1, batch.completion_ids[..., None]).squeeze(-1)  # [N, T]
+    per_token, _ = LOSSES.get("grpo")(PolicyLossInput(logp=logp, old_logp=batch.old_logp,
+                                                      advantages=batch.advantages, mask=mask))
+    kl = entry.fn(logp, batch.ref_logp, old_logp=batch.old_logp, mask=mask)  # [N, T]
+    expected = reduce_tokens(per_token + 0.04 * kl, mask, mode="seq-mean-token-mean", denominator=denom)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    on_policy_kl = entry.fn(logp, batch.ref_logp, mask=mask)  # what it would be without the need
+    assert not torch.allclose(kl * mask, on_policy_kl * mask)

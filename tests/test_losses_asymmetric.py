@@ -88,16 +88,24 @@ def test_w_reinforce_on_policy_gradient_is_weighted_reinforce():
 
 
 def test_lens_rewards_penalise_confident_mistakes():
-    # r~ = r if correct else -c / (1 - c): c = .9 correct -> 1 ; c = .5 -> -1 ; c = .75 -> -3
-    out = lens_rewards(torch.tensor([1.0, 0.0, 0.0], dtype=D), torch.tensor([0.9, 0.5, 0.75], dtype=D))
-    torch.testing.assert_close(out, torch.tensor([1.0, -1.0, -3.0], dtype=D))
+    # one mixed group of G = 3, rewards (1, 0, 0), confidences (.9, .5, .75) (arXiv:2510.08696 Sec. 5.1):
+    # D_imp = [(1/3)(1/.9)]^-1 = 2.7 ; 2 max c = 1.8 ; D = 2.7
+    # r~ = (1, -(1/3) .5/(2.7-.5), -(1/3) .75/(2.7-.75)) = (1, -.0757576, -.1282051)
+    out = lens_rewards(torch.tensor([1.0, 0.0, 0.0], dtype=D), torch.tensor([0.9, 0.5, 0.75], dtype=D),
+                       torch.tensor([0, 0, 0]))
+    torch.testing.assert_close(out, torch.tensor([1.0, -0.5 / 6.6, -0.75 / 5.85], dtype=D))
+    # a negative group: D = 2 max c = 1.5 -> r~ = -(1/3) c/(1.5 - c) = (-.5, -.1111111, -.3333333)
+    out = lens_rewards(torch.zeros(3, dtype=D), torch.tensor([0.5, 0.25, 0.75], dtype=D), torch.tensor([0, 0, 0]))
+    torch.testing.assert_close(out, torch.tensor([-0.5 / 3, -0.25 / 3.75, -0.75 / 2.25], dtype=D))
 
 
 def test_lens_gives_gradient_in_all_wrong_groups():
     # one-token samples, on-policy (ratio 1); groups {0, 1} and {2, 3}; group 1 is all wrong.
-    # confidences c = pi_old: .5, .5, .2, .6 -> r~ = 1, -1, -.25, -1.5
-    # group 0: centred (1, -1), unbiased std sqrt(2) -> A = (.707107, -.707107)
-    # group 1: mean -.875, centred (.625, -.625), std .883883 -> A = (.707107, -.707107)
+    # confidences c = pi_old: .5, .5 | .2, .6 ; G = 2
+    # group 0 (mixed): D = max([(1/2)(1/.5)]^-1 = 1, 2 x .5 = 1) = 1 ; r~ = (1, -(1/2) .5/.5) = (1, -.5)
+    #   centred (.75, -.75), unbiased std 1.06066 -> A = (.707107, -.707107)
+    # group 1 (negative): D = 2 x .6 = 1.2 ; r~ = -(1/2)(.2/1, .6/.6) = (-.1, -.5) ; centred (.2, -.2)
+    #   de-meaned only, x alpha = .25 -> A = (.05, -.05)
     # seq-mean-token-mean of -A r: grad = -A / 4
     old = torch.tensor([[L(0.5)], [L(0.5)], [L(0.2)], [L(0.6)]], dtype=D)
     inp = PolicyLossInput(logp=old.clone().requires_grad_(True), old_logp=old, advantages=torch.zeros(4, 1, dtype=D),
@@ -106,7 +114,7 @@ def test_lens_gives_gradient_in_all_wrong_groups():
     loss, _ = _loss("lens", inp, std_eps=0.0)
     (grad,) = torch.autograd.grad(loss, inp.logp)
     a = 1 / math.sqrt(2)
-    torch.testing.assert_close(grad, torch.tensor([[-a], [a], [-a], [a]], dtype=D) / 4)
+    torch.testing.assert_close(grad, torch.tensor([[-a], [a], [-0.05], [0.05]], dtype=D) / 4)
     # plain GRPO rewards would give group 1 zero advantage; LENS penalises the confident mistake (c = .6)
     assert grad[3, 0] > 0
 
@@ -184,8 +192,8 @@ def test_lens_exact_gradient_is_nonzero_on_the_all_wrong_prompt_where_grpo_is_ze
 
 
 def test_lens_reaches_lens_fixed_point_uniform_on_all_wrong_prompt():
-    """Fixed point of LENS (on-policy, c = pi_old(y|x)): on an all-wrong prompt the modified
-    reward -c/(1-c) is equal for all answers only when pi is uniform, and it is decreasing in c,
+    """Fixed point of LENS (on-policy, c = pi_old(y|x)): on an all-wrong prompt the calibrated
+    reward -(1/G) c/(D - c), D = 2 max c, is equal for all answers only when pi is uniform, and it is decreasing in c,
     so mass flows from confident to unconfident mistakes -- the iterate reaches the uniform policy
     (the group baseline and the per-group std only rescale, so the unweighted group statistics of
     the enumeration give the same fixed point). On prompt 0 the wrong answers lose their mass."""

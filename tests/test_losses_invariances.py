@@ -21,7 +21,8 @@ OURS = [n for n in LOSSES.names() if not n.startswith("test_")]
 # log-probs by a detached coefficient, and AKL's head/tail mixing weights are detached. Their
 # gradients are checked against the fully differentiable forms in tests/test_rpg.py and
 # tests/test_regularizers.py; here they get the padding/masking/finite-gradient checks only.
-STOP_GRADIENT_SURROGATES = {"rpg_rf_fkl", "rpg_rf_ufkl", "rpg_rf_rkl", "rpg_rf_urkl", "akl_distill"}
+STOP_GRADIENT_SURROGATES = {"rpg_rf_fkl", "rpg_rf_ufkl", "rpg_rf_rkl", "rpg_rf_urkl", "akl_distill",
+                            "cispo", "vespo"}  # CISPO / VESPO: detached importance weights (tests/test_losses_peers.py)
 N, T, V = 4, 3, 4
 LENGTHS = [3, 2, 3, 1]
 

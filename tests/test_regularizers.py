@@ -509,3 +509,7 @@ def test_critical_kl_in_reward_reaches_certainty_scaled_fixed_point():
     target = torch.softmax(torch.log_softmax(bandit.ref_logits, -1) + bandit.rewards / (beta * w[:, None]), -1)
     assert total_variation(probs, target) < 1e-3
     assert total_variation(probs, tilted_distribution(bandit, beta)) > 1e-2
+    # the default base (k3) in the reward does not reach it: k3's value is no score-function KL reward
+    est_k3 = functools.partial(critical, certainty="max_prob", exponent=1.0)  # base defaults to k3
+    probs_k3 = solve(lambda inp: -inp.advantages * inp.logp, bandit, beta=beta, kl=est_k3, steps=250, lr=0.15)
+    assert total_variation(probs_k3, target) > 0.3

@@ -125,6 +125,16 @@ def test_kl_in_reward_runs_end_to_end(estimator, tmp_path, tiny_llama_dir):
     assert_trained(out, tiny_llama_dir, rows)
 
 
+@pytest.mark.parametrize("correction", ["token_tis", "sequence_mis", "icepop"])
+def test_corrections_run_end_to_end(correction, tmp_path, tiny_llama_dir):
+    """A correction recomputes the learner's log-probs of the sampled tokens; here sampler and learner
+    are the same float32 model, so the mismatch is rounding only and no token is dropped."""
+    out, rows = run(tmp_path, tiny_llama_dir, [f"correction.name={correction}"])
+    assert_trained(out, tiny_llama_dir, rows)
+    steps = [r for r in rows if r["step"] > 0]
+    assert steps and all(r["mismatch/k3"] < 1e-6 and r["mismatch/masked_frac"] == 0.0 for r in steps)
+
+
 def extra_for_advantage(name: str) -> list[str]:
     if name == "pure":  # the random model writes no correct step: add the outcome term so weights move
         return ["tasks.mix=addition_steps:1", "advantage.kwargs.outcome_coef=1.0"]

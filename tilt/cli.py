@@ -1,4 +1,4 @@
-"""The `tilt` command line: train, sft, pretrain, eval, compare, config show."""
+"""The `tilt` command line: train, sft, pretrain, eval, compare, config show, config from-trl."""
 from __future__ import annotations
 
 import json
@@ -139,6 +139,28 @@ def config_show(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = 
     except _user_errors() as exc:
         fail(str(exc))
     typer.echo(describe(cfg) if docs else dump_config(cfg), nl=False)
+
+
+@config_app.command("from-trl")
+def config_from_trl(trl_yaml: Path = typer.Argument(..., help="A TRL GRPOConfig YAML (field: value per line)."),
+                    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tilt config here "
+                                                       "(default: print it).")) -> None:
+    """Convert a TRL GRPOConfig YAML to a tilt config, field by field (tilt.trl_compat.MAPPING).
+
+    Fields without a tilt equivalent are listed on stderr; fields the file leaves out take TRL's defaults."""
+    from tilt.trl_compat import convert_file
+
+    try:
+        text, notes = convert_file(trl_yaml)
+    except _user_errors() as exc:
+        fail(str(exc))
+    for note in notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
 
 
 @app.command("eval")

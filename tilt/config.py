@@ -158,14 +158,35 @@ class KLCfg(Section):
     placement: Literal["loss", "reward"] = "loss"
     """"loss": beta*KL added per token to the loss; "reward": -beta*KL subtracted from the reward."""
     beta: float = Field(0.04, ge=0)
-    """KL coefficient beta of max E[r] - beta*KL(pi||pi_ref); 0 disables the reference model."""
+    """KL coefficient beta; 0 disables the reference model. It is the beta of max E[r] - beta*KL(pi||pi_ref)
+    (fixed point pi_ref*exp(r/beta)/Z) only when the advantage is not std-normalised and the estimator has
+    the reverse-KL gradient (k1 in the reward, or k3_is / full in the loss). GRPO's advantage divides by
+    the group std sigma_x, which scales the effective coefficient to beta*sigma_x(pi) (a near-greedy policy
+    at beta=0.3 on a bandit), and k3 in the loss has the forward-KL gradient: the default job (grpo advantage,
+    grpo loss, k3 in the loss) reaches neither pi* nor the forward-KL optimum at beta
+    (tests/test_losses_peers.py::test_grpo_std_normalisation_scales_the_effective_kl_coefficient)."""
     kwargs: dict[str, Any] = {}
-    """Keyword hyper-parameters of the estimator (e.g. {q: 2.0} for tsallis, {base: k1} for critical)."""
+    """Keyword hyper-parameters of the estimator (e.g. {q: 2.0} for tsallis, {base: k1} for critical, which
+    reaches its certainty-scaled target with kl.placement=reward only with base k1; {level: sequence} for k3_is)."""
 
     @field_validator("estimator")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name("tilt.kl", "KL_ESTIMATORS", v)
+
+
+class CorrectionCfg(Section):
+    name: str = "none"
+    """Training-inference correction from tilt.corrections.CORRECTIONS (token_tis, sequence_mis, icepop, ...).
+    Anything but "none" recomputes the learner's own log-probs of the sampled tokens after each rollout
+    and weights the per-token policy loss by the correction of sampler vs learner; "none" costs nothing."""
+    kwargs: dict[str, Any] = {}
+    """Keyword hyper-parameters of the correction (e.g. {clip_max: 2.0})."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("tilt.corrections", "CORRECTIONS", v)
 
 
 class TeacherCfg(Section):
@@ -283,6 +304,8 @@ class Config(Section):
     """Advantage estimator."""
     kl: KLCfg = KLCfg()
     """KL regularisation toward the reference."""
+    correction: CorrectionCfg = CorrectionCfg()
+    """Training-inference correction of the sampler's vs the learner's log-probs (off by default)."""
     teacher: TeacherCfg = TeacherCfg()
     """Frozen teacher model (distillation losses)."""
     selection: SelectionCfg = SelectionCfg()

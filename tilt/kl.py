@@ -11,8 +11,9 @@ Every estimator is ``fn(logp [N, T], ref_logp [N, T], *, logits=None, ref_logits
 
 Source: J. Schulman, "Approximating KL divergence" (2020); k1/k2/k3 as named in
 arXiv:2505.17508 (RPG); low_var_kl as in verl ``verl/trainer/ppo/core_algos.py::kl_penalty``.
-Also registered here: ``tsallis`` (catalogue A3, q-logarithm KL) and ``critical`` (catalogue A7,
-KL down-weighted on tokens where the reference is uncertain).
+Also registered here: ``tsallis`` (catalogue A3, q-logarithm KL), ``critical`` (catalogue A7,
+KL down-weighted on tokens where the reference is uncertain) and ``k3_is`` (TRL's
+``use_bias_correction_kl``: k3 times the importance ratio pi/pi_old, reverse-KL gradient).
 """
 from __future__ import annotations
 
@@ -122,6 +123,11 @@ def critical(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
     weight = (1 - intercept) * certainty^exponent + intercept (intercept <= 0, weight(1) = 1),
     so the penalty fades on tokens where pi_ref is unsure ("critical tokens") and the policy
     may explore there. ``base`` is the per-token estimator (k1, k2, k3, ...). [N, T].
+    Which base: in the REWARD (kl.placement=reward) only ``base="k1"`` reaches the certainty-scaled
+    target softmax(log pi_ref + r / (beta w)) (tests/test_regularizers.py); with the default k3
+    there the same run ends 0.66 in TV from it (k3's value is not a score-function KL reward). In the LOSS k1 has zero expected gradient and k3 the forward-KL
+    gradient (scaled by w), so the default k3 suits the default placement, but does not reach the
+    reverse-KL target either.
     """
     if ref_logits is None:
         raise ValueError("the 'critical' KL estimator needs ref_logits [N, T, V]")
@@ -131,6 +137,33 @@ def critical(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
     weight = (1.0 - intercept) * c ** exponent + intercept  # [N, T]
     kl = KL_ESTIMATORS.get(base)(logp, ref_logp, logits=logits, ref_logits=ref_logits)  # [N, T]
     return weight * kl
+
+
+@KL_ESTIMATORS.register("k3_is", needs=("old_logp", "mask"))
+def k3_is(logp: Tensor, ref_logp: Tensor, *, logits: Optional[Tensor] = None,
+          ref_logits: Optional[Tensor] = None, old_logp: Optional[Tensor] = None,
+          mask: Optional[Tensor] = None, level: str = "token") -> Tensor:
+    """k3 weighted by the importance ratio pi/pi_old (differentiable): TRL's ``use_bias_correction_kl``.
+
+    k3_is = (pi(y) / pi_old(y)) * k3, [N, T] (DeepSeek-V3.2 arXiv:2512.02556, "unbiased KL
+    estimate"; TRL 1.16 grpo_trainer.py L3096-L3104, where it is the default). Samples come
+    from pi_old, so E_pi_old[r k3] = E_pi[k3] = KL(pi || pi_ref) even off-policy, and its
+    gradient is that of the REVERSE KL: on-policy grad(r k3) = (log pi - log pi_ref) grad log pi,
+    so ``grpo`` + beta k3_is in the loss reaches pi* prop. to pi_ref exp(r/beta), while plain
+    k3 in the loss reaches the forward-KL optimum (tests/test_losses_policy.py).
+    Args:
+        old_logp: [N, T] log pi_old of the sampled tokens (the learner supplies it: registry
+            ``needs``); None means on-policy, ratio exp(logp - sg[logp]) = 1 in value.
+        mask: [N, T] completion mask, used by ``level="sequence"``.
+        level: "token" (per-token ratio) or "sequence" (GSPO's exp(mean_t log ratio), as TRL
+            with ``importance_sampling_level="sequence"``).
+    """
+    from tilt.losses.policy import log_importance_ratio
+
+    old = logp.detach() if old_logp is None else old_logp
+    m = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+    log_ratio = log_importance_ratio(logp, old, m, level=level)  # [N, T]
+    return torch.exp(log_ratio) * k3(logp, ref_logp)
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3", beta: float,

@@ -55,6 +55,7 @@ class LearnerBatch:
     returns: Optional[Tensor] = None  # [N, T] value-head targets (GAE returns)
     old_values: Optional[Tensor] = None  # [N, T] value-head predictions at rollout time
     lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates chosen over the whole batch
+    sampler_logp: Optional[Tensor] = None  # [N, T] the sampler's log-probs when old_logp is the learner's own
     extras: dict[str, Tensor] = field(default_factory=dict)  # other provider outputs: [N] or [N, T, ...]
 
     def select(self, idx: Tensor) -> "LearnerBatch":
@@ -107,11 +108,14 @@ class Learner:
                  grad_clip: float, generator: torch.Generator, max_bad_steps: int = 3,
                  kl_needs_logits: bool = False, value_head: Optional[torch.nn.Module] = None,
                  value_coef: float = 0.5, value_clip: Optional[float] = None,
-                 micro_batch_tokens: Optional[int] = None, minibatch_by: str = "row"):
+                 micro_batch_tokens: Optional[int] = None, minibatch_by: str = "row",
+                 kl_inputs: tuple[str, ...] = (), correction_fn: Optional[Callable] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
         self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
+        self.kl_inputs = tuple(kl_inputs)  # PolicyLossInput fields the KL estimator reads (registry ``needs``)
+        self.correction_fn = correction_fn  # tilt.corrections: weight of each token's policy loss
         self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
         self.micro_batch_tokens = micro_batch_tokens
         if minibatch_by not in ("row", "group"):
@@ -147,9 +151,13 @@ class Learner:
             lp_select=b.lp_select, extras=b.extras)
         per_token, lm = self.loss_fn(inp, **(loss_kwargs or {}))  # [n, T]
         stats = {k: float(v) for k, v in lm.items()}
+        if self.correction_fn is not None and b.sampler_logp is not None:
+            weight, cm = self.correction_fn(b.old_logp, b.sampler_logp, mask)  # [n, T] detached
+            per_token = per_token * weight
+            stats.update({k: float(v) for k, v in cm.items()})
         if self.kl_fn is not None and b.ref_logp is not None:
             kl = self.kl_fn(logp, b.ref_logp, logits=logits if self.need_logits else None,
-                            ref_logits=b.ref_logits)  # [n, T]
+                            ref_logits=b.ref_logits, **{k: getattr(inp, k) for k in self.kl_inputs})  # [n, T]
             if self.kl_in_loss and self.kl_beta > 0:
                 per_token = per_token + self.kl_beta * kl
             stats["kl/mean"] = float(masked_mean(kl.detach(), mask))

@@ -34,7 +34,7 @@ from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.rollout import SamplingParams
 from tilt.state import Component, checkpoint_module
 from tilt.tracking import MetricsLog, Progress, plot_curves
-from tilt.providers import STAGES, Provider, Run, StepData
+from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
 from tilt.providers.frozen import RESOURCES
 from tilt.wiring.resolve import Plan, keyword_params, resolve
 from tilt.wiring.sampling import Scored, TrainStream, sample_scored
@@ -105,7 +105,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     optimizer = adamw(params_, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     total = cfg.train.steps * cfg.train.epochs * cfg.train.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial_schedule(cfg, total))
-    loss, adv, kl = plan.methods["loss"], plan.methods["advantage"], plan.methods.get("kl")
+    loss, adv, kl, corr = (plan.methods.get(a) for a in ("loss", "advantage", "kl", "correction"))
     learner = Learner(
         policy.model, optimizer, scheduler, loss_fn=loss.bound(), loss_needs=loss.needs,
         reduction=cfg.loss.reduction or loss.entry.meta.get("reduction", "token-mean"),
@@ -114,6 +114,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         epochs=cfg.train.epochs, minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum,
         grad_clip=cfg.optim.grad_clip, generator=generator, max_bad_steps=cfg.train.max_bad_steps,
         kl_needs_logits="logits" in plan.reads("kl"), micro_batch_tokens=cfg.train.micro_batch_tokens,
+        kl_inputs=tuple(n for n in plan.reads("kl") if n in INTRINSIC["kl"] - {"logits"}),
+        correction_fn=corr.bound() if corr else None,
         minibatch_by=cfg.train.minibatch_by, **{k: v for c in components for k, v in c.learner_kwargs().items()})
     selector = plan.methods.get("selector")
     draw = selector.entry.meta.get("draw") if selector is not None else None
@@ -205,11 +207,11 @@ def rollout_step(parts: Parts, cfg: Config, stream: TrainStream, step: int = 1
     data.adv_input = ainp
     batched = provide(parts, "batch", data)  # e.g. teacher logits, pi_prev log-probs, V*, GAE returns
     learner_inputs = {**{k: v for k, v in rolled.items() if k in BATCH_FIELDS}, **batched}
-    batch = LearnerBatch(
-        prompt_ids=rb.prompt_ids, prompt_mask=rb.prompt_mask, completion_ids=rb.completion_ids,
-        completion_mask=cmask, old_logp=rb.logprobs, advantages=adv.reshape(B * G, T).float(), rewards=r,
-        group_index=torch.arange(B).repeat_interleave(G),
-        **{k: v for k, v in learner_inputs.items() if k in BATCH_FIELDS},
+    batch = LearnerBatch(**{  # a provider may replace a default field (old_logp: the learner's own log-probs)
+        "prompt_ids": rb.prompt_ids, "prompt_mask": rb.prompt_mask, "completion_ids": rb.completion_ids,
+        "completion_mask": cmask, "old_logp": rb.logprobs, "advantages": adv.reshape(B * G, T).float(),
+        "rewards": r, "group_index": torch.arange(B).repeat_interleave(G),
+        **{k: v for k, v in learner_inputs.items() if k in BATCH_FIELDS}},
         extras={k: v for k, v in learner_inputs.items() if k not in BATCH_FIELDS})
     batch, kept_metrics = parts.select(batch, SelectContext(adv, r.view(B, G), rolled.get("entropy"), step,
                                                             cfg.train.steps, parts.generator))

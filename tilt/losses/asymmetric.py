@@ -3,7 +3,7 @@
     topr          Tapered Off-Policy REINFORCE, arXiv:2503.14286
     psr, nsr,     positive / negative sample reinforcement and their weighted mix,
     w_reinforce   arXiv:2506.01347 ("The Surprising Effectiveness of Negative Reinforcement")
-    lens          confidence-weighted penalties on wrong answers, arXiv:2510.08696
+    lens          confidence-calibrated rewards for wrong answers, arXiv:2510.08696 (Eq. 10, Sec. 5.1)
 """
 from __future__ import annotations
 
@@ -96,34 +96,50 @@ def w_reinforce(inp: PolicyLossInput, *, lam: float = 0.1, threshold: float = 0.
     return signed_sample_loss(inp, pos_weight=lam, neg_weight=1.0, threshold=threshold, eps=eps)
 
 
-def lens_rewards(rewards: Tensor, confidence: Tensor, *, threshold: float = 0.5, scale: float = 1.0,
-                 max_confidence: float = 0.999) -> Tensor:
-    """LENS-modified rewards: r~ = r on correct samples, -scale * c / (1 - c) on wrong ones. [N] -> [N].
+def group_max(values: Tensor, group_index: Tensor) -> Tensor:
+    """Max of ``values`` [N] over each sequence's group, returned per sequence [N]."""
+    n_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    out = torch.full((n_groups,), -torch.inf, dtype=values.dtype, device=values.device)
+    return out.index_reduce(0, group_index, values, "amax")[group_index]
 
-    Derivation (our reading of the abstract of arXiv:2510.08696; the paper body and code were not
-    found, so the exact confidence c and any normalisation are unconfirmed): treat the model's confidence
-    c = p_theta(y|x) as the probability that y is correct and maximise the Bernoulli likelihood
-    sum_i r_i log c_i + (1 - r_i) log(1 - c_i). Its gradient is sum_i r~_i grad log p_theta(y_i|x)
-    with r~ as above: a policy gradient whose penalty on a wrong answer grows with the
-    confidence placed in it, so all-wrong groups still have non-zero advantages.
+
+def lens_rewards(rewards: Tensor, confidence: Tensor, group_index: Tensor, *, threshold: float = 0.5) -> Tensor:
+    """LENS calibrated rewards (arXiv:2510.08696 Eq. 10 and Sec. 5.1 "Calibrated Reward (per sample)"). [N] -> [N].
+
+        r~_i = r_i - (1 - r_i) (1/G) c_i / (D(q) - c_i)
+
+    c_i the confidence of sample i (Sec. 5.1 uses the length-normalised pi_old(o|q)^(1/|o|)), G its
+    group's size, and the difficulty D(q) = max(D_imp(q), 2 max_j c_j) in a group with a correct
+    sample, 2 max_j c_j in a negative group, where D_imp(q) = [(1/G) sum_i r_i / c_i]^(-1) is the
+    importance-sampling estimate of Eq. 14 (the paper writes pi_old there; we use the same c_i as
+    in the ratio, so D and c are on one scale -- our reading). The factor 2 keeps r~ in [-1, 1] and
+    1/G keeps every wrong sample below every correct one after normalisation (Sec. 5.1). A sample
+    is correct when r > ``threshold`` (rewards are 0/1 in the paper).
     """
-    c = confidence.clamp(min=0.0, max=max_confidence)  # [N]
-    correct = rewards > threshold  # [N]
-    return torch.where(correct, rewards, -scale * c / (1.0 - c))
+    g = group_sum(torch.ones_like(rewards), group_index)  # [N] group sizes
+    correct = (rewards > threshold).to(rewards.dtype)  # [N]
+    top = 2.0 * group_max(confidence, group_index)  # [N]
+    r_over_c = torch.where(rewards != 0, rewards / confidence.clamp(min=1e-30), torch.zeros_like(rewards))  # [N]
+    inv_d = group_sum(r_over_c, group_index) / g  # [N] (1/G) sum r_i / c_i
+    d_imp = torch.where(inv_d > 0, 1.0 / inv_d.clamp(min=1e-30), torch.zeros_like(inv_d))  # [N]
+    mixed = group_sum(correct, group_index) > 0  # [N]
+    d = torch.where(mixed, torch.maximum(d_imp, top), top)  # [N]
+    return rewards - (1.0 - rewards) * confidence / (g * (d - confidence).clamp(min=1e-30))
 
 
 @LOSSES.register("lens", reduction="seq-mean-token-mean", needs=("rewards", "group_index"))
-def lens(inp: PolicyLossInput, *, confidence: str = "token_geomean", scale: float = 1.0, threshold: float = 0.5,
+def lens(inp: PolicyLossInput, *, confidence: str = "token_geomean", alpha: float = 0.25, threshold: float = 0.5,
          eps_low: float = 0.2, eps_high: float = 0.2, std_eps: float = 1e-4) -> tuple[Tensor, Metrics]:
-    """LENS: GRPO on confidence-reweighted rewards (arXiv:2510.08696; rewards via ``lens_rewards``).
+    """LENS: the GRPO surrogate on calibrated rewards (arXiv:2510.08696 Sec. 5; rewards via ``lens_rewards``).
 
+    Advantages (Sec. 5.1 "Final Objective"): in a group with a correct sample, GRPO's
+    (r~ - mean_g r~) / (std_g r~ + std_eps) (unbiased std, as torch.std in TRL/verl); in a negative
+    (all-wrong) group only the de-meaning, weighted by ``alpha`` (0.25, the paper's value):
+    J = J_GRPO[mixed] + alpha J_GRPO[negative]. The GRPO loss itself is unchanged (Eq. 3).
     Args:
-        confidence: "sequence" (c = pi_old(y|x), the likelihood derivation) or "token_geomean"
-            (c = exp(mean_t log pi_old(y_t)), length-normalised so long completions are not
-            all c ~ 0). Computed from the sampling policy, detached.
-        scale, threshold: see ``lens_rewards``. eps_low, eps_high: PPO clip range.
-        std_eps: GRPO advantage (r~ - mean_g r~) / (std_g + std_eps) within each group
-            (unbiased std, as torch.std in TRL/verl).
+        confidence: "token_geomean" (c = exp(mean_t log pi_old(y_t)) = pi_old(o|q)^(1/|o|), Sec. 5.1)
+            or "sequence" (c = pi_old(o|q), the theory of Sec. 4). Detached.
+        threshold: see ``lens_rewards``. eps_low, eps_high: PPO clip range.
     """
     if inp.rewards is None or inp.group_index is None:
         raise ValueError("lens needs PolicyLossInput.rewards and group_index")
@@ -135,11 +151,13 @@ def lens(inp: PolicyLossInput, *, confidence: str = "token_geomean", scale: floa
         conf = torch.exp(seq_mean(old, mask))  # [N]
     else:
         raise ValueError(f"unknown LENS confidence {confidence!r}; valid: 'sequence', 'token_geomean'")
-    r_mod = lens_rewards(inp.rewards.to(conf.dtype), conf, threshold=threshold, scale=scale)  # [N]
-    centred = r_mod - group_mean(r_mod, inp.group_index)  # [N]
-    n = group_sum(torch.ones_like(centred), inp.group_index)  # [N] group sizes
-    std = (group_sum(centred**2, inp.group_index) / (n - 1.0).clamp(min=1.0)).sqrt()  # [N] unbiased, as torch.std
-    adv = (centred / (std + std_eps))[:, None].expand(mask.shape)  # [N, T]
+    rewards, gi = inp.rewards.to(conf.dtype), inp.group_index
+    r_mod = lens_rewards(rewards, conf, gi, threshold=threshold)  # [N]
+    centred = r_mod - group_mean(r_mod, gi)  # [N]
+    n = group_sum(torch.ones_like(centred), gi)  # [N] group sizes
+    std = (group_sum(centred**2, gi) / (n - 1.0).clamp(min=1.0)).sqrt()  # [N] unbiased, as torch.std
+    mixed = group_sum((rewards > threshold).to(conf.dtype), gi) > 0  # [N]
+    adv = torch.where(mixed, centred / (std + std_eps), alpha * centred)[:, None].expand(mask.shape)  # [N, T]
     ratio = torch.exp(masked(inp.logp - inp.old_logp, mask))  # [N, T]
     loss, binds = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high)
     metrics = {

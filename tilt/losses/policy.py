@@ -14,6 +14,8 @@ This module also holds the small masked-sequence helpers the other loss modules 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -71,27 +73,51 @@ def group_mean(values: Tensor, group_index: Tensor) -> Tensor:
     return group_sum(values, group_index) / group_sum(ones, group_index)
 
 
-def clipped_surrogate(ratio: Tensor, adv: Tensor, *, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
+def clipped_surrogate(ratio: Tensor, adv: Tensor, *, eps_low: float, eps_high: float,
+                      delta: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate -min(r A, clip(r, 1-eps_low, 1+eps_high) A) and where clipping binds.
 
     Eq. 7, arXiv:1707.06347 (asymmetric bounds: Eq. 10, arXiv:2503.14476). TRL 1.16
-    grpo_trainer.py L3113-L3120.
+    grpo_trainer.py L3113-L3120. ``delta`` (two-sided clipping, INTELLECT-2 arXiv:2505.07291,
+    TRL ``GRPOConfig.delta``) caps the unclipped ratio too: -min(min(r, delta) A, clip(r) A),
+    which bounds the loss of negative-advantage tokens whose ratio has exploded.
     Returns:
         (per_token_loss [N, T], clipped [N, T] bool: the clipped branch is the one taken and it
         differs from the unclipped one, i.e. (r > 1+eps_high and A > 0) or (r < 1-eps_low and A < 0)).
     """
     clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [N, T]
-    loss = -torch.minimum(ratio * adv, clipped_ratio * adv)  # [N, T]
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)  # [N, T]
+    loss = -torch.minimum(unclipped * adv, clipped_ratio * adv)  # [N, T]
     binds = ((ratio > 1.0 + eps_high) & (adv > 0)) | ((ratio < 1.0 - eps_low) & (adv < 0))  # [N, T]
     return loss, binds
 
 
-def clipped_pg(inp: PolicyLossInput, *, eps_low: float, eps_high: float) -> tuple[Tensor, Metrics]:
-    """Token-level clipped policy gradient shared by ppo_clip / grpo / dapo / dr_grpo."""
+def log_importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, *, level: str = "token") -> Tensor:
+    """log pi/pi_old per token ("token") or its per-sequence mean spread over the tokens ("sequence").
+
+    The sequence form is GSPO's s_i = exp(mean_t log pi/pi_old) (Eq. 7, arXiv:2507.18071) with the
+    gradient flowing through the mean, as TRL 1.16 ``importance_sampling_level="sequence"``
+    (grpo_trainer.py L3085-L3093). [N, T] -> [N, T].
+    """
+    log_ratio = masked(logp - old_logp, mask)  # [N, T]
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        return masked(seq_mean(log_ratio, mask)[:, None].expand_as(log_ratio), mask)  # [N, T]
+    raise ValueError(f"unknown importance-sampling level {level!r}; valid: 'token', 'sequence'")
+
+
+def clipped_pg(inp: PolicyLossInput, *, eps_low: float, eps_high: float, level: str = "token",
+               delta: Optional[float] = None) -> tuple[Tensor, Metrics]:
+    """Clipped policy gradient shared by ppo_clip / grpo / dapo / dr_grpo / bnpo / luspo.
+
+    ``level`` is TRL's ``importance_sampling_level`` (``log_importance_ratio``); ``delta`` its
+    two-sided clipping (``clipped_surrogate``).
+    """
     mask = inp.mask
-    log_ratio = masked(inp.logp - inp.old_logp, mask)  # [N, T]
-    ratio = torch.exp(log_ratio)  # [N, T]
-    loss, binds = clipped_surrogate(ratio, masked(inp.advantages, mask), eps_low=eps_low, eps_high=eps_high)
+    ratio = torch.exp(log_importance_ratio(inp.logp, inp.old_logp, mask, level=level))  # [N, T]
+    loss, binds = clipped_surrogate(ratio, masked(inp.advantages, mask), eps_low=eps_low, eps_high=eps_high,
+                                    delta=delta)
     metrics = {
         "clip/frac": masked_mean(binds.to(ratio.dtype), mask).detach(),
         "ratio/mean": masked_mean(ratio, mask).detach(),
@@ -128,36 +154,40 @@ def ppo_clip(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.
 
 
 @LOSSES.register("grpo", reduction="seq-mean-token-mean", needs=())
-def grpo(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Metrics]:
+def grpo(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.2, level: str = "token",
+         delta: Optional[float] = None) -> tuple[Tensor, Metrics]:
     """GRPO surrogate (Eq. 3, arXiv:2402.03300) as TRL 1.16 ``loss_type="grpo"``.
 
     Per-sequence token mean, then mean over sequences (grpo_trainer.py L3153-L3154). TRL's
     epsilon defaults to 0.2 with epsilon_high = epsilon (grpo_config.py L693, L705; trainer
     L945-L946). The paper's KL term beta * k3 is added by the learner (module docstring).
+    ``level`` / ``delta``: TRL's ``importance_sampling_level`` / ``delta`` (``clipped_pg``).
     """
-    return clipped_pg(inp, eps_low=eps_low, eps_high=eps_high)
+    return clipped_pg(inp, eps_low=eps_low, eps_high=eps_high, level=level, delta=delta)
 
 
 @LOSSES.register("dapo", reduction="token-mean", needs=())
-def dapo(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.28) -> tuple[Tensor, Metrics]:
+def dapo(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.28, level: str = "token",
+         delta: Optional[float] = None) -> tuple[Tensor, Metrics]:
     """DAPO: clip-higher (Eq. 10, arXiv:2503.14476) and token-mean over the whole batch.
 
     TRL 1.16 ``loss_type="dapo"`` divides the token sum by the number of completion tokens of
     the generation batch (grpo_trainer.py L3168-L3173). eps_high = 0.28 is the DAPO paper's
     value (TRL's docs recommend it; TRL's and verl's defaults leave it at 0.2).
     """
-    return clipped_pg(inp, eps_low=eps_low, eps_high=eps_high)
+    return clipped_pg(inp, eps_low=eps_low, eps_high=eps_high, level=level, delta=delta)
 
 
 @LOSSES.register("dr_grpo", reduction="seq-mean-token-sum-norm", needs=())
-def dr_grpo(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Metrics]:
+def dr_grpo(inp: PolicyLossInput, *, eps_low: float = 0.2, eps_high: float = 0.2, level: str = "token",
+            delta: Optional[float] = None) -> tuple[Tensor, Metrics]:
     """Dr. GRPO (Sec. 3.2, arXiv:2503.20783): token sum / (N * max_completion_length).
 
     TRL 1.16 grpo_trainer.py L3163-L3164; the learner passes L_max as ``max_len`` to
     ``reduction_denominator``. (The "no std normalisation" half lives in the advantage
     estimator.) verl calls this ``seq-mean-token-sum-norm``.
     """
-    return clipped_pg(inp, eps_low=eps_low, eps_high=eps_high)
+    return clipped_pg(inp, eps_low=eps_low, eps_high=eps_high, level=level, delta=delta)
 
 
 @LOSSES.register("gspo", reduction="seq-mean-token-mean", needs=())

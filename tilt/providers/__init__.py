@@ -51,8 +51,9 @@ RewardsFn = Callable[[list[str], list[str], dict[str, list[Any]]], Tensor]  # ->
 INTRINSIC = {
     "loss": {"logp", "old_logp", "advantages", "mask", "rewards", "group_index", "entropy", "logits"},
     "advantage": {"rewards", "mask", "token_ids", "token_rewards"},
-    "kl": {"logits"},
+    "kl": {"logits", "old_logp", "mask"},
     "selector": set(),
+    "correction": set(),
 }
 
 

@@ -1,5 +1,6 @@
 """Inputs from frozen models: the reference (log pi_ref, its logits), the teacher (distillation),
-HAEPO's previous policy pi_prev. No gradient flows through here.
+HAEPO's previous policy pi_prev, and the learner's own log-probs of the sampled tokens (for a
+training-inference correction). No gradient flows through here.
 
 Shapes: N = B*G rows (group-major), T completion tokens, V vocabulary.
 """
@@ -110,3 +111,18 @@ class PrevPolicy(Provider):
         rb = data.scored.rb
         logits = frozen_logits(self.model, rb, temperature=self.run.cfg.rollout.temperature)  # [N, T, V]
         return {"prev_logp": token_logp(logits, rb.completion_ids, rb.completion_mask)}
+
+
+@provides("learner_logp")
+class LearnerLogProbs(Provider):
+    """The learner's own log-probs of the sampled tokens (catalogue A8): a no-grad teacher-forced pass of
+    the policy after sampling. They become the batch's ``old_logp`` (the behaviour policy of the loss),
+    and the sampler's log-probs move to ``sampler_logp`` for the correction (tilt.corrections)."""
+
+    def batch(self, data: StepData) -> dict[str, Tensor]:
+        rb, cfg = data.scored.rb, self.run.cfg
+        with torch.no_grad():
+            logp, _ = sequence_logprobs(self.run.policy.model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
+                                        rb.completion_mask, temperature=cfg.rollout.temperature,
+                                        chunk_tokens=cfg.train.micro_batch_tokens)  # [N, T]
+        return {"old_logp": logp * rb.completion_mask, "sampler_logp": rb.logprobs}

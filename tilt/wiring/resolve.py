@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from tilt.advantages import ADVANTAGES
 from tilt.config import Config, ConfigError
+from tilt.corrections import CORRECTIONS
 from tilt.kl import KL_ESTIMATORS
 from tilt.losses import LOSSES
 from tilt.registry import Entry
@@ -31,7 +32,7 @@ from tilt.providers import INTRINSIC, PROVIDERS, Provider
 class Method:
     """One configured method: registry entry, keyword arguments split by destination, inputs read."""
 
-    axis: str  # "loss", "advantage", "kl" or "selector" (also the config section, "selection" for selectors)
+    axis: str  # "loss", "advantage", "kl", "selector" or "correction" (config section: SECTION[axis])
     entry: Entry
     kwargs: dict[str, Any]  # as configured
     fn_kwargs: dict[str, Any]  # those of the function itself
@@ -90,10 +91,12 @@ def configured_methods(cfg: Config) -> list[tuple[str, Entry, dict[str, Any]]]:
         out.append(("kl", KL_ESTIMATORS.entry(cfg.kl.estimator), cfg.kl.kwargs))
     if cfg.selection.name != "none":
         out.append(("selector", SELECTORS.entry(cfg.selection.name), cfg.selection.kwargs))
+    if cfg.correction.name != "none":
+        out.append(("correction", CORRECTIONS.entry(cfg.correction.name), cfg.correction.kwargs))
     return out
 
 
-SECTION = {"loss": "loss", "advantage": "advantage", "kl": "kl", "selector": "selection"}
+SECTION = {"loss": "loss", "advantage": "advantage", "kl": "kl", "selector": "selection", "correction": "correction"}
 
 
 def resolve(cfg: Config) -> Plan:
