@@ -112,3 +112,6 @@ def _score_one(fn: RewardFn, timeout: float, prompts: list[str], completions: li
         counts["reward/timeouts" if why == "timeout" else "reward/errors"] += 1
         return 0.0
     return vals[0]
+
+
+import tilt.verifiers  # noqa: E402,F401 - registers the ecosystem rewards (code_exec, math_verify, format, ...)
