@@ -8,3 +8,4 @@
 Heavy packages (math-verify, transformers, reasoning-gym) are imported only when used.
 """
 from tilt.verifiers import code_exec  # noqa: F401 - registers "code_exec"
+from tilt.verifiers import maths  # noqa: F401,E402 - registers "math_verify" and "format"
