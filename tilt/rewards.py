@@ -31,7 +31,14 @@ def verifier_reward(prompts: list[str], completions: list[str], *, task: list[st
 
 
 def resolve_reward_fn(name: str) -> RewardFn:
-    """A registry name, or "package.module:function" for a user-defined reward."""
+    """A registry name, "name=argument" for a parametrised entry (e.g. "reward_model=/path"), or
+    "package.module:function" for a user-defined reward."""
+    head, eq, arg = name.partition("=")
+    meta = REWARDS.entry(head).meta if head in REWARDS else {}
+    if "factory" in meta and (eq or meta.get("needs_arg")):
+        if not arg:
+            raise ValueError(f"reward function {head!r} needs an argument: '{head}={meta.get('arg', '...')}'")
+        return meta["factory"](arg)
     if name in REWARDS:
         return REWARDS.get(name)
     if ":" in name:

@@ -10,3 +10,4 @@ Heavy packages (math-verify, transformers, reasoning-gym) are imported only when
 from tilt.verifiers import code_exec  # noqa: F401 - registers "code_exec"
 from tilt.verifiers import maths  # noqa: F401,E402 - registers "math_verify" and "format"
 from tilt.verifiers import reasoning_gym_source  # noqa: F401,E402 - registers "reasoning_gym"
+from tilt.verifiers import reward_model  # noqa: F401,E402 - registers "reward_model=<path>"

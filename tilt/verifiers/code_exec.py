@@ -17,12 +17,14 @@ completion when it has none; a row's optional ``code_prefix`` (e.g. ``"print("``
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
+from tilt.config import ConfigError
 from tilt.rewards import REWARDS
 from tilt.verifiers.columns import column
 from tilt.verifiers.sandbox import SandboxLimits, check_sandbox, make_limits, run_python
@@ -99,6 +101,16 @@ def make_code_exec(*, limits: Optional[dict | SandboxLimits] = None,
     return code_exec
 
 
-REWARDS.register("code_exec", needs_columns=("tests",))(make_code_exec())
+def code_exec_from_json(text: str) -> Callable[..., list[float]]:
+    """``code_exec={"cpu_s": 2, "wall_s": 3.0}``: a code_exec reward with these sandbox limits."""
+    try:
+        limits = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"code_exec limits {text!r} are not a JSON object: {exc}") from None
+    return make_code_exec(limits=limits)
+
+
+REWARDS.register("code_exec", needs_columns=("tests",), factory=code_exec_from_json,
+                 arg='{"cpu_s": 2, "wall_s": 5.0, "memory_mb": 512, "max_procs": 16}')(make_code_exec())
 
 __all__ = ["extract_code", "make_code_exec", "normalise_tests", "run_test"]

@@ -83,6 +83,6 @@ def make_format(pattern: str = DEFAULT_FORMAT, *, flags: int = re.DOTALL) -> Cal
     return format_reward
 
 
-REWARDS.register("format")(make_format())
+REWARDS.register("format", factory=make_format, arg="<regex>")(make_format())
 
 __all__ = ["DEFAULT_FORMAT", "make_format", "math_verify_reward", "math_verify_score", "parse_gold"]
