@@ -236,6 +236,9 @@ class LogCfg(Section):
     """Write curves.png (reward, accuracy, KL, entropy) at checkpoints and at the end."""
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     """Progress display: rich bar on a TTY, plain lines otherwise ("auto")."""
+    backends: list[str] = []
+    """Extra logging backends beside metrics.jsonl / TensorBoard, each sent the same rows: "wandb" (offline with
+    WANDB_MODE=offline), "trackio" (local store in $TRACKIO_DIR). Optional extras: pip install 'tilt[wandb]'."""
 
 
 class Config(Section):

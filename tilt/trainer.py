@@ -34,6 +34,7 @@ from tilt.model import load_policy
 from tilt.rewards import resolve_reward_fn
 from tilt.rollout import sequence_logprobs
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
+from tilt.trackers import make_trackers
 from tilt.tracking import MetricsLog, Progress, plot_curves
 from tilt.value_head import ValueHead
 from tilt.wiring.hooks import LoopHooks, checkpoint_module
@@ -262,7 +263,8 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
     parts.hooks.init_state(state)
     stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
-    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
+    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None,
+                     trackers=make_trackers(cfg.log.backends, run_dir, cfg.model_dump(mode="json")))
     if state["before"] is None:
         state["before"] = heldout(parts, cfg, eval_set)
         log.log(0, {"eval/pass1": state["before"]["pass1"], "eval/greedy": state["before"]["greedy"]})
