@@ -6,7 +6,8 @@ import pytest
 from tilt.config import ConfigError
 from tilt.rewards import resolve_reward_fn, score
 from tilt.tasks.base import SEED_RANGES
-from tilt.verifiers.reasoning_gym_source import ReasoningGymTask, extract_answer, reasoning_gym_rows
+from tilt.verifiers.reasoning_gym_source import extract_answer, reasoning_gym_rows
+from tilt.verifiers.tasks import ReasoningGymTask
 
 SMALL = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
 
@@ -47,7 +48,7 @@ def test_reward_is_the_generators_own_score_answer():
 
 
 def test_as_a_task_with_tilt_seeds():
-    task = ReasoningGymTask("chain_sum", SMALL, prompt_fn=str.lower)
+    task = ReasoningGymTask("chain_sum", SMALL, prompt_fn=str.lower)  # one level, difficulty 1
     item = task.generate(SEED_RANGES["eval"][0] + 7, 1)
     assert item.task == "rg_chain_sum" and item.prompt == item.prompt.lower()
     assert item.columns["metadata"]["rg_item_seed"] == 1_000_000_007
@@ -66,3 +67,16 @@ def test_bad_kwargs_and_split_are_config_errors():
         reasoning_gym_rows("chain_sum", size=2, bogus=1)
     with pytest.raises(ConfigError, match="split must be 'train' or 'eval'"):
         reasoning_gym_rows("chain_sum", split="test", size=2)
+
+
+def test_registered_rg_chain_sum_task():
+    from tilt.tasks import get_task
+
+    task = get_task("rg_chain_sum")
+    item = task.generate(SEED_RANGES["train"][0] + 11, 2)
+    expr = item.columns["metadata"]["expression"]  # e.g. "42 + 69": two two-digit terms
+    assert item.prompt == expr.replace(" ", "") + "=" and int(item.answer) == eval(expr)
+    assert all(10 <= abs(int(t)) <= 99 for t in expr.replace("+", " ").replace(" - ", " ").split())
+    assert task.verify(item.answer, **item.columns) == 1.0 and task.verify("x", **item.columns) == 0.0
+    import json
+    json.dumps(item.columns)  # columns stay JSON-serialisable (reasoning-gym's tuples became lists)

@@ -138,3 +138,17 @@ def test_sandbox_limit_of_the_wrong_type_is_a_config_error(limits, field):
 def test_extract_code_takes_the_last_fenced_block():
     assert extract_code("x\n```python\na = 1\n```\ntext\n```py\nb = 2\n```") == "b = 2\n"
     assert extract_code("print(1)") == "print(1)"
+
+
+@needs_sandbox
+def test_code_mul_task_runs_its_completion_in_the_sandbox():
+    from tilt.tasks import get_task
+    from tilt.tasks.arithmetic import MULTIPLICATION
+
+    task = get_task("code_mul")
+    assert task.difficulties == MULTIPLICATION.difficulties
+    item = task.generate(5, 2)  # the multiplication item of seed 5: "90*6=" -> 540
+    assert (item.prompt, item.answer) == (MULTIPLICATION.generate(5, 2).prompt, "540") == ("90*6=", "540")
+    # program "print(" + completion + ")": "540" and "90*6" both print 540; "54" prints 54
+    assert [task.verify(c, **item.columns) for c in ("540", "90*6", "54", "__import__('os')._exit(0)")] == \
+        [1.0, 1.0, 0.0, 0.0]

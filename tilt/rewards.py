@@ -121,4 +121,4 @@ def _score_one(fn: RewardFn, timeout: float, prompts: list[str], completions: li
     return vals[0]
 
 
-import tilt.verifiers  # noqa: E402,F401 - registers the ecosystem rewards (code_exec, math_verify, format, ...)
+from tilt.verifiers import code_exec, maths, reasoning_gym_source, reward_model  # noqa: E402,F401 - registers them

@@ -13,7 +13,8 @@ A row's ``tests`` column is one of
 - ``{"inputs": [...], "outputs": [...]}`` (the same, column-wise).
 
 The program is the last fenced code block of the completion (```python ...```), or the whole
-completion when it has none; a row's optional ``code_prefix`` (e.g. ``"print("``) is put before it.
+completion when it has none; a row's optional ``code_prefix`` / ``code_suffix`` (e.g. ``"print("``
+and ``")"``) are put around it.
 """
 from __future__ import annotations
 
@@ -86,10 +87,10 @@ def make_code_exec(*, limits: Optional[dict | SandboxLimits] = None,
         n = len(completions)
         tests = [normalise_tests(t, row=i) for i, t in
                  enumerate(column("tests", n, kwargs, required=True, who="code_exec"))]
-        prefixes = column("code_prefix", n, kwargs)
+        prefixes, suffixes = column("code_prefix", n, kwargs), column("code_suffix", n, kwargs)
         lims = [base if o is None else make_limits({**base.model_dump(), **o})
                 for o in column("sandbox_limits", n, kwargs)]
-        programs = [(p or "") + extract_code(c) for p, c in zip(prefixes, completions)]
+        programs = [(p or "") + extract_code(c) + (s or "") for p, c, s in zip(prefixes, completions, suffixes)]
         jobs = [(i, programs[i], t, lims[i]) for i in range(n) for t in tests[i]]
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             passed = list(pool.map(lambda j: run_test(j[1], j[2], j[3]), jobs))

@@ -6,8 +6,8 @@ Narrow interface (for the data-source registry to wrap):
   "metadata"}``; ``metadata`` records the generator, its kwargs, the split and the item seed;
 - the ``reasoning_gym`` reward (registered in ``tilt.rewards.REWARDS``) scores a completion with
   the generator's own ``score_answer``, rebuilt from the row's ``metadata``;
-- ``ReasoningGymTask``: the same generator as a tilt ``Task`` (``generate(seed, difficulty)`` /
-  ``verify``), for task mixes whose seeds come from ``tilt.tasks.SEED_RANGES``.
+- ``tilt.verifiers.tasks.ReasoningGymTask``: the same generator as a tilt ``Task``
+  (``generate(seed, difficulty)`` / ``verify``), for task mixes whose seeds come from ``SEED_RANGES``.
 
 Seeds: reasoning-gym makes item ``i`` of a dataset with seed ``s`` from ``random.Random(s + i)``.
 Train rows use ``s = SEED_RANGES["train"][0] + seed`` and eval rows ``SEED_RANGES["eval"][0] + seed``;
@@ -19,12 +19,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tilt.config import ConfigError
 from tilt.rewards import REWARDS
-from tilt.tasks.base import SEED_RANGES, Item
+from tilt.tasks.base import SEED_RANGES
 from tilt.verifiers.columns import column
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -113,32 +112,5 @@ def reasoning_gym_reward(prompts: list[str], completions: list[str], **kwargs: A
     return [score_entry(c, a, m) for c, a, m in zip(completions, answers, metas)]
 
 
-@dataclass
-class ReasoningGymTask:
-    """A reasoning-gym generator as a tilt Task: item seed = tilt's split seed, one difficulty level.
-
-    ``prompt_fn`` maps the question to the prompt the model sees (e.g. ``str.lower`` for the
-    shipped character-level model, whose alphabet has no capitals).
-    """
-
-    generator: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    prompt_fn: Callable[[str], str] = lambda q: q
-    difficulties: tuple[int, ...] = (1,)
-
-    def __post_init__(self) -> None:
-        make_dataset(self.generator, seed=0, size=1, kwargs=self.kwargs)  # fail now on a bad name / kwargs
-        self.name = f"rg_{self.generator}"
-
-    def generate(self, seed: int, difficulty: int) -> Item:
-        e = make_dataset(self.generator, seed=seed, size=1, kwargs=self.kwargs)[0]
-        meta = {**e["metadata"], "rg_generator": self.generator, "rg_kwargs": self.kwargs, "rg_item_seed": seed}
-        return Item(self.name, difficulty, seed, self.prompt_fn(e["question"]), str(e["answer"]),
-                    {"answer": str(e["answer"]), "metadata": meta})
-
-    def verify(self, completion: str, *, answer: str, metadata: dict[str, Any], **_: Any) -> float:
-        return score_entry(completion, answer, metadata)
-
-
-__all__ = ["ReasoningGymTask", "extract_answer", "generator_names", "make_dataset", "reasoning_gym_reward",
+__all__ = ["extract_answer", "generator_names", "make_dataset", "reasoning_gym_reward",
            "reasoning_gym_rows", "score_entry", "split_seed"]
