@@ -114,6 +114,8 @@ def test_each_limit_stops_its_attack():
     assert res.status == "timeout" and time.time() - t0 < 5
     res = run_python("open('big', 'w').write('x' * (32 << 20))", limits={**LIMITS, "max_file_mb": 1})
     assert res.status == "error" and "File too large" in res.stderr
+    res = run_python("import os\nprint(sorted(n for n in os.listdir('/dev') if not os.path.islink('/dev/' + n)))")
+    assert res.stdout.split("\n")[0] == str(["full", "null", "random", "urandom", "zero"])  # no disks, no tty
     res = run_python("import os\nprint(sorted(os.environ))\nopen('mine.txt', 'w').write('scratch is writable')\n"
                      "print(open('mine.txt').read())")
     assert res.stdout.splitlines() == [str(sorted(["HOME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE",
@@ -152,3 +154,23 @@ def test_code_mul_task_runs_its_completion_in_the_sandbox():
     # program "print(" + completion + ")": "540" and "90*6" both print 540; "54" prints 54
     assert [task.verify(c, **item.columns) for c in ("540", "90*6", "54", "__import__('os')._exit(0)")] == \
         [1.0, 1.0, 0.0, 0.0]
+
+
+@needs_sandbox
+def test_sandboxes_of_a_killed_caller_are_swept():
+    import subprocess
+    import sys
+    import tempfile
+
+    from tilt.verifiers.sandbox import _pids_cgroup_root
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its PID now names no live process
+    cg = _pids_cgroup_root() / f"tilt-sandbox-{dead.pid}-orphan"
+    cg.mkdir()
+    scratch = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{dead.pid}-"))
+    (scratch / "program.py").write_text("print(1)")
+    mine = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{os.getpid()}-"))  # a live caller's: kept
+    assert run_python("print(1)").stdout == "1\n"
+    assert not cg.exists() and not scratch.exists() and mine.exists()
+    mine.rmdir()

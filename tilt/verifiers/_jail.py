@@ -5,8 +5,9 @@ namespaces (``unshare --pid --net --mount --ipc --fork --kill-child``). As PID 1
 
 1. joins the pids cgroup the caller prepared (``pids.max`` bounds the number of processes; a
    root-owned process is exempt from RLIMIT_NPROC, a cgroup is not);
-2. remounts every mount of its private mount namespace read-only, then bind-mounts the scratch
-   directory read-write over itself, so scratch is the only writable place even for uid 0;
+2. remounts every mount of its private mount namespace read-only, puts a fresh read-only /dev with
+   only null/zero/full/random/urandom over /dev, then bind-mounts the scratch directory read-write
+   over itself, so scratch is the only writable place even for uid 0;
 3. forks the program with stdin/stdout/stderr on files in scratch, the rlimits set
    (CPU, address space, processes, file size, open files, no core), every capability dropped
    from the bounding set, ``no_new_privs`` set and a scrubbed environment; then
@@ -29,8 +30,8 @@ SETUP_CGROUP, SETUP_MOUNT, SETUP_EXEC = 120, 121, 122
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mount(src, target, flags):
-    if libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+def _mount(src, target, flags, fstype=None, data=None):
+    if libc.mount(src, target.encode(), fstype, ctypes.c_ulong(flags), data) != 0:
         raise OSError(ctypes.get_errno(), f"mount {target}: {os.strerror(ctypes.get_errno())}")
 
 
@@ -57,8 +58,25 @@ def make_read_only(scratch):
         except OSError:
             if os.path.exists(target) and os.access(target, os.W_OK):
                 raise
+    minimal_dev()
     _mount(scratch.encode(), scratch, MS_BIND)  # a bind copies the read-only flag of its source,
     _mount(None, scratch, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)  # so remount it read-write
+
+
+def minimal_dev():
+    """A fresh read-only /dev with only null, zero, full, random and urandom (bound from the host's
+    nodes), so no disk, console or other device node is reachable from the program."""
+    keep = ("null", "zero", "full", "random", "urandom")
+    fds = {n: os.open(f"/dev/{n}", os.O_PATH) for n in keep}
+    _mount(b"tmpfs", "/dev", MS_NOSUID | MS_NOEXEC, b"tmpfs", b"mode=755,size=64k")
+    for n, fd in fds.items():
+        open(f"/dev/{n}", "w").close()
+        _mount(f"/proc/self/fd/{fd}".encode(), f"/dev/{n}", MS_BIND)
+        os.close(fd)
+    for i, n in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"/dev/{n}")
+    os.symlink("/proc/self/fd", "/dev/fd")
+    _mount(None, "/dev", MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
 
 def drop_privileges():

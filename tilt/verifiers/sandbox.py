@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,23 @@ def _pids_cgroup_root() -> Optional[Path]:
     return None
 
 
+def _sweep_orphans(root: Path) -> None:
+    """Remove the cgroups and scratch directories of sandboxes whose calling process has died
+    (killed before its ``finally`` ran); their names carry the caller's PID."""
+    for d in [*root.glob("tilt-sandbox-*-*"), *Path(tempfile.gettempdir()).glob("tilt-sandbox-*-*")]:
+        try:
+            owner = int(d.name.split("-")[2])
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            _remove_cgroup(d) if d.parent == root else shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
 def _make_cgroup(max_procs: int) -> Path:
-    cg = _pids_cgroup_root() / f"tilt-sandbox-{uuid.uuid4().hex[:12]}"  # type: ignore[operator]
+    root = _pids_cgroup_root()
+    _sweep_orphans(root)  # type: ignore[arg-type]
+    cg = root / f"tilt-sandbox-{os.getpid()}-{uuid.uuid4().hex[:12]}"  # type: ignore[operator]
     cg.mkdir()
     (cg / "pids.max").write_text(str(max_procs))
     return cg
@@ -127,8 +143,6 @@ def _remove_cgroup(cg: Path) -> None:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        import time
-
         time.sleep(0.02)
     try:
         cg.rmdir()
@@ -150,8 +164,8 @@ def run_python(program: str, *, stdin: str = "", limits: Optional[dict | Sandbox
     """
     lim = make_limits(limits)
     check_sandbox()
-    scratch = Path(tempfile.mkdtemp(prefix="tilt-sandbox-"))
     cg = _make_cgroup(lim.max_procs)
+    scratch = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{os.getpid()}-"))
     try:
         (scratch / "program.py").write_text(program)
         (scratch / "stdin.txt").write_text(stdin)
