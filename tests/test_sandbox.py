@@ -114,6 +114,12 @@ def test_each_limit_stops_its_attack():
     assert res.status == "timeout" and time.time() - t0 < 5
     res = run_python("open('big', 'w').write('x' * (32 << 20))", limits={**LIMITS, "max_file_mb": 1})
     assert res.status == "error" and "File too large" in res.stderr
+    import tempfile
+
+    sibling = Path(tempfile.mkdtemp(prefix="tilt-sandbox-sibling-"))  # e.g. another sample's scratch
+    res = run_python("import os\nprint(os.listdir(os.path.dirname(os.getcwd())) == [os.path.basename(os.getcwd())])")
+    sibling.rmdir()
+    assert res.stdout == "True\n"  # scratch's parent (the temp dir) shows only scratch itself
     res = run_python("import os\nprint(sorted(n for n in os.listdir('/dev') if not os.path.islink('/dev/' + n)))")
     assert res.stdout.split("\n")[0] == str(["full", "null", "random", "urandom", "zero"])  # no disks, no tty
     res = run_python("import os\nprint(sorted(os.environ))\nopen('mine.txt', 'w').write('scratch is writable')\n"

@@ -6,8 +6,9 @@ namespaces (``unshare --pid --net --mount --ipc --fork --kill-child``). As PID 1
 1. joins the pids cgroup the caller prepared (``pids.max`` bounds the number of processes; a
    root-owned process is exempt from RLIMIT_NPROC, a cgroup is not);
 2. remounts every mount of its private mount namespace read-only, puts a fresh read-only /dev with
-   only null/zero/full/random/urandom over /dev, then bind-mounts the scratch directory read-write
-   over itself, so scratch is the only writable place even for uid 0;
+   only null/zero/full/random/urandom over /dev and an empty read-only tmpfs over scratch's parent
+   (hiding other sandboxes), then binds the scratch directory back in read-write, so scratch is
+   the only writable (and the only visible temporary) place even for uid 0;
 3. forks the program with stdin/stdout/stderr on files in scratch, the rlimits set
    (CPU, address space, processes, file size, open files, no core), every capability dropped
    from the bounding set, ``no_new_privs`` set and a scrubbed environment; then
@@ -59,8 +60,25 @@ def make_read_only(scratch):
             if os.path.exists(target) and os.access(target, os.W_OK):
                 raise
     minimal_dev()
-    _mount(scratch.encode(), scratch, MS_BIND)  # a bind copies the read-only flag of its source,
-    _mount(None, scratch, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)  # so remount it read-write
+    if not hide_siblings(scratch):
+        _mount(scratch.encode(), scratch, MS_BIND)
+    # a bind copies the read-only flag of its source, so remount it read-write
+    _mount(None, scratch, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+
+
+def hide_siblings(scratch):
+    """An empty read-only tmpfs over scratch's parent (e.g. /tmp) with only scratch bound back in:
+    other sandboxes' scratch directories and the host's temporary files are out of sight."""
+    parent = os.path.dirname(scratch.rstrip("/"))
+    if parent in ("", "/"):
+        return False
+    fd = os.open(scratch, os.O_PATH)
+    _mount(b"tmpfs", parent, MS_NOSUID | MS_NODEV | MS_NOEXEC, b"tmpfs", b"mode=755,size=64k")
+    os.mkdir(scratch)
+    _mount(f"/proc/self/fd/{fd}".encode(), scratch, MS_BIND)
+    os.close(fd)
+    _mount(None, parent, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return True
 
 
 def minimal_dev():

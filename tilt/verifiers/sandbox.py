@@ -6,6 +6,7 @@ One program runs as PID 1's child in fresh Linux namespaces (``unshare``; see ``
 |---|---|
 | network | new network namespace (``unshare --net``): only a down loopback, every connect fails |
 | writes outside scratch | private mount namespace, every mount remounted read-only, scratch bound read-write |
+| devices, other samples | a fresh /dev with only null/zero/full/random/urandom; an empty tmpfs over scratch's parent |
 | parent's environment | scrubbed ``env``; new PID namespace + fresh ``/proc``, so no ``/proc/<ppid>/environ`` |
 | killing its parent | new PID namespace: the caller's PID is not visible; all capabilities dropped |
 | fork bombs | a pids cgroup with ``pids.max`` (root is exempt from RLIMIT_NPROC; RLIMIT_NPROC set too) |
@@ -115,7 +116,10 @@ def _sweep_orphans(root: Path) -> None:
             owner = int(d.name.split("-")[2])
             os.kill(owner, 0)
         except ProcessLookupError:
-            _remove_cgroup(d) if d.parent == root else shutil.rmtree(d, ignore_errors=True)
+            if d.parent == root:
+                _remove_cgroup(d)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
             continue
 
