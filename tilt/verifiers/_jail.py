@@ -9,7 +9,8 @@ namespaces (``unshare --pid --net --mount --ipc --fork --kill-child``). As PID 1
    only null/zero/full/random/urandom over /dev and an empty read-only tmpfs over scratch's parent
    (hiding other sandboxes), then binds the scratch directory back in read-write, so scratch is
    the only writable (and the only visible temporary) place even for uid 0;
-3. forks the program with stdin/stdout/stderr on files in scratch, the rlimits set
+3. covers scratch with a size-limited tmpfs holding program.py (writes never reach the disk), and
+   forks the program with stdin/stdout/stderr on files in the real scratch, the rlimits set
    (CPU, address space, processes, file size, open files, no core), every capability dropped
    from the bounding set, ``no_new_privs`` set and a scrubbed environment; then
 4. waits for it (reaping any orphans) and exits with its status. When PID 1 exits the kernel
@@ -119,20 +120,32 @@ def set_limits(lim):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def child(spec):
+def open_io(scratch):
+    """stdin/stdout/stderr files in the caller's scratch directory, opened before the tmpfs covers it."""
+    join = os.path.join
+    return (os.open(join(scratch, "stdin.txt"), os.O_RDONLY),
+            os.open(join(scratch, "stdout.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+            os.open(join(scratch, "stderr.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+
+
+def private_scratch(scratch, size_mb, program):
+    """A size-limited tmpfs over scratch holding program.py: the program's writes use RAM that
+    vanishes with the namespace, at most ``size_mb`` of it, and never reach the disk."""
+    _mount(b"tmpfs", scratch, MS_NOSUID | MS_NODEV, b"tmpfs", f"mode=700,size={size_mb}m".encode())
+    with open(os.path.join(scratch, "program.py"), "wb") as f:
+        f.write(program)
+
+
+def child(spec, io):
     scratch = spec["scratch"]
     os.chdir(scratch)
-    fd_in = os.open("stdin.txt", os.O_RDONLY)
-    fd_out = os.open("stdout.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    fd_err = os.open("stderr.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for src, dst in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+    for src, dst in zip(io, (0, 1, 2)):
         os.dup2(src, dst)
     os.closerange(3, 1 << 16)
     os.setsid()
     drop_privileges()
     set_limits(spec["limits"])
-    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
     os.execve(spec["python"], [spec["python"], "-I", "-S", "program.py"], env)
 
 
@@ -146,14 +159,18 @@ def main():
         print(f"sandbox setup: cannot join the pids cgroup: {exc}", file=sys.stderr)
         os._exit(SETUP_CGROUP)
     try:
+        with open(os.path.join(spec["scratch"], "program.py"), "rb") as f:
+            program = f.read()
         make_read_only(spec["scratch"])
+        io = open_io(spec["scratch"])  # after: a mount with files open for writing cannot turn read-only
+        private_scratch(spec["scratch"], spec["limits"]["scratch_mb"], program)
     except OSError as exc:
         print(f"sandbox setup: cannot make the filesystem read-only: {exc}", file=sys.stderr)
         os._exit(SETUP_MOUNT)
     pid = os.fork()
     if pid == 0:
         try:
-            child(spec)
+            child(spec, io)
         except BaseException as exc:  # noqa: BLE001 - report, never return into PID 1's loop
             os.write(2, f"sandbox setup: {type(exc).__name__}: {exc}\n".encode())
         os._exit(SETUP_EXEC)

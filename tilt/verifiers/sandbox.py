@@ -12,7 +12,7 @@ One program runs as PID 1's child in fresh Linux namespaces (``unshare``; see ``
 | fork bombs | a pids cgroup with ``pids.max`` (root is exempt from RLIMIT_NPROC; RLIMIT_NPROC set too) |
 | memory | RLIMIT_AS |
 | CPU loops | RLIMIT_CPU (SIGKILL one second past it) and a wall-clock limit enforced by the caller |
-| disk / output flood | RLIMIT_FSIZE on every file, stdout and stderr included |
+| disk / output flood | scratch is a size-limited tmpfs (``scratch_mb``); RLIMIT_FSIZE on every file, stdout/stderr included |
 
 Needs root (or CAP_SYS_ADMIN) and ``unshare`` from util-linux; ``check_sandbox()`` says why not.
 """
@@ -54,6 +54,8 @@ class SandboxLimits(BaseModel):
     """Processes (and threads) the program may have at once (pids cgroup pids.max, RLIMIT_NPROC)."""
     max_file_mb: int = Field(16, ge=1)
     """Largest file the program may write, stdout and stderr included, in MiB (RLIMIT_FSIZE)."""
+    scratch_mb: int = Field(64, ge=1)
+    """Size of the program's scratch directory, a tmpfs in MiB: all it may write, in memory, never on disk."""
 
 
 def make_limits(limits: Optional[dict[str, Any] | SandboxLimits] = None) -> SandboxLimits:
