@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# everything else with the installed torch held fixed by a constraints file
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	# the bench extra (TRL) too: the test suite smoke-runs benchmarks/ on one tiny configuration
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench]"
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench,math,reasoning-gym,wandb,trackio]"
 	touch $(STAMP)
 
 setup: $(STAMP)

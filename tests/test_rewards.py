@@ -68,7 +68,7 @@ def test_hanging_function_times_out():
 def test_resolve_names_and_import_paths():
     assert resolve_reward_fn("verifier") is verifier_reward
     assert resolve_reward_fn("tilt.rewards:verifier_reward") is verifier_reward
-    with pytest.raises(ValueError, match="valid names: verifier"):
+    with pytest.raises(ValueError, match="valid names: .*verifier"):
         resolve_reward_fn("verifyer")
     with pytest.raises(ValueError, match="could not be imported"):
         resolve_reward_fn("no_such_module_xyz:f")

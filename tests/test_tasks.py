@@ -70,7 +70,8 @@ def draw_subset_tree(data, numbers):
 
 # ---------------------------------------------------------------- registry
 def test_registry_holds_the_four_tasks_under_their_own_names():
-    assert TASKS.names() == sorted(NAMES + ["addition_steps"])  # + the step-wise task of C4
+    # + the step-wise task of C4 and the ecosystem tasks of tilt/verifiers/tasks.py
+    assert TASKS.names() == sorted(NAMES + ["addition_steps", "rg_chain_sum", "code_mul"])
     for name in NAMES:
         task = get_task(name)
         assert task.name == name and tuple(task.difficulties) == (1, 2, 3)
@@ -78,7 +79,7 @@ def test_registry_holds_the_four_tasks_under_their_own_names():
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(UnknownNameError, match="valid names: addition, addition_steps, countdown, multiplication, sorting"):
+    with pytest.raises(UnknownNameError, match="valid names: addition, addition_steps, code_mul, countdown, multiplication, rg_chain_sum, sorting"):
         get_task("divison")
 
 
@@ -370,7 +371,7 @@ def test_parse_mix_expands_cells_and_weights():
 
 @pytest.mark.parametrize("spec, fragments", [
     ("addition:4", ["'4'", "'addition:4'", "valid difficulties of addition: 1, 2, 3"]),
-    ("addition:1,divison:1", ["'divison'", "valid tasks: addition, addition_steps, countdown, multiplication, sorting"]),
+    ("addition:1,divison:1", ["'divison'", "valid tasks: addition, addition_steps, code_mul, countdown, multiplication, rg_chain_sum, sorting"]),
     ("addition", ["'addition'", "task:difficulties", "valid tasks:"]),
     ("addition:3-1", ["'3-1'", "1, 2, 3"]),
     ("addition:1-", ["'1-'", "1, 2, 3"]),

@@ -281,6 +281,9 @@ class LogCfg(Section):
     """Progress display: rich bar on a TTY, plain lines otherwise ("auto")."""
     no_signal_steps: int = Field(10, ge=0)
     """Warn when this many consecutive steps had every advantage zero (no learning signal); 0 = never."""
+    backends: list[str] = []
+    """Extra logging backends beside metrics.jsonl / TensorBoard, each sent the same rows: "wandb" (offline with
+    WANDB_MODE=offline), "trackio" (local store in $TRACKIO_DIR). Optional extras: pip install 'tilt[wandb]'."""
 
 
 class Config(Section):

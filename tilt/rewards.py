@@ -60,7 +60,14 @@ def _import_module(mod: str, spec: str):
 
 
 def resolve_reward_fn(name: str) -> RewardFn:
-    """A registry name, "package.module:function", or "path/to/file.py:function"."""
+    """A registry name, "name=argument" for a parametrised entry (e.g. "reward_model=/path"),
+    "package.module:function", or "path/to/file.py:function"."""
+    head, eq, arg = name.partition("=")
+    meta = REWARDS.entry(head).meta if head in REWARDS else {}
+    if "factory" in meta and (eq or meta.get("needs_arg")):
+        if not arg:
+            raise ValueError(f"reward function {head!r} needs an argument: '{head}={meta.get('arg', '...')}'")
+        return meta["factory"](arg)
     if name in REWARDS:
         return REWARDS.get(name)
     if ":" in name:
@@ -206,3 +213,6 @@ def _score_one(fn: RewardFn, timeout: float, kw: dict[str, Any], i: int, counts:
         counts["reward/timeouts" if why == "timeout" else "reward/errors"] += 1
         return 0.0
     return vals[0]
+
+
+from tilt.verifiers import code_exec, maths, reasoning_gym_source, reward_model  # noqa: E402,F401 - registers them

@@ -19,7 +19,7 @@ TIMING_KEYS = ("tokens_per_s", "time/step_s", "time/elapsed_s", "time/fwd_bwd_s"
 class MetricsLog:
     """Append-only metrics writer (JSONL + optional TensorBoard)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None, trackers: list = ()):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines()
@@ -31,11 +31,14 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=(resume_step + 1) if resume_step else None)
+        self._trackers = list(trackers)  # tilt.trackers backends (W&B, trackio), sent the JSONL rows
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        for t in self._trackers:
+            t.log(step, {k: v for k, v in row.items() if k != "step"})
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -43,6 +46,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
+        for t in self._trackers:
+            t.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -33,6 +33,7 @@ from tilt.model import load_policy
 from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.rollout import SamplingParams
 from tilt.state import Component, checkpoint_module
+from tilt.trackers import make_trackers
 from tilt.tracking import MetricsLog, Progress, plot_curves
 from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
 from tilt.providers.frozen import RESOURCES
@@ -309,7 +310,8 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
         if c.state_key is not None and c.state_key in state:
             c.load_state_dict(state[c.state_key])
     stream = TrainStream(source, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
-    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
+    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None,
+                     trackers=make_trackers(cfg.log.backends, run_dir, cfg.model_dump(mode="json")))
     if state["before"] is None:
         echo(f"evaluating before training: {len(eval_set)} held-out prompts x (1 greedy + "
              f"{cfg.eval.n_samples} samples)")

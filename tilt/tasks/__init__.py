@@ -14,7 +14,9 @@ from tilt.tasks.addition_steps import ADDITION_STEPS
 
 TASKS: Registry = Registry("task")
 
-for _task in (ADDITION, MULTIPLICATION, COUNTDOWN, SORTING, ADDITION_STEPS):
+from tilt.verifiers.tasks import ECOSYSTEM_TASKS  # noqa: E402 - rg_chain_sum, code_mul (lazy: no heavy import)
+
+for _task in (ADDITION, MULTIPLICATION, COUNTDOWN, SORTING, ADDITION_STEPS, *ECOSYSTEM_TASKS):
     TASKS.register(_task.name, difficulties=_task.difficulties)(_task)
 
 

@@ -18,7 +18,7 @@ Cell = tuple[str, int, float]  # (task, difficulty, weight)
 Mix = Union[str, list[Cell]]
 
 # Fixed order of eval seed blocks: append new tasks at the END so existing eval sets never move.
-EVAL_BLOCK_ORDER = ("addition", "multiplication", "countdown", "sorting", "addition_steps")
+EVAL_BLOCK_ORDER = ("addition", "multiplication", "countdown", "sorting", "addition_steps", "rg_chain_sum", "code_mul")
 EVAL_BLOCK = 1_000_000  # seeds per (task, difficulty) eval block; also the per_cell maximum
 MAX_DIFFICULTY = 10  # eval blocks reserved per task
 
