@@ -75,7 +75,9 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
     parts = build(cfg)
     box: dict[str, float] = {}
     tilt.wiring.sampling.generate = timed(tilt.wiring.sampling.generate, box, "generate")
-    tilt.trainer.reference_pass = timed(tilt.trainer.reference_pass, box, "ref")
+    from tilt.providers.frozen import Reference  # the reference pass: the "ref_logp" provider
+
+    Reference.rollout = timed(Reference.rollout, box, "ref")
     stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed))
     proto.send(ready=True, params=sum(p.numel() for p in parts.policy.model.parameters()))
     for step in range(1, a.steps + 1):
