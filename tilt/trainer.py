@@ -16,6 +16,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,13 +31,13 @@ from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss
 from tilt.model import load_policy
+from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
+from tilt.providers.frozen import RESOURCES
 from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.rollout import SamplingParams
 from tilt.state import Component, checkpoint_module
 from tilt.trackers import make_trackers
 from tilt.tracking import MetricsLog, Progress, plot_curves
-from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
-from tilt.providers.frozen import RESOURCES
 from tilt.wiring.resolve import Plan, keyword_params, resolve
 from tilt.wiring.sampling import Scored, TrainStream, sample_scored
 from tilt.wiring.selection import Filter, SelectContext, make_filter
@@ -62,7 +63,7 @@ class Parts:
     providers: list[Provider]  # one per provider class the methods need, in resolution order
     components: list[Component]  # providers + per-method state: hooks and checkpointed state
     select: Filter  # the selector's batch filter (keep_all by default)
-    draw: Optional[Callable] = None  # a selector that acts while drawing (dynamic sampling)
+    draw: Optional[Callable] = None  # a selector's draw rule (meta "draw", e.g. dynamic sampling), with its kwargs
     adv_keywords: frozenset[str] = frozenset()  # estimator keywords a provider fills (not configured ones)
 
     @property
@@ -122,8 +123,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     draw = selector.entry.meta.get("draw") if selector is not None else None
     return Parts(policy, run, plan, learner, adv.bound(), kl.bound() if kl else None, fns,
                  weights, generator, providers, components, make_filter(selector),
-                 draw=None if draw is None else lambda sample, B: draw(sample, batch_size=B, pad_id=policy.pad_id,
-                                                                       **selector.fn_kwargs),
+                 draw=None if draw is None else partial(draw, **selector.fn_kwargs),
                  adv_keywords=frozenset(keyword_params(adv.entry.fn)) - set(adv.fn_kwargs) - ADV_FIELDS,
                  reward_state=reward_state)
 
@@ -163,7 +163,9 @@ def draw_groups(parts: Parts, cfg: Config, stream: TrainStream) -> tuple[Scored,
                              generator=parts.generator, score_fn=score_fn)
 
     B = cfg.rollout.prompts_per_step
-    return parts.draw(sample, B) if parts.draw is not None else (sample(B), {})
+    if parts.draw is None:
+        return sample(B), {}
+    return parts.draw(sample, batch_size=B, pad_id=parts.policy.pad_id)  # e.g. dynamic sampling's refill
 
 
 def provide(parts: Parts, stage: str, data: StepData) -> dict[str, torch.Tensor]:
