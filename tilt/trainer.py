@@ -23,7 +23,7 @@ import torch
 
 from tilt.advantages import ADVANTAGES
 from tilt.batch import AdvantageInput
-from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from tilt.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
 from tilt.evaluate import evaluate_items, summarize
 from tilt.evaluation_cli import EVAL_SEED_OFFSET
@@ -31,8 +31,10 @@ from tilt.kl import KL_ESTIMATORS
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
 from tilt.losses import LOSSES
 from tilt.model import load_policy
+from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import resolve_reward_fn
 from tilt.rollout import sequence_logprobs
+from tilt.run_lock import RunLock
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
 from tilt.value_head import ValueHead
@@ -205,19 +207,32 @@ def heldout(parts: Parts, cfg: Config, items: list) -> dict:
     return summarize(res)
 
 
-def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path]:
-    """New run: create the directory and write config.yaml. Resume: reload that config."""
+def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path, RunLock]:
+    """New run: create the directory, lock it, write config.yaml. Resume: lock it, reload that config
+    and refuse it if edited since the last checkpoint. The lock is held until released (or death)."""
     if resume is not None:
         if not (resume / "config.yaml").exists():
             raise ConfigError(f"cannot resume: {str(resume)!r} is not a run directory (no config.yaml)")
-        return load_config(resume / "config.yaml"), resume
+        lock = RunLock(resume)
+        try:
+            cfg = load_config(resume / "config.yaml")
+            check_config_unchanged(resume, cfg.model_dump(mode="json"))
+        except BaseException:
+            lock.release()
+            raise
+        return cfg, resume, lock
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.loss.name}")
-    if (run_dir / "checkpoints").exists():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} is an existing file, not a directory; "
+                          "choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        lock.release()
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; "
                           f"resume it with `tilt train --resume {run_dir}` or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    return cfg, run_dir
+    return cfg, run_dir, lock
 
 
 def save_final(parts: Parts, run_dir: Path) -> Path:
@@ -242,8 +257,16 @@ def versions() -> dict[str, str]:
 
 def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[list[Callable]] = None,
           echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) one training run; return its summary (also written to summary.json)."""
-    cfg, run_dir = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
+    """Run (or resume) one training run; return its summary (also written to summary.json).
+
+    The run directory is locked for the whole run: a second trainer on it is refused."""
+    cfg, run_dir, lock = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
+    with lock:
+        return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, echo=echo)
+
+
+def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_fns: Optional[list[Callable]],
+                  echo: Callable[[str], None]) -> dict:
     parts = build(cfg, reward_fns)
     mix = parse_mix(cfg.tasks.mix)
     B = cfg.rollout.prompts_per_step
@@ -252,17 +275,19 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     ckpt_root = run_dir / "checkpoints"
     ckpt_model = checkpoint_module(parts.policy.model, value_head=parts.value_head, prev_model=parts.prev_model)
     if resume is not None:
-        ckpt = latest_checkpoint(ckpt_root)
+        ckpt, loaded = restore_newest_intact(ckpt_root, model=ckpt_model, optimizer=parts.learner.optimizer,
+                                             scheduler=parts.learner.scheduler, generator=parts.generator, echo=echo)
         if ckpt is None:
             echo(f"no checkpoint in {ckpt_root}; starting {run_dir} from step 0")
         else:
-            state = load_checkpoint(ckpt, model=ckpt_model, optimizer=parts.learner.optimizer,
-                                    scheduler=parts.learner.scheduler, generator=parts.generator)
+            state = loaded
             parts.learner.bad_streak = state["bad_streak"]
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
     parts.hooks.init_state(state)
     stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
-    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None)
+    # rows after the checkpoint are logged again; with no checkpoint, all of them (from the step-0 eval)
+    keep_through = (state["step"] if state["before"] is not None else -1) if resume else None
+    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=keep_through, echo=echo)
     if state["before"] is None:
         state["before"] = heldout(parts, cfg, eval_set)
         log.log(0, {"eval/pass1": state["before"]["pass1"], "eval/greedy": state["before"]["greedy"]})
@@ -308,7 +333,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 save_checkpoint(ckpt_root, step, model=ckpt_model, optimizer=parts.learner.optimizer,
                                 scheduler=parts.learner.scheduler, generator=parts.generator,
-                                trainer_state=state, keep=cfg.checkpoint.keep)
+                                trainer_state=state, keep=cfg.checkpoint.keep, config=cfg.model_dump(mode="json"))
                 if cfg.log.plot:
                     plot_curves(run_dir)
     finally:
