@@ -4,20 +4,22 @@ A reward function is a plain callable ``f(prompts, completions, **columns) -> li
 (TRL's convention), where each column is a list with one entry per completion. Functions are
 chosen by registry name or by an importable "module:function" path.
 
-Scoring is defensive: a function that raises, returns the wrong length, returns NaN/inf, or
-takes longer than the timeout does not stop the run. The affected samples score 0, and the
-counts are returned as metrics (``reward/errors``, ``reward/nonfinite``, ``reward/timeouts``).
+Scoring is defensive: a function that raises, returns the wrong length or type, returns NaN/inf,
+takes longer than the timeout, or crashes its process does not stop the run. Each call runs in a
+worker process (``tilt.reward_pool``). The affected samples score 0, and the counts are returned
+as metrics (``reward/errors``, ``reward/nonfinite``, ``reward/timeouts``, ``reward/crashes``).
 """
 from __future__ import annotations
 
 import importlib
 import math
-import threading
 from typing import Any, Callable, Sequence
 
+from tilt import reward_pool
 from tilt.registry import Registry
 
 RewardFn = Callable[..., Sequence[float]]
+_COUNT = {"timeout": "reward/timeouts", "crash:": "reward/crashes", "error:": "reward/errors", "bad": "reward/errors"}
 REWARDS: Registry = Registry("reward function")
 
 
@@ -48,30 +50,12 @@ def resolve_reward_fn(name: str) -> RewardFn:
 
 
 def _call(fn: RewardFn, timeout: float, *args: Any, **kwargs: Any) -> tuple[list[float] | None, str]:
-    """Call ``fn`` in its own daemon thread; a call still running after ``timeout`` is abandoned
-    (Python cannot kill a thread) and cannot block later calls or the interpreter's exit."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["out"] = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any user error is counted, not fatal
-            box["err"] = exc
-
-    worker = threading.Thread(target=run, name="tilt-reward", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        return None, "timeout"
-    if "err" in box:
-        exc = box["err"]
-        return None, f"error: {type(exc).__name__}: {exc}"
-    out = box.get("out")
-    try:
-        vals = [float(v) for v in out]
-    except (TypeError, ValueError) as exc:
-        return None, f"error: returned {type(out).__name__} that is not a list of numbers ({exc})"
-    return vals, ""
+    """Call ``fn`` in a worker process (``tilt.reward_pool``): a call past ``timeout`` is killed, a
+    crash ends only the worker; the result must be a sequence of real numbers (``as_reals``)."""
+    res = reward_pool.call(fn, args, kwargs, timeout)
+    if res.kind == "ok":
+        return res.values, ""
+    return None, {"error": "error: ", "bad_result": "bad result: "}.get(res.kind, "") + res.message
 
 
 def score(fns: list[RewardFn], weights: list[float], prompts: list[str], completions: list[str],
@@ -83,18 +67,20 @@ def score(fns: list[RewardFn], weights: list[float], prompts: list[str], complet
     """
     n = len(completions)
     total = [0.0] * n
-    counts = {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0}
+    counts = {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0, "reward/crashes": 0.0}
     messages: list[str] = []
     for fn, w in zip(fns, weights):
         vals, why = _call(fn, timeout, prompts, completions, **columns)
         if vals is not None and len(vals) != n:
             vals, why = None, f"error: returned {len(vals)} rewards for {n} completions"
         if vals is None:
-            messages.append(f"{getattr(fn, '__name__', fn)}: {why}; scoring samples one by one")
-            if why == "timeout":  # do not wait n more timeouts on a hung function
-                counts["reward/timeouts"] += n
+            name = getattr(fn, '__name__', fn)
+            if why.startswith(("timeout", "crash", "bad result")):  # would repeat per sample: count all n
+                messages.append(f"{name}: {why}; its {n} samples score 0")
+                counts[_COUNT[why.split()[0]]] += n
                 vals = [0.0] * n
             else:
+                messages.append(f"{name}: {why}; scoring samples one by one")
                 vals = [_score_one(fn, timeout, prompts, completions, columns, i, counts) for i in range(n)]
         for i, v in enumerate(vals):
             if not math.isfinite(v):
@@ -109,6 +95,6 @@ def _score_one(fn: RewardFn, timeout: float, prompts: list[str], completions: li
     cols = {k: [v[i]] for k, v in columns.items()}
     vals, why = _call(fn, timeout, [prompts[i]], [completions[i]], **cols)
     if vals is None or len(vals) != 1:
-        counts["reward/timeouts" if why == "timeout" else "reward/errors"] += 1
+        counts[_COUNT.get(why.split()[0], "reward/errors") if why else "reward/errors"] += 1
         return 0.0
     return vals[0]

@@ -31,6 +31,7 @@ from tilt.kl import KL_ESTIMATORS
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
 from tilt.losses import LOSSES
 from tilt.model import load_policy
+from tilt import reward_pool
 from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import resolve_reward_fn
 from tilt.rollout import sequence_logprobs
@@ -262,7 +263,10 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     The run directory is locked for the whole run: a second trainer on it is refused."""
     cfg, run_dir, lock = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
     with lock:
-        return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, echo=echo)
+        try:
+            return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, echo=echo)
+        finally:
+            reward_pool.shutdown()  # no reward worker process outlives the run
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_fns: Optional[list[Callable]],
@@ -295,6 +299,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_
     write_text_atomic(run_dir / "seeds.json", json.dumps(  # {"train": {task: range}, "eval": {...}}
         {**seed_report(train_items), **seed_report(eval_set)}, indent=1))
     progress = Progress(cfg.train.steps, state["step"], cfg.log.progress, cfg.log.every)
+    said: set[str] = set()
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
             t0 = time.time()
@@ -302,7 +307,9 @@ def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_
             batch, metrics, messages = rollout_step(parts, cfg, stream, step)
             state["data_pos"] = stream.pos
             for m in messages:
-                echo(f"step {step}: reward {m}")
+                if m not in said:  # a reward function's same complaint is shown once per run
+                    said.add(m)
+                    echo(f"step {step}: reward {m}")
             try:
                 metrics.update(parts.learner.update(batch, loss_kwargs=parts.hooks.loss_kwargs(state)))
             except NonFiniteLoss as exc:
