@@ -243,8 +243,8 @@ class Config(Section):
     """Seed of sampling, initialisation and data order."""
     run_dir: Optional[str] = None
     """Run directory; default runs/<timestamp>."""
-    threads: Optional[int] = None
-    """torch intra-op threads (None = torch default)."""
+    threads: Optional[int] = Field(None, ge=1)
+    """torch intra-op threads, at least 1 (None = torch default)."""
     model: ModelCfg = ModelCfg()
     """Policy (and frozen reference) model."""
     tasks: TasksCfg = TasksCfg()

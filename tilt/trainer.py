@@ -35,6 +35,7 @@ from tilt import reward_pool
 from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import resolve_reward_fn
 from tilt.rollout import sequence_logprobs
+from tilt.run_checks import check_batch_shape
 from tilt.run_lock import RunLock
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
@@ -261,9 +262,12 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     """Run (or resume) one training run; return its summary (also written to summary.json).
 
     The run directory is locked for the whole run: a second trainer on it is refused."""
+    notes = check_batch_shape(cfg) if resume is None else None  # a fresh run: before its directory is made
     cfg, run_dir, lock = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
     with lock:
         try:
+            for note in notes if notes is not None else check_batch_shape(cfg):
+                echo(f"warning: {note}")
             return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, echo=echo)
         finally:
             reward_pool.shutdown()  # no reward worker process outlives the run
