@@ -11,10 +11,11 @@ def constant(prompts, completions, **_):
     return [0.5] * len(completions)
 
 
-def spin_holding_gil(prompts, completions, **_):
-    """Spins 60 s in C-level loops that never release the GIL (a thread could not be stopped)."""
-    if os.environ.get("TILT_TEST_PIDDIR"):
-        open(os.path.join(os.environ["TILT_TEST_PIDDIR"], f"{os.getpid()}.pid"), "w").close()
+def spin_holding_gil(prompts, completions, *, piddir=None, **_):
+    """Spins 60 s in C-level loops that never release the GIL (a thread could not be stopped);
+    leaves ``piddir/<pid>.pid`` so a test can check the process was killed."""
+    if piddir:
+        open(os.path.join(piddir, f"{os.getpid()}.pid"), "w").close()
     end = time.time() + 60
     while time.time() < end:
         sum(range(10**6))

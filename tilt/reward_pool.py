@@ -294,7 +294,7 @@ def call(fn: Callable, args: tuple, kwargs: dict[str, Any], timeout: float) -> C
 
 
 def shutdown() -> None:
-    """Stop the default pool's workers (the trainer calls this at the end of a run)."""
+    """Stop the default pool's workers (at interpreter exit; a worker also dies with its trainer)."""
     global _POOL
     if _POOL is not None:
         _POOL.close()

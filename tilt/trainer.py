@@ -31,7 +31,6 @@ from tilt.kl import KL_ESTIMATORS
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
 from tilt.losses import LOSSES
 from tilt.model import load_policy
-from tilt import reward_pool
 from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import resolve_reward_fn
 from tilt.rollout import sequence_logprobs
@@ -265,12 +264,9 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     notes = check_batch_shape(cfg) if resume is None else None  # a fresh run: before its directory is made
     cfg, run_dir, lock = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
     with lock:
-        try:
-            for note in notes if notes is not None else check_batch_shape(cfg):
-                echo(f"warning: {note}")
-            return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, echo=echo)
-        finally:
-            reward_pool.shutdown()  # no reward worker process outlives the run
+        for note in notes if notes is not None else check_batch_shape(cfg):
+            echo(f"warning: {note}")
+        return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, echo=echo)
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_fns: Optional[list[Callable]],
