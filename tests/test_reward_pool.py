@@ -131,3 +131,14 @@ def test_reward_spinning_60s_holding_the_gil_costs_about_the_timeout_per_call(ti
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert reward_pool.default_pool().restarts >= 2
+
+
+def test_in_process_opt_out_runs_in_the_trainers_process():
+    def pid(prompts, completions, **_):
+        return [float(os.getpid())] * len(completions)
+
+    r, _, _ = _score(pid)
+    assert r[0] != float(os.getpid())  # a worker process by default
+    pid.tilt_in_process = True
+    r, _, _ = _score(pid)
+    assert r == [float(os.getpid())] * 3
