@@ -150,3 +150,13 @@ def test_fields_that_do_not_shape_the_run_may_change_on_resume(reference, tmp_pa
     (run / "config.yaml").write_text(text.replace("timeout_s: 10.0", "timeout_s: 30.0"))
     _resume(run)
     _assert_same_as(run, reference)
+
+
+def test_fresh_start_on_a_run_killed_before_its_first_checkpoint_starts_over(reference, tmp_path, tiny_llama_dir):
+    """`tilt compare` relaunches such a run fresh (no checkpoints/): its step-0 row must not be doubled."""
+    run = _interrupted_copy(reference, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0] + "\n")
+    train(load_config(None, [f"model.path={tiny_llama_dir}", f"run_dir={run}", *OVERRIDES]), echo=lambda s: None)
+    _assert_same_as(run, reference)

@@ -228,10 +228,12 @@ def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path, 
                           "choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
-    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+    if (run_dir / "checkpoints").exists():
         lock.release()
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; "
                           f"resume it with `tilt train --resume {run_dir}` or choose another --run-dir")
+    # a run killed before its first checkpoint starts over, as its --resume would: no stale rows
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     return cfg, run_dir, lock
 
