@@ -4,9 +4,10 @@ uninterrupted run's, with every step logged once.
 
 Kill points: >= 3 inside a checkpoint write (forced: ``TILT_TEST_SLOW_CKPT_S`` makes the write
 sleep after its files are written, before the rename), >= 3 between the before-training evaluation
-row and the first checkpoint, and the rest at uniformly random times within the run.
+row and the first checkpoint, and the rest at random points of training: a random time (0 to 1.5
+steps' wall time) after the row of a random step 0..5 appeared.
 Slow (about 5-10 min on 2 cores): ``pytest -m slow tests/test_soak.py -s``. ``TILT_SOAK_TRIALS``
-sets the number of random-time trials (default 17), ``TILT_SOAK_SEED`` their seed (default 0).
+sets the number of random-point trials (default 17), ``TILT_SOAK_SEED`` their seed (default 0).
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def _start(args, env_extra=None) -> subprocess.Popen:
 def _rows(run: Path) -> list[dict]:
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _logged(run: Path) -> list[int]:
+    """Steps with a complete row in metrics.jsonl so far."""
+    p = run / "metrics.jsonl"
+    lines = p.read_text().splitlines() if p.exists() else []
+    return [json.loads(ln)["step"] for ln in lines if ln.endswith("}")]
 
 
 def _step0_logged(run: Path) -> bool:
@@ -82,7 +90,11 @@ def test_kill_and_resume_soak(tmp_path, tiny_llama_dir):
     rng = random.Random(int(os.environ.get("TILT_SOAK_SEED", "0")))
     n_random = int(os.environ.get("TILT_SOAK_TRIALS", "17"))
     trials = [("in checkpoint write", None)] * 3 + [("after eval, before 1st checkpoint", None)] * 3
-    trials += [("random time", rng.uniform(0.0, 0.9) * t_ref) for _ in range(n_random)]
+    # random points spread over training: after the row of a random step s appears, a random fraction
+    # of one step's wall time (from the reference run; a fraction > 1 reaches into the next step)
+    raw = [json.loads(ln) for ln in (ref / "metrics.jsonl").read_text().splitlines()]
+    step_s = sum(r.get("time/step_s", 0.0) for r in raw) / 6
+    trials += [("random point", (rng.randrange(0, 6), rng.uniform(0.0, 1.5) * step_s)) for _ in range(n_random)]
     report = []
     for i, (kind, delay) in enumerate(trials):
         run = tmp_path / f"t{i:02d}"
@@ -94,17 +106,17 @@ def test_kill_and_resume_soak(tmp_path, tiny_llama_dir):
             killed = _kill_when(proc, lambda: _step0_logged(run))
             assert not any((run / "checkpoints").glob("step_*")), "killed after the first checkpoint"
         else:
+            step, after = delay
             state: dict = {}
 
-            def due() -> bool:  # `delay` seconds after config.yaml appeared
-                if "t" not in state and (run / "config.yaml").exists():
+            def due() -> bool:  # `after` seconds after the row of `step` appeared
+                if "t" not in state and step in _logged(run):
                     state["t"] = time.time()
-                return "t" in state and time.time() - state["t"] >= delay
+                return "t" in state and time.time() - state["t"] >= after
 
             killed = _kill_when(proc, due)
         ckpts = sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").exists() else []
-        logged = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
-                  if ln.endswith("}")] if (run / "metrics.jsonl").exists() else []
+        logged = _logged(run)
         if killed:
             r = subprocess.run([sys.executable, "-m", "tilt.cli", "train", "--resume", str(run)], env=ENV,
                                capture_output=True, text=True, timeout=600)
@@ -117,8 +129,8 @@ def test_kill_and_resume_soak(tmp_path, tiny_llama_dir):
         assert w.keys() == ref_w.keys() and all(torch.equal(w[k], ref_w[k]) for k in w), f"trial {i}: weights"
         report.append((i, kind, delay, killed, logged, ckpts))
     for i, kind, delay, killed, logged, ckpts in report:
-        when = f"{delay:5.1f}s" if delay is not None else "  -  "
-        print(f"trial {i:2d} {kind:34s} {when} killed={killed} rows-at-kill={logged} checkpoints-at-kill={ckpts}")
+        when = f"{delay[1]:4.2f}s after row {delay[0]}" if delay is not None else ""
+        print(f"trial {i:2d} {kind:34s} {when:18s} killed={killed} rows-at-kill={logged} checkpoints-at-kill={ckpts}")
     n_killed = sum(k for *_, k, _, _ in report)
     print(f"reference run {t_ref:.1f} s; {n_killed} of {len(report)} trials killed and resumed; all identical")
     assert n_killed >= 20
