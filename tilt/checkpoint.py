@@ -2,7 +2,10 @@
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn
 one. ``checkpoints/latest`` names the newest complete checkpoint and is itself replaced
-atomically (write temp file, ``os.replace``).
+atomically (write temp file, ``os.replace``). Each checkpoint also stores the run's config
+(``config.json``) so a resume can refuse an edited ``config.yaml`` (``tilt.resume``). Reading is
+separate from applying: ``read_checkpoint`` parses every file first and raises ``CheckpointError``
+naming the file that is missing, truncated or garbage, so nothing is half-restored.
 """
 from __future__ import annotations
 

@@ -172,7 +172,8 @@ class RewardCfg(Section):
     weights: Optional[list[float]] = None
     """Weight per reward function (default 1 each); the reward is the weighted sum."""
     timeout_s: float = Field(10.0, gt=0)
-    """Seconds a reward call may take before its samples are scored 0 and counted."""
+    """Seconds a reward call may take before its worker process is killed and its samples are scored 0
+    and counted (reward/timeouts)."""
 
 
 class OptimCfg(Section):
