@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test soak bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tilt train
 
+# tests marked slow (the kill-and-resume soak, minutes) run with `make soak`
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --durations=15 -m "not slow"
+
+soak: $(STAMP)
+	$(BIN)/python -m pytest -p no:xdist -m slow -s tests/test_soak.py
 
 # the tilt-vs-TRL benchmarks (about an hour on 2 cores); results in benchmarks/results/
 bench: $(STAMP)

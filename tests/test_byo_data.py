@@ -184,6 +184,7 @@ def test_conversational_dataset_trains_and_rewards_see_messages(tmp_path, tiny_l
     def reward(prompts, completions, answer, **kwargs):
         seen.append((prompts[0], completions[0], kwargs["trainer_state"].global_step))
         return [float(c[0]["content"].strip() == a) for c, a in zip(completions, answer)]
+    reward.tilt_in_process = True  # records into this process's list (a worker process would keep its own)
 
     rows = [{"prompt": [{"role": "user", "content": f"rev {n}"}], "answer": str(n)[::-1]} for n in range(10, 30)]
     summary = tilt.train({"model": {"path": str(model)}, "train": {"steps": 2},

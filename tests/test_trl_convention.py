@@ -26,6 +26,7 @@ def recorder(calls: list):
     def reward(prompts, completions, **kwargs):  # the signature TRL's docs use
         calls.append({"prompts": prompts, "completions": completions, **kwargs})
         return [float(len(str(c))) for c in completions]
+    reward.tilt_in_process = True  # records into this process's list (tilt.reward_pool would run it in a worker)
     return reward
 
 

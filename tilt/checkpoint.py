@@ -2,7 +2,10 @@
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn
 one. ``checkpoints/latest`` names the newest complete checkpoint and is itself replaced
-atomically (write temp file, ``os.replace``).
+atomically (write temp file, ``os.replace``). Each checkpoint also stores the run's config
+(``config.json``) so a resume can refuse an edited ``config.yaml`` (``tilt.resume``). Reading is
+separate from applying: ``read_checkpoint`` parses every file first and raises ``CheckpointError``
+naming the file that is missing, truncated or garbage, so nothing is half-restored.
 """
 from __future__ import annotations
 
@@ -48,9 +51,18 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state(state["numpy"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read; the message names the file and the cause."""
+
+
 def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
-                    generator: torch.Generator, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; prune to the ``keep`` newest."""
+                    generator: torch.Generator, trainer_state: dict[str, Any], keep: int = 2,
+                    config: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; prune to the ``keep`` newest.
+
+    ``config`` (the run's resolved config as JSON data) is stored as ``config.json`` so a resume
+    can tell whether ``config.yaml`` was edited since this checkpoint was written.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
@@ -62,6 +74,9 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, optimizer,
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(generator)}, tmp / "train_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(config))
+    _test_pause("TILT_TEST_SLOW_CKPT_S")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -86,6 +101,15 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _test_pause(var: str) -> None:
+    """Test hook: sleep ``$var`` seconds inside a checkpoint write (the reliability soak kills the
+    process there). Unset in normal use."""
+    if os.environ.get(var):
+        import time
+
+        time.sleep(float(os.environ[var]))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint, or None. Temp directories are ignored."""
     pointer = root / "latest"
@@ -93,16 +117,55 @@ def latest_checkpoint(root: Path) -> Path | None:
         cand = root / pointer.read_text().strip()
         if cand.is_dir():
             return cand
-    done = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.exists() else []
-    return done[-1] if done else None
+    done = checkpoints_newest_first(root)
+    return done[0] if done else None
+
+
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    """Every renamed-into-place ``step_*`` directory under ``root``, newest first."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.exists() else []
+
+
+def read_json(path: Path) -> Any:
+    """``json.loads`` of a checkpoint file; CheckpointError naming the file when it is torn or missing."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Every file of checkpoint ``path`` parsed into memory (nothing applied yet).
+
+    Raises CheckpointError naming the first file that is missing, truncated or garbage.
+    """
+    out: dict[str, Any] = {}
+    try:
+        out["model"] = load_file(str(path / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise CheckpointError(f"{path / 'model.safetensors'} cannot be read ({type(exc).__name__}: {exc})") from None
+    try:
+        out["blob"] = torch.load(path / "train_state.pt", weights_only=False)
+        out["blob"]["optimizer"], out["blob"]["scheduler"], out["blob"]["rng"]  # noqa: B018 - all three present
+    except Exception as exc:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(f"{path / 'train_state.pt'} cannot be read ({type(exc).__name__}: {exc})") from None
+    out["state"] = read_json(path / "trainer_state.json")
+    out["config"] = read_json(path / "config.json") if (path / "config.json").exists() else None
+    return out
+
+
+def apply_checkpoint(ck: dict[str, Any], *, model: torch.nn.Module, optimizer, scheduler,
+                     generator: torch.Generator) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG states from ``read_checkpoint``; return the trainer state."""
+    model.load_state_dict(ck["model"], strict=True)
+    optimizer.load_state_dict(ck["blob"]["optimizer"])
+    scheduler.load_state_dict(ck["blob"]["scheduler"])
+    set_rng_state(ck["blob"]["rng"], generator)
+    return ck["state"]
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler,
                     generator: torch.Generator) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG states; return the trainer state dict."""
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    blob = torch.load(path / "train_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"], generator)
-    return json.loads((path / "trainer_state.json").read_text())
+    return apply_checkpoint(read_checkpoint(path), model=model, optimizer=optimizer, scheduler=scheduler,
+                            generator=generator)

@@ -215,7 +215,8 @@ class RewardCfg(Section):
     weights: Optional[list[float]] = None
     """Weight per reward function (default 1 each); the reward is the weighted sum."""
     timeout_s: float = Field(10.0, gt=0)
-    """Seconds a reward call may take before its samples are scored 0 and counted."""
+    """Seconds a reward call may take before its worker process is killed and its samples are scored 0
+    and counted (reward/timeouts)."""
 
 
 class OptimCfg(Section):
@@ -291,8 +292,8 @@ class Config(Section):
     """Seed of sampling, initialisation and data order."""
     run_dir: Optional[str] = None
     """Run directory; default runs/<timestamp>."""
-    threads: Optional[int] = None
-    """torch intra-op threads (None = torch default)."""
+    threads: Optional[int] = Field(None, ge=1)
+    """torch intra-op threads, at least 1 (None = torch default)."""
     model: ModelCfg = ModelCfg()
     """Policy (and frozen reference) model."""
     tasks: TasksCfg = TasksCfg()

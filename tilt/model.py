@@ -56,6 +56,14 @@ def load_policy(path: str, *, dtype: torch.dtype = torch.float32) -> Policy:
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {str(p)!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. SafetensorError of a truncated or garbage weights file
+        raise ModelLoadError(f"could not load the weights in {str(p)!r} ({type(exc).__name__}: {exc}); the weights "
+                             "file is truncated or not a weights file: copy or save the model again") from None
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_embed:  # token ids up to len(tok) - 1 would index past the embedding table mid-run
+        raise ModelLoadError(f"the tokenizer in {str(p)!r} has {len(tok)} tokens but the model's embedding has "
+                             f"only {n_embed} rows; they do not belong together (resize the embeddings or use "
+                             "the model's own tokenizer)")
     eos_id = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     if eos_id is None:
         raise ModelLoadError(f"model at {str(p)!r} defines no EOS token; set eos_token in its tokenizer")

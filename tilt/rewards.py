@@ -8,9 +8,11 @@ strings, or lists of {role, content} messages for a conversational dataset, whos
 ``completions`` are then ``[{"role": "assistant", "content": text}]``. Functions are chosen by
 registry name, an importable "module:function", or a file "path/to/rewards.py:function".
 
-Scoring is defensive: a function that raises, returns the wrong length, returns NaN/inf, or
-takes longer than the timeout does not stop the run. The affected samples score 0, and the
-counts are returned as metrics (``reward/errors``, ``reward/nonfinite``, ``reward/timeouts``).
+Scoring is defensive: a function that raises, returns the wrong length or type, returns NaN/inf,
+takes longer than the timeout, or crashes its process does not stop the run. Each call runs in a
+worker process (``tilt.reward_pool``); what the function logs through ``log_metric`` comes back with
+its result. The affected samples score 0, and the counts are returned as metrics
+(``reward/errors``, ``reward/nonfinite``, ``reward/timeouts``, ``reward/crashes``).
 """
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ import importlib.util
 import inspect
 import math
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from tilt import reward_pool
 from tilt.registry import Registry
 
 RewardFn = Callable[..., Sequence[float]]
 REWARDS: Registry = Registry("reward function")
+_COUNT = {"timeout": "reward/timeouts", "crash:": "reward/crashes", "error:": "reward/errors", "bad": "reward/errors"}
 
 
 @REWARDS.register("verifier")
@@ -143,30 +146,13 @@ def completions_as(prompts: Sequence[Any], texts: list[str]) -> list[Any]:
 
 
 def _call(fn: RewardFn, timeout: float, **kwargs: Any) -> tuple[list[float] | None, str]:
-    """Call ``fn`` in its own daemon thread; a call still running after ``timeout`` is abandoned
-    (Python cannot kill a thread) and cannot block later calls or the interpreter's exit."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["out"] = fn(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - any user error is counted, not fatal
-            box["err"] = exc
-
-    worker = threading.Thread(target=run, name="tilt-reward", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        return None, "timeout"
-    if "err" in box:
-        exc = box["err"]
-        return None, f"error: {type(exc).__name__}: {exc}"
-    out = box.get("out")
-    try:
-        vals = [math.nan if v is None else float(v) for v in out]  # None -> NaN, as TRL
-    except (TypeError, ValueError) as exc:
-        return None, f"error: returned {type(out).__name__} that is not a list of numbers ({exc})"
-    return vals, ""
+    """Call ``fn`` by keyword in a worker process (``tilt.reward_pool``): a call past ``timeout`` is
+    killed, a crash ends only the worker; the result must be a sequence of real numbers (``as_reals``;
+    None entries become NaN, as TRL)."""
+    res = reward_pool.call(fn, (), kwargs, timeout)
+    if res.kind == "ok":
+        return res.values, ""
+    return None, {"error": "error: ", "bad_result": "bad result: "}.get(res.kind, "") + res.message
 
 
 def score(fns: list[RewardFn], weights: list[float], prompts: list[Any], completions: list[str],
@@ -181,7 +167,7 @@ def score(fns: list[RewardFn], weights: list[float], prompts: list[Any], complet
     """
     n = len(completions)
     total = [0.0] * n
-    counts = {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0}
+    counts = {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0, "reward/crashes": 0.0}
     messages: list[str] = []
     state = trainer_state or RewardState()
     extra = {"trainer_state": state, "log_extra": state.log_extra, "log_metric": state.log_metric}
@@ -192,11 +178,13 @@ def score(fns: list[RewardFn], weights: list[float], prompts: list[Any], complet
         if vals is not None and len(vals) != n:
             vals, why = None, f"error: returned {len(vals)} rewards for {n} completions"
         if vals is None:
-            messages.append(f"{getattr(fn, '__name__', fn)}: {why}; scoring samples one by one")
-            if why == "timeout":  # do not wait n more timeouts on a hung function
-                counts["reward/timeouts"] += n
+            name = getattr(fn, "__name__", fn)
+            if why.startswith(("timeout", "crash", "bad result")):  # would repeat per sample: count all n
+                messages.append(f"{name}: {why}; its {n} samples score 0")
+                counts[_COUNT[why.split()[0]]] += n
                 vals = [0.0] * n
             else:
+                messages.append(f"{name}: {why}; scoring samples one by one")
                 vals = [_score_one(fn, timeout, kw, i, counts) for i in range(n)]
         for i, v in enumerate(vals):
             if not math.isfinite(v):
@@ -210,7 +198,7 @@ def _score_one(fn: RewardFn, timeout: float, kw: dict[str, Any], i: int, counts:
     one = {k: (v if k in EXTRA_KWARGS or v is None else [v[i]]) for k, v in kw.items()}
     vals, why = _call(fn, timeout, **one)
     if vals is None or len(vals) != 1:
-        counts["reward/timeouts" if why == "timeout" else "reward/errors"] += 1
+        counts[_COUNT.get(why.split()[0], "reward/errors") if why else "reward/errors"] += 1
         return 0.0
     return vals[0]
 

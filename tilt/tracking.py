@@ -1,42 +1,88 @@
 """Metrics out: JSONL (the source of truth), TensorBoard events, a PNG of the curves, progress.
 
-``metrics.jsonl`` has one JSON object per logged step. On resume, lines past the checkpoint
-step are dropped first, so a resumed run's file equals an uninterrupted one's.
+``metrics.jsonl`` has one JSON object per logged step, keyed by step. On resume, rows past the
+checkpoint step are dropped first and a replayed step replaces its row, so a resumed run's file
+equals an uninterrupted one's.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Keys that measure wall-clock and so differ between otherwise identical runs.
 TIMING_KEYS = ("tokens_per_s", "time/step_s", "time/elapsed_s", "time/fwd_bwd_s", "time/optimizer_s")
 
 
 class MetricsLog:
-    """Append-only metrics writer (JSONL + optional TensorBoard)."""
+    """Metrics writer keyed by step (JSONL + optional TensorBoard).
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None, trackers: list = ()):
+    ``resume_step``: rows of steps after it are dropped on open, because the resumed run logs
+    them again (``-1`` drops every row: a run killed before its first checkpoint restarts from
+    the before-training evaluation). Logging a step that already has a row replaces that row,
+    so a replay never duplicates a step. Lines that are not JSON objects with an integer
+    ``step`` (a torn last line after a kill, or garbage) are moved to ``metrics.jsonl.dropped``
+    with a message naming the file and line.
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None,
+                 echo: Callable[[str], None] = print, trackers: list = ()):
         self.path = run_dir / "metrics.jsonl"
+        self._steps: set[int] = set()
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            rows = self._read_rows(echo)
+            kept = [r for r in rows if r["step"] <= resume_step]
+            self._steps = {r["step"] for r in kept}
+            _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=(resume_step + 1) if resume_step else None)
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         self._trackers = list(trackers)  # tilt.trackers backends (W&B, trackio), sent the JSONL rows
+
+    def _read_rows(self, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+        """The file's rows; bad lines go to ``metrics.jsonl.dropped`` with one message."""
+        rows, bad = [], []
+        for i, ln in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+                ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+            except json.JSONDecodeError:
+                ok = False
+            if ok:
+                rows.append(row)
+            else:
+                bad.append((i, ln))
+        if bad:
+            with open(self.path.with_name(self.path.name + ".dropped"), "a") as f:
+                f.write("".join(ln + "\n" for _, ln in bad))
+            echo(f"{self.path}: dropped {len(bad)} line(s) that are not JSON rows with an integer step "
+                 f"(line {', '.join(str(i) for i, _ in bad)}: {bad[0][1][:60]!r}); "
+                 f"kept in {self.path.name}.dropped")
+        by_step = {r["step"]: r for r in rows}  # a duplicated step keeps its last row
+        return [by_step[s] for s in sorted(by_step)]
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        if step in self._steps:  # a replayed step: replace its row instead of adding a second one
+            self._f.close()
+            rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+            rows = [row if r.get("step") == step else r for r in rows]
+            _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+            self._f = open(self.path, "a")
+        else:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+            self._steps.add(step)
         for t in self._trackers:
             t.log(step, {k: v for k, v in row.items() if k != "step"})
         if self._tb is not None:
@@ -50,6 +96,12 @@ class MetricsLog:
             t.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _clean(v: Any) -> Any:

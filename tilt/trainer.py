@@ -25,7 +25,7 @@ import torch
 
 from tilt.alerts import SignalWatch, throttled
 from tilt.batch import AdvantageInput
-from tilt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from tilt.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
 from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
@@ -33,8 +33,11 @@ from tilt.learner import Learner, LearnerBatch, NonFiniteLoss
 from tilt.model import load_policy
 from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
 from tilt.providers.frozen import RESOURCES
+from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.rollout import SamplingParams
+from tilt.run_checks import check_batch_shape
+from tilt.run_lock import RunLock
 from tilt.state import Component, checkpoint_module
 from tilt.trackers import make_trackers
 from tilt.tracking import MetricsLog, Progress, plot_curves
@@ -245,19 +248,34 @@ def heldout(parts: Parts, cfg: Config, items: list, progress: Optional[Callable[
     return summarize(res)
 
 
-def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path]:
-    """New run: create the directory and write config.yaml. Resume: reload that config."""
+def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path, RunLock]:
+    """New run: create the directory, lock it, write config.yaml. Resume: lock it, reload that config
+    and refuse it if edited since the last checkpoint. The lock is held until released (or death)."""
     if resume is not None:
         if not (resume / "config.yaml").exists():
             raise ConfigError(f"cannot resume: {str(resume)!r} is not a run directory (no config.yaml)")
-        return load_config(resume / "config.yaml"), resume
+        lock = RunLock(resume)
+        try:
+            cfg = load_config(resume / "config.yaml")
+            check_config_unchanged(resume, cfg.model_dump(mode="json"))
+        except BaseException:
+            lock.release()
+            raise
+        return cfg, resume, lock
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.loss.name}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} is an existing file, not a directory; "
+                          "choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
     if (run_dir / "checkpoints").exists():
+        lock.release()
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; "
                           f"resume it with `tilt train --resume {run_dir}` or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # a run killed before its first checkpoint starts over, as its --resume would: no stale rows
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    return cfg, run_dir
+    return cfg, run_dir, lock
 
 
 def save_final(parts: Parts, run_dir: Path) -> Path:
@@ -285,8 +303,19 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     """Run (or resume) one training run; return its summary (also written to summary.json).
 
     ``train_dataset`` / ``eval_dataset`` (``datasets.Dataset`` objects) replace data.train /
-    data.eval; ``reward_fns`` (callables) replace reward.functions (the Python API, tilt.api)."""
-    cfg, run_dir = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
+    data.eval; ``reward_fns`` (callables) replace reward.functions (the Python API, tilt.api).
+    The run directory is locked for the whole run: a second trainer on it is refused."""
+    notes = check_batch_shape(cfg) if resume is None else None  # a fresh run: before its directory is made
+    cfg, run_dir, lock = prepare_run_dir(cfg, Path(resume) if resume is not None else None)
+    with lock:
+        for note in notes if notes is not None else check_batch_shape(cfg):
+            echo(f"warning: {note}")
+        return _train_locked(cfg, run_dir, resume=resume, reward_fns=reward_fns, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, echo=echo)
+
+
+def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_fns: Optional[list[Callable]],
+                  train_dataset, eval_dataset, echo: Callable[[str], None]) -> dict:
     parts = build(cfg, reward_fns)
     source = build_source(cfg, parts.policy.tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset)
     for line in source.warnings:
@@ -300,19 +329,21 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     ckpt_root = run_dir / "checkpoints"
     ckpt_model = checkpoint_module(parts.policy.model, parts.components)
     if resume is not None:
-        ckpt = latest_checkpoint(ckpt_root)
+        ckpt, loaded = restore_newest_intact(ckpt_root, model=ckpt_model, optimizer=parts.learner.optimizer,
+                                             scheduler=parts.learner.scheduler, generator=parts.generator, echo=echo)
         if ckpt is None:
             echo(f"no checkpoint in {ckpt_root}; starting {run_dir} from step 0")
         else:
-            state = load_checkpoint(ckpt, model=ckpt_model, optimizer=parts.learner.optimizer,
-                                    scheduler=parts.learner.scheduler, generator=parts.generator)
+            state = loaded
             parts.learner.bad_streak = state["bad_streak"]
             echo(f"resumed {run_dir} from {ckpt.name} (step {state['step']})")
     for c in parts.components:  # per-method state restored from the trainer state
         if c.state_key is not None and c.state_key in state:
             c.load_state_dict(state[c.state_key])
     stream = TrainStream(source, offset=data_offset(cfg.seed), pos=state.get("data_pos", state["step"] * B))
-    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=state["step"] if resume else None,
+    # rows after the checkpoint are logged again; with no checkpoint, all of them (from the step-0 eval)
+    keep_through = (state["step"] if state["before"] is not None else -1) if resume else None
+    log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard, resume_step=keep_through, echo=echo,
                      trackers=make_trackers(cfg.log.backends, run_dir, cfg.model_dump(mode="json")))
     if state["before"] is None:
         echo(f"evaluating before training: {len(eval_set)} held-out prompts x (1 greedy + "
@@ -324,6 +355,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     write_text_atomic(run_dir / "seeds.json", json.dumps(source.report(data_offset(cfg.seed), n_train), indent=1))
     progress = Progress(cfg.train.steps, state["step"], cfg.log.progress, cfg.log.every)
     watch = SignalWatch(cfg.log.no_signal_steps)
+    said: set[str] = set()
     try:
         for step in range(state["step"] + 1, cfg.train.steps + 1):
             t0 = time.time()
@@ -334,7 +366,9 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             metrics.update(parts.reward_state.pop_logged())
             state["data_pos"] = stream.pos
             for m in messages:
-                echo(f"step {step}: reward {m}")
+                if m not in said:  # a reward function's same complaint is shown once per run
+                    said.add(m)
+                    echo(f"step {step}: reward {m}")
             warning = watch.update(batch.advantages, metrics)
             if warning:
                 echo(f"step {step}: {warning}")
@@ -373,7 +407,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 save_checkpoint(ckpt_root, step, model=ckpt_model, optimizer=parts.learner.optimizer,
                                 scheduler=parts.learner.scheduler, generator=parts.generator,
-                                trainer_state=state, keep=cfg.checkpoint.keep)
+                                trainer_state=state, keep=cfg.checkpoint.keep, config=cfg.model_dump(mode="json"))
                 if cfg.log.plot:
                     plot_curves(run_dir)
     finally:
