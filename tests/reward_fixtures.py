@@ -60,3 +60,10 @@ def returns_numpy(prompts, completions, **_):
 
 def returns_none_first(prompts, completions, **_):
     return [None] + [1.0] * (len(completions) - 1)
+
+
+def logs_lengths(prompts, completions, log_metric=None, **_):
+    """Logs each completion's length through TRL's ``log_metric`` and returns it as the reward."""
+    for c in completions:
+        log_metric("length", float(len(c)))
+    return [float(len(c)) for c in completions]

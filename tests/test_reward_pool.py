@@ -142,3 +142,15 @@ def test_in_process_opt_out_runs_in_the_trainers_process():
     pid.tilt_in_process = True
     r, _, _ = _score(pid)
     assert r == [float(os.getpid())] * 3
+
+
+def test_log_metric_called_in_the_worker_reaches_the_trainers_state():
+    """TRL's log_metric runs in the worker process on a copy of the trainer state; what it logged
+    comes back with the result: lengths 2 and 4, then 6 -> mean (2 + 4 + 6) / 3 = 4."""
+    from tilt.rewards import RewardState
+
+    state = RewardState()
+    score([rf.logs_lengths], [1.0], ["p", "p"], ["ab", "abcd"], {}, timeout=30, trainer_state=state)
+    score([rf.logs_lengths], [1.0], ["p"], ["abcdef"], {}, timeout=30, trainer_state=state)
+    assert state.pop_logged() == {"reward_fn/length": 4.0}
+    assert state.pop_logged() == {}  # popped once per step
