@@ -112,3 +112,19 @@ def test_bad_inputs_are_clear_errors():
         DECODERS.get("beam")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         probs("sample", temperature=0.0)
+
+
+def test_bregman_renormalisation_is_the_constrained_minimiser():
+    """No feasible perturbation on the support lowers D_alpha(q, p): the KKT solution is the optimum."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(1, 6, generator=gen, dtype=torch.float64), -1)
+    for alpha in (0.5, 1.0, 1.5, 3.0):
+        q = rules.bregman_logp(p.log(), alpha=alpha, k=3).exp()  # [1, 6]
+        support = q > 0
+        best = rules.bregman_divergence(q, p, alpha=alpha).item()
+        for _ in range(200):
+            d = torch.randn(1, 6, generator=gen, dtype=torch.float64) * support
+            d = (d - d.sum() / 3 * support) * 1e-3  # sum zero on the support
+            q2 = q + d
+            if (q2[support] > 0).all():
+                assert rules.bregman_divergence(q2, p, alpha=alpha).item() >= best - 1e-15

@@ -33,3 +33,16 @@ __all__ = [
     "sequence_probs", "solve", "state_visit_probs", "table_logp", "tilted_distribution", "total_variation",
     "tsallis_optimum", "tsallis_tilt",
 ]
+
+from tilt.exact.decoders import (  # noqa: E402
+    best_of_n_kl_bound,
+    best_of_n_probs,
+    blockwise_sequences,
+    decoded_sequences,
+    decoded_table,
+    future_return_q,
+    resample_probs,
+)
+
+__all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_sequences", "decoded_sequences", "decoded_table",
+            "future_return_q", "resample_probs"]
