@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from tilt import decoding_cli as _dc
+
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="tilt: post-train language models toward the reward-tilted reference policy.")
 config_app = typer.Typer(add_completion=False, help="Inspect the configuration tree.")
@@ -106,13 +108,18 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
              out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSON report "
                                                 "(default RUN/eval.json, or ./eval.json for a model)."),
              seed: Optional[int] = typer.Option(None, help="Sampling seed (default: the run's evaluation seed)."),
-             max_new_tokens: int = typer.Option(16, help="Generation budget per completion.")) -> None:
+             max_new_tokens: int = typer.Option(16, help="Generation budget per completion."),
+             decode: Optional[str] = _dc.DecodeOpt, decode_kwargs: Optional[str] = _dc.KwargsOpt,
+             value_model: Optional[str] = _dc.ValueOpt) -> None:
     """Greedy accuracy and unbiased pass@k per task and difficulty, on held-out generator seeds."""
     from tilt.evaluation_cli import run_eval
 
     try:
+        dcfg = _dc.decode_section(None, None, decode, decode_kwargs, value_model)[1] if (
+            decode or decode_kwargs or value_model) else None
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
-                        allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens)
+                        allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens,
+                        decode=dcfg)
     except _user_errors() as exc:
         fail(str(exc))
     raise typer.Exit(code)
@@ -136,6 +143,10 @@ def compare(spec: Path = typer.Argument(..., help="Compare spec YAML: methods x 
     except (SpecError, *_user_errors()) as exc:
         fail(str(exc))
     raise typer.Exit(code)
+
+
+app.command("decode")(_dc.decode_cmd)
+app.command("train-value")(_dc.train_value_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -28,8 +28,12 @@ def _rewards(items: list[Item], texts: list[str]) -> list[float]:
 
 @torch.no_grad()
 def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, temperature: float = 1.0,
-                   max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0) -> list[ItemResult]:
+                   max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0,
+                   decoding=None) -> list[ItemResult]:
     """Greedy decode once and sample ``n_samples`` per item; score with the task verifiers.
+
+    ``decoding`` (a ``tilt.decoding.lm.Decoding``) replaces plain sampling for the ``n_samples``
+    draws; None (or decoder "sample") is today's sampling, sample for sample.
 
     Sampling uses its own generator seeded by ``seed``, so evaluation does not disturb the
     training RNG streams and gives the same numbers for the same model.
@@ -44,8 +48,12 @@ def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, t
         for temp in sorted({t for _, t in chunk}):
             sub = [i for i, t in chunk if t == temp]
             ids, mask = encode_prompts(tokenizer, [items[i].prompt for i in sub])
-            batch = generate(model, ids, mask, params=SamplingParams(max_new_tokens, temp), eos_id=eos,
-                             pad_id=pad, generator=gen)
+            if decoding is not None and temp != 0.0:
+                batch = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
+                                          generator=gen)[0]
+            else:
+                batch = generate(model, ids, mask, params=SamplingParams(max_new_tokens, temp), eos_id=eos,
+                                 pad_id=pad, generator=gen)
             rewards = _rewards([items[i] for i in sub], decode_completions(tokenizer, batch, eos))
             for i, r in zip(sub, rewards):
                 if temp == 0.0:

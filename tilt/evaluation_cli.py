@@ -30,7 +30,8 @@ def _resolve(target: str) -> tuple[str, Optional[Path], Config]:
 
 
 def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: int, k: str, split: str,
-             allow_contaminated: bool, out: Optional[Path], seed: Optional[int], max_new_tokens: int) -> int:
+             allow_contaminated: bool, out: Optional[Path], seed: Optional[int], max_new_tokens: int,
+             decode=None) -> int:
     """Evaluate and write the JSON report; return the exit code (2 when refused)."""
     model_path, run_dir, cfg = _resolve(target)
     mix = parse_mix(tasks or cfg.tasks.mix)
@@ -58,11 +59,15 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
                       "anyway; the report is then marked contaminated.")
         return 2
     pol = load_policy(model_path)
+    from tilt.decoding.lm import decoding_from_config
+
     results = evaluate_items(pol.model, pol.tokenizer, items, n_samples=n, temperature=1.0,
                              max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
-                             seed=seed if seed is not None else cfg.seed + EVAL_SEED_OFFSET)
+                             seed=seed if seed is not None else cfg.seed + EVAL_SEED_OFFSET,
+                             decoding=decoding_from_config(decode or cfg.decode, pol))
     report = build_eval_report(results, ks=ks, contaminated=bool(problems), seeds=seeds or None)
     report["model"] = model_path
+    report["decode"] = (decode or cfg.decode).model_dump()
     out = out or ((run_dir / "eval.json") if run_dir else Path("eval.json"))
     out.write_text(json.dumps(report, indent=1))
     console.print(render_eval_table(report))

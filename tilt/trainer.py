@@ -198,9 +198,11 @@ def heldout(parts: Parts, cfg: Config, items: list) -> dict:
     """pass@1 at T=1.0 (mean over n samples) and greedy accuracy on the held-out items."""
     pol = parts.policy
     pol.model.eval()
+    from tilt.decoding.lm import decoding_from_config
+
     res = evaluate_items(pol.model, pol.tokenizer, items, n_samples=cfg.eval.n_samples, temperature=1.0,
                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                         seed=cfg.seed + EVAL_SEED_OFFSET)
+                         seed=cfg.seed + EVAL_SEED_OFFSET, decoding=decoding_from_config(cfg.decode, pol))
     pol.model.train()
     return summarize(res)
 

@@ -1,0 +1,90 @@
+"""`tilt train-value`: Q♯ (arXiv:2502.20548, Algorithm 1) for a causal LM with a QHead.
+
+Each round: draw prompts; roll in with the current guided policy (round 1: pi_ref) to a uniform
+switch step h of its completion; roll out with pi_ref from there (the roll-out's first token is
+a_h); score the finished completion with the task verifier. The example (hidden state at s_h, a_h,
+r) joins the aggregated dataset of all rounds, the head is refit on it by maximum likelihood
+(binary cross-entropy of P(r = 1 | s_h, a_h)), and the next round rolls in with qsharp guidance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tilt.decoding.lm import Decoding
+from tilt.decoding.value_model import QHead
+from tilt.rewards import verifier_reward
+from tilt.rollout import SamplingParams, completion_logits, continue_from, decode_completions, encode_prompts
+
+
+@dataclass
+class ValueData:
+    """Aggregated Q♯ data: hidden states at s_h [M, H], tokens a_h [M], rewards [M]."""
+
+    hidden: Tensor
+    tokens: Tensor
+    rewards: Tensor
+
+    def extend(self, other: "ValueData") -> "ValueData":
+        return ValueData(torch.cat([self.hidden, other.hidden]), torch.cat([self.tokens, other.tokens]),
+                         torch.cat([self.rewards, other.rewards]))
+
+
+@torch.no_grad()
+def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator: torch.Generator) -> ValueData:
+    """One round of roll-in (``decoding``) / roll-out (pi_ref) data for ``items``."""
+    model, tok, eos, pad = policy.model, policy.tokenizer, policy.eos_id, policy.pad_id
+    ids, mask = encode_prompts(tok, [it.prompt for it in items])
+    rollin, _ = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
+                                  generator=generator)
+    lengths = rollin.completion_mask.sum(-1)  # [N] >= 1
+    h = (torch.rand(len(items), generator=generator) * lengths).long()  # [N] uniform in [0, len)
+    prefix_mask = (torch.arange(rollin.completion_ids.shape[1])[None] < h[:, None]).long()  # [N, T]
+    out = continue_from(model, ids, mask, rollin.completion_ids, prefix_mask,
+                        params=SamplingParams(max_new_tokens, 1.0), eos_id=eos, pad_id=pad, generator=generator)
+    prefixes = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                for r, m in zip(rollin.completion_ids, prefix_mask)]
+    texts = [(p + s) for p, s in zip(prefixes, decode_completions(tok, out, eos))]
+    rewards = verifier_reward([it.prompt for it in items], texts, task=[it.task for it in items],
+                              columns=[it.columns for it in items])
+    first = out.completion_ids[:, :1]  # [N, 1] a_h
+    _, states = completion_logits(model, out.prompt_ids, out.prompt_mask, first, torch.ones_like(first), hidden=True)
+    return ValueData(states[:, 0].float(), first[:, 0], torch.tensor(rewards, dtype=torch.float32).clamp(0, 1))
+
+
+def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-2) -> float:
+    """Maximum likelihood of the Bernoulli reward of each (s_h, a_h); full-batch Adam. Returns the last loss."""
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        logits = head(data.hidden).gather(-1, data.tokens[:, None]).squeeze(-1)  # [M]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | None, max_new_tokens: int,
+                epochs: int = 200, lr: float = 1e-2, seed: int = 0, log=print) -> tuple[QHead, list[dict]]:
+    """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats."""
+    if not beta > 0:
+        raise ValueError(f"train-value beta must be > 0, got {beta!r}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = policy.model.config
+    head = QHead(cfg.hidden_size, cfg.vocab_size)
+    decoding, data, stats = Decoding("sample"), None, []
+    for r, items in enumerate(item_rounds):
+        new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen)
+        data = new if data is None else data.extend(new)
+        loss = fit_head(head, data, epochs=epochs, lr=lr)
+        stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": float(new.rewards.mean()),
+                      "bce": loss})
+        log(f"round {r + 1}: {len(data.rewards)} examples, roll-out reward {float(new.rewards.mean()):.3f}, "
+            f"bce {loss:.4f}")
+        kwargs = {"beta": beta} if top_k is None else {"beta": beta, "top_k": top_k}
+        decoding = Decoding("qsharp", kwargs, head)
+    return head, stats
