@@ -128,3 +128,9 @@ def test_bregman_renormalisation_is_the_constrained_minimiser():
             q2 = q + d
             if (q2[support] > 0).all():
                 assert rules.bregman_divergence(q2, p, alpha=alpha).item() >= best - 1e-15
+
+
+def test_bregman_adaptive_scan_is_capped_by_max_k():
+    # lam = .1 picks k = 3 (see above); with max_k = 2 only k in {1, 2} are scanned -> k = 2 (.4231 < .7931)
+    assert torch.allclose(probs("bregman", alpha=1.0, lam=0.1, max_k=2),
+                          torch.tensor([[0.625, 0.375, 0.0]], dtype=torch.float64))

@@ -44,8 +44,8 @@ def min_p(logits: Tensor, *, values: Optional[Tensor] = None, p: float, temperat
 
 
 def bregman(logits: Tensor, *, values: Optional[Tensor] = None, alpha: float = 1.0, k: Optional[int] = None,
-            lam: Optional[float] = None, temperature: float = 1.0) -> Tensor:
-    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, temperature=temperature)
+            lam: Optional[float] = None, max_k: int = 64, temperature: float = 1.0) -> Tensor:
+    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, max_k=max_k, temperature=temperature)
 
 
 def exclude(logits: Tensor, *, values: Optional[Tensor] = None, banned: list[int]) -> Tensor:

@@ -135,12 +135,13 @@ def bregman_divergence(q: Tensor, p: Tensor, *, alpha: float) -> Tensor:
 
 
 def bregman_logp(logits: Tensor, *, alpha: float = 1.0, k: int | None = None, lam: float | None = None,
-                 temperature: float = 1.0) -> Tensor:
+                 max_k: int = 64, temperature: float = 1.0) -> Tensor:
     """Primal Bregman decoder (arXiv:2505.19371): the best k-sparse q for D_alpha(q, p) + lam * k.
 
     The optimal support of size k is the k most likely tokens (the paper's greedy result); with
     ``k`` given that k is used (alpha = 1 is exactly top-k), with ``lam`` the k minimising
-    D_alpha(q_k, p) + lam * k is chosen per row by scanning k = 1..V. Returns [N, V] log-probs.
+    D_alpha(q_k, p) + lam * k is chosen per row by scanning k = 1..min(max_k, V) (the scan costs
+    max_k renormalisations of [N, V]). Returns [N, V] log-probs.
     """
     if (k is None) == (lam is None):
         raise ValueError("decoder 'bregman' needs exactly one of k (fixed sparsity) or lam (adaptive k)")
@@ -155,9 +156,10 @@ def bregman_logp(logits: Tensor, *, alpha: float = 1.0, k: int | None = None, la
         return alpha_renormalize(probs, rank < k, alpha=alpha).log()
     if lam < 0:
         raise ValueError(f"decode bregman lam must be >= 0, got {lam!r}")
-    candidates = torch.stack([alpha_renormalize(probs, rank < j, alpha=alpha) for j in range(1, v + 1)])  # [V, N, V]
-    cost = bregman_divergence(candidates, probs[None], alpha=alpha)  # [V, N]
-    cost = cost + lam * torch.arange(1, v + 1, dtype=probs.dtype)[:, None]
+    top = min(max_k, v)
+    candidates = torch.stack([alpha_renormalize(probs, rank < j, alpha=alpha) for j in range(1, top + 1)])  # [K, N, V]
+    cost = bregman_divergence(candidates, probs[None], alpha=alpha)  # [K, N]
+    cost = cost + lam * torch.arange(1, top + 1, dtype=probs.dtype)[:, None]
     best = cost.argmin(0)  # [N]
     return candidates[best, torch.arange(probs.shape[0])].log()
 
