@@ -71,6 +71,23 @@ def test_zero_head_gives_uniform_q_so_qsharp_is_pi_ref(pol, head_dir):
     assert torch.allclose(batch.logprobs, ref_logp, atol=1e-5)  # constant Q: guided == pi_ref
 
 
+def test_sequence_decoders_pick_one_of_n_reference_samples(pol, head_dir):
+    ids, mask = encode_prompts(pol.tokenizer, ["st 1+2=", "12+3="])
+    for name, kw in (("best_of_n", {"n": 3}), ("resample", {"n": 3, "beta": 0.5})):
+        dec = Decoding.build(name, kw, value_model=str(head_dir), model=pol.model, tokenizer=pol.tokenizer)
+        batch, ref_logp = dec.generate(pol.model, ids, mask, max_new_tokens=5, eos_id=pol.eos_id, pad_id=pol.pad_id,
+                                       generator=torch.Generator().manual_seed(0))
+        assert batch.completion_ids.shape[0] == 2 and ref_logp is None
+        # the zero head scores all candidates alike, so best-of-n keeps the first of the 3 draws
+        if name == "best_of_n":
+            cands = generate(pol.model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0),
+                             params=SamplingParams(5, 1.0), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                             generator=torch.Generator().manual_seed(0))
+            assert torch.equal(batch.completion_ids, cands.completion_ids[[0, 3]])
+    with pytest.raises(ValueError, match="n >= 1"):
+        Decoding.build("best_of_n", {"n": 0}, value_model=str(head_dir), model=pol.model, tokenizer=pol.tokenizer)
+
+
 def test_bad_decoder_inputs_are_clear_errors(pol, head_dir):
     with pytest.raises(ValueError, match="needs a value model"):
         Decoding.build("qsharp", {"beta": 1.0}, model=pol.model, tokenizer=pol.tokenizer)

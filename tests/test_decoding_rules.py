@@ -95,6 +95,8 @@ def test_every_decoder_returns_a_distribution():
     kwargs = {"top_k": {"k": 3}, "top_p": {"p": 0.7}, "min_p": {"p": 0.1}, "bregman": {"k": 4, "alpha": 1.5},
               "exclude": {"banned": [1, 2]}}
     for name in DECODERS:
+        if DECODERS.entry(name).meta["kind"] != "token":
+            continue
         out = DECODERS.get(name)(logits, values=values, **kwargs.get(name, {})).exp()  # [5, 9]
         assert torch.allclose(out.sum(-1), torch.ones(5, dtype=torch.float64)), name
 
@@ -134,3 +136,16 @@ def test_bregman_adaptive_scan_is_capped_by_max_k():
     # lam = .1 picks k = 3 (see above); with max_k = 2 only k in {1, 2} are scanned -> k = 2 (.4231 < .7931)
     assert torch.allclose(probs("bregman", alpha=1.0, lam=0.1, max_k=2),
                           torch.tensor([[0.625, 0.375, 0.0]], dtype=torch.float64))
+
+
+def test_sequence_selectors_by_hand():
+    scores = torch.tensor([[0.1, 0.9, 0.5], [2.0, -1.0, 0.0]])
+    assert DECODERS.get("best_of_n")(scores, n=3).tolist() == [1, 0]
+    # resample: beta -> 0 is best-of-n; one-hot-ish scores at beta = 1 give softmax frequencies
+    assert DECODERS.get("resample")(scores, n=3, beta=1e-4).tolist() == [1, 0]
+    gen = torch.Generator().manual_seed(0)
+    two = torch.tensor([[0.0, math.log(3.0)]]).expand(20000, 2)  # P(pick 1) = 3 / 4
+    frac = DECODERS.get("resample")(two, n=2, beta=1.0, generator=gen).double().mean().item()
+    assert abs(frac - 0.75) < 0.015  # 3 s.e. = 3 * sqrt(.1875 / 20000) = .009
+    assert DECODERS.entry("best_of_n").meta == {"needs": ("values",), "kind": "sequence",
+                                                "doc": DECODERS.entry("best_of_n").meta["doc"]}

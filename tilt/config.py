@@ -230,7 +230,8 @@ class EvalCfg(Section):
 class DecodeCfg(Section):
     name: str = "sample"
     """Decoder of the held-out samples (tilt.decoding.DECODERS): sample, greedy, top_k, top_p, min_p, bregman,
-    exclude, qsharp, controlled, transfer_q. "sample" is plain sampling at T=1."""
+    exclude, qsharp, controlled, transfer_q (token-level), best_of_n, resample (one of kwargs.n reference samples,
+    scored by the value model). "sample" is plain sampling at T=1."""
     kwargs: dict[str, Any] = {}
     """The decoder's keyword arguments, e.g. {k: 20} for top_k, {beta: 0.5, top_k: 20} for qsharp."""
     value_model: Optional[str] = None

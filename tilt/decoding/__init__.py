@@ -3,13 +3,15 @@
 A token-level entry is ``fn(logits [N, V], *, values=None, **kwargs) -> log-probs [N, V]`` of the
 next-token distribution. Its meta declares what it needs:
     needs:   () or ("values",) — per-token values Q(s, a) from a value model (Q♯, CD, TQ*);
-    kind:    "token" (applied at every step) or "sequence" (selects among n sampled completions);
+    kind:    "token" (applied at every step) or "sequence": ``fn(scores [B, n], *, n, ..., generator)
+             -> index [B]`` choosing among n pi_ref completions per prompt, scored by the value model;
 Config: ``decode.name`` picks the entry, ``decode.kwargs`` are its keyword arguments.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from tilt.decoding import rules
@@ -77,6 +79,17 @@ def transfer_q(logits: Tensor, *, values: Optional[Tensor] = None, beta: float =
     return rules.guided_logp(logits, values=_need_values("transfer_q", values), beta=beta, top_k=top_k)
 
 
+def best_of_n(scores: Tensor, *, n: int = 4, generator=None) -> Tensor:
+    """E1 best-of-n: index of the highest-scoring of n candidates per row. scores [B, n] -> [B]."""
+    return scores.argmax(-1)
+
+
+def resample(scores: Tensor, *, n: int = 4, beta: float = 1.0, generator=None) -> Tensor:
+    """E5 Q-Probe-style resampling: candidate drawn ∝ exp(score / beta). scores [B, n] -> [B]."""
+    rules._check_beta(beta)
+    return torch.multinomial(torch.softmax(scores / beta, -1), 1, generator=generator).squeeze(-1)
+
+
 _register("sample", sample, doc="softmax(logits / temperature): today's sampling")
 _register("greedy", greedy, doc="argmax")
 _register("top_k", top_k, doc="k most likely tokens, renormalised")
@@ -87,5 +100,9 @@ _register("exclude", exclude, doc="E7 (G)I-DLE-style exclusion of banned tokens 
 _register("qsharp", qsharp, needs=("values",), doc="E2 Q♯ value guidance")
 _register("controlled", controlled, needs=("values",), doc="E4 controlled decoding (token-level)")
 _register("transfer_q", transfer_q, needs=("values",), doc="E3 Transfer Q* guidance")
+_register("best_of_n", best_of_n, needs=("values",), kind="sequence",
+          doc="E1 best-of-n of pi_ref samples, scored by the value model at the last token")
+_register("resample", resample, needs=("values",), kind="sequence",
+          doc="E5 resample one of n pi_ref samples ∝ exp(Q / beta) (Q-Probe's sampler)")
 
 __all__ = ["DECODERS", "rules"]

@@ -77,19 +77,26 @@ class Decoding:
         """Resolve and check against ``model``'s vocabulary and ``tokenizer`` (errors name the cause)."""
         entry = DECODERS.entry(name)  # unknown name -> error listing the valid ones
         kwargs = dict(kwargs or {})
-        if entry.meta["kind"] != "token":
-            raise ValueError(f"decoder {name!r} is not a token-level decoder")
         head = None
         if "values" in entry.meta["needs"]:
             if value_model is None:
                 raise ValueError(f"decoder {name!r} needs a value model (decode.value_model / --value-model); "
                                  "train one with `tilt train-value`")
             head = load_q_head(value_model, tokenizer=tokenizer, hidden_size=model.config.hidden_size)
-            kwargs.setdefault("beta", 1.0)
+            if entry.meta["kind"] == "token":
+                kwargs.setdefault("beta", 1.0)
         elif value_model is not None:
             raise ValueError(f"decoder {name!r} uses no value model but decode.value_model={value_model!r} was given")
         dec = cls(name, kwargs, head)
-        if model is not None:  # bad kwargs (k > vocab, beta <= 0, unknown kwarg) fail now, not mid-run
+        if model is not None and entry.meta["kind"] == "sequence":
+            n = kwargs.get("n", 4)
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"decoder {name!r} needs n >= 1 candidates, got {n!r}")
+            try:
+                entry.fn(torch.zeros(1, n), **kwargs)
+            except TypeError as exc:
+                raise ValueError(f"decode.kwargs {kwargs} do not fit decoder {name!r}: {exc}") from None
+        elif model is not None:  # bad kwargs (k > vocab, beta <= 0, unknown kwarg) fail now, not mid-run
             vocab = model.config.vocab_size
             probe = torch.zeros(1, vocab)
             if head is not None and head.proj.out_features != vocab:
@@ -116,10 +123,36 @@ class Decoding:
             return batch, None
         fn = DECODERS.get(self.name)
         beta = self.kwargs.get("beta", 1.0)
+        if DECODERS.entry(self.name).meta["kind"] == "sequence":
+            return self._select(model, prompt_ids, prompt_mask, fn, beta, max_new_tokens=max_new_tokens,
+                                eos_id=eos_id, pad_id=pad_id, generator=generator), None
         q_fn = (lambda h: self.q_head.q_values(h, beta=beta)) if self.q_head is not None else None
         return guided_generate(model, prompt_ids, prompt_mask, rule=lambda lg, values: fn(lg, values=values, **self.kwargs),
                                q_fn=q_fn, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                                generator=generator)
+
+
+    def _select(self, model, prompt_ids: Tensor, prompt_mask: Tensor, fn, beta: float, *, max_new_tokens: int,
+                eos_id: int, pad_id: int, generator) -> RolloutBatch:
+        """n pi_ref samples per prompt, scored by Q(s_{T-1}, y_T) (the value of the last token), one kept."""
+        from tilt.rollout import completion_logits
+
+        n = int(self.kwargs.get("n", 4))
+        b = prompt_ids.shape[0]
+        rows = torch.arange(b).repeat_interleave(n)  # [B*n]
+        cands = generate(model, prompt_ids[rows], prompt_mask[rows], params=SamplingParams(max_new_tokens, 1.0),
+                         eos_id=eos_id, pad_id=pad_id, generator=generator)
+        _, states = completion_logits(model, cands.prompt_ids, cands.prompt_mask, cands.completion_ids,
+                                      cands.completion_mask, hidden=True)  # [B*n, T, H]
+        last = cands.completion_mask.sum(-1) - 1  # [B*n] index of the last generated token
+        h_last = states[torch.arange(b * n), last]  # [B*n, H] state before the last token
+        q = self.q_head.q_values(h_last, beta=beta)  # [B*n, V]
+        scores = q.gather(-1, cands.completion_ids[torch.arange(b * n), last][:, None]).squeeze(-1)  # [B*n]
+        pick = fn(scores.detach().reshape(b, n), generator=generator, **self.kwargs)  # [B]
+        keep = torch.arange(b) * n + pick  # [B]
+        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                            completion_ids=cands.completion_ids[keep], completion_mask=cands.completion_mask[keep],
+                            logprobs=cands.logprobs[keep])
 
 
 def decoding_from_config(dcfg, policy) -> Optional[Decoding]:

@@ -54,21 +54,44 @@ def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator
     return ValueData(states[:, 0].float(), first[:, 0], torch.tensor(rewards, dtype=torch.float32).clamp(0, 1))
 
 
-def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-2) -> float:
-    """Maximum likelihood of the Bernoulli reward of each (s_h, a_h); full-batch Adam. Returns the last loss."""
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+def _bce(head: QHead, data: ValueData, rows: Tensor) -> Tensor:
+    logits = head(data.hidden[rows]).gather(-1, data.tokens[rows, None]).squeeze(-1)  # [m]
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards[rows])
+
+
+def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0,
+             val_frac: float = 0.0, generator: torch.Generator | None = None) -> float:
+    """Maximum likelihood of the Bernoulli reward of each (s_h, a_h); full-batch AdamW.
+
+    ``val_frac`` > 0 holds out that fraction and keeps the parameters of the epoch with the lowest
+    held-out BCE (early stopping). Returns the final training (or best held-out) loss.
+    """
+    m = len(data.rewards)
+    order = torch.randperm(m, generator=generator)
+    n_val = int(val_frac * m)
+    val, train = order[:n_val], order[n_val:]
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state = float("inf"), None
     loss = torch.tensor(0.0)
     for _ in range(epochs):
-        logits = head(data.hidden).gather(-1, data.tokens[:, None]).squeeze(-1)  # [M]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards)
+        loss = _bce(head, data, train)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if n_val:
+            with torch.no_grad():
+                held = float(_bce(head, data, val))
+            if held < best:
+                best, best_state = held, {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
+        return best
     return float(loss.detach())
 
 
 def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | None, max_new_tokens: int,
-                epochs: int = 200, lr: float = 1e-2, seed: int = 0, log=print) -> tuple[QHead, list[dict]]:
+                epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0, val_frac: float = 0.0,
+                seed: int = 0, log=print) -> tuple[QHead, list[dict]]:
     """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats."""
     if not beta > 0:
         raise ValueError(f"train-value beta must be > 0, got {beta!r}")
@@ -80,7 +103,7 @@ def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | No
     for r, items in enumerate(item_rounds):
         new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen)
         data = new if data is None else data.extend(new)
-        loss = fit_head(head, data, epochs=epochs, lr=lr)
+        loss = fit_head(head, data, epochs=epochs, lr=lr, weight_decay=weight_decay, val_frac=val_frac, generator=gen)
         stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": float(new.rewards.mean()),
                       "bce": loss})
         log(f"round {r + 1}: {len(data.rewards)} examples, roll-out reward {float(new.rewards.mean()):.3f}, "
