@@ -143,3 +143,15 @@ def test_cli_train_value_saves_beside_the_model(tiny_llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "vm" / "q_head.json").read_text())
     assert meta["reward"] == "bernoulli" and len(meta["rounds"]) == 1
+
+
+def test_fit_head_early_stopping_keeps_the_best_held_out_epoch():
+    from tilt.decoding.train_value import ValueData, _bce, fit_head
+
+    gen = torch.Generator().manual_seed(0)
+    data = ValueData(torch.randn(50, 8, generator=gen), torch.randint(0, 5, (50,), generator=gen),
+                     (torch.rand(50, generator=gen) < 0.5).float())  # rewards independent of the features
+    head = QHead(8, 5)
+    best = fit_head(head, data, epochs=100, lr=0.1, val_frac=0.2, generator=torch.Generator().manual_seed(1))
+    val = torch.randperm(50, generator=torch.Generator().manual_seed(1))[:10]  # the same held-out split
+    assert abs(_bce(head, data, val).item() - best) < 1e-6  # the returned head is the best epoch's
