@@ -6,7 +6,9 @@ KL(decoder || pi_ref) per completion (sum_t log pi_dec - log pi_ref, averaged), 
 completion. A GRPO policy (`tilt train`, defaults, STEPS steps) gives the training-side point:
 its KL(pi || pi_ref) is estimated the same way from its own samples.
 
-python benchmarks/qsharp_shipped.py   (writes benchmarks/results/qsharp_shipped.{json,png})
+STEPS=100 python benchmarks/qsharp_shipped.py   (writes benchmarks/results/qsharp_shipped.{json,png})
+STEPS=100 PROMPTS=1024 VAL_FRAC=0.2 TAG=_es REUSE_GRPO=benchmarks/results/qsharp_shipped.json \
+    python benchmarks/qsharp_shipped.py   (early-stopped head on 3 x 1024 roll-outs -> qsharp_shipped_es.*)
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ MIX = "addition:1,multiplication:1,countdown:1,sorting:1-2"
 SEEDS = int(os.environ.get("SEEDS", 3))
 PER_CELL, N, T = int(os.environ.get("PER_CELL", 32)), 4, 16
 ROUNDS, PROMPTS, STEPS = 3, int(os.environ.get("PROMPTS", 384)), int(os.environ.get("STEPS", 60))
+VAL_FRAC = float(os.environ.get("VAL_FRAC", 0.0))  # > 0: early-stop the head on this held-out fraction
+TAG = os.environ.get("TAG", "")  # output name suffix
+REUSE_GRPO = os.environ.get("REUSE_GRPO")  # a previous results JSON whose GRPO rows are reused (same items, seeds)
 OUT = Path("benchmarks/results")
 
 
@@ -75,6 +80,7 @@ def main():
             rounds = [sample_items(parse_mix(MIX), split="train", start=60_000_000 + seed * 1_000_000 + r * PROMPTS,
                                    count=PROMPTS) for r in range(ROUNDS)]
             head, stats = train_value(ref, rounds, beta=0.5, top_k=None, max_new_tokens=T, seed=seed,
+                                      val_frac=VAL_FRAC, epochs=300 if VAL_FRAC else 200,
                                       log=lambda m: print(f"seed {seed} {m}", flush=True))
             decoders = {"sample": Decoding("sample"), "top_k k=5": Decoding("top_k", {"k": 5}),
                         "min_p p=0.1": Decoding("min_p", {"p": 0.1}),
@@ -85,14 +91,17 @@ def main():
                 res = run_decoder(ref, ref, items, dec, seed)
                 results.setdefault(name, []).append(res)
                 print(f"seed {seed} {name}: {res}", flush=True)
-            grpo = grpo_policy(seed, work)
-            res = run_decoder(grpo, ref, items, Decoding("sample"), seed)
-            results.setdefault(f"GRPO {STEPS} steps (sample)", []).append(res)
+            key = f"GRPO {STEPS} steps (sample)"
+            if REUSE_GRPO:
+                res = json.loads(Path(REUSE_GRPO).read_text())["per_seed"][key][seed]
+            else:
+                res = run_decoder(grpo_policy(seed, work), ref, items, Decoding("sample"), seed)
+            results.setdefault(key, []).append(res)
             print(f"seed {seed} GRPO: {res}", flush=True)
-            (OUT / "qsharp_shipped.json").write_text(json.dumps(results, indent=1))
+            (OUT / f"qsharp_shipped{TAG}.json").write_text(json.dumps(results, indent=1))
     summary = {k: {m: (statistics.mean(r[m] for r in v), statistics.stdev(r[m] for r in v) / len(v) ** 0.5
                        if len(v) > 1 else 0.0) for m in ("pass1", "kl", "tokens")} for k, v in results.items()}
-    (OUT / "qsharp_shipped.json").write_text(json.dumps({"per_seed": results, "summary": summary}, indent=1))
+    (OUT / f"qsharp_shipped{TAG}.json").write_text(json.dumps({"per_seed": results, "summary": summary}, indent=1))
     plot(summary)
     for k, v in summary.items():
         print(f"| {k} | {v['pass1'][0]:.3f} ± {v['pass1'][1]:.3f} | {v['kl'][0]:.3f} ± {v['kl'][1]:.3f} | "
@@ -115,7 +124,7 @@ def plot(summary):
         ax.set_ylabel("held-out pass@1")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "qsharp_shipped.png", dpi=120)
+    fig.savefig(OUT / f"qsharp_shipped{TAG}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,25 @@ def test_fit_head_early_stopping_keeps_the_best_held_out_epoch():
     best = fit_head(head, data, epochs=100, lr=0.1, val_frac=0.2, generator=torch.Generator().manual_seed(1))
     val = torch.randperm(50, generator=torch.Generator().manual_seed(1))[:10]  # the same held-out split
     assert abs(_bce(head, data, val).item() - best) < 1e-6  # the returned head is the best epoch's
+
+
+def test_train_heldout_uses_the_decode_section(tiny_llama_dir, tmp_path):
+    """decode.* reaches the trainer's held-out evaluation (and so `tilt compare`), and `tilt eval` of the run
+    with the same decoder reproduces its final held-out pass@1."""
+    from tilt.trainer import train
+
+    run = tmp_path / "r"
+    cfg = load_config(None, [f"model.path={tiny_llama_dir}", f"run_dir={run}", "train.steps=1",
+                             "rollout.prompts_per_step=2", "rollout.group_size=2", "tasks.eval_per_cell=2",
+                             "tasks.mix=addition:1", "log.tensorboard=false", "log.progress=none", "log.plot=false",
+                             "decode.name=top_k", "decode.kwargs.k=3"])
+    train(cfg, echo=lambda s: None)
+    res = runner.invoke(app, ["eval", str(run), "--k", "1"])  # the run's own decode section
+    assert res.exit_code == 0, res.output
+    report = json.loads((run / "eval.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())["heldout"]
+    assert report["decode"]["name"] == "top_k"
+    for cell, vals in summary["per_cell"].items():
+        assert report["per_cell"][cell]["pass1"] == pytest.approx(vals["pass1"])
+    plain = runner.invoke(app, ["eval", str(run), "--k", "1", "--decode", "sample", "--out", str(tmp_path / "p.json")])
+    assert plain.exit_code == 0 and json.loads((tmp_path / "p.json").read_text())["decode"]["name"] == "sample"

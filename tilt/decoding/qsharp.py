@@ -34,9 +34,10 @@ def soft_q_bernoulli(p_success: Tensor, *, beta: float) -> Tensor:
 
 @dataclass
 class TabularZ:
-    """Empirical reward distribution per (s, a): sums of exp((r - shift) / beta) and counts, [S, V].
+    """Empirical (non-parametric, maximum-likelihood) reward distribution of every (s, a) of a tree.
 
-    Unvisited pairs fall back to ``prior`` pseudo-observations of the mean observed reward.
+    Holds the aggregated (state, action, reward) samples of all rounds; ``q_table`` turns them into
+    Q. Unvisited pairs fall back to ``prior`` pseudo-observations of the mean observed reward.
     """
 
     n_states: int
