@@ -112,10 +112,12 @@ def decode_cmd(target: str = typer.Argument(..., help="A run directory, a local 
 def train_value_cmd(target: str = typer.Argument(..., help="The reference policy: run directory, HF model directory or 'shipped'."),
                     tasks: str = typer.Option("addition:1,multiplication:1,countdown:1,sorting:1-2", help="Task mix (train split)."),
                     rounds: int = typer.Option(3, help="Q♯ rounds (data aggregated across rounds)."),
-                    prompts: int = typer.Option(256, help="Roll-outs per round."),
+                    prompts: int = typer.Option(1024, help="Roll-outs per round."),
                     beta: float = typer.Option(0.5, help="KL coefficient of the guidance used to roll in."),
                     top_k: Optional[int] = typer.Option(None, help="Guide only pi_ref's top-k tokens."),
-                    epochs: int = typer.Option(200, help="Full-batch Adam steps per refit."),
+                    epochs: int = typer.Option(300, help="Full-batch AdamW steps per refit."),
+                    val_frac: float = typer.Option(0.2, help="Held-out fraction for early stopping of each refit "
+                                                   "(0 = fit all data for all epochs)."),
                     max_new_tokens: int = typer.Option(16, help="Generation budget."),
                     seed: int = typer.Option(0, help="Seed of prompts and sampling."),
                     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN/value_model "
@@ -130,6 +132,8 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
         from tilt.model import load_policy
         from tilt.tasks.mix import parse_mix, sample_items
 
+        if not 0 <= val_frac < 1:
+            raise ValueError(f"--val-frac must be in [0, 1), got {val_frac}")
         if rounds < 1 or prompts < 1:
             raise ValueError(f"train-value needs rounds >= 1 and prompts >= 1, got {rounds} and {prompts}")
         model_path, run_dir, _ = _resolve(target)
@@ -138,10 +142,10 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
         start = 50_000_000 + seed * 1_000_000  # train split, away from the trainer's data_offset(seed) range
         item_rounds = [sample_items(mix, split="train", start=start + r * prompts, count=prompts) for r in range(rounds)]
         head, stats = train_value(pol, item_rounds, beta=beta, top_k=top_k, max_new_tokens=max_new_tokens,
-                                  epochs=epochs, seed=seed, log=typer.echo)
+                                  epochs=epochs, val_frac=val_frac, seed=seed, log=typer.echo)
         target_dir = out or ((run_dir / "value_model") if run_dir else Path("value_model"))
         save_q_head(head, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
-                    info={"beta": beta, "top_k": top_k, "tasks": tasks, "rounds": stats})
+                    info={"beta": beta, "top_k": top_k, "tasks": tasks, "val_frac": val_frac, "rounds": stats})
     except _user_errors() as exc:
         fail(str(exc))
     typer.echo(f"saved value model to {target_dir}")
