@@ -69,6 +69,13 @@ def test_zero_head_gives_uniform_q_so_qsharp_is_pi_ref(pol, head_dir):
     batch, ref_logp = dec.generate(pol.model, ids, mask, max_new_tokens=6, eos_id=pol.eos_id, pad_id=pol.pad_id,
                                    generator=torch.Generator().manual_seed(0))
     assert torch.allclose(batch.logprobs, ref_logp, atol=1e-5)  # constant Q: guided == pi_ref
+    # controlled / transfer_q read E[r | s, a] = p = .5, not the soft Q
+    assert torch.allclose(head.success_probs(torch.randn(2, pol.model.config.hidden_size)), torch.tensor(0.5))
+    for name in ("controlled", "transfer_q"):
+        dec = Decoding.build(name, {"beta": 0.5}, value_model=str(head_dir), model=pol.model, tokenizer=pol.tokenizer)
+        batch, ref_logp = dec.generate(pol.model, ids, mask, max_new_tokens=6, eos_id=pol.eos_id, pad_id=pol.pad_id,
+                                       generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(batch.logprobs, ref_logp, atol=1e-5)
 
 
 def test_sequence_decoders_pick_one_of_n_reference_samples(pol, head_dir):
@@ -142,7 +149,14 @@ def test_cli_train_value_saves_beside_the_model(tiny_llama_dir, tmp_path):
                               "--prompts", "4", "--epochs", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "vm")])
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "vm" / "q_head.json").read_text())
-    assert meta["reward"] == "bernoulli" and len(meta["rounds"]) == 1
+    assert meta["reward"] == "bernoulli" and len(meta["rounds"]) == 1 and meta["rollout_model"] is None
+    tq = runner.invoke(app, ["train-value", str(tiny_llama_dir), "--tasks", "addition:1", "--rounds", "1",
+                             "--prompts", "4", "--epochs", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "tq"),
+                             "--rollout-model", str(tiny_llama_dir)])  # Transfer Q*: roll out with an aligned model
+    assert tq.exit_code == 0, tq.output
+    assert json.loads((tmp_path / "tq" / "q_head.json").read_text())["rollout_model"] == str(tiny_llama_dir)
+    bad = runner.invoke(app, ["train-value", str(tiny_llama_dir), "--val-frac", "1.5", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--val-frac" in bad.output
 
 
 def test_fit_head_early_stopping_keeps_the_best_held_out_epoch():

@@ -147,5 +147,6 @@ def test_sequence_selectors_by_hand():
     two = torch.tensor([[0.0, math.log(3.0)]]).expand(20000, 2)  # P(pick 1) = 3 / 4
     frac = DECODERS.get("resample")(two, n=2, beta=1.0, generator=gen).double().mean().item()
     assert abs(frac - 0.75) < 0.015  # 3 s.e. = 3 * sqrt(.1875 / 20000) = .009
-    assert DECODERS.entry("best_of_n").meta == {"needs": ("values",), "kind": "sequence",
-                                                "doc": DECODERS.entry("best_of_n").meta["doc"]}
+    assert DECODERS.entry("best_of_n").meta["kind"] == "sequence"
+    assert DECODERS.entry("qsharp").meta["values"] == "soft_q"
+    assert DECODERS.entry("controlled").meta["values"] == DECODERS.entry("transfer_q").meta["values"] == "expected_reward"

@@ -120,6 +120,10 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
                                                    "(0 = fit all data for all epochs)."),
                     max_new_tokens: int = typer.Option(16, help="Generation budget."),
                     seed: int = typer.Option(0, help="Seed of prompts and sampling."),
+                    rollout_model: Optional[str] = typer.Option(None, "--rollout-model", help="Roll out with this "
+                                                                "aligned policy (run or model dir, same tokenizer) "
+                                                                "instead of the reference: Transfer Q* (decode with "
+                                                                "transfer_q)."),
                     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN/value_model "
                                                        "for a run, else ./value_model).")) -> None:
     """Learn a Q♯ value model (a head on the reference's hidden states) from roll-in/roll-out data."""
@@ -141,11 +145,21 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
         mix = parse_mix(tasks)
         start = 50_000_000 + seed * 1_000_000  # train split, away from the trainer's data_offset(seed) range
         item_rounds = [sample_items(mix, split="train", start=start + r * prompts, count=prompts) for r in range(rounds)]
+        roller = None
+        if rollout_model is not None:
+            from tilt.decoding.value_model import tokenizer_fingerprint
+
+            aligned = load_policy(_resolve(rollout_model)[0])
+            if tokenizer_fingerprint(aligned.tokenizer) != tokenizer_fingerprint(pol.tokenizer):
+                raise ValueError(f"--rollout-model {rollout_model!r} has another tokenizer than {target!r}; "
+                                 "Transfer Q* needs both on one vocabulary")
+            roller = aligned.model
         head, stats = train_value(pol, item_rounds, beta=beta, top_k=top_k, max_new_tokens=max_new_tokens,
-                                  epochs=epochs, val_frac=val_frac, seed=seed, log=typer.echo)
+                                  epochs=epochs, val_frac=val_frac, seed=seed, rollout_model=roller, log=typer.echo)
         target_dir = out or ((run_dir / "value_model") if run_dir else Path("value_model"))
         save_q_head(head, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
-                    info={"beta": beta, "top_k": top_k, "tasks": tasks, "val_frac": val_frac, "rounds": stats})
+                    info={"beta": beta, "top_k": top_k, "tasks": tasks, "val_frac": val_frac,
+                          "rollout_model": rollout_model, "rounds": stats})
     except _user_errors() as exc:
         fail(str(exc))
     typer.echo(f"saved value model to {target_dir}")

@@ -3,6 +3,8 @@
 A token-level entry is ``fn(logits [N, V], *, values=None, **kwargs) -> log-probs [N, V]`` of the
 next-token distribution. Its meta declares what it needs:
     needs:   () or ("values",) — per-token values Q(s, a) from a value model (Q♯, CD, TQ*);
+    values:  what a value model's success probability p becomes: "soft_q" beta log(1 - p + p e^(1/beta))
+             (Q♯'s regularised Q*) or "expected_reward" p (CD's prefix scorer, TQ*'s E_{rho_BL}[r]);
     kind:    "token" (applied at every step) or "sequence": ``fn(scores [B, n], *, n, ..., generator)
              -> index [B]`` choosing among n pi_ref completions per prompt, scored by the value model;
 Config: ``decode.name`` picks the entry, ``decode.kwargs`` are its keyword arguments.
@@ -20,8 +22,9 @@ from tilt.registry import Registry
 DECODERS: Registry = Registry("decoder")
 
 
-def _register(name: str, fn, *, needs: tuple[str, ...] = (), kind: str = "token", doc: str = "") -> None:
-    DECODERS.register(name, needs=needs, kind=kind, doc=doc)(fn)
+def _register(name: str, fn, *, needs: tuple[str, ...] = (), kind: str = "token", values: str = "soft_q",
+              doc: str = "") -> None:
+    DECODERS.register(name, needs=needs, kind=kind, values=values, doc=doc)(fn)
 
 
 def sample(logits: Tensor, *, values: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
@@ -98,8 +101,9 @@ _register("min_p", min_p, doc="tokens with prob >= p * max prob")
 _register("bregman", bregman, doc="E7 primal alpha-Bregman top-k (fixed k or adaptive via lam)")
 _register("exclude", exclude, doc="E7 (G)I-DLE-style exclusion of banned tokens (KL projection)")
 _register("qsharp", qsharp, needs=("values",), doc="E2 Q♯ value guidance")
-_register("controlled", controlled, needs=("values",), doc="E4 controlled decoding (token-level)")
-_register("transfer_q", transfer_q, needs=("values",), doc="E3 Transfer Q* guidance")
+_register("controlled", controlled, needs=("values",), values="expected_reward",
+          doc="E4 controlled decoding (token-level)")
+_register("transfer_q", transfer_q, needs=("values",), values="expected_reward", doc="E3 Transfer Q* guidance")
 _register("best_of_n", best_of_n, needs=("values",), kind="sequence",
           doc="E1 best-of-n of pi_ref samples, scored by the value model at the last token")
 _register("resample", resample, needs=("values",), kind="sequence",

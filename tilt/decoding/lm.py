@@ -126,7 +126,11 @@ class Decoding:
         if DECODERS.entry(self.name).meta["kind"] == "sequence":
             return self._select(model, prompt_ids, prompt_mask, fn, beta, max_new_tokens=max_new_tokens,
                                 eos_id=eos_id, pad_id=pad_id, generator=generator), None
-        q_fn = (lambda h: self.q_head.q_values(h, beta=beta)) if self.q_head is not None else None
+        q_fn = None
+        if self.q_head is not None and DECODERS.entry(self.name).meta["values"] == "expected_reward":
+            q_fn = lambda h: self.q_head.success_probs(h)  # noqa: E731  CD / TQ*: E[r | s, a]
+        elif self.q_head is not None:
+            q_fn = lambda h: self.q_head.q_values(h, beta=beta)  # noqa: E731  Q♯: beta log E[e^(r/beta)]
         return guided_generate(model, prompt_ids, prompt_mask, rule=lambda lg, values: fn(lg, values=values, **self.kwargs),
                                q_fn=q_fn, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                                generator=generator)

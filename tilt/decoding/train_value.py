@@ -33,8 +33,13 @@ class ValueData:
 
 
 @torch.no_grad()
-def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator: torch.Generator) -> ValueData:
-    """One round of roll-in (``decoding``) / roll-out (pi_ref) data for ``items``."""
+def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator: torch.Generator,
+            rollout_model=None) -> ValueData:
+    """One round of roll-in (``decoding``) / roll-out (pi_ref, or ``rollout_model``) data for ``items``.
+
+    ``rollout_model`` (same tokenizer) rolls out instead of pi_ref: with a baseline aligned policy this
+    estimates Transfer Q*'s Q(s, a) = E_{rho_BL}[r | s, a] (arXiv:2405.20495) on pi_ref's hidden states.
+    """
     model, tok, eos, pad = policy.model, policy.tokenizer, policy.eos_id, policy.pad_id
     ids, mask = encode_prompts(tok, [it.prompt for it in items])
     rollin, _ = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
@@ -42,7 +47,7 @@ def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator
     lengths = rollin.completion_mask.sum(-1)  # [N] >= 1
     h = (torch.rand(len(items), generator=generator) * lengths).long()  # [N] uniform in [0, len)
     prefix_mask = (torch.arange(rollin.completion_ids.shape[1])[None] < h[:, None]).long()  # [N, T]
-    out = continue_from(model, ids, mask, rollin.completion_ids, prefix_mask,
+    out = continue_from(rollout_model or model, ids, mask, rollin.completion_ids, prefix_mask,
                         params=SamplingParams(max_new_tokens, 1.0), eos_id=eos, pad_id=pad, generator=generator)
     prefixes = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                 for r, m in zip(rollin.completion_ids, prefix_mask)]
@@ -91,7 +96,7 @@ def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-
 
 def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | None, max_new_tokens: int,
                 epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0, val_frac: float = 0.0,
-                seed: int = 0, log=print) -> tuple[QHead, list[dict]]:
+                seed: int = 0, rollout_model=None, log=print) -> tuple[QHead, list[dict]]:
     """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats."""
     if not beta > 0:
         raise ValueError(f"train-value beta must be > 0, got {beta!r}")
@@ -101,7 +106,8 @@ def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | No
     head = QHead(cfg.hidden_size, cfg.vocab_size)
     decoding, data, stats = Decoding("sample"), None, []
     for r, items in enumerate(item_rounds):
-        new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen)
+        new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen,
+                      rollout_model=rollout_model)
         data = new if data is None else data.extend(new)
         loss = fit_head(head, data, epochs=epochs, lr=lr, weight_decay=weight_decay, val_frac=val_frac, generator=gen)
         stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": float(new.rewards.mean()),

@@ -42,6 +42,10 @@ class QHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         return self.proj(hidden)
 
+    def success_probs(self, hidden: Tensor) -> Tensor:
+        """P(r = 1 | s, a) = E[r | s, a] for every candidate token, [..., V]."""
+        return torch.sigmoid(self.proj(hidden.to(self.proj.weight.dtype)))
+
     def q_values(self, hidden: Tensor, *, beta: float) -> Tensor:
         """Q(s, a) for every candidate token, [..., V]."""
         return soft_q_bernoulli(torch.sigmoid(self.proj(hidden.to(self.proj.weight.dtype))), beta=beta)
