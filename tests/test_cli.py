@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from tilt.cli import app
 
 runner = CliRunner()
-SUBCOMMANDS = [["train"], ["pretrain"], ["eval"], ["compare"], ["config"], ["config", "show"]]
+SUBCOMMANDS = [["train"], ["pretrain"], ["eval"], ["compare"], ["config"], ["config", "show"], ["decode"], ["train-value"]]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=lambda c: " ".join(c))

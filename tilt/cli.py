@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from tilt import decoding_cli as _dc
+
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="tilt: post-train language models toward the reward-tilted reference policy.")
 config_app = typer.Typer(add_completion=False, help="Inspect the configuration tree.")
@@ -182,15 +184,20 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
              data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this dataset file "
                                                 "(jsonl/json/csv/parquet/save_to_disk folder) instead of the run's eval source."),
              breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Dataset column to break scores "
-                                                     "down by (default: the run's data.eval.breakdown).")) -> None:
+                                                     "down by (default: the run's data.eval.breakdown)."),
+             decode: Optional[str] = _dc.DecodeOpt, decode_kwargs: Optional[str] = _dc.KwargsOpt,
+             value_model: Optional[str] = _dc.ValueOpt) -> None:
     """Greedy reward and unbiased pass@k on held-out items (per task and difficulty for the built-in
     tasks, per data.eval.breakdown value for a dataset), scored with the run's reward functions."""
     from tilt.evaluation_cli import run_eval
 
     try:
+        dcfg = _dc.decode_section(None, None, decode, decode_kwargs, value_model)[1] if (
+            decode or decode_kwargs or value_model) else None
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
                         allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens,
-                        rewards=list(reward or []) or None, data=data, breakdown=breakdown)
+                        rewards=list(reward or []) or None, data=data, breakdown=breakdown,
+                        decode=dcfg)
     except _user_errors() as exc:
         fail(str(exc))
     raise typer.Exit(code)
@@ -214,6 +221,10 @@ def compare(spec: Path = typer.Argument(..., help="Compare spec YAML: methods x 
     except (SpecError, *_user_errors()) as exc:
         fail(str(exc))
     raise typer.Exit(code)
+
+
+app.command("decode")(_dc.decode_cmd)
+app.command("train-value")(_dc.train_value_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point

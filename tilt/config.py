@@ -271,6 +271,31 @@ class EvalCfg(Section):
     """Sequences per evaluation forward batch."""
 
 
+class DecodeCfg(Section):
+    name: str = "sample"
+    """Decoder of the held-out samples (tilt.decoding.DECODERS): sample, greedy, top_k, top_p, min_p, bregman,
+    exclude, qsharp, controlled, transfer_q (token-level), best_of_n, resample (one of kwargs.n reference samples,
+    scored by the value model). "sample" is plain sampling at T=1."""
+    kwargs: dict[str, Any] = {}
+    """The decoder's keyword arguments, e.g. {k: 20} for top_k, {beta: 0.5, top_k: 20} for qsharp."""
+    value_model: Optional[str] = None
+    """Directory of a Q model saved by `tilt train-value` (needed by qsharp, controlled, transfer_q)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("tilt.decoding", "DECODERS", v)
+
+    @model_validator(mode="after")
+    def _needs(self) -> "DecodeCfg":
+        from tilt.decoding import DECODERS
+
+        if "values" in DECODERS.entry(self.name).meta["needs"] and self.value_model is None:
+            raise ValueError(f"decoder {self.name!r} needs a value model: set decode.value_model to a directory "
+                             "written by `tilt train-value`")
+        return self
+
+
 class LogCfg(Section):
     every: int = Field(1, ge=1)
     """Log metrics every this many steps."""
@@ -326,6 +351,8 @@ class Config(Section):
     """Held-out evaluation."""
     log: LogCfg = LogCfg()
     """Logging and progress."""
+    decode: DecodeCfg = DecodeCfg()
+    """Decoder of held-out evaluation (catalogue E1-E7)."""
     plugins: list[str] = []
     """Modules ("mypkg.methods") or Python files ("path/methods.py") imported before the config's
     names are checked, to register methods, providers or reward functions from outside tilt."""

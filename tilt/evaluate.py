@@ -44,9 +44,12 @@ def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, t
                    max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0,
                    reward_fns: Optional[list[RewardFn]] = None, weights: Optional[list[float]] = None,
                    timeout: float = 10.0, progress: Optional[Callable[[str], None]] = None,
-                   trainer_state: Optional[RewardState] = None) -> list[ItemResult]:
+                   trainer_state: Optional[RewardState] = None, decoding=None) -> list[ItemResult]:
     """Greedy decode once and sample ``n_samples`` per item; score with ``reward_fns`` (weighted
     sum; default the built-in verifier).
+
+    ``decoding`` (a ``tilt.decoding.lm.Decoding``) replaces plain sampling for the ``n_samples``
+    draws; None (or decoder "sample") is today's sampling, sample for sample.
 
     Sampling uses its own generator seeded by ``seed``, so evaluation does not disturb the
     training RNG streams and gives the same numbers for the same model. ``progress`` receives a
@@ -66,8 +69,12 @@ def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, t
         for temp in sorted({t for _, t in chunk}):
             sub = [i for i, t in chunk if t == temp]
             ids, mask = encode_prompts(tokenizer, [items[i].prompt for i in sub], add_special_tokens=special)
-            batch = generate(model, ids, mask, params=SamplingParams(max_new_tokens, temp), eos_id=eos,
-                             pad_id=pad, generator=gen)
+            if decoding is not None and temp != 0.0:  # a registered decoder (tilt.decoding), e.g. Q-sharp
+                batch = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
+                                          generator=gen)[0]
+            else:
+                batch = generate(model, ids, mask, params=SamplingParams(max_new_tokens, temp), eos_id=eos,
+                                 pad_id=pad, generator=gen)
             cids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)]
             rewards = _rewards([items[i] for i in sub], decode_completions(tokenizer, batch, eos), cids, fns, w,
                                timeout, trainer_state)

@@ -14,6 +14,7 @@ from rich.console import Console
 from tilt.config import Config, load_config
 from tilt.data import EVAL_SEED_OFFSET, RowSource, build_source, data_offset
 from tilt.data.sources import eval_only_source
+from tilt.decoding.lm import decoding_from_config
 from tilt.evaluate import evaluate_items
 from tilt.evaluation.report import build_eval_report, check_seed_overlap, render_eval_table
 from tilt.model import load_policy
@@ -66,12 +67,12 @@ def _data_items(source: RowSource, cfg: Config, split: str, per_cell: Optional[i
 def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: int, k: str, split: str,
              allow_contaminated: bool, out: Optional[Path], seed: Optional[int], max_new_tokens: int,
              rewards: Optional[list[str]] = None, data: Optional[str] = None,
-             breakdown: Optional[str] = None) -> int:
+             breakdown: Optional[str] = None, decode=None) -> int:
     """Evaluate and write the JSON report; return the exit code (2 when refused).
 
     ``rewards`` replaces the run's reward.functions; ``data`` evaluates a dataset file (checked
     against the run's train rows when ``target`` is a run); ``breakdown`` names the column
-    to break a dataset's scores down by."""
+    to break a dataset's scores down by; ``decode`` (a DecodeCfg) replaces the run's decoder."""
     model_path, run_dir, cfg = _resolve(target)
     if breakdown is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
@@ -110,9 +111,11 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
                              max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
                              seed=seed if seed is not None else cfg.seed + EVAL_SEED_OFFSET,
                              reward_fns=fns, weights=weights, timeout=cfg.reward.timeout_s,
-                             progress=lambda line: console.print(line, markup=False))
+                             progress=lambda line: console.print(line, markup=False),
+                             decoding=decoding_from_config(decode or cfg.decode, pol))
     report = build_eval_report(results, ks=ks, contaminated=bool(problems), seeds=seeds or None)
     report["model"] = model_path
+    report["decode"] = (decode or cfg.decode).model_dump()
     report["reward_functions"] = list(rewards or cfg.reward.functions)
     if isinstance(source, RowSource):
         report["dataset"] = source.info

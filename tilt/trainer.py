@@ -239,11 +239,13 @@ def heldout(parts: Parts, cfg: Config, items: list, progress: Optional[Callable[
     the run's own reward functions."""
     pol = parts.policy
     pol.model.eval()
+    from tilt.decoding.lm import decoding_from_config
+
     res = evaluate_items(pol.model, pol.tokenizer, items, n_samples=cfg.eval.n_samples, temperature=1.0,
                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                          seed=cfg.seed + EVAL_SEED_OFFSET, reward_fns=parts.reward_fns,
                          weights=parts.reward_weights, timeout=cfg.reward.timeout_s, progress=progress,
-                         trainer_state=parts.reward_state)
+                         trainer_state=parts.reward_state, decoding=decoding_from_config(cfg.decode, pol))
     pol.model.train()
     return summarize(res)
 

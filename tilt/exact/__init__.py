@@ -24,12 +24,25 @@ from tilt.exact.targets import (
     tsallis_optimum,
     tsallis_tilt,
 )
-from tilt.exact.tree import TokenTree, level_offset, make_tree
+from tilt.exact.tree import TokenTree, level_offset, make_needle_tree, make_tree
 
 __all__ = [
     "Bandit", "Enumeration", "TokenTree", "exact_expectation", "exact_gradient", "expected_loss",
     "forward_kl_optimum", "forward_kl_tilt", "group_mean", "level_offset", "make_bandit", "make_tree",
-    "maximize_objective", "optimal_policy", "per_state_fixed_point", "policy_input", "reverse_kl_tilt",
+    "make_needle_tree", "maximize_objective", "optimal_policy", "per_state_fixed_point", "policy_input", "reverse_kl_tilt",
     "sequence_probs", "solve", "state_visit_probs", "table_logp", "tilted_distribution", "total_variation",
     "tsallis_optimum", "tsallis_tilt",
 ]
+
+from tilt.exact.decoders import (  # noqa: E402
+    best_of_n_kl_bound,
+    best_of_n_probs,
+    blockwise_sequences,
+    decoded_sequences,
+    decoded_table,
+    future_return_q,
+    resample_probs,
+)
+
+__all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_sequences", "decoded_sequences", "decoded_table",
+            "future_return_q", "resample_probs"]

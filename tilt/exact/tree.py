@@ -112,3 +112,20 @@ def make_tree(*, depth: int = 2, vocab: int = 3, seed: int = 0,
     rewards = torch.rand((vocab,) * depth, generator=gen, dtype=dtype)
     ref_logits = torch.randn(level_offset(depth, vocab), vocab, generator=gen, dtype=dtype)
     return TokenTree(depth=depth, vocab=vocab, rewards=rewards, ref_logits=ref_logits)
+
+
+def make_needle_tree(*, depth: int = 4, vocab: int = 3, seed: int = 0, bias: float = 2.0,
+                     dtype: torch.dtype = torch.float64) -> TokenTree:
+    """A sparse-reward tree whose reference avoids the answer (a "shortcut", as Q♯'s star graph).
+
+    r(y) = 1 iff at least depth - 1 tokens of y are token vocab - 1; pi_ref's logits are N(0, 0.25)
+    plus ``bias`` on token 0, so pi_ref rarely reaches reward (P_ref(r=1) ~ 0.01 at the defaults).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    paths = torch.arange(vocab ** depth)
+    powers = vocab ** torch.arange(depth - 1, -1, -1)
+    tokens = (paths[:, None] // powers) % vocab  # [Y, depth]
+    rewards = ((tokens == vocab - 1).sum(-1) >= depth - 1).to(dtype).reshape((vocab,) * depth)
+    logits = 0.5 * torch.randn(level_offset(depth, vocab), vocab, generator=gen, dtype=dtype)
+    logits[:, 0] += bias
+    return TokenTree(depth=depth, vocab=vocab, rewards=rewards, ref_logits=logits)

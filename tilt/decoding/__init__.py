@@ -1,0 +1,112 @@
+"""Decoders: one registry (``DECODERS``) of next-token rules and sequence-level selectors.
+
+A token-level entry is ``fn(logits [N, V], *, values=None, **kwargs) -> log-probs [N, V]`` of the
+next-token distribution. Its meta declares what it needs:
+    needs:   () or ("values",) — per-token values Q(s, a) from a value model (Q♯, CD, TQ*);
+    values:  what a value model's success probability p becomes: "soft_q" beta log(1 - p + p e^(1/beta))
+             (Q♯'s regularised Q*) or "expected_reward" p (CD's prefix scorer, TQ*'s E_{rho_BL}[r]);
+    kind:    "token" (applied at every step) or "sequence": ``fn(scores [B, n], *, n, ..., generator)
+             -> index [B]`` choosing among n pi_ref completions per prompt, scored by the value model;
+Config: ``decode.name`` picks the entry, ``decode.kwargs`` are its keyword arguments.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tilt.decoding import rules
+from tilt.registry import Registry
+
+DECODERS: Registry = Registry("decoder")
+
+
+def _register(name: str, fn, *, needs: tuple[str, ...] = (), kind: str = "token", values: str = "soft_q",
+              doc: str = "") -> None:
+    DECODERS.register(name, needs=needs, kind=kind, values=values, doc=doc)(fn)
+
+
+def sample(logits: Tensor, *, values: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+    """Today's behaviour: softmax(logits / temperature)."""
+    return rules.sample_logp(logits, temperature=temperature)
+
+
+def greedy(logits: Tensor, *, values: Optional[Tensor] = None) -> Tensor:
+    return rules.greedy_logp(logits)
+
+
+def top_k(logits: Tensor, *, values: Optional[Tensor] = None, k: int, temperature: float = 1.0) -> Tensor:
+    return rules.top_k_logp(logits, k=k, temperature=temperature)
+
+
+def top_p(logits: Tensor, *, values: Optional[Tensor] = None, p: float, temperature: float = 1.0) -> Tensor:
+    return rules.top_p_logp(logits, p=p, temperature=temperature)
+
+
+def min_p(logits: Tensor, *, values: Optional[Tensor] = None, p: float, temperature: float = 1.0) -> Tensor:
+    return rules.min_p_logp(logits, p=p, temperature=temperature)
+
+
+def bregman(logits: Tensor, *, values: Optional[Tensor] = None, alpha: float = 1.0, k: Optional[int] = None,
+            lam: Optional[float] = None, max_k: int = 64, temperature: float = 1.0) -> Tensor:
+    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, max_k=max_k, temperature=temperature)
+
+
+def exclude(logits: Tensor, *, values: Optional[Tensor] = None, banned: list[int]) -> Tensor:
+    return rules.excluded_logp(logits, banned=banned)
+
+
+def _need_values(name: str, values: Optional[Tensor]) -> Tensor:
+    if values is None:
+        raise ValueError(f"decoder {name!r} needs a value model (per-token Q values) and none was given; "
+                         f"train one with `tilt train-value` and pass it with --value-model")
+    return values
+
+
+def qsharp(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
+           top_k: Optional[int] = None) -> Tensor:
+    """E2 Q♯: pi_ref exp(Q/beta) over pi_ref's top-k, Q = beta log E[exp(r/beta)] from a distributional model."""
+    return rules.guided_logp(logits, values=_need_values("qsharp", values), beta=beta, top_k=top_k)
+
+
+def controlled(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
+               top_k: Optional[int] = None) -> Tensor:
+    """E4 controlled decoding, token-level: pi_ref exp(V(s·a)/beta) with V a prefix scorer."""
+    return rules.guided_logp(logits, values=_need_values("controlled", values), beta=beta, top_k=top_k)
+
+
+def transfer_q(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
+               top_k: Optional[int] = None) -> Tensor:
+    """E3 Transfer Q*: pi_ref exp(Q/beta), Q estimated by roll-outs of a baseline aligned model."""
+    return rules.guided_logp(logits, values=_need_values("transfer_q", values), beta=beta, top_k=top_k)
+
+
+def best_of_n(scores: Tensor, *, n: int = 4, generator=None) -> Tensor:
+    """E1 best-of-n: index of the highest-scoring of n candidates per row. scores [B, n] -> [B]."""
+    return scores.argmax(-1)
+
+
+def resample(scores: Tensor, *, n: int = 4, beta: float = 1.0, generator=None) -> Tensor:
+    """E5 Q-Probe-style resampling: candidate drawn ∝ exp(score / beta). scores [B, n] -> [B]."""
+    rules._check_beta(beta)
+    return torch.multinomial(torch.softmax(scores / beta, -1), 1, generator=generator).squeeze(-1)
+
+
+_register("sample", sample, doc="softmax(logits / temperature): today's sampling")
+_register("greedy", greedy, doc="argmax")
+_register("top_k", top_k, doc="k most likely tokens, renormalised")
+_register("top_p", top_p, doc="nucleus: smallest set with mass >= p")
+_register("min_p", min_p, doc="tokens with prob >= p * max prob")
+_register("bregman", bregman, doc="E7 primal alpha-Bregman top-k (fixed k or adaptive via lam)")
+_register("exclude", exclude, doc="E7 (G)I-DLE-style exclusion of banned tokens (KL projection)")
+_register("qsharp", qsharp, needs=("values",), doc="E2 Q♯ value guidance")
+_register("controlled", controlled, needs=("values",), values="expected_reward",
+          doc="E4 controlled decoding (token-level)")
+_register("transfer_q", transfer_q, needs=("values",), values="expected_reward", doc="E3 Transfer Q* guidance")
+_register("best_of_n", best_of_n, needs=("values",), kind="sequence",
+          doc="E1 best-of-n of pi_ref samples, scored by the value model at the last token")
+_register("resample", resample, needs=("values",), kind="sequence",
+          doc="E5 resample one of n pi_ref samples ∝ exp(Q / beta) (Q-Probe's sampler)")
+
+__all__ = ["DECODERS", "rules"]

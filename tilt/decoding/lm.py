@@ -1,0 +1,167 @@
+"""Decoding a causal LM with a ``DECODERS`` entry: the bridge from pure rules to generation.
+
+``Decoding.build`` resolves a decoder name, its kwargs and (if the entry needs values) a Q model,
+and checks them once against the model (unknown name, missing or mismatched value model, k larger
+than the vocabulary, beta <= 0 all fail here, before any generation). ``sample`` and ``greedy``
+delegate to ``tilt.rollout.generate``, so they give exactly today's samples; every other rule runs
+``guided_generate``: a KV-cached loop that applies the rule to pi_ref's logits (and Q values from
+the hidden state) at every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from tilt.batch import RolloutBatch
+from tilt.decoding import DECODERS
+from tilt.decoding.value_model import QHead, load_q_head
+from tilt.rollout import SamplingParams, generate
+
+
+@torch.no_grad()
+def guided_generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, rule: Callable[..., Tensor],
+                    q_fn: Optional[Callable[[Tensor], Tensor]], max_new_tokens: int, eos_id: int, pad_id: int,
+                    generator: torch.Generator | None = None) -> tuple[RolloutBatch, Tensor]:
+    """Sample with ``rule(logits [N, V], values=[N, V] | None) -> logp [N, V]`` at every step.
+
+    Returns (batch with ``logprobs`` = log pi_decoder(y_t), ref log-probs log pi_ref(y_t) [N, T]);
+    sum_t of their difference is a one-sample estimate of KL(decoder || pi_ref) for the sequence.
+    """
+    n = prompt_ids.shape[0]
+    attn = prompt_mask.clone()  # [N, P]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    hidden = q_fn is not None
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                output_hidden_states=hidden)
+    next_pos = pos[:, -1] + 1  # [N]
+    done = torch.zeros(n, dtype=torch.bool)
+    toks, lps, refs, masks = [], [], [], []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # [N, V]
+        values = q_fn(out.hidden_states[-1][:, -1]) if hidden else None  # [N, V]
+        logp = rule(logits, values=values)  # [N, V]
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # [N]
+        ref = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)  # [N]
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        masks.append(~done)
+        toks.append(tok)
+        lps.append(torch.where(done, torch.zeros_like(lp), lp))
+        refs.append(torch.where(done, torch.zeros_like(ref), ref))
+        done = done | (tok == eos_id)
+        if bool(done.all()) or t + 1 == max_new_tokens:
+            break
+        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype)], dim=1)  # [N, P+t+1]
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                    past_key_values=out.past_key_values, use_cache=True, output_hidden_states=hidden)
+        next_pos = next_pos + 1
+    batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=torch.stack(toks, 1),
+                         completion_mask=torch.stack(masks, 1).long(), logprobs=torch.stack(lps, 1))
+    return batch, torch.stack(refs, 1)
+
+
+@dataclass
+class Decoding:
+    """A resolved decoder: registry name, its kwargs, and the Q model it needs (if any)."""
+
+    name: str = "sample"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    q_head: Optional[QHead] = None
+
+    @classmethod
+    def build(cls, name: str, kwargs: Optional[dict] = None, *, value_model: Optional[str] = None,
+              model=None, tokenizer=None) -> "Decoding":
+        """Resolve and check against ``model``'s vocabulary and ``tokenizer`` (errors name the cause)."""
+        entry = DECODERS.entry(name)  # unknown name -> error listing the valid ones
+        kwargs = dict(kwargs or {})
+        head = None
+        if "values" in entry.meta["needs"]:
+            if value_model is None:
+                raise ValueError(f"decoder {name!r} needs a value model (decode.value_model / --value-model); "
+                                 "train one with `tilt train-value`")
+            head = load_q_head(value_model, tokenizer=tokenizer, hidden_size=model.config.hidden_size)
+            if entry.meta["kind"] == "token":
+                kwargs.setdefault("beta", 1.0)
+        elif value_model is not None:
+            raise ValueError(f"decoder {name!r} uses no value model but decode.value_model={value_model!r} was given")
+        dec = cls(name, kwargs, head)
+        if model is not None and entry.meta["kind"] == "sequence":
+            n = kwargs.get("n", 4)
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"decoder {name!r} needs n >= 1 candidates, got {n!r}")
+            try:
+                entry.fn(torch.zeros(1, n), **kwargs)
+            except TypeError as exc:
+                raise ValueError(f"decode.kwargs {kwargs} do not fit decoder {name!r}: {exc}") from None
+        elif model is not None:  # bad kwargs (k > vocab, beta <= 0, unknown kwarg) fail now, not mid-run
+            vocab = model.config.vocab_size
+            probe = torch.zeros(1, vocab)
+            if head is not None and head.proj.out_features != vocab:
+                raise ValueError(f"value model predicts {head.proj.out_features} tokens but the model has "
+                                 f"{vocab} logits; it was trained for another model")
+            try:
+                entry.fn(probe, values=torch.zeros(1, vocab) if head is not None else None, **kwargs)
+            except TypeError as exc:
+                raise ValueError(f"decode.kwargs {kwargs} do not fit decoder {name!r}: {exc}") from None
+        return dec
+
+    @property
+    def is_plain(self) -> bool:
+        """True when generation is exactly today's ``tilt.rollout.generate`` path."""
+        return self.name in ("sample", "greedy") and set(self.kwargs) <= {"temperature"}
+
+    def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int,
+                 pad_id: int, generator: torch.Generator | None = None) -> tuple[RolloutBatch, Optional[Tensor]]:
+        """Completions for left-padded prompts; (batch, ref log-probs [N, T] or None on the plain path)."""
+        if self.is_plain:
+            temperature = 0.0 if self.name == "greedy" else float(self.kwargs.get("temperature", 1.0))
+            batch = generate(model, prompt_ids, prompt_mask, params=SamplingParams(max_new_tokens, temperature),
+                             eos_id=eos_id, pad_id=pad_id, generator=generator)
+            return batch, None
+        fn = DECODERS.get(self.name)
+        beta = self.kwargs.get("beta", 1.0)
+        if DECODERS.entry(self.name).meta["kind"] == "sequence":
+            return self._select(model, prompt_ids, prompt_mask, fn, beta, max_new_tokens=max_new_tokens,
+                                eos_id=eos_id, pad_id=pad_id, generator=generator), None
+        q_fn = None
+        if self.q_head is not None and DECODERS.entry(self.name).meta["values"] == "expected_reward":
+            q_fn = lambda h: self.q_head.success_probs(h)  # noqa: E731  CD / TQ*: E[r | s, a]
+        elif self.q_head is not None:
+            q_fn = lambda h: self.q_head.q_values(h, beta=beta)  # noqa: E731  Q♯: beta log E[e^(r/beta)]
+        return guided_generate(model, prompt_ids, prompt_mask, rule=lambda lg, values: fn(lg, values=values, **self.kwargs),
+                               q_fn=q_fn, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                               generator=generator)
+
+
+    def _select(self, model, prompt_ids: Tensor, prompt_mask: Tensor, fn, beta: float, *, max_new_tokens: int,
+                eos_id: int, pad_id: int, generator) -> RolloutBatch:
+        """n pi_ref samples per prompt, scored by Q(s_{T-1}, y_T) (the value of the last token), one kept."""
+        from tilt.rollout import completion_logits
+
+        n = int(self.kwargs.get("n", 4))
+        b = prompt_ids.shape[0]
+        rows = torch.arange(b).repeat_interleave(n)  # [B*n]
+        cands = generate(model, prompt_ids[rows], prompt_mask[rows], params=SamplingParams(max_new_tokens, 1.0),
+                         eos_id=eos_id, pad_id=pad_id, generator=generator)
+        _, states = completion_logits(model, cands.prompt_ids, cands.prompt_mask, cands.completion_ids,
+                                      cands.completion_mask, hidden=True)  # [B*n, T, H]
+        last = cands.completion_mask.sum(-1) - 1  # [B*n] index of the last generated token
+        h_last = states[torch.arange(b * n), last]  # [B*n, H] state before the last token
+        q = self.q_head.q_values(h_last, beta=beta)  # [B*n, V]
+        scores = q.gather(-1, cands.completion_ids[torch.arange(b * n), last][:, None]).squeeze(-1)  # [B*n]
+        pick = fn(scores.detach().reshape(b, n), generator=generator, **self.kwargs)  # [B]
+        keep = torch.arange(b) * n + pick  # [B]
+        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                            completion_ids=cands.completion_ids[keep], completion_mask=cands.completion_mask[keep],
+                            logprobs=cands.logprobs[keep])
+
+
+def decoding_from_config(dcfg, policy) -> Optional[Decoding]:
+    """The ``decode`` config section as a Decoding for ``policy``; None for plain sampling (today's path)."""
+    if dcfg.name == "sample" and not dcfg.kwargs and dcfg.value_model is None:
+        return None
+    return Decoding.build(dcfg.name, dcfg.kwargs, value_model=dcfg.value_model, model=policy.model,
+                          tokenizer=policy.tokenizer)

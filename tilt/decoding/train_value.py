@@ -1,0 +1,119 @@
+"""`tilt train-value`: Q♯ (arXiv:2502.20548, Algorithm 1) for a causal LM with a QHead.
+
+Each round: draw prompts; roll in with the current guided policy (round 1: pi_ref) to a uniform
+switch step h of its completion; roll out with pi_ref from there (the roll-out's first token is
+a_h); score the finished completion with the task verifier. The example (hidden state at s_h, a_h,
+r) joins the aggregated dataset of all rounds, the head is refit on it by maximum likelihood
+(binary cross-entropy of P(r = 1 | s_h, a_h)), and the next round rolls in with qsharp guidance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tilt.decoding.lm import Decoding
+from tilt.decoding.value_model import QHead
+from tilt.rewards import verifier_reward
+from tilt.rollout import SamplingParams, completion_logits, continue_from, decode_completions, encode_prompts
+
+
+@dataclass
+class ValueData:
+    """Aggregated Q♯ data: hidden states at s_h [M, H], tokens a_h [M], rewards [M]."""
+
+    hidden: Tensor
+    tokens: Tensor
+    rewards: Tensor
+
+    def extend(self, other: "ValueData") -> "ValueData":
+        return ValueData(torch.cat([self.hidden, other.hidden]), torch.cat([self.tokens, other.tokens]),
+                         torch.cat([self.rewards, other.rewards]))
+
+
+@torch.no_grad()
+def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator: torch.Generator,
+            rollout_model=None) -> ValueData:
+    """One round of roll-in (``decoding``) / roll-out (pi_ref, or ``rollout_model``) data for ``items``.
+
+    ``rollout_model`` (same tokenizer) rolls out instead of pi_ref: with a baseline aligned policy this
+    estimates Transfer Q*'s Q(s, a) = E_{rho_BL}[r | s, a] (arXiv:2405.20495) on pi_ref's hidden states.
+    """
+    model, tok, eos, pad = policy.model, policy.tokenizer, policy.eos_id, policy.pad_id
+    ids, mask = encode_prompts(tok, [it.prompt for it in items])
+    rollin, _ = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
+                                  generator=generator)
+    lengths = rollin.completion_mask.sum(-1)  # [N] >= 1
+    h = (torch.rand(len(items), generator=generator) * lengths).long()  # [N] uniform in [0, len)
+    prefix_mask = (torch.arange(rollin.completion_ids.shape[1])[None] < h[:, None]).long()  # [N, T]
+    out = continue_from(rollout_model or model, ids, mask, rollin.completion_ids, prefix_mask,
+                        params=SamplingParams(max_new_tokens, 1.0), eos_id=eos, pad_id=pad, generator=generator)
+    prefixes = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                for r, m in zip(rollin.completion_ids, prefix_mask)]
+    texts = [(p + s) for p, s in zip(prefixes, decode_completions(tok, out, eos))]
+    rewards = verifier_reward([it.prompt for it in items], texts, task=[it.task for it in items],
+                              columns=[it.columns for it in items])
+    first = out.completion_ids[:, :1]  # [N, 1] a_h
+    _, states = completion_logits(model, out.prompt_ids, out.prompt_mask, first, torch.ones_like(first), hidden=True)
+    return ValueData(states[:, 0].float(), first[:, 0], torch.tensor(rewards, dtype=torch.float32).clamp(0, 1))
+
+
+def _bce(head: QHead, data: ValueData, rows: Tensor) -> Tensor:
+    logits = head(data.hidden[rows]).gather(-1, data.tokens[rows, None]).squeeze(-1)  # [m]
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards[rows])
+
+
+def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0,
+             val_frac: float = 0.0, generator: torch.Generator | None = None) -> float:
+    """Maximum likelihood of the Bernoulli reward of each (s_h, a_h); full-batch AdamW.
+
+    ``val_frac`` > 0 holds out that fraction and keeps the parameters of the epoch with the lowest
+    held-out BCE (early stopping). Returns the final training (or best held-out) loss.
+    """
+    m = len(data.rewards)
+    order = torch.randperm(m, generator=generator)
+    n_val = int(val_frac * m)
+    val, train = order[:n_val], order[n_val:]
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state = float("inf"), None
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        loss = _bce(head, data, train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if n_val:
+            with torch.no_grad():
+                held = float(_bce(head, data, val))
+            if held < best:
+                best, best_state = held, {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
+        return best
+    return float(loss.detach())
+
+
+def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | None, max_new_tokens: int,
+                epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0, val_frac: float = 0.0,
+                seed: int = 0, rollout_model=None, log=print) -> tuple[QHead, list[dict]]:
+    """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats."""
+    if not beta > 0:
+        raise ValueError(f"train-value beta must be > 0, got {beta!r}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = policy.model.config
+    head = QHead(cfg.hidden_size, cfg.vocab_size)
+    decoding, data, stats = Decoding("sample"), None, []
+    for r, items in enumerate(item_rounds):
+        new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen,
+                      rollout_model=rollout_model)
+        data = new if data is None else data.extend(new)
+        loss = fit_head(head, data, epochs=epochs, lr=lr, weight_decay=weight_decay, val_frac=val_frac, generator=gen)
+        stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": float(new.rewards.mean()),
+                      "bce": loss})
+        log(f"round {r + 1}: {len(data.rewards)} examples, roll-out reward {float(new.rewards.mean()):.3f}, "
+            f"bce {loss:.4f}")
+        kwargs = {"beta": beta} if top_k is None else {"beta": beta, "top_k": top_k}
+        decoding = Decoding("qsharp", kwargs, head)
+    return head, stats

@@ -1,0 +1,126 @@
+"""Exact sampling distributions of decoders on a TokenTree, to compare with pi* (catalogue E1-E7).
+
+A token-level decoder applied at every state turns the reference table into a probs table
+[S, V]; ``sequence_probs`` then gives its distribution over all V^depth sequences. Sequence-level
+selectors (best-of-n, resampling from k candidates) have closed forms over a finite set of
+sequences with probabilities p [Y] and rewards or scores [Y].
+"""
+from __future__ import annotations
+
+import math
+from itertools import combinations_with_replacement
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from tilt.exact.enumeration import sequence_probs
+from tilt.exact.tree import TokenTree, level_offset
+
+
+def decoded_table(tree: TokenTree, decoder: Callable[..., Tensor], *, values: Optional[Tensor] = None,
+                  **kwargs) -> Tensor:
+    """Probs table [S, V] of a token-level decoder (a ``DECODERS`` fn) run on the reference logits."""
+    return decoder(tree.ref_logits, values=values, **kwargs).exp()
+
+
+def decoded_sequences(tree: TokenTree, decoder: Callable[..., Tensor], **kwargs) -> Tensor:
+    """The decoder's distribution over all sequences, [1, Y] (lexicographic)."""
+    return sequence_probs(tree, decoded_table(tree, decoder, **kwargs))
+
+
+def future_return_q(tree: TokenTree, policy: Tensor, *, beta: float, kl_correction: bool = True) -> Tensor:
+    """Q(s, a) = E_{policy}[ r(y) - c beta sum_{t' > t} log(policy / pi_ref)(y_t' | s_t') | s, a ], [S, V].
+
+    c = 1 (``kl_correction``): the KL-regularised return of ``policy``; with policy = pi* this is
+    exactly Q* (soft Bellman). c = 0: the plain expected reward E_policy[r | s, a], which Transfer Q*
+    (arXiv:2405.20495, Q* from a baseline aligned model) and controlled decoding (arXiv:2310.17022,
+    prefix scorer under pi_ref) use. ``policy`` is a probs table [S, V].
+    """
+    v, d = tree.vocab, tree.depth
+    logp_ref = torch.log_softmax(tree.ref_logits, -1)  # [S, V]
+    penalty = (policy.clamp(min=1e-300).log() - logp_ref) if kl_correction else torch.zeros_like(logp_ref)
+    q = torch.empty_like(tree.ref_logits)  # [S, V]
+    start = level_offset(d - 1, v)
+    q[start:] = tree.rewards.reshape(-1, v)  # [V^(d-1), V] terminal rewards
+    for level in range(d - 2, -1, -1):
+        lo, hi = level_offset(level, v), level_offset(level + 1, v)
+        rows = slice(hi, hi + v ** (level + 1))  # children states, [V^(level+1)]
+        w = (policy[rows] * (q[rows] - beta * penalty[rows])).sum(-1)  # [V^(level+1)] value of each child
+        q[lo:hi] = w.reshape(-1, v)
+    return q
+
+
+def blockwise_sequences(tree: TokenTree, q: Tensor, *, beta: float, block: int) -> Tensor:
+    """Blockwise controlled decoding with every block enumerated, [1, Y].
+
+    From a state s at position t0, the next block b = y_{t0:t1} (t1 = min(t0 + block, depth)) is drawn
+    with pi(b | s) ∝ pi_ref(b | s) exp(V(s·b) / beta), where the prefix score V(s·b) = Q(s_{t1-1}, y_{t1-1})
+    (the last step's Q; the terminal reward when t1 = depth). With Q = Q* this is pi* (multi-step soft
+    Bellman). Sampling K candidate blocks and resampling is ``resample_probs`` over the blocks.
+    """
+    if block < 1:
+        raise ValueError(f"block length must be >= 1, got {block}")
+    enum = tree.enumerate()
+    v, d = tree.vocab, tree.depth
+    logp_ref = torch.log_softmax(tree.ref_logits, -1)[enum.states, enum.tokens]  # [Y, T]
+    paths = torch.arange(v ** d)  # [Y]
+    logp = torch.zeros(v ** d, dtype=q.dtype)  # [Y]
+    for t0 in range(0, d, block):
+        t1 = min(t0 + block, d)
+        score = logp_ref[:, t0:t1].sum(-1) + q[enum.states[:, t1 - 1], enum.tokens[:, t1 - 1]] / beta  # [Y]
+        key0, key1 = paths // v ** (d - t0), paths // v ** (d - t1)  # prefix before / after the block
+        first = torch.ones(v ** d, dtype=torch.bool)  # one row per distinct block (duplicates share score)
+        first[1:] = key1[1:] != key1[:-1]
+        norm = torch.full((int(key0.max()) + 1,), -torch.inf, dtype=q.dtype)
+        norm = norm.scatter_reduce(0, key0[first], score[first], reduce="amax")  # stable logsumexp
+        total = torch.zeros_like(norm).index_add(0, key0[first], (score[first] - norm[key0[first]]).exp())
+        logp = logp + score - (norm + total.log())[key0]
+    return logp.exp()[None]
+
+
+def best_of_n_probs(p: Tensor, rewards: Tensor, n: int) -> Tensor:
+    """Best-of-n over n iid draws from p [Y] (ties broken toward the first draw), closed form [Y].
+
+    With F(rho) = P(r <= rho): P(max level = rho) = F(rho)^n - F(rho^-)^n, shared within the level in
+    proportion to p (each tied draw is p restricted to the level). E.g. Beirami et al., arXiv:2401.01879.
+    """
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    levels, inverse = torch.unique(rewards, return_inverse=True)  # ascending levels [L], [Y]
+    mass = torch.zeros(levels.numel(), dtype=p.dtype).index_add(0, inverse, p)  # [L]
+    upper = mass.cumsum(0)  # F(rho), [L]
+    lower = upper - mass  # F(rho^-)
+    level_prob = upper ** n - lower ** n  # [L]
+    return torch.where(mass[inverse] > 0, p / mass[inverse].clamp(min=1e-300), 0.0) * level_prob[inverse]
+
+
+def kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p || q) over the last dim (0 log 0 = 0)."""
+    return torch.where(p > 0, p * (p.clamp(min=1e-300).log() - q.clamp(min=1e-300).log()), 0.0).sum(-1)
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """KL(best-of-n || pi_ref) <= log n - (n - 1) / n (equality for continuous rewards; arXiv:2401.01879)."""
+    return math.log(n) - (n - 1) / n
+
+
+def resample_probs(p: Tensor, scores: Tensor, *, beta: float, k: int) -> Tensor:
+    """Draw k iid candidates from p [Y], pick one with prob ∝ exp(score / beta): its exact law [Y].
+
+    Q-Probe's sampler (arXiv:2402.14688) and blockwise CD with K sampled blocks. Summing over the
+    multiset of draws, counts c with sum c = k:
+        P(y) = sum_c Multinomial(c; k, p) * c_y w_y / sum_z c_z w_z,   w = exp(score / beta).
+    As k -> infinity it tends to p w / sum p w (the tilted distribution). Cost C(Y + k - 1, k).
+    """
+    if not beta > 0:
+        raise ValueError(f"resampling beta must be > 0, got {beta!r}")
+    y = p.numel()
+    w = torch.exp((scores - scores.max()) / beta)  # [Y] (shift cancels in the ratio)
+    out = torch.zeros_like(p)
+    log_fact_k = math.lgamma(k + 1)
+    for draw in combinations_with_replacement(range(y), k):
+        counts = torch.bincount(torch.tensor(draw), minlength=y).to(p.dtype)  # [Y]
+        log_multi = log_fact_k - torch.lgamma(counts + 1).sum() + (counts * p.clamp(min=1e-300).log()).sum()
+        out = out + log_multi.exp() * counts * w / (counts * w).sum()
+    return out
