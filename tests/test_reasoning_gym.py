@@ -80,3 +80,38 @@ def test_registered_rg_chain_sum_task():
     assert task.verify(item.answer, **item.columns) == 1.0 and task.verify("x", **item.columns) == 0.0
     import json
     json.dumps(item.columns)  # columns stay JSON-serialisable (reasoning-gym's tuples became lists)
+
+
+def test_data_source_reasoning_gym_builds_disjoint_recorded_rows_scored_by_score_answer(char_tok):
+    """data.source=reasoning_gym: seed 2 with size 5 trains on item seeds 1_000_000 + 2*5 + i,
+    i < 5 (1_000_010..1_000_014); every seed evaluates on 1_000_000_000..1_000_000_002."""
+    from tilt.config import load_config
+    from tilt.data import build_source
+
+    cfg = load_config(None, ["seed=2", "data.source=reasoning_gym", "data.allow_contaminated=false",
+                             "data.kwargs={generator: chain_sum, size: 5, eval_size: 3, min_terms: 2, max_terms: 2, "
+                             "min_digits: 1, max_digits: 1}"])
+    src = build_source(cfg, char_tok)
+    train, held = src.train_items(0, 5), src.eval_items()
+    assert sorted(it.seed for it in train) == list(range(1_000_010, 1_000_015))
+    assert [it.seed for it in held] == [1_000_000_000, 1_000_000_001, 1_000_000_002]
+    report = src.report(0, 5)["dataset"]
+    assert "[1000010, 1000015)" in report["train"] and "[1000000000, 1000000003)" in report["eval"]
+    it = held[0]
+    cols = {k: [v] for k, v in it.reward_columns().items()}
+    right, _, _ = score([resolve_reward_fn("reasoning_gym")], [1.0], [it.prompt], [it.answer], cols, timeout=30)
+    wrong, _, _ = score([resolve_reward_fn("reasoning_gym")], [1.0], [it.prompt], ["nonsense"], cols, timeout=30)
+    assert right == [1.0] and wrong == [0.0]
+
+
+def test_data_source_reasoning_gym_bad_input_is_clear(char_tok):
+    from tilt.config import load_config
+    from tilt.data import build_source
+
+    with pytest.raises(ConfigError, match="needs data.kwargs.generator, one of: .*chain_sum"):
+        build_source(load_config(None, ["data.source=reasoning_gym"]), char_tok)
+    with pytest.raises(ConfigError, match="unknown reasoning-gym generator 'chain_summ'; valid names: .*chain_sum"):
+        build_source(load_config(None, ["data.source=reasoning_gym", "data.kwargs={generator: chain_summ}"]), char_tok)
+    with pytest.raises(ConfigError, match="data.kwargs.size must be a positive integer, got 0"):
+        build_source(load_config(None, ["data.source=reasoning_gym", "data.kwargs={generator: chain_sum, size: 0}"]),
+                     char_tok)

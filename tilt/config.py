@@ -75,7 +75,8 @@ class EvalSourceCfg(DataSourceCfg):
 class DataCfg(Section):
     source: str = "auto"
     """Kind of source from tilt.data.SOURCES ("tasks": the built-in tasks of tasks.mix; "dataset": rows of
-    data.train.path); "auto" = "dataset" when data.train.path is set, else "tasks"."""
+    data.train.path; "reasoning_gym": a reasoning-gym generator, set by data.kwargs); "auto" = "dataset"
+    when data.train.path is set, else "tasks"."""
     train: DataSourceCfg = DataSourceCfg()
     """Train prompts: a dataset file, or None for the built-in tasks of tasks.mix."""
     eval: EvalSourceCfg = EvalSourceCfg()
@@ -83,6 +84,9 @@ class DataCfg(Section):
     prompt_column: str = "prompt"
     """Column holding the prompt: a string, or a list of {"role", "content"} messages (rendered with the
     tokenizer's chat template). Every other column reaches the reward functions as a keyword list (TRL's convention)."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of a generated source, e.g. data.source=reasoning_gym: {generator: chain_sum,
+    size: 1000, eval_size: 64, chat: false, <the generator's own keywords>}."""
     allow_contaminated: bool = False
     """Accept eval prompts that also appear in the train rows (normalised-prompt hash); the overlap
     is recorded in seeds.json and the run is marked contaminated."""

@@ -180,6 +180,16 @@ def dataset_source(cfg: Config, tokenizer, train_dataset=None, eval_dataset=None
     return RowSource(train, heldout, info, _unk_warning(tokenizer, [it.prompt for it in train + heldout]))
 
 
+@SOURCES.register("reasoning_gym")
+def reasoning_gym(cfg: Config, tokenizer, train_dataset=None, eval_dataset=None) -> RowSource:
+    """A reasoning-gym generator's rows (``data.kwargs``: generator, size, eval_size, chat, and the
+    generator's own keywords), scored by the ``reasoning_gym`` reward; see
+    ``tilt.verifiers.reasoning_gym_source.reasoning_gym_source``."""
+    from tilt.verifiers.reasoning_gym_source import reasoning_gym_source
+
+    return reasoning_gym_source(cfg, tokenizer, train_dataset, eval_dataset)
+
+
 def eval_only_source(cfg: Config, tokenizer, path: str) -> RowSource:
     """Every row of the dataset at ``path`` as held-out items, for ``tilt eval MODEL --data FILE``
     when no run (hence no train source) is known: nothing to compare against, overlap 0."""

@@ -112,5 +112,55 @@ def reasoning_gym_reward(prompts: list[str], completions: list[str], **kwargs: A
     return [score_entry(c, a, m) for c, a, m in zip(completions, answers, metas)]
 
 
-__all__ = ["extract_answer", "generator_names", "make_dataset", "reasoning_gym_reward",
-           "reasoning_gym_rows", "score_entry", "split_seed"]
+__all__ = ["extract_answer", "generator_names", "make_dataset", "reasoning_gym_reward", "reasoning_gym_rows",
+           "reasoning_gym_source", "rg_items", "score_entry", "split_seed"]
+
+
+def rg_items(rows: list[dict[str, Any]], *, tokenizer, chat: bool) -> list:
+    """tilt Items of reasoning-gym rows: the question as prompt (a one-message chat when ``chat``, rendered
+    with the tokenizer's template), ``answer`` and ``metadata`` as reward columns."""
+    from tilt.data.prompts import render
+    from tilt.tasks.base import Item
+
+    out = []
+    for row in rows:
+        raw = [{"role": "user", "content": row["prompt"]}] if chat else row["prompt"]
+        seed = row["metadata"]["rg_item_seed"]
+        out.append(Item(task=f"rg:{row['metadata']['rg_generator']}", difficulty=0, seed=seed,
+                        prompt=render(tokenizer, raw), answer=str(row["answer"]), raw_prompt=None if not chat else raw,
+                        fields={"answer": row["answer"], "metadata": row["metadata"]}))
+    return out
+
+
+def reasoning_gym_source(cfg, tokenizer, train_dataset=None, eval_dataset=None):
+    """A reasoning-gym generator as the run's data (``data.source=reasoning_gym``), set by ``data.kwargs``:
+    ``generator`` (a name from ``generator_names()``), ``size`` (train rows, default 1000), ``eval_size``
+    (held-out rows, default 64), ``chat`` (wrap each question as a user message for an instruct model's
+    chat template, default false), and the generator's own keyword arguments. Seed ``s`` trains on the
+    item seeds [train start + s*size, + size); every seed evaluates on the same eval items; the two
+    ranges are disjoint (``split_seed``) and both are recorded in seeds.json."""
+    from tilt.data.sources import RowSource, _unk_warning
+
+    if train_dataset is not None or eval_dataset is not None:
+        raise ConfigError("data.source 'reasoning_gym' generates its rows; pass no dataset")
+    kw = dict(cfg.data.kwargs)
+    name = kw.pop("generator", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"data.source 'reasoning_gym' needs data.kwargs.generator, one of: "
+                          f"{', '.join(generator_names())}")
+    size, eval_size, chat = kw.pop("size", 1000), kw.pop("eval_size", 64), kw.pop("chat", False)
+    for key, v in (("size", size), ("eval_size", eval_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"data.kwargs.{key} must be a positive integer, got {v!r}")
+    if not isinstance(chat, bool):
+        raise ConfigError(f"data.kwargs.chat must be true or false, got {chat!r}")
+    train = rg_items(reasoning_gym_rows(name, split="train", size=size, seed=cfg.seed * size, **kw),
+                     tokenizer=tokenizer, chat=chat)
+    heldout = rg_items(reasoning_gym_rows(name, split="eval", size=eval_size, seed=0, **kw),
+                       tokenizer=tokenizer, chat=chat)
+    info = {"train": f"reasoning_gym:{name} {kw or ''} item seeds [{train[0].seed}, {train[-1].seed + 1})".replace("  ", " "),
+            "eval": f"reasoning_gym:{name} item seeds [{heldout[0].seed}, {heldout[-1].seed + 1})",
+            "train_rows": len(train), "eval_rows": len(heldout), "eval_overlap_train": 0,
+            "allow_contaminated": cfg.data.allow_contaminated, "contaminated": False}
+    return RowSource(train, heldout, info, _unk_warning(tokenizer, [it.prompt for it in train + heldout]))
+
