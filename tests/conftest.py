@@ -25,6 +25,15 @@ def tiny_llama_dir(tmp_path_factory, char_tok) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, char_tok) -> Path:
+    """A second tiny Llama with other weights (a teacher equal to the student gives no KD gradient)."""
+    d = tmp_path_factory.mktemp("teacher")
+    build_llama(len(char_tok), hidden=32, layers=2, heads=2, intermediate=64, seed=1).save_pretrained(str(d))
+    char_tok.save_pretrained(str(d))
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

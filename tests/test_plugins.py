@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from tilt.config import ConfigError, load_config
 from tilt.legacy_config import MovedFieldWarning
-from tilt.model import build_llama
 from tilt.tracking import TIMING_KEYS
 from tilt.wiring.resolve import resolve
 
@@ -34,14 +33,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS}
             for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, char_tok) -> Path:
-    d = tmp_path_factory.mktemp("teacher")
-    build_llama(len(char_tok), hidden=32, layers=2, heads=2, intermediate=64, seed=1).save_pretrained(str(d))
-    char_tok.save_pretrained(str(d))
-    return d
 
 
 def test_plugin_method_trains_from_the_cli_and_resumes_exactly(tmp_path, tiny_llama_dir, teacher_dir):

@@ -16,7 +16,6 @@ from tilt.advantages import ADVANTAGES
 from tilt.config import ConfigError, load_config
 from tilt.kl import KL_ESTIMATORS
 from tilt.losses import LOSSES
-from tilt.model import build_llama
 from tilt.selection import SELECTORS
 from tilt.tracking import TIMING_KEYS
 from tilt.trainer import train
@@ -35,15 +34,6 @@ def even_length(prompts, completions, **_):
 def quarter_length(prompts, completions, **_):
     """Hit about a quarter of the time: a third of the groups of 4 are all-equal (dynamic sampling drops them)."""
     return [float(len(c) % 4 == 0) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, char_tok) -> Path:
-    """A second tiny Llama with other weights (a teacher equal to the student gives no KD gradient)."""
-    d = tmp_path_factory.mktemp("teacher")
-    build_llama(len(char_tok), hidden=32, layers=2, heads=2, intermediate=64, seed=1).save_pretrained(str(d))
-    char_tok.save_pretrained(str(d))
-    return d
 
 
 def shipped_names(registry) -> list[str]:

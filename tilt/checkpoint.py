@@ -169,3 +169,19 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler,
     """Restore model, optimizer, scheduler and RNG states; return the trainer state dict."""
     return apply_checkpoint(read_checkpoint(path), model=model, optimizer=optimizer, scheduler=scheduler,
                             generator=generator)
+
+
+def save_pretrained_atomic(model, tokenizer, out: Path, files: dict[str, str] | None = None) -> Path:
+    """``model`` and ``tokenizer`` in Hugging Face format (plus ``files``: name -> text) at ``out``,
+    written to a temp directory beside it and renamed, so ``out`` is never half-written."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, out)
+    return out

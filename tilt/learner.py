@@ -62,11 +62,10 @@ class LearnerBatch:
         """Rows ``idx``, with completion columns past the longest selected completion trimmed
         (extras: every tensor with a second dimension is taken as per-token)."""
         width = int(self.completion_mask[idx].sum(-1).max().clamp(min=1))
-        out = {}
+        out = {"extras": {k: x[idx][:, :width] if x.dim() > 1 else x[idx] for k, x in self.extras.items()}}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "extras":
-                out[f.name] = {k: x[idx][:, :width] if x.dim() > 1 else x[idx] for k, x in v.items()}
+            if f.name in out:
                 continue
             if v is None:
                 out[f.name] = None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from tilt.checkpoint import save_pretrained_atomic
 from tilt.model import build_llama
 from tilt.tasks.mix import parse_mix, sample_items
 from tilt.tokenizer import build_char_tokenizer
@@ -124,13 +123,6 @@ def pretrain(cfg: PretrainCfg, out: Path, *, echo: Callable[[str], None] = print
 
 
 def _save(model, tok, out: Path, info: dict) -> None:
-    """Save model + tokenizer + provenance to ``out`` atomically (temp dir, then rename)."""
+    """Model + tokenizer + provenance (tilt_pretrain.json) to ``out`` atomically."""
     model.eval()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / "tilt_pretrain.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, out)
+    save_pretrained_atomic(model, tok, out, {"tilt_pretrain.json": json.dumps(info, indent=1)})

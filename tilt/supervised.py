@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from tilt.checkpoint import save_pretrained_atomic
 from tilt.config import ConfigError
 from tilt.data.files import load_file
 from tilt.data.prompts import is_conversational, prompt_kind, render
@@ -135,13 +134,6 @@ def sft(data: str, out: Path, cfg: SFTCfg, *, dataset=None, echo: Callable[[str]
 
 
 def _save(model, tok, out: Path, info: dict) -> None:
-    """Model + tokenizer + tilt_sft.json to ``out`` atomically (temp dir, then rename)."""
+    """Model + tokenizer + tilt_sft.json to ``out`` atomically."""
     model.eval()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / "tilt_sft.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, out)
+    save_pretrained_atomic(model, tok, out, {"tilt_sft.json": json.dumps(info, indent=1)})

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -25,7 +23,7 @@ import torch
 
 from tilt.alerts import SignalWatch, throttled
 from tilt.batch import AdvantageInput
-from tilt.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
+from tilt.checkpoint import latest_checkpoint, save_checkpoint, save_pretrained_atomic, write_text_atomic
 from tilt.config import Config, ConfigError, dump_config, load_config
 from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
@@ -282,13 +280,7 @@ def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path, 
 
 def save_final(parts: Parts, run_dir: Path) -> Path:
     """The final policy in Hugging Face format, written to a temp dir and renamed."""
-    final, tmp = run_dir / "final", run_dir / f".final_tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    parts.policy.model.save_pretrained(str(tmp))
-    parts.policy.tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
+    return save_pretrained_atomic(parts.policy.model, parts.policy.tokenizer, run_dir / "final")
 
 
 def versions() -> dict[str, str]:

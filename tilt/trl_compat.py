@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tilt.config import ConfigError
 
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
@@ -173,18 +171,9 @@ def from_trl(trl: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 def convert_file(path: str | Path) -> tuple[str, list[str]]:
     """Read a GRPOConfig YAML, return (tilt YAML text, notes); the result is validated as a tilt Config."""
-    from tilt.config import Config, dump_config
+    from tilt.config import Config, dump_config, read_yaml_mapping
 
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"TRL config file {str(p)!r} does not exist")
-    try:
-        trl = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"TRL config file {str(p)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(trl, dict):
-        raise ConfigError(f"TRL config file {str(p)!r} must hold a mapping of GRPOConfig fields")
-    raw, notes = from_trl(trl)
+    raw, notes = from_trl(read_yaml_mapping(path, "TRL config file"))
     try:
         cfg = Config.model_validate(raw)
     except Exception as exc:  # pydantic's ValidationError names the field and value
