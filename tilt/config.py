@@ -292,6 +292,8 @@ class DecodeCfg(Section):
 
     @model_validator(mode="after")
     def _needs(self) -> "DecodeCfg":
+        if self.name == "sample" and self.value_model is None:  # the default: no registry (torch) import
+            return self
         from tilt.decoding import DECODERS
 
         if "values" in DECODERS.entry(self.name).meta["needs"] and self.value_model is None:
