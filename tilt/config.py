@@ -29,11 +29,29 @@ def _check_name(registry_path: str, attr: str, name: str) -> str:
     return name
 
 
+class LoraCfg(Section):
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the reference is the base with adapters off."""
+    r: int = Field(8, ge=1)
+    """LoRA rank r (peft.LoraConfig.r)."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scale numerator: the update is (lora_alpha / r) B A (peft.LoraConfig.lora_alpha)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input during training (peft.LoraConfig.lora_dropout)."""
+    target_modules: Optional[list[str] | str] = None
+    """Module names to adapt, e.g. [q_proj, v_proj], or "all-linear"; None = peft's default for
+    the architecture (peft.LoraConfig.target_modules)."""
+    save_merged: bool = False
+    """Also write final/merged: base + adapters merged into plain weights (AutoModelForCausalLM)."""
+
+
 class ModelCfg(Section):
     path: str = "shipped"
     """Policy to train: "shipped" (the embedded base model) or a local Hugging Face causal-LM directory."""
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     """Parameter dtype of policy and reference."""
+    lora: LoraCfg = LoraCfg()
+    """LoRA adapters (off by default: full fine-tuning)."""
 
 
 class TasksCfg(Section):

@@ -79,3 +79,28 @@ def build_llama(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: i
                       bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def load_train_policy(mcfg) -> Policy:
+    """The policy to train from a ``tilt.config.ModelCfg``: loaded, LoRA-wrapped if configured, in
+    train mode."""
+    from tilt.models.lora import apply_lora
+
+    policy = load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype])
+    if mcfg.lora.enabled:
+        policy.model = apply_lora(policy.model, mcfg.lora, where=mcfg.path)
+    policy.model.train()
+    return policy
+
+
+def reference_model(policy: Policy, mcfg) -> torch.nn.Module:
+    """The frozen reference pi_ref: the LoRA policy with its adapters disabled (no second copy of
+    the weights), else a second load of ``model.path``."""
+    from tilt.models.lora import AdapterDisabledRef, is_lora
+
+    if is_lora(policy.model):
+        return AdapterDisabledRef(policy.model)
+    return load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype]).model.requires_grad_(False)

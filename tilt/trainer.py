@@ -30,7 +30,8 @@ from tilt.evaluation_cli import EVAL_SEED_OFFSET
 from tilt.kl import KL_ESTIMATORS
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss, bind_kwargs
 from tilt.losses import LOSSES
-from tilt.model import load_policy
+from tilt.model import load_train_policy, reference_model
+from tilt.models.lora import checkpoint_view, is_lora, save_merged
 from tilt.rewards import resolve_reward_fn
 from tilt.rollout import sequence_logprobs
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
@@ -78,8 +79,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         torch.set_num_threads(cfg.threads)
     needs = resolve_needs(cfg)
     dtype = DTYPES[cfg.model.dtype]
-    policy = load_policy(cfg.model.path, dtype=dtype)
-    policy.model.train()
+    policy = load_train_policy(cfg.model)
     entry = LOSSES.entry(cfg.loss.name)
     loss_needs = tuple(entry.meta.get("needs", ()))
     loss_fn = bind_kwargs(entry.fn, cfg.loss.kwargs, f"loss {cfg.loss.name!r}")
@@ -91,7 +91,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         kl_fn = KL_ESTIMATORS.get(cfg.kl.estimator)
         if cfg.kl.kwargs:
             kl_fn = bind_kwargs(kl_fn, cfg.kl.kwargs, f"kl estimator {cfg.kl.estimator!r}")
-        ref_model = load_policy(cfg.model.path, dtype=dtype).model.requires_grad_(False)
+        ref_model = reference_model(policy, cfg.model)
     teacher = load_teacher(cfg, policy, dtype) if needs.teacher else None
     value_head = ValueHead(policy.model.config.hidden_size).to(dtype) if needs.values else None
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -220,12 +220,15 @@ def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def save_final(parts: Parts, run_dir: Path) -> Path:
-    """The final policy in Hugging Face format, written to a temp dir and renamed."""
+def save_final(parts: Parts, run_dir: Path, *, merged: bool = False) -> Path:
+    """The final policy in Hugging Face format (a LoRA run: the peft adapter, plus ``merged/``
+    on request), written to a temp dir and renamed."""
     final, tmp = run_dir / "final", run_dir / f".final_tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     parts.policy.model.save_pretrained(str(tmp))
     parts.policy.tokenizer.save_pretrained(str(tmp))
+    if merged and is_lora(parts.policy.model):
+        save_merged(parts.policy.model, parts.policy.tokenizer, tmp / "merged")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     return final
@@ -250,7 +253,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     eval_set = eval_items(mix, per_cell=cfg.tasks.eval_per_cell)
     state: dict[str, Any] = {"step": 0, "bad_streak": 0, "before": None, "skipped_total": 0}
     ckpt_root = run_dir / "checkpoints"
-    ckpt_model = checkpoint_module(parts.policy.model, value_head=parts.value_head, prev_model=parts.prev_model)
+    ckpt_model = checkpoint_module(checkpoint_view(parts.policy.model), value_head=parts.value_head, prev_model=parts.prev_model)
     if resume is not None:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
@@ -318,7 +321,7 @@ def train(cfg: Config, *, resume: Optional[Path] = None, reward_fns: Optional[li
     if stream.pos > len(train_items):  # dynamic sampling drew extra prompts: record them all
         write_text_atomic(run_dir / "seeds.json", json.dumps({**seed_report(sample_items(
             mix, split="train", start=data_offset(cfg.seed), count=stream.pos)), **seed_report(eval_set)}, indent=1))
-    save_final(parts, run_dir)
+    save_final(parts, run_dir, merged=cfg.model.lora.save_merged)
     summary = {"complete": True, "steps": cfg.train.steps, "run_dir": str(run_dir),
                "heldout": {"pass1_before": state["before"]["pass1"], "pass1_after": after["pass1"],
                            "greedy_before": state["before"]["greedy"], "greedy_after": after["greedy"],
