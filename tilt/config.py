@@ -47,7 +47,11 @@ class LoraCfg(Section):
 
 class ModelCfg(Section):
     path: str = "shipped"
-    """Policy to train: "shipped" (the embedded base model) or a local Hugging Face causal-LM directory."""
+    """Policy to train: "shipped" (the embedded base model), a local Hugging Face causal-LM directory,
+    a .gguf file (converted once to safetensors in $TILT_MODEL_CACHE or ~/.cache/tilt/models), or a
+    model alias (smollm2-135m-instruct; `tilt models install NAME`)."""
+    gguf_file: Optional[str] = None
+    """GGUF file name inside the directory model.path (alternative to giving the file as model.path)."""
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     """Parameter dtype of policy and reference."""
     lora: LoraCfg = LoraCfg()

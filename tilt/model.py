@@ -1,4 +1,5 @@
-"""Loading policies: the shipped base model or any local Hugging Face causal LM directory.
+"""Loading policies: the shipped base model, any local Hugging Face causal LM directory, a GGUF
+file (converted once, ``tilt.models.gguf``) or a model alias (``tilt.models.aliases``).
 
 No network: ``local_files_only=True`` everywhere, and a missing path is a clear error.
 """
@@ -22,13 +23,23 @@ def shipped_model_dir() -> Path:
     return Path(str(resources.files("tilt") / "assets" / "base"))
 
 
-def resolve_model_path(path: str) -> Path:
-    """Map ``"shipped"`` to the packaged model; check that a local directory exists."""
+def resolve_model_path(path: str, gguf_file: str | None = None) -> Path:
+    """Map ``"shipped"`` to the packaged model, an alias or a ``.gguf`` file (or directory +
+    ``gguf_file``) to its cached conversion; check that a local directory exists."""
+    from tilt.models.aliases import ALIASES, resolve_alias
+    from tilt.models.gguf import convert_gguf
+
+    if path in ALIASES:
+        return resolve_alias(path)
     p = shipped_model_dir() if path == SHIPPED else Path(path).expanduser()
+    if gguf_file is not None:
+        p = p / gguf_file
+    if p.suffix.lower() == ".gguf":
+        return convert_gguf(p)
     if not p.exists():
         hint = " (run `tilt pretrain` to build the shipped model)" if path == SHIPPED else ""
-        raise ModelLoadError(f"model path {str(p)!r} does not exist{hint}; "
-                             "give a local directory holding config.json, weights and a tokenizer")
+        raise ModelLoadError(f"model path {str(p)!r} does not exist{hint}; give a local directory holding "
+                             f"config.json, weights and a tokenizer, a .gguf file, or an alias ({', '.join(ALIASES)})")
     if not (p / "config.json").exists():
         raise ModelLoadError(f"model path {str(p)!r} has no config.json; it is not a Hugging Face model directory")
     return p
@@ -44,13 +55,14 @@ class Policy:
     pad_id: int
 
 
-def load_policy(path: str, *, dtype: torch.dtype = torch.float32) -> Policy:
-    """Load ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory (or "shipped")."""
+def load_policy(path: str, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None) -> Policy:
+    """Load ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory, "shipped", a GGUF
+    file or an alias (see ``resolve_model_path``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight load is noise in a training log
-    p = resolve_model_path(path)
+    p = resolve_model_path(path, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
@@ -89,7 +101,7 @@ def load_train_policy(mcfg) -> Policy:
     train mode."""
     from tilt.models.lora import apply_lora
 
-    policy = load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype])
+    policy = load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file)
     if mcfg.lora.enabled:
         policy.model = apply_lora(policy.model, mcfg.lora, where=mcfg.path)
     policy.model.train()
@@ -103,4 +115,4 @@ def reference_model(policy: Policy, mcfg) -> torch.nn.Module:
 
     if is_lora(policy.model):
         return AdapterDisabledRef(policy.model)
-    return load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype]).model.requires_grad_(False)
+    return load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file).model.requires_grad_(False)
