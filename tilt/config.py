@@ -53,7 +53,12 @@ class ModelCfg(Section):
     gguf_file: Optional[str] = None
     """GGUF file name inside the directory model.path (alternative to giving the file as model.path)."""
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    """Parameter dtype of policy and reference."""
+    """Parameter dtype of policy and reference. bfloat16 trains and samples with bf16 weights
+    (log-probs still go through a float32 log-softmax); see docs/models.md for what is exact."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where policy, reference and teacher run: "auto" = cuda when available, else cpu."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~1/3 more compute; same gradients)."""
     lora: LoraCfg = LoraCfg()
     """LoRA adapters (off by default: full fine-tuning)."""
 

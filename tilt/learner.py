@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
-from tilt.rollout import _atleast32, completion_logits
+from tilt.rollout import _atleast32, completion_logits, model_device
 from tilt.value_head import value_loss
 
 
@@ -55,6 +55,11 @@ class LearnerBatch:
     returns: Optional[Tensor] = None  # [N, T] value-head targets (GAE returns)
     old_values: Optional[Tensor] = None  # [N, T] value-head predictions at rollout time
     lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates chosen over the whole batch
+
+    def to(self, device: torch.device) -> "LearnerBatch":
+        """The batch with every tensor on ``device`` (the learner moves each micro-batch to the model)."""
+        return LearnerBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                               for f in fields(self)})
 
     def select(self, idx: Tensor) -> "LearnerBatch":
         """Rows ``idx``, with completion columns past the longest selected completion trimmed."""
@@ -118,6 +123,7 @@ class Learner:
         self.need_logits = bool({"logits", "ref_logits", "teacher_logits"} & self.loss_needs) or kl_needs_logits or (
             kl_fn is not None and getattr(kl_fn, "needs_logits", False))
         self.value_head, self.value_coef, self.value_clip = value_head, value_coef, value_clip
+        self.device = model_device(model)
         self.clip_params = list(model.parameters()) + (list(value_head.parameters()) if value_head else [])
 
     def micro_loss(self, b: LearnerBatch, denominator: float, *, value_denominator: float = 1.0,
@@ -127,6 +133,7 @@ class Learner:
         With a value head, adds value_coef * value_loss (token-mean over ``value_denominator``).
         ``loss_kwargs`` are per-update loss hyper-parameters (e.g. AER's controlled alpha).
         """
+        b = b.to(self.device)
         logits, hidden = completion_forward(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
                                             b.completion_mask, temperature=self.temperature,
                                             hidden=self.value_head is not None)  # [n, T, V], [n, T, H]

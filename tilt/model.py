@@ -55,7 +55,8 @@ class Policy:
     pad_id: int
 
 
-def load_policy(path: str, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None) -> Policy:
+def load_policy(path: str, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None,
+                device: torch.device | str | None = None) -> Policy:
     """Load ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory, "shipped", a GGUF
     file or an alias (see ``resolve_model_path``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,6 +76,8 @@ def load_policy(path: str, *, dtype: torch.dtype = torch.float32, gguf_file: str
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model.config.use_cache = True
+    if device is not None:
+        model.to(device)
     model.eval()
     return Policy(model=model, tokenizer=tok, eos_id=int(eos_id), pad_id=int(tok.pad_token_id))
 
@@ -96,12 +99,30 @@ def build_llama(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: i
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` -> a torch device: "auto" = cuda when available, else cpu. ConfigError for
+    cuda on a machine (or torch build) without it."""
+    from tilt.config import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+        raise ConfigError(f"model.device='cuda' but no CUDA device is available (torch {torch.__version__}, "
+                          f"{build}); use model.device=cpu or auto")
+    return torch.device(name)
+
+
 def load_train_policy(mcfg) -> Policy:
-    """The policy to train from a ``tilt.config.ModelCfg``: loaded, LoRA-wrapped if configured, in
-    train mode."""
+    """The policy to train from a ``tilt.config.ModelCfg``: loaded on ``model.device``, LoRA-wrapped
+    if configured, with gradient checkpointing if asked, in train mode."""
     from tilt.models.lora import apply_lora
 
-    policy = load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file)
+    device = resolve_device(mcfg.device)
+    policy = load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file, device=device)
+    if mcfg.gradient_checkpointing:
+        # non-reentrant: needs no input that requires grad (LoRA freezes the embeddings)
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mcfg.lora.enabled:
         policy.model = apply_lora(policy.model, mcfg.lora, where=mcfg.path)
     policy.model.train()
@@ -115,4 +136,5 @@ def reference_model(policy: Policy, mcfg) -> torch.nn.Module:
 
     if is_lora(policy.model):
         return AdapterDisabledRef(policy.model)
-    return load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file).model.requires_grad_(False)
+    return load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file,
+                       device=resolve_device(mcfg.device)).model.requires_grad_(False)

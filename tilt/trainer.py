@@ -33,7 +33,7 @@ from tilt.losses import LOSSES
 from tilt.model import load_train_policy, reference_model
 from tilt.models.lora import checkpoint_view, is_lora, save_merged
 from tilt.rewards import resolve_reward_fn
-from tilt.rollout import sequence_logprobs
+from tilt.rollout import model_device, sequence_logprobs
 from tilt.tasks.mix import eval_items, parse_mix, sample_items, seed_report
 from tilt.tracking import MetricsLog, Progress, plot_curves
 from tilt.value_head import ValueHead
@@ -93,7 +93,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
             kl_fn = bind_kwargs(kl_fn, cfg.kl.kwargs, f"kl estimator {cfg.kl.estimator!r}")
         ref_model = reference_model(policy, cfg.model)
     teacher = load_teacher(cfg, policy, dtype) if needs.teacher else None
-    value_head = ValueHead(policy.model.config.hidden_size).to(dtype) if needs.values else None
+    value_head = ValueHead(policy.model.config.hidden_size).to(model_device(policy.model), dtype) if needs.values else None
     params = [p for p in policy.model.parameters() if p.requires_grad]
     params += list(value_head.parameters()) if value_head is not None else []
     optimizer = adamw(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)

@@ -70,6 +70,10 @@ class AdapterDisabledRef(torch.nn.Module):
     def config(self):
         return self.peft_model.config
 
+    @property
+    def device(self) -> torch.device:
+        return self.peft_model.device
+
     def forward(self, *args: Any, **kwargs: Any):
         model = self.peft_model
         was_training = model.training

@@ -16,7 +16,7 @@ from tilt.config import Config, ConfigError
 from tilt.losses import LOSSES
 from tilt.model import load_policy
 from tilt.rewards import score
-from tilt.rollout import SamplingParams
+from tilt.rollout import SamplingParams, model_device
 from tilt.wiring.hooks import AERController, LoopHooks, PrevPolicy
 from tilt.wiring.sampling import Scored, dynamic_sampling, sample_scored
 from tilt.wiring.selection import make_filter, selector_kwargs, with_lp_selection
@@ -72,7 +72,7 @@ def partial_draw(parts, cfg: Config, params: SamplingParams) -> Callable[[list],
 
 def load_teacher(cfg: Config, policy, dtype: torch.dtype) -> torch.nn.Module:
     """The frozen teacher of ``teacher.path``; ConfigError unless it shares the policy's vocabulary."""
-    teacher = load_policy(cfg.teacher.path, dtype=dtype)
+    teacher = load_policy(cfg.teacher.path, dtype=dtype, device=model_device(policy.model))
     if teacher.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
         raise ConfigError(f"teacher.path {cfg.teacher.path!r} has a different vocabulary than the policy "
                           f"{cfg.model.path!r}; distillation compares logits token by token")

@@ -44,7 +44,8 @@ def policy_probe(model, rb: RolloutBatch, *, temperature: float, value_head=None
     entropy = -(logp.exp() * logp).sum(-1) * m  # [N, T]
     values = None
     if value_head is not None:
-        values = value_head(hidden.to(next(value_head.parameters()).dtype)).float() * m  # [N, T]
+        p = next(value_head.parameters())
+        values = value_head(hidden.to(p.device, p.dtype)).float().to(m.device) * m  # [N, T]
     return Probe(entropy=entropy, values=values)
 
 
