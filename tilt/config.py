@@ -61,6 +61,18 @@ class ModelCfg(Section):
     """Recompute activations in the backward pass (less memory, ~1/3 more compute; same gradients)."""
     lora: LoraCfg = LoraCfg()
     """LoRA adapters (off by default: full fine-tuning)."""
+    prompt_format: Optional[str] = None
+    """Text each task prompt is written into before tokenizing, "{prompt}" marking its place (e.g. a
+    chat-format few-shot prefix); None = the bare prompt. Used for sampling and held-out evaluation."""
+    chat_template: bool = False
+    """Make the (formatted) prompt the user turn of the tokenizer's chat template, assistant turn opened."""
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _placeholder(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "{prompt}" not in v:
+            raise ValueError('prompt_format must contain "{prompt}", where the task prompt goes')
+        return v
 
 
 class TasksCfg(Section):

@@ -117,9 +117,11 @@ def load_train_policy(mcfg) -> Policy:
     """The policy to train from a ``tilt.config.ModelCfg``: loaded on ``model.device``, LoRA-wrapped
     if configured, with gradient checkpointing if asked, in train mode."""
     from tilt.models.lora import apply_lora
+    from tilt.models.prompting import formatted
 
     device = resolve_device(mcfg.device)
     policy = load_policy(mcfg.path, dtype=DTYPES[mcfg.dtype], gguf_file=mcfg.gguf_file, device=device)
+    policy.tokenizer = formatted(policy.tokenizer, mcfg)
     if mcfg.gradient_checkpointing:
         # non-reentrant: needs no input that requires grad (LoRA freezes the embeddings)
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
