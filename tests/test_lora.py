@@ -95,6 +95,8 @@ def test_lora_trains_only_adapters_and_saves_loadable_adapter_and_merged_model(b
     assert torch.allclose(_logp(loaded, rb)[m], pol[m], atol=1e-5)
     merged = AutoModelForCausalLM.from_pretrained(str(final / "merged")).eval()
     assert torch.allclose(_logp(merged, rb)[m], pol[m], atol=1e-5)
+    # `tilt eval RUN` loads final/ through load_policy: the adapter on its recorded base, merged
+    assert torch.allclose(_logp(load_policy(str(final)).model, rb)[m], pol[m], atol=1e-5)
     # the merge worked on a copy: the policy is still a peft model with its adapters
     assert torch.equal(_logp(model, rb), pol)
 

@@ -40,7 +40,7 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> Path:
         hint = " (run `tilt pretrain` to build the shipped model)" if path == SHIPPED else ""
         raise ModelLoadError(f"model path {str(p)!r} does not exist{hint}; give a local directory holding "
                              f"config.json, weights and a tokenizer, a .gguf file, or an alias ({', '.join(ALIASES)})")
-    if not (p / "config.json").exists():
+    if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
         raise ModelLoadError(f"model path {str(p)!r} has no config.json; it is not a Hugging Face model directory")
     return p
 
@@ -66,7 +66,13 @@ def load_policy(path: str, *, dtype: torch.dtype = torch.float32, gguf_file: str
     p = resolve_model_path(path, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        if (p / "config.json").exists():
+            model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        else:  # a LoRA run's final/: the peft adapter on its recorded base model, merged
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(str(p), local_files_only=True,
+                                                             dtype=dtype).merge_and_unload()
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {str(p)!r}: {exc}") from exc
     eos_id = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
