@@ -58,7 +58,9 @@ class ModelCfg(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where policy, reference and teacher run: "auto" = cuda when available, else cpu."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~1/3 more compute; same gradients)."""
+    """Recompute activations in the backward pass (same gradients, more compute). Hugging Face turns the
+    KV cache off while checkpointing, so the shared-prompt forward is lost: with long prompts shared by
+    a group and a large vocabulary it can cost memory instead of saving it (docs/models.md)."""
     lora: LoraCfg = LoraCfg()
     """LoRA adapters (off by default: full fine-tuning)."""
     prompt_format: Optional[str] = None
