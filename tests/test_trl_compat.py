@@ -159,7 +159,7 @@ def test_first_step_loss_equals_trl_on_the_same_model_and_batch(tmp_path, tiny_l
     (tmp_path / "tilt.yaml").write_text(text)
     cfg = load_config(tmp_path / "tilt.yaml", [f"model.path={tiny_llama_dir}", "model.dtype=float64", "threads=1",
                                                "train.micro_batch_tokens=null"])
-    parts = build(cfg, reward_fns=[lambda p, c, **_: [0.0] * len(c)])
+    parts = build(cfg, reward_fns=[lambda prompts, completions, **_: [0.0] * len(completions)])
     model, tok = parts.policy.model, parts.policy.tokenizer
     prompts = [p for p in ["12+34=", "56+78="] for _ in range(4)]  # equal lengths: no prompt padding
     enc = tok(prompts, return_tensors="pt")

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -171,9 +171,11 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler,
                             generator=generator)
 
 
-def save_pretrained_atomic(model, tokenizer, out: Path, files: dict[str, str] | None = None) -> Path:
-    """``model`` and ``tokenizer`` in Hugging Face format (plus ``files``: name -> text) at ``out``,
-    written to a temp directory beside it and renamed, so ``out`` is never half-written."""
+def save_pretrained_atomic(model, tokenizer, out: Path, files: dict[str, str] | None = None,
+                           also: Optional[Callable[[Path], None]] = None) -> Path:
+    """``model`` and ``tokenizer`` in Hugging Face format (plus ``files``: name -> text, and whatever
+    ``also(tmp)`` writes) at ``out``, written to a temp directory beside it and renamed, so ``out``
+    is never half-written."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +183,8 @@ def save_pretrained_atomic(model, tokenizer, out: Path, files: dict[str, str] | 
     tokenizer.save_pretrained(str(tmp))
     for name, text in (files or {}).items():
         (tmp / name).write_text(text)
+    if also is not None:
+        also(tmp)
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, out)

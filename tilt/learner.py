@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
-from tilt.rollout import _atleast32, completion_logits
+from tilt.rollout import _atleast32, completion_logits, model_device
 from tilt.value_head import value_loss
 
 
@@ -57,6 +57,12 @@ class LearnerBatch:
     lp_select: Optional[Tensor] = None  # [N, T] bool, Lp-Reg candidates chosen over the whole batch
     sampler_logp: Optional[Tensor] = None  # [N, T] the sampler's log-probs when old_logp is the learner's own
     extras: dict[str, Tensor] = field(default_factory=dict)  # other provider outputs: [N] or [N, T, ...]
+
+    def to(self, device: torch.device) -> "LearnerBatch":
+        """The batch with every tensor on ``device`` (the learner moves each micro-batch to the model)."""
+        moved = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                 for f in fields(self) if f.name != "extras"}
+        return LearnerBatch(**moved, extras={k: v.to(device) for k, v in self.extras.items()})
 
     def select(self, idx: Tensor) -> "LearnerBatch":
         """Rows ``idx``, with completion columns past the longest selected completion trimmed
@@ -126,6 +132,7 @@ class Learner:
         self.need_logits = bool({"logits", "ref_logits", "teacher_logits"} & self.loss_needs) or kl_needs_logits or (
             kl_fn is not None and getattr(kl_fn, "needs_logits", False))
         self.value_head, self.value_coef, self.value_clip = value_head, value_coef, value_clip
+        self.device = model_device(model)
         self.clip_params = list(model.parameters()) + (list(value_head.parameters()) if value_head else [])
 
     def micro_loss(self, b: LearnerBatch, denominator: float, *, value_denominator: float = 1.0,
@@ -135,6 +142,7 @@ class Learner:
         With a value head, adds value_coef * value_loss (token-mean over ``value_denominator``).
         ``loss_kwargs`` are per-update loss hyper-parameters (e.g. AER's controlled alpha).
         """
+        b = b.to(self.device)
         logits, hidden = completion_forward(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
                                             b.completion_mask, temperature=self.temperature,
                                             hidden=self.value_head is not None)  # [n, T, V], [n, T, H]

@@ -10,7 +10,9 @@ a separate worker process (``python -m tilt.reward_pool``), so:
 - ``os.chdir``, globals or ``sys.modules`` changes made by a function never reach the trainer
   (the worker also returns to its start directory after every call).
 
-Functions travel to the worker pickled once per worker with ``cloudpickle``: module-level
+A function is loaded into a worker (its module imported: torch, say) before its first call there,
+within STARTUP_TIMEOUT_S; that load never counts against the call's timeout. Functions travel to
+the worker pickled once per worker with ``cloudpickle``: module-level
 functions by reference (the worker imports them with the trainer's ``sys.path``), closures,
 lambdas and functions of a ``__main__`` script by value (what they capture is sent once per
 worker: later changes to captured objects in the trainer are not seen). A function that cannot be pickled or
@@ -95,12 +97,13 @@ def _worker_main(req_fd: int, resp_fd: int) -> None:
             key, blob, args, kwargs = req.recv()
         except EOFError:
             return
-        if blob is not None:
+        if blob is not None:  # a load message: import the function (its module), not timed as a call
             try:
                 fns[key] = pickle.loads(blob)
+                resp.send(("loaded", "", {}))
             except Exception as exc:  # noqa: BLE001 - e.g. the function's module is not importable here
                 resp.send(("load_error", f"{type(exc).__name__}: {exc}", {}))
-                continue
+            continue
         logs = _log_lengths(kwargs)
         try:
             out = fns[key](*args, **kwargs)
@@ -238,7 +241,19 @@ class RewardPool:
         if blob is None:
             return call_in_thread(fn, args, kwargs, timeout)
         w = self._take()
-        w.req.send((key, None if key in w.known else blob, args, kwargs))
+        if key not in w.known:  # load the function first: importing its module is not the call's time
+            w.req.send((key, blob, None, None))
+            kind, payload = self._load_reply(w)
+            if kind != "loaded":
+                if kind == "load_error":
+                    self._give_back(w)
+                else:
+                    self._replace(w)
+                self._in_process.add(key)
+                _warn_in_process(fn, f"the worker process cannot load it ({payload})")
+                return call_in_thread(fn, args, kwargs, timeout)
+            w.known.add(key)
+        w.req.send((key, None, args, kwargs))
         if not w.resp.poll(timeout):
             self._replace(w)
             return CallResult("timeout", message=f"timeout after {timeout:g} s (worker process killed)")
@@ -248,17 +263,22 @@ class RewardPool:
             how = w.death()
             self._replace(w)
             return CallResult("crash", message=f"crash: the reward function's worker process {how}")
-        if kind == "load_error":
-            self._give_back(w)
-            self._in_process.add(key)
-            _warn_in_process(fn, f"the worker process cannot load it ({payload})")
-            return call_in_thread(fn, args, kwargs, timeout)
-        w.known.add(key)
         self._give_back(w)
         for k, new in logs.items():  # what the call logged (log_metric) joins the trainer's copy
             for n, v in new.items():
                 kwargs[k].logged.setdefault(n, []).extend(v)
         return CallResult(kind, values=payload) if kind == "ok" else CallResult(kind, message=payload)
+
+    @staticmethod
+    def _load_reply(w: "_Worker") -> tuple[str, str]:
+        """The worker's answer to a load message, within STARTUP_TIMEOUT_S (a module import may be slow)."""
+        if not w.resp.poll(STARTUP_TIMEOUT_S):
+            return "load_timeout", f"loading took more than {STARTUP_TIMEOUT_S:g} s"
+        try:
+            kind, payload, _ = w.resp.recv()
+        except (EOFError, OSError):
+            return "load_crash", f"the worker process {w.death()} while loading it"
+        return kind, payload
 
     def close(self) -> None:
         with self._lock:

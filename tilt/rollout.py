@@ -49,6 +49,20 @@ def encode_prompts(tokenizer, prompts: list[str], *, add_special_tokens: bool = 
     return left_pad([ids_of[p] for p in prompts], pad_id)
 
 
+def model_device(model) -> torch.device:
+    """The device a model computes on (its ``device`` attribute, else its first parameter's)."""
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
+
+
+def _multinomial(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of [N, V] ``probs``, made on the generator's device (the run's RNG is a CPU
+    generator, so the same seed samples the same tokens on any device); [N] on probs' device."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+
+
 def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
           ban: int | None = None) -> tuple[Tensor, Tensor]:
     """Choose next tokens from [N, V] logits; return (tokens [N], their log-probs [N]).
@@ -60,16 +74,17 @@ def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | N
     """
     if params.temperature <= 0:
         logp = torch.log_softmax(_atleast32(logits), dim=-1)  # [N, V]
-        tok = (logp if ban is None else logp.index_fill(-1, torch.tensor([ban]), -torch.inf)).argmax(-1)  # [N]
+        tok = (logp if ban is None else logp.index_fill(-1, torch.tensor([ban], device=logp.device),
+                                                         -torch.inf)).argmax(-1)  # [N]
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
     logp = torch.log_softmax(_atleast32(logits) / params.temperature, dim=-1)  # [N, V]
-    probs = logp.exp() if ban is None else logp.exp().index_fill(-1, torch.tensor([ban]), 0.0)
+    probs = logp.exp() if ban is None else logp.exp().index_fill(-1, torch.tensor([ban], device=logp.device), 0.0)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)  # [N, V]
         drop = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest set with mass >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+    tok = _multinomial(probs, generator)  # [N]
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -133,8 +148,11 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
         eos_id, pad_id: generation stops at EOS; positions after it hold pad_id, mask 0.
         generator: torch RNG for sampling (seed control and exact resume).
     Returns:
-        RolloutBatch with completions [N, T], T <= max_new_tokens.
+        RolloutBatch with completions [N, T], T <= max_new_tokens, on the prompts' device (the
+        model may sit on another one).
     """
+    home, dev = prompt_ids.device, model_device(model)
+    prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
     n = prompt_ids.shape[0]
     attn = prompt_mask.clone()  # [N, P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P] positions ignore left padding
@@ -150,7 +168,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
     past = out.past_key_values
     fast = lean_decoder(model, past) if params.lean and past is not None else None  # see tilt.fastdecode
     next_pos = pos[:, -1] + 1  # [N]
-    done = torch.zeros(n, dtype=torch.bool)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
     toks, lps, masks = [], [], []
     for t in range(params.max_new_tokens):
         tok, lp = _pick(logits, params, generator, eos_id if t < params.min_new_tokens else None)  # [N], [N]
@@ -161,7 +179,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
         done = done | (tok == eos_id)
         if bool(done.all()) or t + 1 == params.max_new_tokens:
             break
-        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype)], dim=1)  # [N, P+t+1]
+        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)  # [N, P+t+1]
         if fast is not None:
             logits = fast.step(tok, next_pos, attn)  # [N, V]
         else:
@@ -175,7 +193,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
         completion_ids=torch.stack(toks, 1),  # [N, T]
         completion_mask=torch.stack(masks, 1).long(),  # [N, T]
         logprobs=torch.stack(lps, 1),  # [N, T]
-    )
+    ).to(home)
 
 
 def continue_from(model, prompt_ids: Tensor, prompt_mask: Tensor, prefix_ids: Tensor, prefix_mask: Tensor,
@@ -245,7 +263,13 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     same computation as one forward over [prompt, completion] per row, minus (G-1)/G of the prompt
     work (68% of the FLOPs at 8 new tokens in benchmarks/profile_step.py). Rows with distinct
     prompts (or models whose cache cannot be indexed) take the plain single forward.
+    Inputs may sit on another device than the model; the outputs are on the inputs' device.
     """
+    home, dev = prompt_ids.device, model_device(model)
+    if dev != home:
+        logits, states = completion_logits(model, prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev),
+                                           completion_mask.to(dev), hidden=hidden)
+        return logits.to(home), (states.to(home) if states is not None else None)
     ids = torch.cat([prompt_ids, completion_ids], 1)  # [N, P+T]
     attn = torch.cat([prompt_mask, completion_mask], 1)  # [N, P+T]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P+T] positions ignore left padding

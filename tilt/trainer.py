@@ -28,7 +28,8 @@ from tilt.config import Config, ConfigError, dump_config, load_config
 from tilt.data import EVAL_SEED_OFFSET, build_source, data_offset
 from tilt.evaluate import evaluate_items, summarize
 from tilt.learner import Learner, LearnerBatch, NonFiniteLoss
-from tilt.model import load_policy
+from tilt.model import DTYPES, load_train_policy
+from tilt.models.lora import checkpoint_view, is_lora, save_merged
 from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
 from tilt.providers.frozen import RESOURCES
 from tilt.resume import check_config_unchanged, restore_newest_intact
@@ -43,7 +44,6 @@ from tilt.wiring.resolve import Plan, keyword_params, resolve
 from tilt.wiring.sampling import Scored, TrainStream, sample_scored
 from tilt.wiring.selection import Filter, SelectContext, make_filter
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 ADV_FIELDS = {f.name for f in fields(AdvantageInput)}
 BATCH_FIELDS = {f.name for f in fields(LearnerBatch)} - {"extras"}
 
@@ -82,8 +82,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         torch.set_num_threads(cfg.threads)
     plan = resolve(cfg)  # methods, their needs -> providers, settings; ConfigError if unmet
     dtype = DTYPES[cfg.model.dtype]
-    policy = load_policy(cfg.model.path, dtype=dtype)
-    policy.model.train()
+    policy = load_train_policy(cfg.model)  # on model.device, in model.dtype, LoRA-wrapped when configured
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
@@ -278,9 +277,12 @@ def prepare_run_dir(cfg: Config, resume: Optional[Path]) -> tuple[Config, Path, 
     return cfg, run_dir, lock
 
 
-def save_final(parts: Parts, run_dir: Path) -> Path:
-    """The final policy in Hugging Face format, written to a temp dir and renamed."""
-    return save_pretrained_atomic(parts.policy.model, parts.policy.tokenizer, run_dir / "final")
+def save_final(parts: Parts, run_dir: Path, *, merged: bool = False) -> Path:
+    """The final policy in Hugging Face format (a LoRA run: the peft adapter, plus ``merged/``
+    on request), written to a temp dir and renamed."""
+    model, tok = parts.policy.model, parts.policy.tokenizer
+    also = (lambda tmp: save_merged(model, tok, tmp / "merged")) if merged and is_lora(model) else None
+    return save_pretrained_atomic(model, tok, run_dir / "final", also=also)
 
 
 def versions() -> dict[str, str]:
@@ -321,7 +323,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_
     parts.reward_state.max_steps = cfg.train.steps
     state: dict[str, Any] = {"step": 0, "bad_streak": 0, "before": None, "skipped_total": 0}
     ckpt_root = run_dir / "checkpoints"
-    ckpt_model = checkpoint_module(parts.policy.model, parts.components)
+    ckpt_model = checkpoint_module(checkpoint_view(parts.policy.model), parts.components)  # LoRA: the adapter only
     if resume is not None:
         ckpt, loaded = restore_newest_intact(ckpt_root, model=ckpt_model, optimizer=parts.learner.optimizer,
                                              scheduler=parts.learner.scheduler, generator=parts.generator, echo=echo)
@@ -410,7 +412,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, resume: Optional[Path], reward_
     after = state.get("after") or heldout(parts, cfg, eval_set)
     if stream.pos > n_train:  # dynamic sampling drew extra prompts: record them all
         write_text_atomic(run_dir / "seeds.json", json.dumps(source.report(data_offset(cfg.seed), stream.pos), indent=1))
-    save_final(parts, run_dir)
+    save_final(parts, run_dir, merged=cfg.model.lora.save_merged)
     summary = {"complete": True, "steps": cfg.train.steps, "run_dir": str(run_dir),
                "heldout": {"pass1_before": state["before"]["pass1"], "pass1_after": after["pass1"],
                            "greedy_before": state["before"]["greedy"], "greedy_after": after["greedy"],

@@ -14,19 +14,20 @@ from torch import Tensor
 from tilt.batch import RolloutBatch
 from tilt.config import Config, ConfigError
 from tilt.learner import completion_forward
-from tilt.model import load_policy
+from tilt.model import load_policy, reference_model
 from tilt.providers import Provider, Run, StepData, provides
-from tilt.rollout import sequence_logprobs
+from tilt.rollout import model_device, sequence_logprobs
 
 
 def load_reference(cfg: Config, policy, dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen reference policy pi_ref: the starting policy's weights, loaded again."""
-    return load_policy(cfg.model.path, dtype=dtype).model.requires_grad_(False)
+    """The frozen reference policy pi_ref: the starting policy's weights loaded again, or (LoRA) the
+    policy's own module with its adapters disabled, one copy of the base weights (tilt.model.reference_model)."""
+    return reference_model(policy, cfg.model)
 
 
 def load_teacher(cfg: Config, policy, dtype: torch.dtype) -> torch.nn.Module:
     """The frozen teacher of ``teacher.path``; ConfigError unless it shares the policy's vocabulary."""
-    teacher = load_policy(cfg.teacher.path, dtype=dtype)
+    teacher = load_policy(cfg.teacher.path, dtype=dtype, device=model_device(policy.model))
     if teacher.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
         raise ConfigError(f"teacher.path {cfg.teacher.path!r} has a different vocabulary than the policy "
                           f"{cfg.model.path!r}; distillation compares logits token by token")

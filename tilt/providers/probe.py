@@ -17,6 +17,7 @@ from tilt.batch import RolloutBatch
 from tilt.config import ConfigError
 from tilt.learner import completion_forward
 from tilt.providers import Provider, Run, StepData, provides
+from tilt.rollout import model_device
 from tilt.value_head import ValueHead
 
 
@@ -41,7 +42,8 @@ def policy_probe(model, rb: RolloutBatch, *, temperature: float, value_head=None
     entropy = -(logp.exp() * logp).sum(-1) * m  # [N, T]
     values = None
     if value_head is not None:
-        values = value_head(hidden.to(next(value_head.parameters()).dtype)).float() * m  # [N, T]
+        p = next(value_head.parameters())
+        values = value_head(hidden.to(p.device, p.dtype)).float().to(m.device) * m  # [N, T]
     return Probe(entropy=entropy, values=values)
 
 
@@ -78,7 +80,7 @@ class ValueHeadValues(Provider):
         if value_coef < 0 or (value_clip is not None and value_clip <= 0):
             raise ConfigError(f"value_coef must be >= 0 and value_clip > 0 or None, got {value_coef}, {value_clip}")
         model = run.policy.model
-        self.head = ValueHead(model.config.hidden_size).to(next(model.parameters()).dtype)
+        self.head = ValueHead(model.config.hidden_size).to(model_device(model), next(model.parameters()).dtype)
         run.value_head = self.head
         self.coef, self.clip, self.gamma, self.lam = value_coef, value_clip, gamma, lam
 
