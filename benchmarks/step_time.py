@@ -1,13 +1,17 @@
-"""Step time of tilt vs TRL's GRPOTrainer on identical work, alternating A B A B.
+"""Step time of tilt vs TRL's GRPOTrainer on identical work, alternating one step at a time.
 
     python benchmarks/step_time.py                       # the full grid (sizes x lengths)
     python benchmarks/step_time.py --sizes 1m --tokens 8 --repeats 2   # one tiny point
+    python benchmarks/step_time.py --trl best            # TRL at its best settings only
 
-Per grid point, one tilt and one TRL worker process (``workers.py``) load the same model
-directory and prompts; the driver lets them take turns, one RL step at a time (warm-up steps
-first, then ``--repeats`` measured steps each), and reports per-phase medians, the tilt/TRL
-ratios, tokens/s, peak RSS and the training phase's FLOP/s as a fraction of the matmul peak
-this machine reaches (measured here, before the grid). Results: JSON and a markdown table.
+Per grid point, one tilt worker and one TRL worker per preset (``workers.py``: ``best`` =
+gradient checkpointing off, ``default`` = GRPOConfig's defaults) load the same model directory
+and prompts; the driver lets them take turns, one RL step at a time, in a rotating order
+(warm-up steps first, then ``--repeats`` measured steps each), and reports per-phase medians,
+tilt / TRL ratios against each preset, tokens/s, peak RSS, the training phase's FLOP/s as a
+fraction of the matmul peak this machine reaches (measured here, before the grid), and tilt's
+distance to the limit: its step over its own FLOP floor, with the phase that spends the most time
+above its floor. Results: JSON and a markdown table.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ class Worker:
     def __init__(self, side: str, argv: list[str], log: Path):
         self.side = side
         self.err = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "workers.py"), side, *argv], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "workers.py"), *argv], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
         self.hello = self.read()
 
@@ -56,8 +60,37 @@ class Worker:
         return out
 
 
+def side_argv(side: str, compile_trl: bool) -> list[str]:
+    """Worker arguments of a side: ``tilt``, ``trl_best`` or ``trl_default``."""
+    if side == "tilt":
+        return ["tilt"]
+    return ["trl", "--trl-preset", side.removeprefix("trl_"), *(["--trl-compile"] if compile_trl else [])]
+
+
+def turn_order(sides: list[str], i: int) -> list[str]:
+    """Who goes when in round ``i``: the sides rotate by one each round and every other block of
+    ``len(sides)`` rounds runs the rotation backwards, so no side always follows the same one
+    (two sides: A B, B A, A B, ...; three: A B C, B C A, C A B, B A C, ...)."""
+    k = i % len(sides)
+    order = sides[k:] + sides[:k]
+    return order[::-1] if (i // len(sides)) % 2 else order
+
+
+def phase_floors(net, side: dict, peak: float) -> dict[str, float]:
+    """tilt's FLOP floor per phase at the measured peak (s): each phase's matmul FLOPs / peak.
+
+    generate: one forward per sampled token (decode attention left out); ref: one forward over the
+    training positions; fwd_bwd: the training phase's executed passes over them (3, or 2 when the
+    sampling pass's forward is reused); optimizer and the rest (scoring, batching): 0.
+    """
+    fwd = side["train_flops"] / side["passes"]
+    return {"generate": matmul_flops(net, side["completion_tokens"], 0, 1.0) / peak, "ref": fwd / peak,
+            "fwd_bwd": side["train_flops"] / peak, "optimizer": 0.0, "other": 0.0}
+
+
 def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dict:
-    """Alternate tilt and TRL steps at one grid point; return medians, ratios and extras."""
+    """Alternate tilt and the TRL presets one step at a time at one grid point; return medians,
+    ratios (tilt / each TRL preset) and tilt's distance to its FLOP floor."""
     model = model_dir(size, Path(a.cache))
     steps = a.warmup + a.repeats
     argv = ["--model", str(model), "--steps", str(steps), "--tokens", str(tokens), "--group", str(a.group),
@@ -66,11 +99,11 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dic
         argv.append("--force-length")
     logs = Path(a.out).with_suffix("")
     logs.mkdir(parents=True, exist_ok=True)
-    sides = {s: Worker(s, argv, logs / f"{size}-{tokens}-{s}.log") for s in ("tilt", "trl")}
-    rows: dict[str, list[dict]] = {"tilt": [], "trl": []}
+    names = ["tilt", *(f"trl_{t}" for t in a.trl.split(","))]
+    sides = {s: Worker(s, side_argv(s, a.trl_compile) + argv, logs / f"{size}-{tokens}-{s}.log") for s in names}
+    rows: dict[str, list[dict]] = {s: [] for s in names}
     for i in range(steps):
-        order = ("tilt", "trl") if i % 2 == 0 else ("trl", "tilt")  # A B, B A, ...: neither always goes first
-        for s in order:
+        for s in turn_order(names, i):
             r = sides[s].ask()
             if i >= a.warmup:
                 rows[s].append(r)
@@ -78,37 +111,53 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
-    out = {"size": size, "tokens": tokens, "params": sides["tilt"].hello["params"]}
-    for s in ("tilt", "trl"):
+    out = {"size": size, "tokens": tokens, "params": sides["tilt"].hello["params"], "sides": names}
+    for s in names:
         med = {p: statistics.median(r[p] for r in rows[s]) for p in PHASES}
         seq = statistics.median(r["seq_len"] for r in rows[s])
         # executed FLOPs: what this side's training phase actually computes (shared prompts, recompute)
         flops = statistics.median(matmul_flops(net, r["train_positions"], r["seq_len"], r["passes"]) for r in rows[s])
         out[s] = {**med, "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in rows[s]),
                   "rss_mb": rss[s], "train_flops_frac": flops / med["fwd_bwd"] / peak, "train_flops": flops,
+                  "passes": statistics.median(r["passes"] for r in rows[s]),
                   "completion_tokens": statistics.median(r["tokens"] for r in rows[s]), "seq_len": seq}
-    out["ratio"] = {p: out["tilt"][p] / out["trl"][p] if out["trl"][p] > 0 else None for p in PHASES}
-    # tilt's FLOP floor: its step's matmul FLOPs (training 3 passes + the reference pass over the same
-    # positions + one forward per sampled token, decode attention left out) at the measured peak
+    for s in names[1:]:
+        out[f"ratio_{s}"] = {p: out["tilt"][p] / out[s][p] if out[s][p] > 0 else None for p in PHASES}
+    # distance to the limit: tilt's step over its FLOP floor (its step's matmul FLOPs at the measured
+    # peak), and the phase with the most time above its own floor
     t = out["tilt"]
-    t["floor_s"] = (t["train_flops"] * 4 / 3 + matmul_flops(net, t["completion_tokens"], 0, 1.0)) / peak
+    floors = phase_floors(net, t, peak)
+    t["floor_s"] = sum(floors.values())
+    t["to_floor"] = t["step_s"] / t["floor_s"]
+    spent = {p: t[p] for p in ("generate", "ref", "fwd_bwd", "optimizer")}
+    spent["other"] = t["step_s"] - sum(spent.values())
+    t["excess_s"] = {p: spent[p] - floors[p] for p in floors}
+    t["dominant"] = max(t["excess_s"], key=t["excess_s"].get)
     return out
 
 
 def table(points: list[dict]) -> str:
-    """Markdown table of medians (s) and tilt/TRL ratios."""
-    head = ("| size | new tokens | step tilt / TRL (s) | ratio | generate | ref | fwd+bwd | optimizer | "
-            "tokens/s tilt / TRL | peak RSS tilt / TRL (MiB) | training phase FLOP/s, share of matmul peak, tilt / TRL | "
-            "tilt's FLOP floor / TRL step |")
+    """Markdown table: step medians (s), tilt / TRL ratios per preset and per phase (against the
+    first preset, TRL at its best), and tilt's distance to its FLOP floor."""
+    trl = points[0]["sides"][1:]
+    first = trl[0]
+    head = ("| size | new tokens | step tilt / " + " / ".join(trl) + " (s) | "
+            + " | ".join(f"tilt / {s}" for s in trl)
+            + f" | generate | ref | fwd+bwd | optimizer (vs {first}) | tokens/s tilt / {first} | "
+            f"peak RSS tilt / {first} (MiB) | training FLOP/s share of peak, tilt / {first} | "
+            "tilt step / tilt's FLOP floor | most time above floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
     for p in points:
-        t, r, q = p["tilt"], p["trl"], p["ratio"]
-        f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"| {p['size']} ({p['params'] / 1e6:.1f}M) | {p['tokens']} | {t['step_s']:.3f} / {r['step_s']:.3f} | "
-                     f"**{q['step_s']:.2f}** | {f(q['generate'])} | {f(q['ref'])} | {f(q['fwd_bwd'])} | "
-                     f"{f(q['optimizer'])} | {t['tokens_per_s']:.0f} / {r['tokens_per_s']:.0f} | "
-                     f"{t['rss_mb']:.0f} / {r['rss_mb']:.0f} | {t['train_flops_frac']:.0%} / {r['train_flops_frac']:.0%} | "
-                     f"{t['floor_s'] / r['step_s']:.2f} |")
+        t, b, q = p["tilt"], p[first], p[f"ratio_{first}"]
+        steps = " / ".join(f"{p[s]['step_s']:.3f}" for s in ("tilt", *trl))
+        ratios = " | ".join(f"**{p[f'ratio_{s}']['step_s']:.2f}**" for s in trl)
+        lines.append(f"| {p['size']} ({p['params'] / 1e6:.1f}M) | {p['tokens']} | {steps} | {ratios} | "
+                     f"{f(q['generate'])} | {f(q['ref'])} | {f(q['fwd_bwd'])} | {f(q['optimizer'])} | "
+                     f"{t['tokens_per_s']:.0f} / {b['tokens_per_s']:.0f} | {t['rss_mb']:.0f} / {b['rss_mb']:.0f} | "
+                     f"{t['train_flops_frac']:.0%} / {b['train_flops_frac']:.0%} | "
+                     f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
+                     f"(+{t['excess_s'][t['dominant']]:.3f} s) |")
     return "\n".join(lines)
 
 
@@ -125,9 +174,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-force-length", dest="force_length", action="store_false",
                    help="let EOS end completions (default: both sides mask EOS until max new tokens)")
+    p.add_argument("--trl", default="best,default",
+                   help="TRL presets to alternate with tilt, in report order: best (gradient checkpointing "
+                        "off) and/or default (GRPOConfig's defaults); ratios are tilt / each")
+    p.add_argument("--trl-compile", action="store_true", help="also torch_compile=True on the TRL side(s)")
     p.add_argument("--cache", default=str(HERE / ".cache"), help="where the 10M/30M model directories go")
     p.add_argument("--out", default=str(HERE / "results" / "step_time.json"))
     a = p.parse_args()
+    bad = [t for t in a.trl.split(",") if t not in ("best", "default")]
+    if bad or not a.trl:
+        raise SystemExit(f"--trl {a.trl!r}: a comma-separated list of best, default")
     Path(a.cache).mkdir(parents=True, exist_ok=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peak = measure_matmul_peak(a.threads)
@@ -140,8 +196,10 @@ def main() -> None:
             t0 = time.time()
             pt = run_point(size, tokens, a, peak)
             points.append(pt)
-            print(f"{size} x {tokens}: tilt {pt['tilt']['step_s']:.3f}s  TRL {pt['trl']['step_s']:.3f}s  "
-                  f"ratio {pt['ratio']['step_s']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
+            trl = "  ".join(f"{s} {pt[s]['step_s']:.3f}s (ratio {pt[f'ratio_{s}']['step_s']:.2f})"
+                            for s in pt["sides"][1:])
+            print(f"{size} x {tokens}: tilt {pt['tilt']['step_s']:.3f}s  {trl}  "
+                  f"tilt/floor {pt['tilt']['to_floor']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
     import torch
     import transformers
     import trl

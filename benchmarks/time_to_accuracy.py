@@ -30,6 +30,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import MIX, train_items, trl_reward, trl_rows, with_overrides  # noqa: E402
+from workers import trl_preset  # noqa: E402
 
 
 def heldout_pass1(model, tokenizer, items, seed: int) -> float:
@@ -60,7 +61,7 @@ def run_trl(lr: float, a: argparse.Namespace, eval_set) -> list[dict]:
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-tta-"), per_device_train_batch_size=a.prompts * a.group,
                       num_generations=a.group, max_completion_length=a.tokens, learning_rate=lr, beta=a.beta,
                       max_steps=a.steps, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-                      seed=0, temperature=1.0, disable_tqdm=True)
+                      seed=0, temperature=1.0, disable_tqdm=True, **trl_preset(a.trl_preset))
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_reward, args=args, train_dataset=ds)
     seed = EVAL_SEED_OFFSET
     curve = [{"step": 0, "train_s": 0.0, "pass1": heldout_pass1(model, tok, eval_set, seed)}]
@@ -116,6 +117,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--tilt-steps", type=int, default=None, help="tilt's run length (default: --steps)")
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--trl-preset", default="best", choices=["best", "default"],
+                   help="TRL's speed settings: best = gradient checkpointing off (same updates, faster at these "
+                        "sizes); default = GRPOConfig's defaults (gradient checkpointing on)")
     p.add_argument("--lrs", default="1e-4,3e-5,1e-5")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompts", type=int, default=16)

@@ -9,6 +9,13 @@ peak RSS per side meaningful; strict alternation means the two never run at the 
 Phases (seconds): ``generate`` (the sampling loop: tilt ``rollout.generate``, TRL
 ``model.generate``), ``ref`` (reference log-probs), ``fwd_bwd`` (policy forward, loss and
 backward), ``optimizer`` (gradient clipping and the optimizer step), ``step`` (the whole RL step).
+
+TRL runs in one of two presets (``--trl-preset``): ``default`` is ``GRPOConfig``'s defaults for
+everything the benchmark does not fix (notably ``gradient_checkpointing=True``, which recomputes the
+forward in the backward); ``best`` is what a user who wants speed at these model sizes sets:
+gradient checkpointing off (the activations of these models fit easily, so the recompute buys
+nothing). ``--trl-compile`` adds ``torch_compile=True`` to either preset (see benchmarks/README.md
+for why it is not part of ``best``).
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
     import tilt.trainer
     import tilt.wiring.sampling
     from tilt.config import Config
+    from tilt.providers.frozen import Reference
     from tilt.rollout import unique_prompts
     from tilt.trainer import build, data_offset, rollout_step
     from tilt.wiring.sampling import TrainStream
@@ -75,9 +83,7 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
     parts = build(cfg)
     box: dict[str, float] = {}
     tilt.wiring.sampling.generate = timed(tilt.wiring.sampling.generate, box, "generate")
-    from tilt.providers.frozen import Reference  # the reference pass: the "ref_logp" provider
-
-    Reference.rollout = timed(Reference.rollout, box, "ref")
+    Reference.rollout = timed(Reference.rollout, box, "ref")  # the reference pass (tilt/providers/frozen.py)
     stream = TrainStream(cfg.tasks.mix, offset=data_offset(cfg.seed))
     proto.send(ready=True, params=sum(p.numel() for p in parts.policy.model.parameters()))
     for step in range(1, a.steps + 1):
@@ -99,6 +105,17 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
     proto.send(rss_mb=peak_rss_mb())
 
 
+def trl_preset(preset: str, compile_model: bool = False) -> dict:
+    """``GRPOConfig`` arguments of a TRL preset: ``default`` (GRPOConfig's own defaults) or ``best``
+    (gradient checkpointing off); ``compile_model`` adds ``torch_compile=True``."""
+    if preset not in ("default", "best"):
+        raise ValueError(f"unknown TRL preset {preset!r}; valid: default, best")
+    kw: dict = {} if preset == "default" else {"gradient_checkpointing": False}
+    if compile_model:
+        kw["torch_compile"] = True
+    return kw
+
+
 def trl_worker(a: argparse.Namespace, proto: Protocol) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -116,7 +133,8 @@ def trl_worker(a: argparse.Namespace, proto: Protocol) -> None:
         report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False, seed=0, temperature=1.0,
         disable_tqdm=True, gradient_accumulation_steps=1, steps_per_generation=1, max_grad_norm=1.0,
         optim="adamw_torch_fused", adam_beta2=0.999, weight_decay=0.0,
-        generation_kwargs={"min_new_tokens": a.tokens} if a.force_length else None)
+        generation_kwargs={"min_new_tokens": a.tokens} if a.force_length else None,
+        **trl_preset(a.trl_preset, a.trl_compile))
     box: dict[str, float] = {}
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_reward, args=args, train_dataset=ds)
     model.generate = timed(model.generate, box, "generate")
@@ -183,6 +201,9 @@ def main() -> None:
     p.add_argument("--loss", default="dapo")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force-length", action="store_true")
+    p.add_argument("--trl-preset", default="best", choices=["best", "default"],
+                   help="TRL side: best = gradient checkpointing off; default = GRPOConfig's defaults")
+    p.add_argument("--trl-compile", action="store_true", help="TRL side: torch_compile=True as well")
     a = p.parse_args()
     proto = Protocol()
     (tilt_worker if a.side == "tilt" else trl_worker)(a, proto)

@@ -17,22 +17,41 @@ def _run(args: list[str]) -> str:
 
 
 def test_step_time_benchmark_runs_one_tiny_point(tmp_path):
-    """Both sides (tilt and TRL's GRPOTrainer) take alternating steps on the shipped model and the
-    report has every phase, the ratios, RSS and the FLOP share."""
+    """tilt and TRL's GRPOTrainer at its best settings and at its defaults take alternating steps on
+    the shipped model, and the report has every phase, both ratios, RSS, the FLOP share and tilt's
+    distance to its FLOP floor."""
     res = tmp_path / "step.json"
     stdout = _run(["benchmarks/step_time.py", "--sizes", "1m", "--tokens", "4", "--warmup", "0", "--repeats", "1",
                    "--prompts", "2", "--group", "2", "--threads", "1", "--out", str(res)])
-    assert "| 1m" in stdout and "matmul peak" in stdout
+    assert "| 1m" in stdout and "matmul peak" in stdout and "tilt / trl_best | tilt / trl_default" in stdout
     data = json.loads(res.read_text())
     (pt,) = data["points"]
     assert data["meta"]["trl"].startswith("1.16") and data["meta"]["matmul_peak_flops"] > 0
-    for side in ("tilt", "trl"):
+    assert pt["sides"] == ["tilt", "trl_best", "trl_default"]
+    for side in pt["sides"]:
         s = pt[side]
-        assert s["completion_tokens"] == 2 * 2 * 4, "min_new_tokens must force the length on both sides"
+        assert s["completion_tokens"] == 2 * 2 * 4, "min_new_tokens must force the length on every side"
         assert all(s[k] > 0 for k in ("generate", "ref", "fwd_bwd", "optimizer", "step_s", "rss_mb", "train_flops"))
         assert s["step_s"] >= s["generate"] + s["fwd_bwd"]
-    assert 0 < pt["tilt"]["floor_s"] < pt["tilt"]["step_s"], "the FLOP floor at peak is below the measured step"
-    assert abs(pt["ratio"]["step_s"] - pt["tilt"]["step_s"] / pt["trl"]["step_s"]) < 1e-12
+    # the presets differ only in gradient checkpointing: 4 passes (recomputed forward) against 3
+    assert (pt["trl_best"]["passes"], pt["trl_default"]["passes"]) == (3.0, 4.0)
+    assert pt["trl_default"]["train_flops"] == 4 / 3 * pt["trl_best"]["train_flops"]
+    t = pt["tilt"]
+    assert 0 < t["floor_s"] < t["step_s"], "the FLOP floor at peak is below the measured step"
+    assert abs(t["to_floor"] - t["step_s"] / t["floor_s"]) < 1e-12
+    assert t["dominant"] in t["excess_s"] and t["excess_s"][t["dominant"]] == max(t["excess_s"].values())
+    for side in ("trl_best", "trl_default"):
+        assert abs(pt[f"ratio_{side}"]["step_s"] - t["step_s"] / pt[side]["step_s"]) < 1e-12
+
+
+def test_turn_order_rotates_and_reverses():
+    """Three sides: rounds 0-2 rotate A B C, B C A, C A B; rounds 3-5 run them backwards."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_time import turn_order
+
+    got = ["".join(turn_order(list("ABC"), i)) for i in range(6)]
+    assert got == ["ABC", "BCA", "CAB", "CBA", "ACB", "BAC"]
+    assert ["".join(turn_order(list("AB"), i)) for i in range(4)] == ["AB", "BA", "BA", "AB"]
 
 
 def test_time_to_accuracy_benchmark_runs_tiny(tmp_path):
@@ -41,7 +60,7 @@ def test_time_to_accuracy_benchmark_runs_tiny(tmp_path):
     res = tmp_path / "tta.json"
     stdout = _run(["benchmarks/time_to_accuracy.py", "--steps", "2", "--eval-every", "1", "--lrs", "1e-5",
                    "--prompts", "2", "--group", "2", "--eval-per-cell", "2", "--threads", "1", "--out", str(res),
-                   "--tilt-config", "configs/fast.yaml"])
+                   "--tilt-config", "configs/fast.yaml", "--tilt-set", "train.minibatches=2"])  # at most B=2 groups
     assert "TRL best held-out pass@1" in stdout
     data = json.loads(res.read_text())
     assert [c["step"] for c in data["trl_curves"]["1e-05"]] == [0, 1, 2]
@@ -50,3 +69,16 @@ def test_time_to_accuracy_benchmark_runs_tiny(tmp_path):
     cfg = data["tilt_runs"][0]["config"]
     assert cfg["selection"]["name"] == "dynamic_sampling" and cfg["train"]["minibatch_by"] == "group"
     assert (cfg["rollout"]["group_size"], cfg["rollout"]["prompts_per_step"]) == (2, 2)
+
+
+def test_onpolicy_reuse_measurement_runs_and_gradients_agree():
+    """The on-policy pass-reuse measurement runs on the shipped model (4 tokens, 2 rows) and the two
+    ways of getting the policy gradient (decoding with the graph kept, teacher-forced recompute)
+    give the same gradient to 1e-5 (decode and teacher forcing round differently)."""
+    import re
+
+    stdout = _run(["benchmarks/onpolicy_reuse.py", "--size", "1m", "--tokens", "4", "--prompts", "1", "--group", "2",
+                   "--repeats", "1", "--threads", "1"])
+    assert "keep / recompute =" in stdout
+    diff = float(re.search(r"gradient max \|recompute - keep\| = (\S+)", stdout).group(1))
+    assert diff < 1e-5

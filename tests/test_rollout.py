@@ -152,3 +152,46 @@ def test_lean_decoder_equals_hf_forward(tiny_llama_dir):
     lp, _ = sequence_logprobs(pol.model, fast.prompt_ids, fast.prompt_mask, fast.completion_ids,
                               fast.completion_mask)
     torch.testing.assert_close(lp * fast.completion_mask, fast.logprobs, atol=1e-5, rtol=0)
+
+
+def test_grouped_decoder_equals_per_row_cache(tiny_llama_dir):
+    """Prompts shared in equal groups (rows a b c d a b c d, G = 2, left-padded to different
+    lengths) decode with each prompt's keys held once (GroupedDecoder): the same tokens as the
+    per-row-cache lean step, and log-probs equal to float rounding (1e-6)."""
+    import tilt.fastdecode as fastdecode
+    import tilt.rollout as rollout
+
+    pol = load_policy(str(tiny_llama_dir))
+    made = []
+    orig = rollout.grouped_decoder
+
+    def spy(*a, **k):
+        made.append(orig(*a, **k))
+        return made[-1]
+
+    rollout.grouped_decoder = spy
+    try:
+        grouped = _rollout(pol, PROMPTS * 2, max_new_tokens=16)
+        rollout.grouped_decoder = lambda *a, **k: None  # the per-row cache path
+        per_row = _rollout(pol, PROMPTS * 2, max_new_tokens=16)
+    finally:
+        rollout.grouped_decoder = orig
+    assert len(made) == 1 and isinstance(made[0], fastdecode.GroupedDecoder) and (made[0].u, made[0].g) == (4, 2)
+    assert torch.equal(grouped.completion_ids, per_row.completion_ids)
+    assert torch.equal(grouped.completion_mask, per_row.completion_mask)
+    torch.testing.assert_close(grouped.logprobs, per_row.logprobs, atol=1e-6, rtol=0)
+
+
+def test_grouped_decoder_needs_equal_groups(tiny_llama_dir):
+    """Rows a a a b (3 and 1 samples) keep the per-row cache: no GroupedDecoder is built."""
+    import tilt.rollout as rollout
+
+    pol = load_policy(str(tiny_llama_dir))
+    calls = []
+    orig = rollout.grouped_decoder
+    rollout.grouped_decoder = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        b = _rollout(pol, [PROMPTS[0]] * 3 + [PROMPTS[1]])
+    finally:
+        rollout.grouped_decoder = orig
+    assert calls == [] and b.completion_ids.shape[0] == 4

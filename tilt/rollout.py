@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tilt.batch import RolloutBatch
-from tilt.fastdecode import lean_decoder
+from tilt.fastdecode import grouped_decoder, lean_decoder, lean_supported
 
 
 @dataclass(frozen=True)
@@ -157,16 +157,27 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
     attn = prompt_mask.clone()  # [N, P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P] positions ignore left padding
     capacity = prompt_ids.shape[1] + params.max_new_tokens
-    shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity))
-    if shared is not None:  # G samples per prompt: each distinct prompt was prefilled once
-        out, inverse = shared
-        logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
-    else:
-        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
-                    past_key_values=preallocated_cache(model, capacity), use_cache=True)
-        logits = out.logits[:, -1]  # [N, V]
-    past = out.past_key_values
-    fast = lean_decoder(model, past) if params.lean and past is not None else None  # see tilt.fastdecode
+    fast = past = None
+    if params.lean and lean_supported(model):  # G samples per prompt: prompt keys held once per prompt
+        u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
+        counts = torch.bincount(inverse, minlength=u_ids.shape[0])  # [U] rows per prompt
+        if 2 * u_ids.shape[0] <= n and bool((counts == counts[0]).all()):
+            u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+            out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
+                        past_key_values=preallocated_cache(model, prompt_ids.shape[1]))
+            fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens)
+            logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
+    if fast is None:
+        shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity))
+        if shared is not None:  # G samples per prompt: each distinct prompt was prefilled once
+            out, inverse = shared
+            logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
+        else:
+            out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
+                        past_key_values=preallocated_cache(model, capacity), use_cache=True)
+            logits = out.logits[:, -1]  # [N, V]
+        past = out.past_key_values
+        fast = lean_decoder(model, past) if params.lean and past is not None else None  # see tilt.fastdecode
     next_pos = pos[:, -1] + 1  # [N]
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     toks, lps, masks = [], [], []
