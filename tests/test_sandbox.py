@@ -84,7 +84,8 @@ def test_hostile_programs_score_zero_and_change_nothing(tmp_path, monkeypatch):
     r, counts, msgs = score([fn], [1.0], ["p"] * len(names), completions, {"tests": tests}, timeout=120)
     elapsed = time.time() - t0
     assert dict(zip(names, r)) == {**{k: 0.0 for k in hostile}, "honest": 1.0}
-    assert counts == {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0} and not msgs
+    assert counts == {"reward/errors": 0.0, "reward/nonfinite": 0.0, "reward/timeouts": 0.0,
+                      "reward/crashes": 0.0} and not msgs
     # 9 sandboxes, each stopped by its 4 s wall clock at the latest, two at a time on 2 CPUs
     assert elapsed < 9 * LIMITS["wall_s"] + 10
     assert _tree(guard) == before and not Path(outside).exists()
