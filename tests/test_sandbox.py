@@ -117,10 +117,12 @@ def test_each_limit_stops_its_attack():
     assert res.status == "error" and "File too large" in res.stderr
     import tempfile
 
-    sibling = Path(tempfile.mkdtemp(prefix="tilt-sandbox-sibling-"))  # e.g. another sample's scratch
+    from tilt.verifiers.sandbox import scratch_root
+
+    sibling = Path(tempfile.mkdtemp(prefix="tilt-sandbox-sibling-", dir=scratch_root()))  # another sample's scratch
     res = run_python("import os\nprint(os.listdir(os.path.dirname(os.getcwd())) == [os.path.basename(os.getcwd())])")
     sibling.rmdir()
-    assert res.stdout == "True\n"  # scratch's parent (the temp dir) shows only scratch itself
+    assert res.stdout == "True\n"  # scratch's parent (the sandboxes' root) shows only scratch itself
     res = run_python("import os\nprint(sorted(n for n in os.listdir('/dev') if not os.path.islink('/dev/' + n)))")
     assert res.stdout.split("\n")[0] == str(["full", "null", "random", "urandom", "zero"])  # no disks, no tty
     res = run_python("import os\nprint(sorted(os.environ))\nopen('mine.txt', 'w').write('scratch is writable')\n"
@@ -173,15 +175,15 @@ def test_sandboxes_of_a_killed_caller_are_swept():
     import sys
     import tempfile
 
-    from tilt.verifiers.sandbox import _pids_cgroup_root
+    from tilt.verifiers.sandbox import _pids_cgroup_root, scratch_root
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its PID now names no live process
     cg = _pids_cgroup_root() / f"tilt-sandbox-{dead.pid}-orphan"
     cg.mkdir()
-    scratch = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{dead.pid}-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{dead.pid}-", dir=scratch_root()))
     (scratch / "program.py").write_text("print(1)")
-    mine = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{os.getpid()}-"))  # a live caller's: kept
+    mine = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{os.getpid()}-", dir=scratch_root()))  # a live caller's: kept
     assert run_python("print(1)").stdout == "1\n"
     assert not cg.exists() and not scratch.exists() and mine.exists()
     mine.rmdir()

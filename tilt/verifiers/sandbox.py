@@ -6,7 +6,7 @@ One program runs as PID 1's child in fresh Linux namespaces (``unshare``; see ``
 |---|---|
 | network | new network namespace (``unshare --net``): only a down loopback, every connect fails |
 | writes outside scratch | private mount namespace, every mount remounted read-only, scratch bound read-write |
-| devices, other samples | a fresh /dev with only null/zero/full/random/urandom; an empty tmpfs over scratch's parent |
+| devices, other samples | a fresh /dev with only null/zero/full/random/urandom; an empty tmpfs over scratch's parent ($TMPDIR/tilt-sandboxes, holding only sandboxes) |
 | parent's environment | scrubbed ``env``; new PID namespace + fresh ``/proc``, so no ``/proc/<ppid>/environ`` |
 | killing its parent | new PID namespace: the caller's PID is not visible; all capabilities dropped |
 | fork bombs | a pids cgroup with ``pids.max`` (root is exempt from RLIMIT_NPROC; RLIMIT_NPROC set too) |
@@ -110,10 +110,20 @@ def _pids_cgroup_root() -> Optional[Path]:
     return None
 
 
+def scratch_root() -> Path:
+    """The directory holding every sandbox's scratch directory and nothing else. The jail covers it
+    with an empty read-only tmpfs (so a program sees no other sample's scratch); it must not be an
+    ancestor of the interpreter or of tilt itself, which a checkout under /tmp would be if the
+    scratch directories sat directly in /tmp."""
+    root = Path(tempfile.gettempdir()) / "tilt-sandboxes"
+    root.mkdir(mode=0o700, exist_ok=True)
+    return root
+
+
 def _sweep_orphans(root: Path) -> None:
     """Remove the cgroups and scratch directories of sandboxes whose calling process has died
     (killed before its ``finally`` ran); their names carry the caller's PID."""
-    for d in [*root.glob("tilt-sandbox-*-*"), *Path(tempfile.gettempdir()).glob("tilt-sandbox-*-*")]:
+    for d in [*root.glob("tilt-sandbox-*-*"), *scratch_root().glob("tilt-sandbox-*-*")]:
         try:
             owner = int(d.name.split("-")[2])
             os.kill(owner, 0)
@@ -171,7 +181,7 @@ def run_python(program: str, *, stdin: str = "", limits: Optional[dict | Sandbox
     lim = make_limits(limits)
     check_sandbox()
     cg = _make_cgroup(lim.max_procs)
-    scratch = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{os.getpid()}-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"tilt-sandbox-{os.getpid()}-", dir=scratch_root()))
     try:
         (scratch / "program.py").write_text(program)
         (scratch / "stdin.txt").write_text(stdin)
