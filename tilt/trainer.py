@@ -66,11 +66,11 @@ class Parts:
     select: Filter  # the selector's batch filter (keep_all by default)
     draw: Optional[Callable] = None  # a selector's draw rule (meta "draw", e.g. dynamic sampling), with its kwargs
     adv_keywords: frozenset[str] = frozenset()  # estimator keywords a provider fills (not configured ones)
+    reward_state: RewardState = field(default_factory=RewardState)  # trainer_state of reward functions
 
     @property
     def ref_model(self) -> Optional[torch.nn.Module]:
         return self.run.ref_model
-    reward_state: RewardState = field(default_factory=RewardState)  # trainer_state of reward functions
 
 
 def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
