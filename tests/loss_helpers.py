@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from tilt.kl import categorical_kl
 from tilt.losses import LOSSES
 from tilt.reduction import reduce_tokens, reduction_denominator
 
@@ -23,3 +24,14 @@ def ref_given_correct():
     """pi_ref restricted to the correct answers, renormalised."""
     p = torch.softmax(REF, -1) * CORRECT
     return p / p.sum(-1, keepdim=True)
+
+
+def with_exact_reverse_kl(name, beta):
+    """Loss ``name`` + beta * KL(pi(.|s) || pi_ref(.|s)) from the full logits, as the learner adds it."""
+    fn = LOSSES.get(name)
+
+    def call(inp, **kw):
+        per_token, _ = fn(inp, **kw)
+        return per_token + beta * categorical_kl(inp.logits, inp.ref_logits)
+
+    return call

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from loss_helpers import with_exact_reverse_kl
 from tilt.batch import PolicyLossInput
 from tilt.exact import make_bandit, make_tree, optimal_policy, sequence_probs, solve, tilted_distribution, total_variation
-from tilt.kl import categorical_kl, k3, k3_is
+from tilt.kl import k3, k3_is
 from tilt.losses import LOSSES
 from tilt.reduction import reduce_tokens, reduction_denominator
 
@@ -116,16 +117,6 @@ BETA = 0.5
 PEERS = ["bnpo", "cispo", "sapo", "luspo", "vespo"]
 
 
-def _with_exact_reverse_kl(name, beta):
-    fn = LOSSES.get(name)
-
-    def call(inp, **kw):
-        per_token, _ = fn(inp, **kw)
-        return per_token + beta * categorical_kl(inp.logits, inp.ref_logits)
-
-    return call
-
-
 @pytest.mark.parametrize("name", PEERS)
 def test_peer_losses_reach_tilted_optimum_with_reverse_kl(name):
     """On-policy every weight is 1 and every gate has slope 1 (CISPO w = 1, SAPO f'(1) = 1, VESPO
@@ -134,7 +125,7 @@ def test_peer_losses_reach_tilted_optimum_with_reverse_kl(name):
     reward, token-level ratio) it reaches pi* = pi_ref exp(r/beta) / Z."""
     bandit = make_bandit(n_prompts=2, n_answers=4, seed=1)
     mode = LOSSES.entry(name).meta["reduction"]
-    p = solve(_with_exact_reverse_kl(name, BETA), bandit, beta=BETA, mode=mode, steps=60, lr=0.3)
+    p = solve(with_exact_reverse_kl(name, BETA), bandit, beta=BETA, mode=mode, steps=60, lr=0.3)
     assert total_variation(p, optimal_policy(bandit, BETA)) < 0.02
     tree = make_tree(depth=2, vocab=3, seed=0)
     kw = {"level": "token"} if name == "luspo" else {}  # reward-to-go differs per token on a tree

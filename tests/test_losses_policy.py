@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
+from loss_helpers import with_exact_reverse_kl
 from tilt.batch import PolicyLossInput
 from tilt.exact import (Bandit, make_bandit, make_tree, maximize_objective, optimal_policy, sequence_probs,
                         solve, tilted_distribution, total_variation)
-from tilt.kl import categorical_kl, k3
+from tilt.kl import k3
 from tilt.losses import LOSSES
 from tilt.reduction import reduce_tokens, reduction_denominator
 
@@ -129,17 +130,6 @@ BETA = 0.5
 B1 = ["reinforce", "ppo_clip", "grpo", "dapo", "dr_grpo", "gspo"]
 
 
-def _with_exact_reverse_kl(name, beta):
-    """``name`` + beta * KL(pi(.|s) || pi_ref(.|s)) from the full logits, as the learner adds it."""
-    fn = LOSSES.get(name)
-
-    def call(inp, **kw):
-        per_token, _ = fn(inp, **kw)
-        return per_token + beta * categorical_kl(inp.logits, inp.ref_logits)
-
-    return call
-
-
 @pytest.mark.parametrize("name", B1)
 def test_reaches_tilted_optimum_with_reverse_kl(name):
     """On-policy with the infinite-group baseline, each B1 surrogate has gradient E[A grad log pi]
@@ -148,7 +138,7 @@ def test_reaches_tilted_optimum_with_reverse_kl(name):
     gradient of E[r] - beta KL(pi || pi_ref), whose maximiser is pi_ref exp(r/beta) / Z."""
     bandit = make_bandit(n_prompts=2, n_answers=4, seed=1)
     mode = LOSSES.entry(name).meta["reduction"]
-    p = solve(_with_exact_reverse_kl(name, BETA), bandit, beta=BETA, mode=mode, steps=60, lr=0.3)
+    p = solve(with_exact_reverse_kl(name, BETA), bandit, beta=BETA, mode=mode, steps=60, lr=0.3)
     assert total_variation(p, optimal_policy(bandit, BETA)) < 0.02
     tree = make_tree(depth=2, vocab=3, seed=0)
     p = solve(name, tree, beta=BETA, kl="k1", steps=60, lr=0.3)

@@ -48,6 +48,20 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
+def _qkv(ly: dict, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode position's queries, keys and values of layer ``ly``: RMS norm, the fused q/k/v
+    projection, rotary embedding on q and k. h [N, H] -> q [N, nq, 1, d], k and v [N, nkv, 1, d]."""
+    n = h.shape[0]
+    x = F.rms_norm(h, (h.shape[-1],), ly["in_w"], ly["in_eps"])  # [N, H]
+    qkv = F.linear(x, *ly["qkv"])  # [N, (nq + 2 nkv) d]
+    q = qkv[:, :nq * d].view(n, nq, 1, d)
+    k = qkv[:, nq * d:(nq + nkv) * d].view(n, nkv, 1, d)
+    v = qkv[:, (nq + nkv) * d:].reshape(n, nkv, 1, d)
+    q = q * cos + _rotate_half(q) * sin  # Eq. 34 of RoFormer (arXiv:2104.09864), HF layout
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
 class LeanDecoder:
     """Fused weights of one model, built once per ``generate`` call (weights are read, not copied
     back: the decoder is for sampling under ``torch.no_grad``)."""
@@ -87,13 +101,7 @@ class LeanDecoder:
         keep = attn_mask.bool()[:, None, None, :]  # [N, 1, 1, L]
         nq, nkv = self.nq, self.nkv
         for i, ly in enumerate(self.layers):
-            x = F.rms_norm(h, (h.shape[-1],), ly["in_w"], ly["in_eps"])  # [N, H]
-            qkv = F.linear(x, *ly["qkv"])  # [N, (nq + 2 nkv) d]
-            q = qkv[:, :nq * d].view(n, nq, 1, d)
-            k = qkv[:, nq * d:(nq + nkv) * d].view(n, nkv, 1, d)
-            v = qkv[:, (nq + nkv) * d:].reshape(n, nkv, 1, d)
-            q = q * cos + _rotate_half(q) * sin  # Eq. 34 of RoFormer (arXiv:2104.09864), HF layout
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = _qkv(ly, h, cos, sin, nq, nkv, d)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
             keys, values = self.cache.layers[i].update(k, v)  # [N, nkv, L, d]
             if nkv != nq:  # grouped-query attention
                 keys = keys.repeat_interleave(nq // nkv, 1)
@@ -165,18 +173,12 @@ class GroupedDecoder(LeanDecoder):
         """Logits [N, V] for one new token per row (caller's row order). ``attn_mask`` is not
         read: the prompt's padding is known and every generated position is attended to."""
         tok, pos = tok.index_select(0, self.perm), pos.index_select(0, self.perm)  # prompt order
-        n, d, nq, nkv = tok.shape[0], self.head_dim, self.nq, self.nkv
+        d, nq, nkv = self.head_dim, self.nq, self.nkv
         h = F.embedding(tok, self.embed)  # [N, H]
         cos, sin = self.rotary(h, pos[:, None])  # [N, 1, d] each
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [N, 1, 1, d]
         for i, ly in enumerate(self.layers):
-            x = F.rms_norm(h, (h.shape[-1],), ly["in_w"], ly["in_eps"])  # [N, H]
-            qkv = F.linear(x, *ly["qkv"])  # [N, (nq + 2 nkv) d]
-            q = qkv[:, :nq * d].view(n, nq, 1, d)
-            k = qkv[:, nq * d:(nq + nkv) * d].view(n, nkv, 1, d)
-            v = qkv[:, (nq + nkv) * d:].reshape(n, nkv, 1, d)
-            q = q * cos + _rotate_half(q) * sin  # Eq. 34 of RoFormer (arXiv:2104.09864), HF layout
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = _qkv(ly, h, cos, sin, nq, nkv, d)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
             h = h + F.linear(self.attend(i, q, k, v), *ly["o"])
             x = F.rms_norm(h, (h.shape[-1],), ly["post_w"], ly["post_eps"])
             gu = F.linear(x, *ly["gu"])  # [N, 2 I]
