@@ -228,8 +228,11 @@ def _hand_made_runs(out: Path, spec) -> None:
         run.run_dir.mkdir(parents=True)
         # two cells averaging to s: (s - 0.05 + s + 0.05) / 2 = s
         cells = {"addition:1": {"greedy": s - 0.05, "pass1": 0.0}, "addition:2": {"greedy": s + 0.05, "pass1": 0.0}}
+        # before training: a starts 0.1 below its final score, b at 0.5 on every seed
+        b0 = s - 0.1 if run.method == "a" else 0.5
+        before = {"addition:1": {"greedy": b0 - 0.02, "pass1": 0.0}, "addition:2": {"greedy": b0 + 0.02, "pass1": 0.0}}
         (run.run_dir / "summary.json").write_text(json.dumps({
-            "complete": True, "heldout": {"per_cell": cells}, "config_hash": f"h{run.method}{run.seed}",
+            "complete": True, "heldout": {"per_cell": cells, "per_cell_before": before}, "config_hash": f"h{run.method}{run.seed}",
             "versions": {"torch": "x"}}))
         (run.run_dir / "metrics.jsonl").write_text(
             json.dumps({"step": 0, "eval/greedy": 0.0}) + "\n" + json.dumps({"step": 5, "eval/greedy": s}) + "\n")
@@ -254,6 +257,12 @@ def test_report_tables_hold_hand_computed_numbers_and_pngs_are_written(tmp_path)
     # every b run beats every a run: P(b > a) = 1 with CI [1, 1]
     assert "| b | 1.000 | [1.000, 1.000] |" in md
     assert "| a | 0.250 |" in md and "| b | 0.600 |" in md  # per-task means
+    # paired change: a gains exactly 0.1 on every run -> every bootstrap mean is 0.1, CI [0.1, 0.1];
+    # a before = mean(0.0, 0.1, 0.2, 0.3) = 0.15, after 0.25. b gains 0.0, 0.1, 0.2: mean 0.1, CI inside [0, 0.2]
+    assert "| a | 0.150 | 0.250 | 0.100 | [0.100, 0.100] | yes |" in md
+    assert "| b | 0.500 | 0.600 | 0.100 |" in md
+    low, high = res["stats"]["change"]["b"]["low"], res["stats"]["change"]["b"]["high"]
+    assert 0.0 <= low < 0.1 < high <= 0.2 + 1e-12
     assert "| b__addition-1-2__seed2 | b | addition:1-2 | 2 | 0.700 | hb2 |" in md
     assert "| eval | addition | 100..103 | 4 | 7 | no |" in md and "| train | addition | 10..19 |" in md
     assert "b__addition-1-2__seed3" in md.split("## Not finished")[1]

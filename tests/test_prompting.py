@@ -40,3 +40,29 @@ def test_bad_prompt_settings_are_config_errors(tiny_llama_dir):
     cfg = load_config(None, [f"model.path={tiny_llama_dir}", "model.chat_template=true"])
     with pytest.raises(ConfigError, match=r"chat_template=true but the tokenizer .* has no chat template"):
         load_train_policy(cfg.model)
+
+
+def test_tilt_eval_of_a_run_applies_the_runs_prompt_format(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    import tilt.evaluation_cli as ev
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama_dir, run / "final")
+    cfg = load_config(None, [f"model.path={tiny_llama_dir}", "model.prompt_format=q {prompt} a", "tasks.mix=addition:1"])
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    seen = {}
+
+    def fake_evaluate(model, tokenizer, items, **kw):  # what the evaluator would tokenize
+        seen["prompt"] = tokenizer.decode(encode_prompts(tokenizer, [items[0].prompt])[0][0, 1:].tolist(),
+                                          skip_special_tokens=True)
+        seen["item"] = items[0].prompt
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ev, "evaluate_items", fake_evaluate)
+    with pytest.raises(SystemExit):
+        ev.run_eval(str(run), tasks=None, per_cell=1, n=1, k="1", split="eval", allow_contaminated=False,
+                    out=None, seed=0, max_new_tokens=2)
+    assert seen["prompt"] == f"q {seen['item']} a"

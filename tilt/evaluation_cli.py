@@ -18,6 +18,7 @@ from tilt.decoding.lm import decoding_from_config
 from tilt.evaluate import evaluate_items
 from tilt.evaluation.report import build_eval_report, check_seed_overlap, render_eval_table
 from tilt.model import load_policy
+from tilt.models.prompting import formatted
 from tilt.rewards import check_signature, resolve_reward_fn
 from tilt.tasks.mix import eval_items, parse_mix, sample_items
 
@@ -85,6 +86,7 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
     weights = (cfg.reward.weights if not rewards else None) or [1.0] * len(fns)
     ks = [int(x) for x in k.split(",") if x.strip()]
     pol = load_policy(model_path)
+    pol.tokenizer = formatted(pol.tokenizer, cfg.model)  # the run's prompt_format / chat_template, as in training
     allowed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"allow_contaminated": True})})
     # overlap is counted here and refused below
     source = eval_only_source(cfg, pol.tokenizer, data) if own_train else build_source(allowed, pol.tokenizer)

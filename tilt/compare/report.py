@@ -22,13 +22,19 @@ from tilt.compare.runner import expand_grid, run_status
 from tilt.compare.spec import CompareSpec
 
 
-def run_score(summary: dict, metric: str) -> float:
-    """Held-out ``metric`` after training: mean over the run's cells (else the overall number)."""
+def run_score(summary: dict, metric: str, when: str = "after") -> float | None:
+    """Held-out ``metric`` after (or before) training: mean over the run's cells, else the overall number.
+
+    ``when="before"`` reads the evaluation of the untrained model; None if the summary has none.
+    """
     heldout = summary["heldout"]
-    cells = heldout.get("per_cell") or {}
+    cells = heldout.get("per_cell" if when == "after" else "per_cell_before") or {}
     if cells:
         return float(np.mean([cell[metric] for cell in cells.values()]))
-    return float(heldout[f"{metric}_after"])
+    value = heldout.get(f"{metric}_{when}")
+    if value is None and when == "after":
+        raise KeyError(f"summary has no held-out {metric!r} score")
+    return None if value is None else float(value)
 
 
 def read_curve(run_dir: Path, metric: str) -> dict[int, float]:
@@ -48,6 +54,7 @@ class Collected:
     """Finished runs of a grid, shaped for the statistics."""
 
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [seeds, tasks]
+    before: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [seeds, tasks], untrained model
     seeds: dict[str, list[int]] = field(default_factory=dict)  # method -> seeds with every task done
     curves: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict)  # method -> (steps, [seeds, tasks, points])
     runs: list[dict] = field(default_factory=list)  # one row per finished run
@@ -65,7 +72,8 @@ def collect_runs(spec: CompareSpec, out_dir: Path) -> Collected:
         summary = json.loads((run.run_dir / "summary.json").read_text())
         seeds_path = run.run_dir / "seeds.json"
         row = {"name": run.name, "method": run.method, "task": run.task, "seed": run.seed,
-               "score": run_score(summary, spec.metric), "config_hash": summary.get("config_hash"),
+               "score": run_score(summary, spec.metric), "before": run_score(summary, spec.metric, "before"),
+               "config_hash": summary.get("config_hash"),
                "versions": summary.get("versions") or {},
                "seeds": json.loads(seeds_path.read_text()) if seeds_path.is_file() else None,
                "curve": read_curve(run.run_dir, spec.metric)}
@@ -78,6 +86,8 @@ def collect_runs(spec: CompareSpec, out_dir: Path) -> Collected:
         rows = [[by_key[(method, t, s)] for t in spec.tasks] for s in seeds]  # [seeds][tasks]
         out.seeds[method] = seeds
         out.scores[method] = np.array([[r["score"] for r in rr] for rr in rows])  # [seeds, tasks]
+        if all(r["before"] is not None for rr in rows for r in rr):
+            out.before[method] = np.array([[r["before"] for r in rr] for rr in rows])  # [seeds, tasks]
         steps = sorted(set.intersection(*(set(r["curve"]) for rr in rows for r in rr)))
         if steps:
             curve = np.array([[[r["curve"][k] for k in steps] for r in rr] for rr in rows])  # [seeds, tasks, points]
@@ -158,6 +168,14 @@ def render_markdown(spec: CompareSpec, col: Collected, res: dict, plots: list[st
             [m, _f(iv["point"]), _ci(iv)] for m, iv in st["improvement_vs_baseline"].items()])
     else:
         lines.append(f"Not available: the baseline `{spec.baseline}` has no finished seed, or it is the only method.")
+    if st.get("change"):
+        lines += ["", "## Before -> after training", "",
+                  f"Held-out {spec.metric} of the untrained model (evaluated by each run at step 0 on the same items) "
+                  "and after training; change = after - before per run, its mean over runs with a stratified-bootstrap "
+                  "CI (paired: each run is compared with its own starting point).", ""]
+        lines += _table(["method", "before (mean)", "after (mean)", "change (mean)", "95% CI", "CI excludes 0"], [
+            [m, _f(float(col.before[m].mean())), _f(float(col.scores[m].mean())), _f(iv["point"]), _ci(iv),
+             "yes" if iv["low"] > 0 or iv["high"] < 0 else "no"] for m, iv in st["change"].items()])
     lines += ["", "## Mean score per task (over seeds)", ""]
     lines += _table(["method", *spec.tasks], [[m, *map(_f, st["per_task_mean"][m])] for m in col.scores])
     lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots), "", "## Runs", ""]
@@ -205,6 +223,10 @@ def write_report(spec: CompareSpec, out_dir: str | Path, *, reps: int = 2000, se
         res["stats"] = stats.compare_methods(col.scores, baseline=baseline, reps=reps, seed=seed)
         if spec.baseline not in col.scores:
             res["stats"]["improvement_vs_baseline"] = {}
+        if col.before:
+            res["stats"]["change"] = {m: iv.to_dict() for m, iv in stats.change_intervals(
+                col.before, {m: col.scores[m] for m in col.before}, reps=reps, seed=seed).items()}
+            res["before"] = {m: s.tolist() for m, s in col.before.items()}
         res["scores"] = {m: s.tolist() for m, s in col.scores.items()}
         curves = {m: c for m, (_, c) in col.curves.items()}
         res["curves"] = {m: dict(steps=col.curves[m][0], **iv)

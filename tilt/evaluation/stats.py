@@ -132,6 +132,32 @@ def improvement_intervals(
     return _intervals(points, {name: np.asarray(ci).reshape(2, 1) for name, ci in cis.items()}, 0)
 
 
+def change_intervals(
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    *,
+    reps: int = DEFAULT_REPS,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Mean paired change after - before per method, with a stratified-bootstrap CI.
+
+    ``before[m]`` and ``after[m]`` are [n_runs, n_tasks] with row i the same run; the statistic is
+    mean(after - before) over runs and tasks, the runs resampled within each task
+    (``rliable.library.get_interval_estimates``, as for the aggregates).
+    """
+    diffs = {}
+    for name, b in _check_scores(before).items():
+        a = np.asarray(after[name], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"before[{name!r}] has shape {b.shape} but after has {a.shape}")
+        diffs[name] = a - b
+    with seeded_numpy(seed):
+        points, cis = rly.get_interval_estimates(diffs, lambda x: np.array([x.mean()]), reps=reps,
+                                                 confidence_interval_size=confidence)
+    return _intervals(points, cis, 0)
+
+
 def performance_profiles(
     scores: Mapping[str, np.ndarray],
     *,
