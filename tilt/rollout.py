@@ -164,17 +164,18 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
         if 2 * u_ids.shape[0] <= n and bool((counts == counts[0]).all()):
             u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
             out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
-                        past_key_values=preallocated_cache(model, prompt_ids.shape[1]))
+                        past_key_values=preallocated_cache(model, prompt_ids.shape[1]), logits_to_keep=1)
             fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens)
             logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     if fast is None:
-        shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity))
+        shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity),
+                                logits_to_keep=1)
         if shared is not None:  # G samples per prompt: each distinct prompt was prefilled once
             out, inverse = shared
             logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
         else:
             out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
-                        past_key_values=preallocated_cache(model, capacity), use_cache=True)
+                        past_key_values=preallocated_cache(model, capacity), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]  # [N, V]
         past = out.past_key_values
         fast = lean_decoder(model, past) if params.lean and past is not None else None  # see tilt.fastdecode
