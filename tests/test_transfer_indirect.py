@@ -3,12 +3,14 @@ baseline rho_BL aligned to a DIFFERENT reward r_BL, reweighted by its implicit r
 pi* ∝ pi_ref exp(r/beta) on exact trees; direct transfer with the same baseline misses it."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from tilt.decoding import DECODERS
+from tilt.decoding.value_model import QHead
 from tilt.exact import (TokenTree, decoded_sequences, future_return_q, indirect_transfer_q, make_needle_tree,
                         make_tree, sequence_probs, tilted_distribution, total_variation)
 
@@ -77,3 +79,67 @@ def test_indirect_transfer_from_baseline_samples_estimates_q_star():
         draws = torch.multinomial(cond_bl, 20000, replacement=True, generator=gen)  # [n]
         w = (cond_ref[draws] / cond_bl[draws]) * torch.exp(r[block][draws] / beta)  # [n]
         assert abs(beta * math.log(float(w.mean())) - float(q_star[a])) < 0.02
+
+
+# ----------------------------------------------------------------------------- LM: tilt train-value --indirect
+
+def _rollout_batch(prompt: list[int], completion: list[int]):
+    from tilt.batch import RolloutBatch
+
+    t = torch.tensor
+    return RolloutBatch(t([prompt]), torch.ones(1, len(prompt), dtype=torch.long), t([completion]),
+                        torch.ones(1, len(completion), dtype=torch.long), torch.zeros(1, len(completion)))
+
+
+def test_indirect_log_weights_on_a_causal_lm(tiny_llama_dir, teacher_dir):
+    """log w = r / beta + log pi_ref(tau) - log rho_BL(tau), tau = the roll-out after its first token a_h."""
+    from tilt.decoding.train_value import indirect_log_weights
+    from tilt.model import load_policy
+
+    ref, bl = load_policy(str(tiny_llama_dir)).model, load_policy(str(teacher_dir)).model
+    r = torch.tensor([1.0])
+    # rho_BL = pi_ref: the ratio is 1, log w = r / beta = 1 / 0.5 = 2
+    out = _rollout_batch([5, 6, 7], [8, 9, 10])
+    assert torch.allclose(indirect_log_weights(ref, ref, out, r, beta=0.5), torch.tensor([2.0]))
+    # a roll-out of a_h alone has no continuation: log w = r / beta whatever the baseline
+    assert torch.allclose(indirect_log_weights(ref, bl, _rollout_batch([5, 6, 7], [8]), r, beta=0.5),
+                          torch.tensor([2.0]))
+    # two continuation tokens (9, 10) after a_h = 8: the log-probs from each model's plain forward pass
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        def logp(model):  # log p(9 | 5 6 7 8) + log p(10 | 5 6 7 8 9)
+            lp = torch.log_softmax(model(ids).logits[0].float(), -1)  # [6, V]
+            return lp[3, 9] + lp[4, 10]
+        want = 2.0 + logp(ref) - logp(bl)
+    assert torch.allclose(indirect_log_weights(ref, bl, out, r, beta=0.5), want[None], atol=1e-5)
+
+
+def test_weighted_value_fit_learns_the_reweighted_expectation():
+    """One (s, a) seen twice with rewards 1 and 0 and weights 3 : 1: the weighted BCE's minimiser is
+    P(r = 1) = (3 * 1 + 1 * 0) / 4 = 0.75; at logit 0 the weighted BCE is log 2."""
+    from tilt.decoding.train_value import ValueData, _bce, fit_head
+
+    data = ValueData(torch.ones(2, 1), torch.zeros(2, dtype=torch.long), torch.tensor([1.0, 0.0]),
+                     torch.tensor([math.log(3.0), 0.0]))
+    head = QHead(1, 2)
+    assert _bce(head, data, torch.arange(2)).item() == pytest.approx(math.log(2.0))
+    fit_head(head, data, epochs=150, lr=0.05)
+    assert torch.sigmoid(head(torch.ones(1, 1))[0, 0]).item() == pytest.approx(0.75, abs=1e-3)
+    with pytest.raises(ValueError, match="weighted"):
+        data.extend(ValueData(torch.ones(1, 1), torch.zeros(1, dtype=torch.long), torch.ones(1)))
+
+
+def test_cli_train_value_indirect_transfer(tiny_llama_dir, teacher_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tilt.cli import app
+
+    runner = CliRunner()
+    common = ["train-value", str(tiny_llama_dir), "--tasks", "addition:1", "--rounds", "2", "--prompts", "4",
+              "--epochs", "2", "--max-new-tokens", "4"]
+    res = runner.invoke(app, common + ["--rollout-model", str(teacher_dir), "--indirect", "--out", str(tmp_path / "v")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "v" / "q_head.json").read_text())
+    assert meta["indirect"] is True and meta["rollout_model"] == str(teacher_dir) and len(meta["rounds"]) == 2
+    bad = runner.invoke(app, common + ["--indirect", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--rollout-model" in bad.output
