@@ -82,7 +82,8 @@ def test_bad_settings_name_the_cause(tiny_llama_dir):
         INFALIGN(AdvantageInput(rewards=torch.zeros(1, 2), mask=torch.ones(1, 2, 1)))
     for kwargs, msg in [("{base: spo_chain}", "mc_values"), ("{transform: max}", "bon, won, identity"),
                         ("{t: 0}", "t must be > 0"), ("{base: infalign}", "itself"),
-                        ("{ref_samples: 0}", "ref_samples")]:
+                        ("{ref_samples: 0}", "ref_samples"), ("{base_kwargs: {epsilon: 0.1}}", "allowed: scale_rewards, eps"),
+                        ("{base: rloo, base_kwargs: {gama: 1.0}}", "allowed: none")]:
         cfg = load_config(None, [f"model.path={tiny_llama_dir}", "advantage.name=infalign",
                                  f"advantage.kwargs={kwargs}", "threads=1"])
         with pytest.raises(ConfigError, match=msg):

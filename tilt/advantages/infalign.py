@@ -9,6 +9,7 @@ so the loop solves max E[Φ(C)] - beta KL, the paper's reduction (its Eq. for CT
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields, replace
 from typing import Optional
 
@@ -22,11 +23,18 @@ TRANSFORMS = ("bon", "won", "identity")
 ADV_FIELDS = {f.name for f in fields(AdvantageInput)}
 
 
-def check_infalign(*, base: str = "grpo", transform: str = "bon", t: float = 1.0) -> None:
-    """The base must be an estimator that reads only AdvantageInput fields (no provider keywords)."""
+def check_infalign(*, base: str = "grpo", transform: str = "bon", t: float = 1.0,
+                   base_kwargs: Optional[dict] = None) -> None:
+    """The base must be an estimator that reads only AdvantageInput fields (no provider keywords),
+    and ``base_kwargs`` only its keyword arguments."""
     if base == "infalign":
         raise ValueError("infalign's base cannot be infalign itself")
-    needs = set(ADVANTAGES.entry(base).needs()) - ADV_FIELDS  # UnknownNameError lists the valid names
+    entry = ADVANTAGES.entry(base)  # UnknownNameError lists the valid names
+    allowed = [n for n, p in inspect.signature(entry.fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(base_kwargs or {}) - set(allowed))
+    if unknown:
+        raise ValueError(f"infalign base_kwargs {unknown} are not keywords of {base!r}; allowed: {', '.join(allowed) or 'none'}")
+    needs = set(entry.needs(base_kwargs or {})) - ADV_FIELDS
     if needs:
         raise ValueError(f"infalign's base {base!r} reads {sorted(needs)}, which infalign does not pass on; "
                          f"use a base that reads only rewards, mask, token ids, entropy, values, steps")
