@@ -33,7 +33,8 @@ def check_infalign(*, base: str = "grpo", transform: str = "bon", t: float = 1.0
     allowed = [n for n, p in inspect.signature(entry.fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
     unknown = sorted(set(base_kwargs or {}) - set(allowed))
     if unknown:
-        raise ValueError(f"infalign base_kwargs {unknown} are not keywords of {base!r}; allowed: {', '.join(allowed) or 'none'}")
+        raise ValueError(f"infalign base_kwargs {unknown} are not keywords of {base!r}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
     needs = set(entry.needs(base_kwargs or {})) - ADV_FIELDS
     if needs:
         raise ValueError(f"infalign's base {base!r} reads {sorted(needs)}, which infalign does not pass on; "

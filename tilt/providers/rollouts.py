@@ -1,5 +1,6 @@
 """Inputs drawn by extra rollouts: SPO-chain's Monte-Carlo segment values (continuations of the
-current policy), A*-PO's offline V* and InfAlign's reference rewards (samples of pi_ref). No gradient flows through here.
+current policy), A*-PO's offline V* and InfAlign's reference rewards (samples of pi_ref). No gradient
+flows through here.
 
 Shapes: N = B*G rows (group-major), T completion tokens, S segments, M samples.
 """
