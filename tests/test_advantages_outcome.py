@@ -44,6 +44,16 @@ def full_input(B=2, G=4, T=6, seed=0):
     )
 
 
+def provided(name, inp):
+    """Keywords an estimator reads from a provider (not an AdvantageInput field), stubbed: infalign's
+    ref_rewards [B, G, M], M = 3 reference rewards per prompt repeated over its G rows."""
+    if "ref_rewards" in ADVANTAGES.entry(name).needs():
+        B, G = inp.rewards.shape
+        ref = torch.linspace(-1.0, 1.0, 3, dtype=inp.rewards.dtype)
+        return {"ref_rewards": ref.expand(B, G, 3)}
+    return {}
+
+
 def run(name, r, mask, **kw):
     adv, metrics = ADVANTAGES.get(name)(AdvantageInput(rewards=r, mask=mask), **kw)
     return adv, metrics
@@ -66,7 +76,7 @@ def test_registry_holds_every_catalogue_estimator_and_rejects_unknown_names():
 def test_every_estimator_zero_off_mask_reports_zero_frac_and_is_detached(name):
     inp = full_input()
     inp.rewards.requires_grad_(True)
-    adv, metrics = ADVANTAGES.get(name)(inp)
+    adv, metrics = ADVANTAGES.get(name)(inp, **provided(name, inp))
     assert adv.shape == inp.mask.shape
     assert torch.all(adv[inp.mask == 0] == 0)
     assert torch.isfinite(adv).all()
@@ -79,7 +89,7 @@ def test_every_estimator_zero_off_mask_reports_zero_frac_and_is_detached(name):
 @pytest.mark.parametrize("name", sorted(ADVANTAGES.names()))
 def test_every_estimator_padding_changes_nothing(name):
     inp = full_input(seed=3)
-    adv, _ = ADVANTAGES.get(name)(inp)
+    adv, _ = ADVANTAGES.get(name)(inp, **provided(name, inp))
     g = torch.Generator().manual_seed(9)
     B, G, T = inp.mask.shape
     pad = 3
@@ -98,7 +108,7 @@ def test_every_estimator_padding_changes_nothing(name):
         values=extend(inp.values, lambda *s: torch.randn(*s, generator=g)),
         token_rewards=extend(inp.token_rewards, lambda *s: torch.randn(*s, generator=g)),
     )
-    adv_p, _ = ADVANTAGES.get(name)(padded)
+    adv_p, _ = ADVANTAGES.get(name)(padded, **provided(name, inp))
     torch.testing.assert_close(adv_p[..., :T], adv)
     assert torch.all(adv_p[..., T:] == 0)
 

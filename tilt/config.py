@@ -189,7 +189,8 @@ class AdvantageCfg(Section):
     """Advantage estimator from tilt.advantages.ADVANTAGES."""
     kwargs: dict[str, Any] = {}
     """Keyword arguments of the estimator and of what it needs, e.g. gae {gamma, lam, value_coef,
-    value_clip}, spo_chain {prob_threshold, continuations, max_segments}."""
+    value_clip}, spo_chain {prob_threshold, continuations, max_segments}, infalign {base, base_kwargs,
+    transform, t, ref_samples}."""
 
     @field_validator("name")
     @classmethod

@@ -124,6 +124,9 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
                                                                 "aligned policy (run or model dir, same tokenizer) "
                                                                 "instead of the reference: Transfer Q* (decode with "
                                                                 "transfer_q)."),
+                    indirect: bool = typer.Option(False, "--indirect", help="The --rollout-model was aligned to "
+                                                  "another reward: weight each roll-out by (pi_ref/rho_BL) "
+                                                  "exp(r/beta) (Transfer Q*'s indirect transfer)."),
                     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN/value_model "
                                                        "for a run, else ./value_model).")) -> None:
     """Learn a Q♯ value model (a head on the reference's hidden states) from roll-in/roll-out data."""
@@ -146,6 +149,8 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
         start = 50_000_000 + seed * 1_000_000  # train split, away from the trainer's data_offset(seed) range
         item_rounds = [sample_items(mix, split="train", start=start + r * prompts, count=prompts) for r in range(rounds)]
         roller = None
+        if indirect and rollout_model is None:
+            raise ValueError("--indirect needs --rollout-model (the baseline aligned to another reward)")
         if rollout_model is not None:
             from tilt.decoding.value_model import tokenizer_fingerprint
 
@@ -155,11 +160,12 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
                                  "Transfer Q* needs both on one vocabulary")
             roller = aligned.model
         head, stats = train_value(pol, item_rounds, beta=beta, top_k=top_k, max_new_tokens=max_new_tokens,
-                                  epochs=epochs, val_frac=val_frac, seed=seed, rollout_model=roller, log=typer.echo)
+                                  epochs=epochs, val_frac=val_frac, seed=seed, rollout_model=roller,
+                                  indirect=indirect, log=typer.echo)
         target_dir = out or ((run_dir / "value_model") if run_dir else Path("value_model"))
         save_q_head(head, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
                     info={"beta": beta, "top_k": top_k, "tasks": tasks, "val_frac": val_frac,
-                          "rollout_model": rollout_model, "rounds": stats})
+                          "rollout_model": rollout_model, "indirect": indirect, "rounds": stats})
     except _user_errors() as exc:
         fail(str(exc))
     typer.echo(f"saved value model to {target_dir}")

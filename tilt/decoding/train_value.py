@@ -5,10 +5,16 @@ switch step h of its completion; roll out with pi_ref from there (the roll-out's
 a_h); score the finished completion with the task verifier. The example (hidden state at s_h, a_h,
 r) joins the aggregated dataset of all rounds, the head is refit on it by maximum likelihood
 (binary cross-entropy of P(r = 1 | s_h, a_h)), and the next round rolls in with qsharp guidance.
+
+Transfer Q* (arXiv:2405.20495): roll out with a baseline aligned model rho_BL instead (direct
+transfer: the head learns E_rho_BL[r | s, a]); with ``indirect_beta`` the baseline was aligned to
+another reward, and each roll-out tau after a_h is weighted by w = (pi_ref / rho_BL)(tau) e^{r / beta}
+(rho_BL's implicit reward undone, the target's put in), so the weighted fit learns E_{pi*}[r | s, a].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -16,30 +22,51 @@ from torch import Tensor
 from tilt.decoding.lm import Decoding
 from tilt.decoding.value_model import QHead
 from tilt.rewards import verifier_reward
-from tilt.rollout import SamplingParams, completion_logits, continue_from, decode_completions, encode_prompts
+from tilt.rollout import (SamplingParams, completion_logits, continue_from, decode_completions, encode_prompts,
+                          sequence_logprobs)
 
 
 @dataclass
 class ValueData:
-    """Aggregated Q♯ data: hidden states at s_h [M, H], tokens a_h [M], rewards [M]."""
+    """Aggregated Q♯ data: hidden states at s_h [M, H], tokens a_h [M], rewards [M], and (indirect
+    transfer) log importance weights [M] of the roll-outs (None: every example weighs the same)."""
 
     hidden: Tensor
     tokens: Tensor
     rewards: Tensor
+    log_weights: Optional[Tensor] = None
 
     def extend(self, other: "ValueData") -> "ValueData":
+        if (self.log_weights is None) != (other.log_weights is None):
+            raise ValueError("cannot aggregate weighted (indirect transfer) and unweighted roll-out data")
+        lw = None if self.log_weights is None else torch.cat([self.log_weights, other.log_weights])
         return ValueData(torch.cat([self.hidden, other.hidden]), torch.cat([self.tokens, other.tokens]),
-                         torch.cat([self.rewards, other.rewards]))
+                         torch.cat([self.rewards, other.rewards]), lw)
+
+
+def indirect_log_weights(ref_model, rollout_model, out, rewards: Tensor, *, beta: float) -> Tensor:
+    """Transfer Q*'s indirect weights (Sec. 3.2, arXiv:2405.20495), log w = r / beta + log pi_ref(tau) -
+    log rho_BL(tau) over the roll-out's tokens after its first a_h (Q conditions on a_h), [N].
+    ``out``: the roll-out batch (prompt = prompt + roll-in prefix; completion = a_h, tau), sampled at T = 1."""
+    mask = out.completion_mask.clone()  # [N, T]
+    mask[:, 0] = 0  # a_h is the action, not part of the continuation
+    args = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+    ref = sequence_logprobs(ref_model, *args, temperature=1.0)[0]  # [N, T]
+    bl = sequence_logprobs(rollout_model, *args, temperature=1.0)[0]  # [N, T]
+    return rewards / beta + ((ref - bl) * mask).sum(-1)
 
 
 @torch.no_grad()
 def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator: torch.Generator,
-            rollout_model=None) -> ValueData:
+            rollout_model=None, indirect_beta: Optional[float] = None) -> ValueData:
     """One round of roll-in (``decoding``) / roll-out (pi_ref, or ``rollout_model``) data for ``items``.
 
     ``rollout_model`` (same tokenizer) rolls out instead of pi_ref: with a baseline aligned policy this
-    estimates Transfer Q*'s Q(s, a) = E_{rho_BL}[r | s, a] (arXiv:2405.20495) on pi_ref's hidden states.
+    estimates Transfer Q*'s Q(s, a) = E_{rho_BL}[r | s, a] (arXiv:2405.20495) on pi_ref's hidden states;
+    with ``indirect_beta`` each example carries the indirect-transfer log weight (``indirect_log_weights``).
     """
+    if indirect_beta is not None and (rollout_model is None or not indirect_beta > 0):
+        raise ValueError(f"indirect transfer needs a rollout model and beta > 0, got {indirect_beta!r}")
     model, tok, eos, pad = policy.model, policy.tokenizer, policy.eos_id, policy.pad_id
     ids, mask = encode_prompts(tok, [it.prompt for it in items])
     rollin, _ = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
@@ -56,12 +83,19 @@ def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator
                               columns=[it.columns for it in items])
     first = out.completion_ids[:, :1]  # [N, 1] a_h
     _, states = completion_logits(model, out.prompt_ids, out.prompt_mask, first, torch.ones_like(first), hidden=True)
-    return ValueData(states[:, 0].float(), first[:, 0], torch.tensor(rewards, dtype=torch.float32).clamp(0, 1))
+    r = torch.tensor(rewards, dtype=torch.float32).clamp(0, 1)  # [N]
+    lw = None if indirect_beta is None else indirect_log_weights(model, rollout_model, out, r, beta=indirect_beta)
+    return ValueData(states[:, 0].float(), first[:, 0], r, lw)
 
 
 def _bce(head: QHead, data: ValueData, rows: Tensor) -> Tensor:
+    """Mean BCE over ``rows``; with log weights, the self-normalised weighted mean sum_i w_i bce_i / sum_i w_i
+    (its minimiser per (s, a) is sum w r / sum w, the reweighted expectation)."""
     logits = head(data.hidden[rows]).gather(-1, data.tokens[rows, None]).squeeze(-1)  # [m]
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards[rows])
+    if data.log_weights is None:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards[rows])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.rewards[rows], reduction="none")  # [m]
+    return (torch.softmax(data.log_weights[rows], 0) * bce).sum()
 
 
 def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0,
@@ -96,8 +130,9 @@ def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-
 
 def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | None, max_new_tokens: int,
                 epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0, val_frac: float = 0.0,
-                seed: int = 0, rollout_model=None, log=print) -> tuple[QHead, list[dict]]:
-    """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats."""
+                seed: int = 0, rollout_model=None, indirect: bool = False, log=print) -> tuple[QHead, list[dict]]:
+    """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats.
+    ``indirect``: Transfer Q*'s indirect transfer from ``rollout_model`` (aligned to another reward) at ``beta``."""
     if not beta > 0:
         raise ValueError(f"train-value beta must be > 0, got {beta!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +142,7 @@ def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | No
     decoding, data, stats = Decoding("sample"), None, []
     for r, items in enumerate(item_rounds):
         new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen,
-                      rollout_model=rollout_model)
+                      rollout_model=rollout_model, indirect_beta=beta if indirect else None)
         data = new if data is None else data.extend(new)
         loss = fit_head(head, data, epochs=epochs, lr=lr, weight_decay=weight_decay, val_frac=val_frac, generator=gen)
         stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": float(new.rewards.mean()),

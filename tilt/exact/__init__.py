@@ -41,8 +41,10 @@ from tilt.exact.decoders import (  # noqa: E402
     decoded_sequences,
     decoded_table,
     future_return_q,
+    indirect_transfer_q,
     resample_probs,
+    win_rate,
 )
 
 __all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_sequences", "decoded_sequences", "decoded_table",
-            "future_return_q", "resample_probs"]
+            "future_return_q", "indirect_transfer_q", "resample_probs", "win_rate"]

@@ -51,6 +51,37 @@ def future_return_q(tree: TokenTree, policy: Tensor, *, beta: float, kl_correcti
     return q
 
 
+def indirect_transfer_q(tree: TokenTree, baseline: Tensor, *, beta: float, kl_correction: bool = True) -> Tensor:
+    """Transfer Q*'s indirect transfer (arXiv:2405.20495 Sec. 3.2): Q for the target reward r from roll-outs
+    of a baseline rho_BL aligned to ANOTHER reward r_BL, [S, V]. ``baseline`` is rho_BL's probs table [S, V].
+
+    rho_BL ∝ pi_ref exp(r_BL / beta_BL) (closed form) gives its implicit reward of a continuation tau
+    of (s, a): r_BL(tau) / beta_BL = log rho_BL(tau | s, a) - log pi_ref(tau | s, a) + const(s, a); so
+    the target's continuation law is rho_BL reweighted,
+        pi*(tau | s, a) = rho_BL(tau | s, a) w(tau) / E_rho_BL[w],  w = exp(r(tau) / beta) pi_ref(tau) / rho_BL(tau),
+    and only rho_BL's own log-ratio is needed, never r_BL or beta_BL. Returned:
+        c = 1 (``kl_correction``): Q(s, a) = beta log E_{tau ~ rho_BL}[w(tau)]  (= Q*, the KL-regularised return);
+        c = 0: Q(s, a) = E_rho_BL[w r] / E_rho_BL[w] = E_{pi*}[r | s, a]  (the paper's plain target return).
+    Computed by backward induction over the tree (the expectation a sampler of rho_BL estimates).
+    """
+    v, d = tree.vocab, tree.depth
+    logp_ref = torch.log_softmax(tree.ref_logits, -1)  # [S, V]
+    log_ratio = logp_ref - baseline.clamp(min=1e-300).log()  # [S, V] log pi_ref / rho_BL per token
+    r = tree.rewards.reshape(-1, v)  # [V^(d-1), V]
+    log_w = torch.empty_like(tree.ref_logits)  # [S, V] log E_rho_BL[w | s, a]
+    wr = torch.empty_like(tree.ref_logits)  # [S, V] E_rho_BL[w r | s, a] / E_rho_BL[w | s, a]
+    start = level_offset(d - 1, v)
+    log_w[start:], wr[start:] = r / beta, r  # terminal: w = exp(r / beta)
+    for level in range(d - 2, -1, -1):
+        lo, hi = level_offset(level, v), level_offset(level + 1, v)
+        rows = slice(hi, hi + v ** (level + 1))  # children states, [V^(level+1)]
+        # E_{a'~rho_BL}[(pi_ref / rho_BL)(a'|s') W(s', a')] in log space, [V^(level+1)]
+        terms = baseline[rows].clamp(min=1e-300).log() + log_ratio[rows] + log_w[rows]  # [V^(level+1), V]
+        log_w[lo:hi] = torch.logsumexp(terms, -1).reshape(-1, v)
+        wr[lo:hi] = (torch.softmax(terms, -1) * wr[rows]).sum(-1).reshape(-1, v)  # self-normalised mean of r
+    return beta * log_w if kl_correction else wr
+
+
 def blockwise_sequences(tree: TokenTree, q: Tensor, *, beta: float, block: int) -> Tensor:
     """Blockwise controlled decoding with every block enumerated, [1, Y].
 
@@ -93,6 +124,14 @@ def best_of_n_probs(p: Tensor, rewards: Tensor, n: int) -> Tensor:
     lower = upper - mass  # F(rho^-)
     level_prob = upper ** n - lower ** n  # [L]
     return torch.where(mass[inverse] > 0, p / mass[inverse].clamp(min=1e-300), 0.0) * level_prob[inverse]
+
+
+def win_rate(p: Tensor, q: Tensor, rewards: Tensor) -> Tensor:
+    """P(r(Y) > r(Z)) + 0.5 P(r(Y) = r(Z)), Y ~ p [..., Y], Z ~ q [Y] independent: the win rate with
+    half ties (InfAlign, arXiv:2412.19792 Sec. 2). With p one-hot at y it is y's calibrated reward
+    under q. Returns [...]."""
+    beats = (rewards[:, None] > rewards[None, :]).to(p.dtype) + 0.5 * (rewards[:, None] == rewards[None, :]).to(p.dtype)
+    return (p @ beats) @ q  # [...]
 
 
 def kl(p: Tensor, q: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Inputs drawn by extra rollouts: SPO-chain's Monte-Carlo segment values (continuations of the
-current policy) and A*-PO's offline V* (samples of pi_ref). No gradient flows through here.
+current policy), A*-PO's offline V* and InfAlign's reference rewards (samples of pi_ref). No gradient
+flows through here.
 
 Shapes: N = B*G rows (group-major), T completion tokens, S segments, M samples.
 """
@@ -69,11 +70,9 @@ def spo_values(policy, sc: Scored, *, params: SamplingParams, k: int, threshold:
 
 
 @torch.no_grad()
-def astar_baseline(ref_model, policy, sc: Scored, *, samples: int, beta: float, params: SamplingParams,
-                   rewards_fn: RewardsFn, generator: torch.Generator) -> Tensor:
-    """A*-PO stage 1 for this step's prompts (stage 1, Sec. 3, arXiv:2505.20686): M samples from
-    pi_ref per prompt, V*(x) = beta log mean_j exp(r_j / beta) (``astar_v_star``), repeated over
-    the prompt's G rows, [N]. Computed lazily per step: the same estimate as an upfront pass."""
+def reference_rewards(ref_model, policy, sc: Scored, *, samples: int, params: SamplingParams,
+                      rewards_fn: RewardsFn, generator: torch.Generator) -> Tensor:
+    """M completions of pi_ref per prompt of the step, scored by the run's reward, [B, M]."""
     B, G = len(sc.items), sc.group_size
     first = torch.arange(B) * G  # one row per prompt
     row = first.repeat_interleave(samples)  # [B*M]
@@ -81,8 +80,18 @@ def astar_baseline(ref_model, policy, sc: Scored, *, samples: int, beta: float, 
                    eos_id=policy.eos_id, pad_id=policy.pad_id, generator=generator)
     texts = decode_completions(policy.tokenizer, out, policy.eos_id)
     r = rewards_fn([sc.prompts[i] for i in row.tolist()], texts, _repeat_columns(sc.columns, row.tolist()))
-    v = astar_v_star(r.view(B, samples).double(), beta=beta).float()  # [B]
-    return v.repeat_interleave(G)  # [N]
+    return r.view(B, samples)
+
+
+def astar_baseline(ref_model, policy, sc: Scored, *, samples: int, beta: float, params: SamplingParams,
+                   rewards_fn: RewardsFn, generator: torch.Generator) -> Tensor:
+    """A*-PO stage 1 for this step's prompts (stage 1, Sec. 3, arXiv:2505.20686): M samples from
+    pi_ref per prompt, V*(x) = beta log mean_j exp(r_j / beta) (``astar_v_star``), repeated over
+    the prompt's G rows, [N]. Computed lazily per step: the same estimate as an upfront pass."""
+    r = reference_rewards(ref_model, policy, sc, samples=samples, params=params, rewards_fn=rewards_fn,
+                          generator=generator)  # [B, M]
+    v = astar_v_star(r.double(), beta=beta).float()  # [B]
+    return v.repeat_interleave(sc.group_size)  # [N]
 
 
 @provides("mc_values")
@@ -133,3 +142,31 @@ class OptimalValue(Provider):
         v = astar_baseline(self.run.ref_model, self.run.policy, sc, samples=self.samples, beta=self.beta,
                            params=self.run.params, rewards_fn=self.run.rewards_fn, generator=gen)
         return {"baseline_v": v}
+
+
+REF_REWARDS_SEED_OFFSET = 15_485_863  # the reference sampler of ``ref_rewards`` is seeded apart too
+
+
+@provides("ref_rewards")
+class ReferenceRewards(Provider):
+    """Rewards of ``ref_samples`` completions of pi_ref per prompt, scored by the run's reward (the
+    reference set InfAlign calibrates against, arXiv:2412.19792 Sec. 4), repeated over the prompt's
+    G rows, [N, M], drawn by a sampler seeded apart from the policy's (``reference_rewards``).
+
+    Settings: ref_samples (M).
+    """
+
+    requires = ("ref_model",)
+
+    def __init__(self, run: Run, names: frozenset[str], *, ref_samples: int = 8):
+        super().__init__(run, names)
+        if ref_samples < 1:
+            raise ConfigError(f"ref_samples must be >= 1, got {ref_samples}")
+        self.samples = ref_samples
+
+    def advantage(self, data: StepData) -> dict[str, Tensor]:
+        sc, seed = data.scored, self.run.cfg.seed
+        gen = torch.Generator().manual_seed(REF_REWARDS_SEED_OFFSET + 1_000_003 * seed + sc.items[0].seed)
+        r = reference_rewards(self.run.ref_model, self.run.policy, sc, samples=self.samples, params=self.run.params,
+                              rewards_fn=self.run.rewards_fn, generator=gen)  # [B, M]
+        return {"ref_rewards": r.repeat_interleave(sc.group_size, dim=0)}  # [N, M]
