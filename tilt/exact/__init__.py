@@ -37,6 +37,7 @@ __all__ = [
 from tilt.exact.decoders import (  # noqa: E402
     best_of_n_kl_bound,
     best_of_n_probs,
+    blockwise_k_sequences,
     blockwise_sequences,
     decoded_sequences,
     decoded_table,
@@ -44,5 +45,6 @@ from tilt.exact.decoders import (  # noqa: E402
     resample_probs,
 )
 
-__all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_sequences", "decoded_sequences", "decoded_table",
+__all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_k_sequences", "blockwise_sequences",
+            "decoded_sequences", "decoded_table",
             "future_return_q", "resample_probs"]
