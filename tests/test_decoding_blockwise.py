@@ -182,6 +182,11 @@ def test_cli_decode_with_a_trained_head(tiny_llama_dir, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 4 and {x["decoder"] for x in lines} == {"controlled_block"}
     assert all(x["kl_to_ref"] is None for x in lines)  # no per-token decoder law to estimate KL from
+    ev = runner.invoke(app, ["eval", str(tiny_llama_dir), "--tasks", "addition:1", "--per-cell", "2", "--n", "2",
+                             "--decode", "controlled_block", "--decode-kwargs", '{"k": 2, "block_len": 3, "beta": 0.5}',
+                             "--value-model", str(vm), "--out", str(tmp_path / "e.json")])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads((tmp_path / "e.json").read_text())["decode"]["name"] == "controlled_block"
     bad = runner.invoke(app, ["decode", str(tiny_llama_dir), "--decode", "controlled_block", "--decode-kwargs",
                               '{"k": 0}', "--value-model", str(vm), "--out", str(out)])
     assert bad.exit_code == 2 and "k >= 1" in bad.output

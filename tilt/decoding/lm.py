@@ -2,7 +2,9 @@
 
 ``Decoding.build`` resolves a decoder name, its kwargs and (if the entry needs values) a Q model,
 and checks them once against the model (unknown name, missing or mismatched value model, k larger
-than the vocabulary, beta <= 0 all fail here, before any generation). ``sample`` and ``greedy``
+than the vocabulary, beta <= 0 all fail here, before any generation). Sequence entries keep one of
+n pi_ref completions (scored by the Q head, or by a Q-probe for ``qprobe``); block entries run
+``tilt.decoding.blockwise`` (E4 blockwise CD). ``sample`` and ``greedy``
 delegate to ``tilt.rollout.generate``, so they give exactly today's samples; every other rule runs
 ``guided_generate``: a KV-cached loop that applies the rule to pi_ref's logits (and Q values from
 the hidden state) at every step.
