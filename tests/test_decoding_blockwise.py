@@ -73,7 +73,8 @@ def test_blockwise_k_law_is_pi_ref_at_k1_and_tends_to_the_enumerated_block_law()
         assert total_variation(blockwise_k_sequences(tree, q, block=block, k=1, beta=0.5), ref) < 1e-12
         assert total_variation(blockwise_k_sequences(tree, q, block=block, k=1), ref) < 1e-12
         target = blockwise_sequences(tree, q, beta=0.5, block=block)  # every block enumerated: pi*
-        tvs = [total_variation(blockwise_k_sequences(tree, q, block=block, k=k, beta=0.5), target) for k in (1, 2, 4, 8)]
+        tvs = [total_variation(blockwise_k_sequences(tree, q, block=block, k=k, beta=0.5), target)
+               for k in (1, 2, 4, 8)]
         assert all(a > b for a, b in zip(tvs, tvs[1:])), tvs
 
 

@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from tilt.cli import app
+from tilt.config import ConfigError, load_config
 from tilt.decoding.lm import Decoding
 from tilt.decoding.qprobe import fit_probe, fit_probe_objective, pg_loss
 from tilt.decoding.train_probe import QProbe, completion_embeddings, load_q_probe, save_q_probe
@@ -132,6 +133,10 @@ def test_bad_probe_inputs_are_clear_errors(pol, probe_dir, tmp_path):
         "qprobe", kw, value_model=vm, model=pol.model, tokenizer=tok)
     with pytest.raises(ValueError, match="k >= 1"):
         build({"k": 0})
+    with pytest.raises(ValueError, match="needs a value model.*train-probe"):
+        Decoding.build("qprobe", {"k": 2}, model=pol.model, tokenizer=pol.tokenizer)
+    with pytest.raises(ConfigError, match="train-probe"):
+        load_config(None, ["decode.name=qprobe"])
     with pytest.raises(ValueError, match="beta must be > 0"):
         build({"k": 2, "beta": 0.0})
     other = build_char_tokenizer()

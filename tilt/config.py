@@ -340,9 +340,11 @@ class DecodeCfg(Section):
             return self
         from tilt.decoding import DECODERS
 
-        if "values" in DECODERS.entry(self.name).meta["needs"] and self.value_model is None:
+        entry = DECODERS.entry(self.name)
+        if "values" in entry.meta["needs"] and self.value_model is None:
+            maker = "`tilt train-probe`" if entry.meta["values"] == "probe" else "`tilt train-value`"
             raise ValueError(f"decoder {self.name!r} needs a value model: set decode.value_model to a directory "
-                             "written by `tilt train-value`")
+                             f"written by {maker}")
         return self
 
 

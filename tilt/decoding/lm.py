@@ -85,8 +85,9 @@ class Decoding:
         head = probe = None
         if "values" in entry.meta["needs"]:
             if value_model is None:
-                raise ValueError(f"decoder {name!r} needs a value model (decode.value_model / --value-model); "
-                                 "train one with `tilt train-value`")
+                maker = "fit one with `tilt train-probe`" if entry.meta["values"] == "probe" else \
+                    "train one with `tilt train-value`"
+                raise ValueError(f"decoder {name!r} needs a value model (decode.value_model / --value-model); {maker}")
             if entry.meta["values"] == "probe":  # E5: a linear probe on completion embeddings
                 probe = load_q_probe(value_model, tokenizer=tokenizer, hidden_size=model.config.hidden_size)
             else:

@@ -36,7 +36,8 @@ def pg_loss(scores: Tensor, rewards: Tensor, *, beta: float = 1.0) -> Tensor:
     softmax is the probability that the sampler keeps draw i). scores, rewards [B, k] -> scalar.
     """
     if scores.shape != rewards.shape or scores.dim() != 2:
-        raise ValueError(f"pg_loss needs scores and rewards [B, k], got {tuple(scores.shape)} and {tuple(rewards.shape)}")
+        raise ValueError(f"pg_loss needs scores and rewards [B, k], got {tuple(scores.shape)} and "
+                         f"{tuple(rewards.shape)}")
     return -(rewards * torch.softmax(scores / beta, -1)).sum(-1).mean()
 
 
