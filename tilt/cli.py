@@ -227,6 +227,7 @@ def compare(spec: Path = typer.Argument(..., help="Compare spec YAML: methods x 
 
 app.command("decode")(_dc.decode_cmd)
 app.command("train-value")(_dc.train_value_cmd)
+app.command("train-probe")(_dc.train_probe_cmd)
 
 
 @models_app.command("install")

@@ -321,11 +321,14 @@ class DecodeCfg(Section):
     name: str = "sample"
     """Decoder of the held-out samples (tilt.decoding.DECODERS): sample, greedy, top_k, top_p, min_p, bregman,
     exclude, qsharp, controlled, transfer_q (token-level), best_of_n, resample (one of kwargs.n reference samples,
-    scored by the value model). "sample" is plain sampling at T=1."""
+    scored by the value model), controlled_block (blockwise CD: best of kwargs.k reference blocks of
+    kwargs.block_len tokens), qprobe (one of kwargs.k reference samples ∝ exp(Q-probe / beta)). "sample" is plain
+    sampling at T=1."""
     kwargs: dict[str, Any] = {}
     """The decoder's keyword arguments, e.g. {k: 20} for top_k, {beta: 0.5, top_k: 20} for qsharp."""
     value_model: Optional[str] = None
-    """Directory of a Q model saved by `tilt train-value` (needed by qsharp, controlled, transfer_q)."""
+    """Directory of a Q model saved by `tilt train-value` (qsharp, controlled, controlled_block, transfer_q,
+    best_of_n, resample) or of a Q-probe saved by `tilt train-probe` (qprobe)."""
 
     @field_validator("name")
     @classmethod
@@ -338,9 +341,11 @@ class DecodeCfg(Section):
             return self
         from tilt.decoding import DECODERS
 
-        if "values" in DECODERS.entry(self.name).meta["needs"] and self.value_model is None:
+        entry = DECODERS.entry(self.name)
+        if "values" in entry.meta["needs"] and self.value_model is None:
+            maker = "`tilt train-probe`" if entry.meta["values"] == "probe" else "`tilt train-value`"
             raise ValueError(f"decoder {self.name!r} needs a value model: set decode.value_model to a directory "
-                             "written by `tilt train-value`")
+                             f"written by {maker}")
         return self
 
 

@@ -9,7 +9,9 @@ import typer
 
 DecodeOpt = typer.Option(None, "--decode", help="Decoder name (tilt.decoding.DECODERS); default the config's decode.name.")
 KwargsOpt = typer.Option(None, "--decode-kwargs", help='Decoder kwargs as JSON, e.g. \'{"k": 20}\'.')
-ValueOpt = typer.Option(None, "--value-model", help="Q model directory from `tilt train-value` (qsharp, controlled, transfer_q).")
+ValueOpt = typer.Option(None, "--value-model", help="Q model directory from `tilt train-value` (qsharp, controlled, "
+                       "controlled_block, transfer_q, best_of_n, resample) or Q-probe directory from "
+                       "`tilt train-probe` (qprobe).")
 
 
 def decode_section(config: Optional[Path], set_: Optional[List[str]], name: Optional[str], kwargs: Optional[str],
@@ -169,3 +171,49 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
     except _user_errors() as exc:
         fail(str(exc))
     typer.echo(f"saved value model to {target_dir}")
+
+
+def train_probe_cmd(target: str = typer.Argument(..., help="The reference policy: run directory, HF model directory "
+                                                 "or 'shipped'."),
+                    tasks: str = typer.Option("addition:1,multiplication:1,countdown:1,sorting:1-2",
+                                              help="Task mix (train split)."),
+                    prompts: int = typer.Option(256, help="Training prompts."),
+                    k: int = typer.Option(8, "--k", help="pi_ref samples per prompt."),
+                    objective: str = typer.Option("ce", help="mse (ridge reward regression), ce (logistic reward "
+                                                  "classification) or pg (Q-Probe's importance-weighted policy "
+                                                  "gradient)."),
+                    beta: float = typer.Option(1.0, help="Softmax temperature of the pg objective (decode with the "
+                                               "same beta)."),
+                    l2: float = typer.Option(1e-3, help="L2 penalty on w."),
+                    epochs: int = typer.Option(500, help="Full-batch Adam steps (ce, pg)."),
+                    lr: float = typer.Option(1e-2, help="Adam learning rate (ce, pg)."),
+                    max_new_tokens: int = typer.Option(16, help="Generation budget."),
+                    seed: int = typer.Option(0, help="Seed of prompts and sampling."),
+                    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN/q_probe "
+                                                       "for a run, else ./q_probe).")) -> None:
+    """Fit a Q-Probe (E5): a linear probe on the reference's completion embeddings; decode with `qprobe`."""
+    from tilt.cli import _user_errors, fail
+
+    try:
+        from tilt.decoding.train_probe import save_q_probe, train_probe
+        from tilt.evaluation_cli import _resolve
+        from tilt.model import load_policy
+        from tilt.tasks.mix import parse_mix, sample_items
+
+        if prompts < 1 or k < 1:
+            raise ValueError(f"train-probe needs --prompts >= 1 and --k >= 1, got {prompts} and {k}")
+        if objective not in ("mse", "ce", "pg"):
+            raise ValueError(f"unknown --objective {objective!r}; valid: mse, ce, pg")
+        model_path, run_dir, _ = _resolve(target)
+        pol = load_policy(model_path)
+        start = 60_000_000 + seed * 1_000_000  # train split, away from the trainer's and train-value's ranges
+        items = sample_items(parse_mix(tasks), split="train", start=start, count=prompts)
+        probe, stats = train_probe(pol, items, k=k, objective=objective, beta=beta, l2=l2, epochs=epochs, lr=lr,
+                                   max_new_tokens=max_new_tokens, seed=seed)
+        target_dir = out or ((run_dir / "q_probe") if run_dir else Path("q_probe"))
+        save_q_probe(probe, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
+                     info={"objective": objective, "beta": beta, "l2": l2, "tasks": tasks, **stats})
+    except _user_errors() as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(stats))
+    typer.echo(f"saved Q-probe to {target_dir}")

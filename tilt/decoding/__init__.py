@@ -5,8 +5,12 @@ next-token distribution. Its meta declares what it needs:
     needs:   () or ("values",) — per-token values Q(s, a) from a value model (Q♯, CD, TQ*);
     values:  what a value model's success probability p becomes: "soft_q" beta log(1 - p + p e^(1/beta))
              (Q♯'s regularised Q*) or "expected_reward" p (CD's prefix scorer, TQ*'s E_{rho_BL}[r]);
-    kind:    "token" (applied at every step) or "sequence": ``fn(scores [B, n], *, n, ..., generator)
-             -> index [B]`` choosing among n pi_ref completions per prompt, scored by the value model;
+             or "probe" (a Q-Probe w^T phi of a whole completion, E5, from `tilt train-probe`);
+    kind:    "token" (applied at every step), "sequence": ``fn(scores [B, n], *, n, ..., generator)
+             -> index [B]`` choosing among n pi_ref completions per prompt, scored by the value model,
+             or "block": the same selector applied to K pi_ref blocks of block_len tokens at each
+             step (E4 blockwise CD, tilt.decoding.blockwise);
+    candidates: the kwarg holding the number of candidates of a "sequence"/"block" entry ("n" or "k");
 Config: ``decode.name`` picks the entry, ``decode.kwargs`` are its keyword arguments.
 """
 from __future__ import annotations
@@ -17,14 +21,16 @@ import torch
 from torch import Tensor
 
 from tilt.decoding import rules
+from tilt.decoding.blockwise import check_block_kwargs, select_block
+from tilt.decoding.qprobe import probe_select
 from tilt.registry import Registry
 
 DECODERS: Registry = Registry("decoder")
 
 
 def _register(name: str, fn, *, needs: tuple[str, ...] = (), kind: str = "token", values: str = "soft_q",
-              doc: str = "") -> None:
-    DECODERS.register(name, needs=needs, kind=kind, values=values, doc=doc)(fn)
+              candidates: str = "n", doc: str = "") -> None:
+    DECODERS.register(name, needs=needs, kind=kind, values=values, candidates=candidates, doc=doc)(fn)
 
 
 def sample(logits: Tensor, *, values: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
@@ -93,6 +99,21 @@ def resample(scores: Tensor, *, n: int = 4, beta: float = 1.0, generator=None) -
     return torch.multinomial(torch.softmax(scores / beta, -1), 1, generator=generator).squeeze(-1)
 
 
+def controlled_block(scores: Tensor, *, k: int = 4, block_len: int = 4, beta: Optional[float] = None,
+                     generator=None) -> Tensor:
+    """E4 blockwise CD (arXiv:2310.17022): keep one of k pi_ref blocks by the prefix score V(s·block):
+    argmax (beta None, the paper's rule) or drawn ∝ exp(V / beta). scores [B, k] -> [B]."""
+    check_block_kwargs(k, block_len)
+    return select_block(scores, beta=beta, generator=generator)
+
+
+def qprobe(scores: Tensor, *, k: int = 4, beta: float = 1.0, generator=None) -> Tensor:
+    """E5 Q-Probe (arXiv:2402.14688): one of k pi_ref completions drawn ∝ exp(w^T phi / beta). [B, k] -> [B]."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"qprobe needs k >= 1 candidate completions (an integer), got k={k!r}")
+    return probe_select(scores, beta=beta, generator=generator)
+
+
 _register("sample", sample, doc="softmax(logits / temperature): today's sampling")
 _register("greedy", greedy, doc="argmax")
 _register("top_k", top_k, doc="k most likely tokens, renormalised")
@@ -108,5 +129,9 @@ _register("best_of_n", best_of_n, needs=("values",), kind="sequence",
           doc="E1 best-of-n of pi_ref samples, scored by the value model at the last token")
 _register("resample", resample, needs=("values",), kind="sequence",
           doc="E5 resample one of n pi_ref samples ∝ exp(Q / beta) (Q-Probe's sampler)")
+_register("controlled_block", controlled_block, needs=("values",), kind="block", values="expected_reward",
+          candidates="k", doc="E4 blockwise controlled decoding: best (or ∝ exp(V/beta)) of k pi_ref blocks")
+_register("qprobe", qprobe, needs=("values",), kind="sequence", values="probe", candidates="k",
+          doc="E5 Q-Probe: one of k pi_ref completions ∝ exp(w^T phi / beta), probe from `tilt train-probe`")
 
 __all__ = ["DECODERS", "rules"]

@@ -2,7 +2,9 @@
 
 ``Decoding.build`` resolves a decoder name, its kwargs and (if the entry needs values) a Q model,
 and checks them once against the model (unknown name, missing or mismatched value model, k larger
-than the vocabulary, beta <= 0 all fail here, before any generation). ``sample`` and ``greedy``
+than the vocabulary, beta <= 0 all fail here, before any generation). Sequence entries keep one of
+n pi_ref completions (scored by the Q head, or by a Q-probe for ``qprobe``); block entries run
+``tilt.decoding.blockwise`` (E4 blockwise CD). ``sample`` and ``greedy``
 delegate to ``tilt.rollout.generate``, so they give exactly today's samples; every other rule runs
 ``guided_generate``: a KV-cached loop that applies the rule to pi_ref's logits (and Q values from
 the hidden state) at every step.
@@ -17,8 +19,10 @@ from torch import Tensor
 
 from tilt.batch import RolloutBatch
 from tilt.decoding import DECODERS
+from tilt.decoding.blockwise import blockwise_decode
+from tilt.decoding.train_probe import QProbe, load_q_probe
 from tilt.decoding.value_model import QHead, load_q_head
-from tilt.rollout import SamplingParams, generate
+from tilt.rollout import SamplingParams, continue_from, generate
 
 
 @torch.no_grad()
@@ -70,6 +74,7 @@ class Decoding:
     name: str = "sample"
     kwargs: dict[str, Any] = field(default_factory=dict)
     q_head: Optional[QHead] = None
+    probe: Optional[QProbe] = None
 
     @classmethod
     def build(cls, name: str, kwargs: Optional[dict] = None, *, value_model: Optional[str] = None,
@@ -77,21 +82,26 @@ class Decoding:
         """Resolve and check against ``model``'s vocabulary and ``tokenizer`` (errors name the cause)."""
         entry = DECODERS.entry(name)  # unknown name -> error listing the valid ones
         kwargs = dict(kwargs or {})
-        head = None
+        head = probe = None
         if "values" in entry.meta["needs"]:
             if value_model is None:
-                raise ValueError(f"decoder {name!r} needs a value model (decode.value_model / --value-model); "
-                                 "train one with `tilt train-value`")
-            head = load_q_head(value_model, tokenizer=tokenizer, hidden_size=model.config.hidden_size)
+                maker = "fit one with `tilt train-probe`" if entry.meta["values"] == "probe" else \
+                    "train one with `tilt train-value`"
+                raise ValueError(f"decoder {name!r} needs a value model (decode.value_model / --value-model); {maker}")
+            if entry.meta["values"] == "probe":  # E5: a linear probe on completion embeddings
+                probe = load_q_probe(value_model, tokenizer=tokenizer, hidden_size=model.config.hidden_size)
+            else:
+                head = load_q_head(value_model, tokenizer=tokenizer, hidden_size=model.config.hidden_size)
             if entry.meta["kind"] == "token":
                 kwargs.setdefault("beta", 1.0)
         elif value_model is not None:
             raise ValueError(f"decoder {name!r} uses no value model but decode.value_model={value_model!r} was given")
-        dec = cls(name, kwargs, head)
-        if model is not None and entry.meta["kind"] == "sequence":
-            n = kwargs.get("n", 4)
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"decoder {name!r} needs n >= 1 candidates, got {n!r}")
+        dec = cls(name, kwargs, head, probe)
+        if model is not None and entry.meta["kind"] in ("sequence", "block"):
+            count = entry.meta["candidates"]
+            n = kwargs.get(count, 4)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"decoder {name!r} needs {count} >= 1 candidates (an integer), got {n!r}")
             try:
                 entry.fn(torch.zeros(1, n), **kwargs)
             except TypeError as exc:
@@ -123,6 +133,9 @@ class Decoding:
             return batch, None
         fn = DECODERS.get(self.name)
         beta = self.kwargs.get("beta", 1.0)
+        if DECODERS.entry(self.name).meta["kind"] == "block":
+            return self._blockwise(model, prompt_ids, prompt_mask, fn, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                   pad_id=pad_id, generator=generator), None
         if DECODERS.entry(self.name).meta["kind"] == "sequence":
             return self._select(model, prompt_ids, prompt_mask, fn, beta, max_new_tokens=max_new_tokens,
                                 eos_id=eos_id, pad_id=pad_id, generator=generator), None
@@ -136,27 +149,64 @@ class Decoding:
                                generator=generator)
 
 
-    def _select(self, model, prompt_ids: Tensor, prompt_mask: Tensor, fn, beta: float, *, max_new_tokens: int,
-                eos_id: int, pad_id: int, generator) -> RolloutBatch:
-        """n pi_ref samples per prompt, scored by Q(s_{T-1}, y_T) (the value of the last token), one kept."""
+    def _last_token_values(self, model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor, *,
+                           beta: float) -> Tensor:
+        """The value model's score of each completion [N]: Q(s_{T-1}, y_T), the value of its last token
+        (E[r | s, a] for "expected_reward" entries, the soft Q otherwise)."""
         from tilt.rollout import completion_logits
 
-        n = int(self.kwargs.get("n", 4))
+        n = ids.shape[0]
+        _, states = completion_logits(model, prompt_ids, prompt_mask, ids, mask, hidden=True)  # [N, T, H]
+        last = mask.sum(-1) - 1  # [N] index of the last generated token
+        h_last = states[torch.arange(n), last]  # [N, H] state before the last token
+        if DECODERS.entry(self.name).meta["values"] == "expected_reward":
+            q = self.q_head.success_probs(h_last)  # [N, V] CD's prefix scorer
+        else:
+            q = self.q_head.q_values(h_last, beta=beta)  # [N, V]
+        return q.gather(-1, ids[torch.arange(n), last][:, None]).squeeze(-1).detach()  # [N]
+
+    def _select(self, model, prompt_ids: Tensor, prompt_mask: Tensor, fn, beta: float, *, max_new_tokens: int,
+                eos_id: int, pad_id: int, generator) -> RolloutBatch:
+        """n pi_ref samples per prompt, scored by the value model (or the Q-probe), one kept."""
+        from tilt.decoding.train_probe import completion_embeddings
+
+        n = int(self.kwargs.get(DECODERS.entry(self.name).meta["candidates"], 4))
         b = prompt_ids.shape[0]
         rows = torch.arange(b).repeat_interleave(n)  # [B*n]
         cands = generate(model, prompt_ids[rows], prompt_mask[rows], params=SamplingParams(max_new_tokens, 1.0),
                          eos_id=eos_id, pad_id=pad_id, generator=generator)
-        _, states = completion_logits(model, cands.prompt_ids, cands.prompt_mask, cands.completion_ids,
-                                      cands.completion_mask, hidden=True)  # [B*n, T, H]
-        last = cands.completion_mask.sum(-1) - 1  # [B*n] index of the last generated token
-        h_last = states[torch.arange(b * n), last]  # [B*n, H] state before the last token
-        q = self.q_head.q_values(h_last, beta=beta)  # [B*n, V]
-        scores = q.gather(-1, cands.completion_ids[torch.arange(b * n), last][:, None]).squeeze(-1)  # [B*n]
-        pick = fn(scores.detach().reshape(b, n), generator=generator, **self.kwargs)  # [B]
+        if self.probe is not None:  # E5 Q-Probe: w^T phi(x, y) of the whole completion
+            phi = completion_embeddings(model, cands.prompt_ids, cands.prompt_mask, cands.completion_ids,
+                                        cands.completion_mask)  # [B*n, H]
+            scores = self.probe.scores(phi)  # [B*n]
+        else:
+            scores = self._last_token_values(model, cands.prompt_ids, cands.prompt_mask, cands.completion_ids,
+                                             cands.completion_mask, beta=beta)  # [B*n]
+        pick = fn(scores.reshape(b, n), generator=generator, **self.kwargs)  # [B]
         keep = torch.arange(b) * n + pick  # [B]
         return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                             completion_ids=cands.completion_ids[keep], completion_mask=cands.completion_mask[keep],
                             logprobs=cands.logprobs[keep])
+
+    def _blockwise(self, model, prompt_ids: Tensor, prompt_mask: Tensor, fn, *, max_new_tokens: int, eos_id: int,
+                   pad_id: int, generator) -> RolloutBatch:
+        """E4 blockwise CD on the LM: K pi_ref blocks per step, scored V = E[r | s, a] of the block's last token."""
+        def propose(rows: Tensor, prefix: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
+            out = continue_from(model, prompt_ids[rows], prompt_mask[rows], prefix, torch.ones_like(prefix),
+                                params=SamplingParams(length, 1.0), eos_id=eos_id, pad_id=pad_id, generator=generator)
+            extra = length - out.completion_ids.shape[1]  # generation stops early once every row hit EOS
+            pad = lambda x, v: torch.nn.functional.pad(x, (0, extra), value=v)  # noqa: E731
+            return pad(out.completion_ids, pad_id), pad(out.completion_mask, 0), pad(out.logprobs, 0.0)
+
+        def score(rows: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+            return self._last_token_values(model, prompt_ids[rows], prompt_mask[rows], ids, mask, beta=1.0)
+
+        ids, mask, logp = blockwise_decode(
+            prompt_ids.shape[0], propose=propose, score=score, k=self.kwargs.get("k", 4),
+            block_len=self.kwargs.get("block_len", 4), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+            select=lambda s: fn(s, generator=generator, **self.kwargs))
+        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=ids, completion_mask=mask,
+                            logprobs=logp)
 
 
 def decoding_from_config(dcfg, policy) -> Optional[Decoding]:

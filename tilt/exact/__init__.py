@@ -37,6 +37,7 @@ __all__ = [
 from tilt.exact.decoders import (  # noqa: E402
     best_of_n_kl_bound,
     best_of_n_probs,
+    blockwise_k_sequences,
     blockwise_sequences,
     decoded_sequences,
     decoded_table,
@@ -46,5 +47,6 @@ from tilt.exact.decoders import (  # noqa: E402
     win_rate,
 )
 
-__all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_sequences", "decoded_sequences", "decoded_table",
-            "future_return_q", "indirect_transfer_q", "resample_probs", "win_rate"]
+__all__ += ["best_of_n_kl_bound", "best_of_n_probs", "blockwise_k_sequences", "blockwise_sequences",
+            "decoded_sequences", "decoded_table", "future_return_q", "indirect_transfer_q", "resample_probs",
+            "win_rate"]

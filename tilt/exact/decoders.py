@@ -110,6 +110,34 @@ def blockwise_sequences(tree: TokenTree, q: Tensor, *, beta: float, block: int) 
     return logp.exp()[None]
 
 
+def blockwise_k_sequences(tree: TokenTree, q: Tensor, *, block: int, k: int, beta: Optional[float] = None) -> Tensor:
+    """Blockwise CD with K sampled blocks per step (``tilt.decoding.blockwise``), its exact law [1, Y].
+
+    From each prefix the K candidate blocks are iid draws from pi_ref(b | s), scored V(s·b) as in
+    ``blockwise_sequences``; the kept block follows ``best_of_n_probs`` (beta None: argmax, the
+    paper's rule) or ``resample_probs`` (drawn ∝ exp(V / beta)). K = 1 is pi_ref; with beta and
+    K -> infinity it tends to ``blockwise_sequences``.
+    """
+    if block < 1 or k < 1:
+        raise ValueError(f"blockwise CD needs block >= 1 and k >= 1, got block={block}, k={k}")
+    enum = tree.enumerate()
+    v, d = tree.vocab, tree.depth
+    logp_ref = torch.log_softmax(tree.ref_logits, -1)[enum.states, enum.tokens]  # [Y, T]
+    paths = torch.arange(v ** d)  # [Y]
+    logp = torch.zeros(v ** d, dtype=q.dtype)  # [Y]
+    for t0 in range(0, d, block):
+        t1 = min(t0 + block, d)
+        key1 = paths // v ** (d - t1)  # [Y] prefix after the block
+        for start in range(0, v ** d, v ** (d - t0)):  # the rows sharing one prefix before the block (contiguous)
+            rows = torch.arange(start, start + v ** (d - t0))
+            firsts = rows[:: v ** (d - t1)]  # one row per distinct block, in block order [v^(t1-t0)]
+            p = logp_ref[firsts, t0:t1].sum(-1).exp()  # pi_ref(b | s)
+            s = q[enum.states[firsts, t1 - 1], enum.tokens[firsts, t1 - 1]]  # V(s·b)
+            law = best_of_n_probs(p, s, k) if beta is None else resample_probs(p, s, beta=beta, k=k)
+            logp[rows] += law.clamp(min=1e-300).log()[key1[rows] - key1[start]]
+    return logp.exp()[None]
+
+
 def best_of_n_probs(p: Tensor, rewards: Tensor, n: int) -> Tensor:
     """Best-of-n over n iid draws from p [Y] (ties broken toward the first draw), closed form [Y].
 
