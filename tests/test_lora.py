@@ -85,7 +85,11 @@ def test_lora_trains_only_adapters_and_saves_loadable_adapter_and_merged_model(b
 
     base = load_policy(str(base_dir)).model
     ref = _logp(parts.ref_model, rb)
-    assert torch.equal(ref, _logp(base, rb))  # reference = base model, bit for bit
+    # reference = base model: bit for bit at every completion position the model computes from the
+    # KV cache; the first position's logits come from the LM head applied at the last prompt position
+    # only (logits_to_keep=1), where peft's wrapped model rounds the last bit differently (1.2e-7 seen)
+    assert torch.equal(ref[:, 1:], _logp(base, rb)[:, 1:])
+    assert torch.allclose(ref, _logp(base, rb), rtol=0, atol=1e-6)
     m = rb.completion_mask.bool()
     assert (pol - ref)[m].abs().max() > 1e-3  # the adapters changed the policy
 

@@ -287,7 +287,7 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P+T] positions ignore left padding
     p = prompt_ids.shape[1]
     extra = {"output_hidden_states": True} if hidden else {}
-    shared = shared_prefill(model, prompt_ids, prompt_mask, **extra)
+    shared = shared_prefill(model, prompt_ids, prompt_mask, logits_to_keep=1, **extra)  # only the last is read
     if shared is not None:
         head, inverse = shared
         tail = model(input_ids=completion_ids, attention_mask=attn, position_ids=pos[:, p:],
