@@ -7,6 +7,8 @@ next-token distribution. Its meta declares what it needs:
              (Q♯'s regularised Q*) or "expected_reward" p (CD's prefix scorer, TQ*'s E_{rho_BL}[r]);
     kind:    "token" (applied at every step) or "sequence": ``fn(scores [B, n], *, n, ..., generator)
              -> index [B]`` choosing among n pi_ref completions per prompt, scored by the value model;
+             or "search": ``fn(values [m], *, logp [m], ...) -> f [m]`` scores partial solutions of a
+             best-first search over LM-proposed steps (``tilt.decoding.step_search``);
 Config: ``decode.name`` picks the entry, ``decode.kwargs`` are its keyword arguments.
 """
 from __future__ import annotations
@@ -93,6 +95,20 @@ def resample(scores: Tensor, *, n: int = 4, beta: float = 1.0, generator=None) -
     return torch.multinomial(torch.softmax(scores / beta, -1), 1, generator=generator).squeeze(-1)
 
 
+def q_search(values: Tensor, *, logp: Tensor, k: int = 4, max_expansions: int = 32, alpha: float = 0.0,
+             lam: float = 1.0, delimiters: str = ",>") -> Tensor:
+    """E6 Q* step search: f = g + lam·h of partial solutions [m] (Q*, arXiv:2406.14283 §4.2), g = alpha·log
+    pi_ref(path so far), h = the step Q of the last step; k steps proposed per expansion, at most
+    ``max_expansions`` expansions, a step ends at a token containing a ``delimiters`` character or at EOS."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"q_search needs k >= 1 proposed steps per expansion, got k={k!r}")
+    if not isinstance(max_expansions, int) or max_expansions < 1:
+        raise ValueError(f"q_search needs max_expansions >= 1, got {max_expansions!r}")
+    if not isinstance(delimiters, str) or not delimiters:
+        raise ValueError(f"q_search needs delimiters: a non-empty string of step-ending characters, got {delimiters!r}")
+    return alpha * logp + lam * values
+
+
 _register("sample", sample, doc="softmax(logits / temperature): today's sampling")
 _register("greedy", greedy, doc="argmax")
 _register("top_k", top_k, doc="k most likely tokens, renormalised")
@@ -108,5 +124,8 @@ _register("best_of_n", best_of_n, needs=("values",), kind="sequence",
           doc="E1 best-of-n of pi_ref samples, scored by the value model at the last token")
 _register("resample", resample, needs=("values",), kind="sequence",
           doc="E5 resample one of n pi_ref samples ∝ exp(Q / beta) (Q-Probe's sampler)")
+
+_register("q_search", q_search, needs=("values",), kind="search", values="expected_reward",
+          doc="E6 Q* best-first search over LM-proposed steps, h = a step-level Q head (`tilt train-value --steps`)")
 
 __all__ = ["DECODERS", "rules"]
