@@ -125,9 +125,13 @@ class Decoding:
         return self.name in ("sample", "greedy") and set(self.kwargs) <= {"temperature"}
 
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int,
-                 pad_id: int, generator: torch.Generator | None = None) -> tuple[RolloutBatch, Optional[Tensor]]:
-        """Completions for left-padded prompts; (batch, ref log-probs [N, T] or None on the plain path)."""
-        if self.is_plain:
+                 pad_id: int, generator: torch.Generator | None = None,
+                 with_ref: bool = False) -> tuple[RolloutBatch, Optional[Tensor]]:
+        """Completions for left-padded prompts; (batch, ref log-probs [N, T] or None on the plain path).
+
+        ``with_ref`` sends sample/greedy through ``guided_generate`` too, so that token-level decoders
+        always return pi_ref's log-probs (same tokens as the plain path for sample; the KL picture)."""
+        if self.is_plain and not with_ref:
             temperature = 0.0 if self.name == "greedy" else float(self.kwargs.get("temperature", 1.0))
             batch = generate(model, prompt_ids, prompt_mask, params=SamplingParams(max_new_tokens, temperature),
                              eos_id=eos_id, pad_id=pad_id, generator=generator)
