@@ -45,6 +45,7 @@ def test_eval_decoders_writes_the_picture(tiny_llama_dir, tmp_path):
     assert [r["decoder"] for r in csv.DictReader((tmp_path / "decoders.csv").open())] == ["sample", "greedy", "top_k:k=3"]
     assert rows["sample"]["kl"] == 0.0  # q = pi_ref: log q - log pi_ref is 0 token by token, exactly
     assert rows["greedy"]["kl"] > 0 and rows["top_k:k=3"]["kl"] > 0
+    assert all(r["pass1"] == pytest.approx(sum(r["per_cell"].values()) / len(r["per_cell"])) for r in rows.values())
 
     # Count the tokens (and greedy's KL) independently, with the same rows [item x n] and generator seed.
     pol = load_policy(str(tiny_llama_dir))

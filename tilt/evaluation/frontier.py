@@ -89,10 +89,11 @@ def decoder_point(model, tokenizer, items, decoding, *, n: int, max_new_tokens: 
         for i, r in zip(sub, rewards):
             results[i].sample_rewards.append(r)
     count = max(len(rows), 1)
-    return {"pass1": summarize(results)["pass1"], "kl": kl / count if has_kl else None,
+    summary = summarize(results)
+    return {"pass1": summary["pass1"], "kl": kl / count if has_kl else None,
             "kl_per_token": kl / max(kl_tokens, 1) if has_kl else None,
             "tokens_per_prompt": (decoding.generated_tokens - before) / count, "kept_tokens_per_prompt": kept / count,
-            "completions": len(rows)}
+            "completions": len(rows), "per_cell": {c: v["pass1"] for c, v in summary["per_cell"].items()}}
 
 
 def write_frontier(rows: list[dict], out_dir: Path, *, title: str = "") -> dict[str, Path]:
@@ -124,13 +125,17 @@ def plot_frontier(rows: list[dict], path: Path, *, title: str = "") -> None:
                 ax.plot(r[key], r["pass1"], "o", color=color, label=r["decoder"] if key == "tokens_per_prompt" else None)
                 ax.annotate(r["decoder"], (r[key], r["pass1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     no_kl = [r["decoder"] for r in rows if r["kl"] is None]
-    axes[0].set(xlabel="KL(decoder || pi_ref), nats per completion", ylabel="held-out pass@1",
-                title="accuracy vs KL" + (f"\n(no KL estimate: {', '.join(no_kl)})" if no_kl else ""))
-    axes[1].set(xlabel="generated tokens per prompt", ylabel="held-out pass@1", title="accuracy vs tokens")
+    axes[0].set(xlabel="KL(decoder || pi_ref), nats per completion", ylabel="held-out pass@1", title="accuracy vs KL")
+    axes[1].set(xlabel="generated tokens per prompt (discarded candidates included)", ylabel="held-out pass@1",
+                title="accuracy vs tokens")
     axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.margins(x=0.2, y=0.1)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    if no_kl:
+        fig.text(0.01, 0.01, "no KL estimate (log q intractable): " + "; ".join(no_kl), fontsize=7)
+    fig.tight_layout(rect=(0, 0.04 if no_kl else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -140,9 +145,10 @@ def render_frontier(rows: list[dict]) -> str:
     def fmt(v: Optional[float]) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
-    lines = [f"{'decoder':<28} {'pass@1':>8} {'KL':>8} {'KL/tok':>8} {'tok/prompt':>10}"]
+    w = max([len("decoder")] + [len(r["decoder"]) for r in rows])
+    lines = [f"{'decoder':<{w}} {'pass@1':>8} {'KL':>8} {'KL/tok':>8} {'tok/prompt':>10}"]
     for r in rows:
-        lines.append(f"{r['decoder']:<28} {fmt(r['pass1']):>8} {fmt(r['kl']):>8} {fmt(r['kl_per_token']):>8} "
+        lines.append(f"{r['decoder']:<{w}} {fmt(r['pass1']):>8} {fmt(r['kl']):>8} {fmt(r['kl_per_token']):>8} "
                      f"{r['tokens_per_prompt']:>10.2f}")
     return "\n".join(lines)
 
