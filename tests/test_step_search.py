@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from tilt.cli import app
 from tilt.decoding.lm import Decoding
-from tilt.decoding.step_search import (delimiter_ids, head_step_value, propose_steps, q_step_search, step_ends,
-                                       step_examples, train_step_q)
+from tilt.decoding.step_search import (collect_step_data, delimiter_ids, head_step_value, propose_steps,
+                                       q_step_search, rollout_labels, step_ends, step_examples, train_step_q)
 from tilt.decoding.train_value import fit_head
 from tilt.decoding.value_model import QHead, save_q_head
 from tilt.evaluate import evaluate_items
@@ -142,6 +142,14 @@ def test_step_ends_and_examples_by_hand():
 
 
 @functools.lru_cache(maxsize=1)
+def test_rollout_labels_by_hand():
+    r = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert rollout_labels(r, kind="mean").tolist() == [0.5, 0.0, 1.0]  # 2/4, 0/4, 4/4
+    assert rollout_labels(r, kind="max").tolist() == [1.0, 0.0, 1.0]  # Q*'s best of the roll-outs
+    with pytest.raises(ValueError, match="mean, max"):
+        rollout_labels(r, kind="median")
+
+
 def _learned_stub_head(samples=400):
     """Roll out the stub, split into steps, fit the step-Q head; returns (head, data)."""
     stub, gen = StubLM(), torch.Generator().manual_seed(1)
@@ -213,6 +221,54 @@ def step_head_dir(tmp_path_factory, pol):
     return d
 
 
+def test_step_rollout_labels_on_a_causal_lm(pol):
+    items = sample_items(parse_mix("addition_steps:1"), split="train", start=0, count=3)
+    delims = delimiter_ids(pol.tokenizer, ",>")
+    own = collect_step_data(pol, items, samples=2, delimiters=delims, max_new_tokens=6,
+                            generator=torch.Generator().manual_seed(0))
+    rolled = collect_step_data(pol, items, samples=2, delimiters=delims, max_new_tokens=6,
+                               generator=torch.Generator().manual_seed(0), rollouts=3, label="max")
+    # same completions (same seed, roll-outs drawn after them): same steps, states and tokens
+    assert torch.equal(own.tokens, rolled.tokens) and torch.allclose(own.hidden, rolled.hidden)
+    finished = own.tokens == pol.eos_id  # a step closed by EOS keeps its own reward
+    assert torch.equal(own.rewards[finished], rolled.rewards[finished])
+    assert set(rolled.rewards.tolist()) <= {0.0, 1.0}  # max of {0, 1} rewards
+    with pytest.raises(ValueError, match="mean, max"):
+        collect_step_data(pol, items, samples=1, delimiters=delims, max_new_tokens=4,
+                          generator=torch.Generator(), rollouts=2, label="best")
+
+
+def test_step_rollouts_continue_each_step_and_average_its_rewards(pol, monkeypatch):
+    """With a fake verifier (reward = 1 iff the text has an even length) every roll-out text extends its step's
+    prefix, and the live steps' labels are the means of their roll-outs' rewards, in order."""
+    import tilt.rewards
+
+    calls = []
+
+    def fake(prompts, completions, **_):
+        calls.append(list(completions))
+        return [float(len(c) % 2 == 0) for c in completions]
+
+    monkeypatch.setattr(tilt.rewards, "verifier_reward", fake)
+    items = sample_items(parse_mix("addition_steps:1"), split="train", start=0, count=3)
+    k = 3
+    data = collect_step_data(pol, items, samples=2, delimiters=delimiter_ids(pol.tokenizer, "0123456789abcdefghijkl"),
+                             max_new_tokens=6, generator=torch.Generator().manual_seed(0), rollouts=k, label="mean")
+    sampled, rolled = calls
+    groups = [rolled[i:i + k] for i in range(0, len(rolled), k)]
+    assert len(sampled) == 6 and len(groups) >= 3  # 3 items x 2 samples; many chars end a step, so live steps exist
+    for g in groups:
+        prefix = min(g, key=len)[:1]  # every step has >= 1 token, so the roll-outs share >= 1 char with a sample
+        assert all(t.startswith(prefix) for t in g) and any(c.startswith(prefix) for c in sampled)
+        assert all(len(t) <= 6 for t in g)  # prefix + continuation cut at the completion budget
+    means = [sum(len(t) % 2 == 0 for t in g) / k for g in groups]
+    labels, j = data.rewards.tolist(), 0
+    for v in labels:  # the group means appear in order among the labels
+        if j < len(means) and abs(v - means[j]) < 1e-6:
+            j += 1
+    assert j == len(means)
+
+
 def test_q_search_decoder_on_a_causal_lm(pol, step_head_dir):
     dec = Decoding.build("q_search", {"k": 2, "max_expansions": 3}, value_model=str(step_head_dir), model=pol.model,
                          tokenizer=pol.tokenizer)
@@ -232,11 +288,13 @@ def test_q_search_decoder_on_a_causal_lm(pol, step_head_dir):
 def test_q_search_from_tilt_train_value_and_tilt_eval(tiny_llama_dir, tmp_path):
     runner = CliRunner()
     tv = runner.invoke(app, ["train-value", str(tiny_llama_dir), "--steps", "--tasks", "addition_steps:1", "--prompts",
-                             "3", "--step-samples", "2", "--epochs", "3", "--max-new-tokens", "6",
+                             "3", "--step-samples", "2", "--step-rollouts", "2", "--step-label", "max", "--epochs", "3",
+                             "--max-new-tokens", "6",
                              "--out", str(tmp_path / "vm")])
     assert tv.exit_code == 0, tv.output
     meta = json.loads((tmp_path / "vm" / "q_head.json").read_text())
     assert meta["kind"] == "step_q" and meta["delimiters"] == ",>" and meta["examples"] >= 6
+    assert meta["rollouts"] == 2 and meta["label"] == "max"
     ev = runner.invoke(app, ["eval", str(tiny_llama_dir), "--tasks", "addition_steps:1", "--per-cell", "2",
                              "--n", "1", "--max-new-tokens", "6", "--decode", "q_search", "--decode-kwargs",
                              '{"k": 2, "max_expansions": 2}', "--value-model", str(tmp_path / "vm"),
@@ -261,3 +319,5 @@ def test_q_search_bad_input(pol, step_head_dir):
         Decoding.build("q_search", {"k": 2}, model=pol.model, tokenizer=pol.tokenizer)
     with pytest.raises(ValueError, match="samples >= 1"):
         train_step_q(pol, [], samples=0)
+    with pytest.raises(ValueError, match="rollouts >= 0"):
+        train_step_q(pol, [], rollouts=-1)

@@ -130,6 +130,10 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
                                                "instead: MC return of the outcome reward at each step's last token, "
                                                "from --step-samples reference roll-outs of --prompts prompts."),
                     step_samples: int = typer.Option(4, help="--steps: reference roll-outs per prompt."),
+                    step_rollouts: int = typer.Option(0, help="--steps: fresh reference continuations after each "
+                                                      "step (0 = label a step with its own completion's reward)."),
+                    step_label: str = typer.Option("mean", help="--steps with --step-rollouts: mean (MC estimate of "
+                                                   "E[r | step]) or max (Q*'s best-of-roll-outs label)."),
                     delimiters: str = typer.Option(",>", help="--steps: characters that end a step.")) -> None:
     """Learn a Q♯ value model (a head on the reference's hidden states) from roll-in/roll-out data."""
     from tilt.cli import _user_errors, fail
@@ -154,7 +158,8 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
             from tilt.decoding.step_search import train_step_q
 
             head, info = train_step_q(pol, item_rounds[0], samples=step_samples, delimiters=delimiters,
-                                      max_new_tokens=max_new_tokens, epochs=epochs, val_frac=val_frac, seed=seed)
+                                      max_new_tokens=max_new_tokens, epochs=epochs, val_frac=val_frac, seed=seed,
+                                      rollouts=step_rollouts, label=step_label)
             target_dir = out or ((run_dir / "value_model") if run_dir else Path("value_model"))
             save_q_head(head, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
                         info={**info, "tasks": tasks, "val_frac": val_frac})

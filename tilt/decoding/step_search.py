@@ -8,9 +8,9 @@ being a learned Q of the last step. Pieces, each pure of trainer state:
 
 * ``step_ends`` / ``collect_step_data`` / ``train_step_q``: the step Q. pi_ref completions are split
   into steps at delimiter tokens (and the last token); the example of a step is (hidden state before
-  its last token, that token, the completion's outcome reward). Its label is the Monte-Carlo return
-  of the outcome reward from that step under pi_ref (one roll-out per step; Q*'s "learning from
-  roll-out" labels take the best of several roll-outs instead, §4.1 — not built). The model is
+  its last token, that token, a label). The label is the Monte-Carlo return of the outcome reward
+  from that step under pi_ref: the completion's own reward (one roll-out), or the mean or the max
+  (Q*'s "learning from roll-out" label, §4.1) over K fresh roll-outs after the step. The model is
   ``QHead``: a linear head on pi_ref's last hidden state fit by binary cross-entropy, so
   sigmoid(head) -> E_{pi_ref}[r | prefix, step] (the regression target's minimiser).
 * ``propose_steps``: k pi_ref samples of the next step from one partial solution.
@@ -61,13 +61,56 @@ def step_examples(completion_ids: Tensor, completion_mask: Tensor, rewards: Tens
     return ValueData(states[n, t].float(), completion_ids[n, t], rewards[n].float())
 
 
+def rollout_labels(rewards: Tensor, *, kind: str) -> Tensor:
+    """Step labels [M] from the outcome rewards [M, K] of K roll-outs after each step.
+
+    "mean": the Monte-Carlo estimate of E_{pi_ref}[r | prefix, step]; "max": Q*'s "learning from
+    roll-out" label with an outcome-only reward and gamma = 1 (arXiv:2406.14283 §4.1: the best of the
+    roll-outs), an estimate of the best reward pi_ref reaches from there in K tries."""
+    if kind == "mean":
+        return rewards.float().mean(-1)
+    if kind == "max":
+        return rewards.float().amax(-1)
+    raise ValueError(f"step-Q label kind {kind!r} is not one of: mean, max")
+
+
+@torch.no_grad()
+def _rollout_rewards(policy, rows, batch, n: Tensor, t: Tensor, *, rollouts: int, max_new_tokens: int,
+                     generator: torch.Generator) -> Tensor:
+    """Outcome rewards [M, rollouts] of pi_ref continuations after the step ends (n, t) of ``batch``; a
+    continuation is cut where the whole completion reaches ``max_new_tokens``."""
+    from tilt.rewards import verifier_reward
+    from tilt.rollout import SamplingParams, continue_from
+
+    tok, eos = policy.tokenizer, policy.eos_id
+    rep_n, rep_t = n.repeat_interleave(rollouts), t.repeat_interleave(rollouts)  # [M*K]
+    prefix_mask = (torch.arange(batch.completion_ids.shape[1])[None] <= rep_t[:, None]).long()  # [M*K, T]
+    out = continue_from(policy.model, batch.prompt_ids[rep_n], batch.prompt_mask[rep_n], batch.completion_ids[rep_n],
+                        prefix_mask, params=SamplingParams(max_new_tokens, 1.0), eos_id=eos, pad_id=policy.pad_id,
+                        generator=generator)
+    texts = []
+    for i in range(len(rep_n)):
+        pre = batch.completion_ids[rep_n[i], :rep_t[i] + 1].tolist()
+        ids = pre + out.completion_ids[i][out.completion_mask[i].bool()].tolist()[:max_new_tokens - len(pre)]
+        texts.append(tok.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True))
+    items = [rows[int(j)] for j in rep_n]
+    r = verifier_reward([it.prompt for it in items], texts, task=[it.task for it in items],
+                        columns=[it.columns for it in items])
+    return torch.tensor(r, dtype=torch.float32).clamp(0, 1).reshape(len(n), rollouts)
+
+
 @torch.no_grad()
 def collect_step_data(policy, items, *, samples: int, delimiters: frozenset[int], max_new_tokens: int,
-                      generator: torch.Generator):
-    """``step_examples`` of ``samples`` pi_ref completions per item, scored by the task verifier."""
+                      generator: torch.Generator, rollouts: int = 0, label: str = "mean"):
+    """Step examples of ``samples`` pi_ref completions per item, scored by the task verifier.
+
+    ``rollouts`` = 0: a step's label is its own completion's reward (one roll-out, ``step_examples``).
+    ``rollouts`` = K >= 1: K fresh pi_ref continuations after every step that is neither at EOS nor at
+    the token budget, labelled by ``rollout_labels(kind=label)`` (a finished step keeps its own reward)."""
     from tilt.rewards import verifier_reward
     from tilt.rollout import SamplingParams, completion_logits, decode_completions, encode_prompts, generate
 
+    rollout_labels(torch.zeros(1, 1), kind=label)  # unknown kind -> error before any generation
     rows = [it for it in items for _ in range(samples)]
     ids, mask = encode_prompts(policy.tokenizer, [it.prompt for it in rows])
     batch = generate(policy.model, ids, mask, params=SamplingParams(max_new_tokens, 1.0), eos_id=policy.eos_id,
@@ -77,25 +120,38 @@ def collect_step_data(policy, items, *, samples: int, delimiters: frozenset[int]
                                            columns=[it.columns for it in rows]), dtype=torch.float32).clamp(0, 1)
     _, states = completion_logits(policy.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                   batch.completion_mask, hidden=True)  # [N, T, H] state before token t
-    return step_examples(batch.completion_ids, batch.completion_mask, rewards, states, delimiters=delimiters)
+    data = step_examples(batch.completion_ids, batch.completion_mask, rewards, states, delimiters=delimiters)
+    if rollouts < 1:
+        return data
+    n, t = torch.nonzero(step_ends(batch.completion_ids, batch.completion_mask, delimiters=delimiters), as_tuple=True)
+    live = (batch.completion_ids[n, t] != policy.eos_id) & (t + 1 < max_new_tokens)  # [M] steps with a future
+    if bool(live.any()):
+        r = _rollout_rewards(policy, rows, batch, n[live], t[live], rollouts=rollouts, max_new_tokens=max_new_tokens,
+                             generator=generator)  # [M_live, K]
+        data.rewards[live] = rollout_labels(r, kind=label)
+    return data
 
 
 def train_step_q(policy, items, *, samples: int = 4, delimiters: str = ",>", max_new_tokens: int = 16,
-                 epochs: int = 200, lr: float = 1e-2, val_frac: float = 0.0, seed: int = 0) -> tuple[QHead, dict]:
-    """Fit a step-level Q head on pi_ref roll-outs of ``items``; returns (head, stats)."""
+                 epochs: int = 200, lr: float = 1e-2, val_frac: float = 0.0, seed: int = 0, rollouts: int = 0,
+                 label: str = "mean") -> tuple[QHead, dict]:
+    """Fit a step-level Q head on pi_ref roll-outs of ``items`` (labels: ``collect_step_data``); returns
+    (head, stats)."""
     from tilt.decoding.train_value import fit_head
 
     if samples < 1:
         raise ValueError(f"step Q needs samples >= 1 roll-outs per prompt, got {samples}")
+    if rollouts < 0:
+        raise ValueError(f"step Q needs rollouts >= 0 continuations per step (0 = the completion's own), got {rollouts}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     data = collect_step_data(policy, items, samples=samples, delimiters=delimiter_ids(policy.tokenizer, delimiters),
-                             max_new_tokens=max_new_tokens, generator=gen)
+                             max_new_tokens=max_new_tokens, generator=gen, rollouts=rollouts, label=label)
     cfg = policy.model.config
     head = QHead(cfg.hidden_size, cfg.vocab_size, init_p=float(data.rewards.mean()))
     loss = fit_head(head, data, epochs=epochs, lr=lr, val_frac=val_frac, generator=gen)
     return head, {"examples": len(data.rewards), "rollout_reward": float(data.rewards.mean()), "bce": loss,
-                  "kind": "step_q", "delimiters": delimiters}
+                  "kind": "step_q", "delimiters": delimiters, "rollouts": rollouts, "label": label}
 
 
 @dataclass(frozen=True)
