@@ -73,3 +73,5 @@ def test_eval_decoders_bad_input(tiny_llama_dir, tmp_path):
     missing = runner.invoke(app, base + ["--decoders", "sample,qsharp:beta=0.5"])
     assert missing.exit_code == 2 and "needs a value model" in missing.output
     assert not (tmp_path / "decoders.png").exists()  # every decoder is checked before any generation
+    both = runner.invoke(app, base + ["--decoders", "sample", "--decode", "greedy"])
+    assert both.exit_code == 2 and "--decoders lists the decoders" in both.output

@@ -199,6 +199,8 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
     from tilt.evaluation_cli import run_eval
 
     try:
+        if decoders and (decode or decode_kwargs):
+            raise ValueError("--decoders lists the decoders (with their kwargs) itself; drop --decode/--decode-kwargs")
         dcfg = _dc.decode_section(None, None, decode, decode_kwargs, value_model)[1] if (
             decode or decode_kwargs or (value_model and not decoders)) else None
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
