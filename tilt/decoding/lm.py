@@ -5,7 +5,8 @@ and checks them once against the model (unknown name, missing or mismatched valu
 than the vocabulary, beta <= 0 all fail here, before any generation). ``sample`` and ``greedy``
 delegate to ``tilt.rollout.generate``, so they give exactly today's samples; every other rule runs
 ``guided_generate``: a KV-cached loop that applies the rule to pi_ref's logits (and Q values from
-the hidden state) at every step.
+the hidden state) at every step; a "sequence" entry keeps one of n pi_ref samples; a "search" entry
+(q_search) runs ``tilt.decoding.step_search``'s best-first search over LM-proposed steps.
 """
 from __future__ import annotations
 

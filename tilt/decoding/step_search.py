@@ -233,10 +233,11 @@ def q_step_search(model, prompt: Tensor, *, value: StepValue, score: Callable[[T
     ``value(completions, hidden [m, H], last [m]) -> [m]`` is h of each child (its completion tokens,
     the state before its last token, that token); ``score(h [m], log pi_ref(path) [m]) -> f [m]``.
     A node is finished at EOS or at ``max_new_tokens``. When the budget runs out before a finished
-    node is popped, the highest-f node generated is returned (``found`` False; possibly partial).
+    node is popped, the highest-f finished node generated is returned, else the highest-f partial one
+    (``found`` False either way).
     """
     root = Node((), (), 0.0, False)
-    best = [root]
+    best = {True: None, False: None}  # finished?, highest f
     used_tokens = [0]
 
     def expand(node: Node) -> list[Node]:
@@ -250,14 +251,14 @@ def q_step_search(model, prompt: Tensor, *, value: StepValue, score: Callable[[T
         f = score(h.float(), torch.tensor([sum(lp) for lp in logps]))  # [m]
         kids = [Node(t, lp, float(fi), s.ends or len(t) >= max_new_tokens)
                 for t, lp, fi, s in zip(full, logps, f, steps)]
-        top = max(kids, key=lambda c: c.f)
-        if best[0] is root or top.f > best[0].f:
-            best[0] = top
+        for kid in kids:
+            if best[kid.done] is None or kid.f > best[kid.done].f:
+                best[kid.done] = kid
         return kids
 
     found, used = best_first_search(root, expand=expand, score=lambda n: n.f, is_terminal=lambda n: n.done,
                                     max_expansions=max_expansions)
-    node = found if found is not None else best[0]
+    node = found if found is not None else (best[True] or best[False])
     return SearchResult(node.tokens, node.logps, found is not None, used, used_tokens[0])
 
 
