@@ -171,22 +171,25 @@ def propose_steps(model, context: Tensor, *, k: int, delimiters: frozenset[int],
     delimiter, EOS or ``max_tokens``; returns (distinct steps in draw order, tokens generated).
 
     Full forward per token, no KV cache: the rows share one length, so no attention mask is needed
-    (rows that ended are extended with padding that no live row attends to)."""
-    rows = context[None].repeat(k, 1)  # [k, L]
+    (rows that ended are extended with padding that no live row attends to). Sampling and the returned
+    states are on the CPU (the generator's device); the model runs wherever it lives."""
+    dev = next(iter(model.parameters())).device if hasattr(model, "parameters") else context.device
+    rows = context[None].repeat(k, 1).to(dev)  # [k, L]
     live = torch.ones(k, dtype=torch.bool)
     toks, lps, hid = [[] for _ in range(k)], [[] for _ in range(k)], [None] * k
     for _ in range(max_tokens):
         out = model(input_ids=rows, output_hidden_states=True, use_cache=False)
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)  # [k, V]
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # [k, V]
         tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # [k]
-        h = out.hidden_states[-1][:, -1]  # [k, H] state before tok
+        h = out.hidden_states[-1][:, -1].float().cpu()  # [k, H] state before tok
         for i in torch.nonzero(live).squeeze(-1).tolist():
             toks[i].append(int(tok[i]))
             lps[i].append(float(logp[i, tok[i]]))
             hid[i] = h[i]
             if int(tok[i]) in delimiters or int(tok[i]) == eos_id:
                 live[i] = False
-        rows = torch.cat([rows, torch.where(live, tok, torch.full_like(tok, pad_id))[:, None]], 1)  # [k, L+1]
+        nxt = torch.where(live, tok, torch.full_like(tok, pad_id))[:, None].to(dev)  # [k, 1]
+        rows = torch.cat([rows, nxt], 1)  # [k, L+1]
         if not bool(live.any()):
             break
     steps: dict[tuple[int, ...], Step] = {}
