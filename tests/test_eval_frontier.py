@@ -42,7 +42,8 @@ def test_eval_decoders_writes_the_picture(tiny_llama_dir, tmp_path):
 
     assert matplotlib.image.imread(str(tmp_path / "decoders.png")).ndim == 3  # decodes as an image
     rows = {r["decoder"]: r for r in json.loads((tmp_path / "decoders.json").read_text())}
-    assert [r["decoder"] for r in csv.DictReader((tmp_path / "decoders.csv").open())] == ["sample", "greedy", "top_k:k=3"]
+    table = list(csv.DictReader((tmp_path / "decoders.csv").open()))
+    assert [r["decoder"] for r in table] == ["sample", "greedy", "top_k:k=3"]
     assert rows["sample"]["kl"] == 0.0  # q = pi_ref: log q - log pi_ref is 0 token by token, exactly
     assert rows["greedy"]["kl"] > 0 and rows["top_k:k=3"]["kl"] > 0
     assert all(r["pass1"] == pytest.approx(sum(r["per_cell"].values()) / len(r["per_cell"])) for r in rows.values())

@@ -142,7 +142,8 @@ def train_step_q(policy, items, *, samples: int = 4, delimiters: str = ",>", max
     if samples < 1:
         raise ValueError(f"step Q needs samples >= 1 roll-outs per prompt, got {samples}")
     if rollouts < 0:
-        raise ValueError(f"step Q needs rollouts >= 0 continuations per step (0 = the completion's own), got {rollouts}")
+        raise ValueError(f"step Q needs rollouts >= 0 continuations per step (0 = the completion's own), "
+                         f"got {rollouts}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     data = collect_step_data(policy, items, samples=samples, delimiters=delimiter_ids(policy.tokenizer, delimiters),

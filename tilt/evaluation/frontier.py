@@ -122,7 +122,8 @@ def plot_frontier(rows: list[dict], path: Path, *, title: str = "") -> None:
         color = f"C{i % 10}"
         for ax, key in zip(axes, ("kl", "tokens_per_prompt")):
             if r[key] is not None:
-                ax.plot(r[key], r["pass1"], "o", color=color, label=r["decoder"] if key == "tokens_per_prompt" else None)
+                label = r["decoder"] if key == "tokens_per_prompt" else None  # one legend, right panel
+                ax.plot(r[key], r["pass1"], "o", color=color, label=label)
                 ax.annotate(r["decoder"], (r[key], r["pass1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     no_kl = [r["decoder"] for r in rows if r["kl"] is None]
     axes[0].set(xlabel="KL(decoder || pi_ref), nats per completion", ylabel="held-out pass@1", title="accuracy vs KL")
