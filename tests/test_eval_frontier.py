@@ -65,6 +65,28 @@ def test_eval_decoders_writes_the_picture(tiny_llama_dir, tmp_path):
     assert rows["greedy"]["kl"] == pytest.approx(want, rel=1e-4)
 
 
+def test_sequence_decoder_tokens_count_every_candidate(tiny_llama_dir, tmp_path):
+    from tilt.decoding.value_model import QHead, save_q_head
+
+    pol = load_policy(str(tiny_llama_dir))
+    save_q_head(QHead(pol.model.config.hidden_size, pol.model.config.vocab_size), tmp_path / "vm",
+                tokenizer=pol.tokenizer, base_model="tiny")
+    res = CliRunner().invoke(app, ["eval", str(tiny_llama_dir), "--tasks", "addition:1", "--per-cell", "2", "--n", "1",
+                                   "--seed", "3", "--max-new-tokens", "5", "--decoders", "best_of_n:n=3",
+                                   "--value-model", str(tmp_path / "vm"), "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "decoders.json").read_text())[0]
+    items = eval_items(parse_mix("addition:1"), per_cell=2)
+    ids, mask = encode_prompts(pol.tokenizer, [it.prompt for it in items])
+    cands = generate(pol.model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0),
+                     params=SamplingParams(5, 1.0), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                     generator=torch.Generator().manual_seed(3))  # the 3 candidates per prompt best_of_n draws
+    assert row["kl"] is None
+    assert row["tokens_per_prompt"] == pytest.approx(int(cands.completion_mask.sum()) / len(items), abs=1e-12)
+    # the zero head scores all candidates alike, so the first of each 3 is kept
+    assert row["kept_tokens_per_prompt"] == pytest.approx(int(cands.completion_mask[::3].sum()) / len(items))
+
+
 def test_eval_decoders_bad_input(tiny_llama_dir, tmp_path):
     runner = CliRunner()
     base = ["eval", str(tiny_llama_dir), "--tasks", "addition:1", "--per-cell", "1", "--n", "1",
