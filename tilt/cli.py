@@ -188,18 +188,25 @@ def eval_cmd(target: str = typer.Argument(..., help="A run directory, a local HF
              breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Dataset column to break scores "
                                                      "down by (default: the run's data.eval.breakdown)."),
              decode: Optional[str] = _dc.DecodeOpt, decode_kwargs: Optional[str] = _dc.KwargsOpt,
-             value_model: Optional[str] = _dc.ValueOpt) -> None:
+             value_model: Optional[str] = _dc.ValueOpt,
+             decoders: Optional[str] = typer.Option(None, "--decoders", help="Compare decoders instead of one "
+                                                    "report, e.g. 'sample,greedy,top_k:k=5,qsharp:beta=0.5': "
+                                                    "pass@1 (over --n samples), KL(decoder||pi_ref) and tokens per "
+                                                    "prompt of each, written as decoders.json/.csv/.png beside "
+                                                    "--out (default the run directory).")) -> None:
     """Greedy reward and unbiased pass@k on held-out items (per task and difficulty for the built-in
     tasks, per data.eval.breakdown value for a dataset), scored with the run's reward functions."""
     from tilt.evaluation_cli import run_eval
 
     try:
+        if decoders and (decode or decode_kwargs):
+            raise ValueError("--decoders lists the decoders (with their kwargs) itself; drop --decode/--decode-kwargs")
         dcfg = _dc.decode_section(None, None, decode, decode_kwargs, value_model)[1] if (
-            decode or decode_kwargs or value_model) else None
+            decode or decode_kwargs or (value_model and not decoders)) else None
         code = run_eval(target, tasks=tasks, per_cell=per_cell, n=n, k=k, split=split,
                         allow_contaminated=allow_contaminated, out=out, seed=seed, max_new_tokens=max_new_tokens,
                         rewards=list(reward or []) or None, data=data, breakdown=breakdown,
-                        decode=dcfg)
+                        decode=dcfg, decoders=decoders, value_model=value_model)
     except _user_errors() as exc:
         fail(str(exc))
     raise typer.Exit(code)

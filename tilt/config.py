@@ -322,8 +322,9 @@ class DecodeCfg(Section):
     """Decoder of the held-out samples (tilt.decoding.DECODERS): sample, greedy, top_k, top_p, min_p, bregman,
     exclude, qsharp, controlled, transfer_q (token-level), best_of_n, resample (one of kwargs.n reference samples,
     scored by the value model), controlled_block (blockwise CD: best of kwargs.k reference blocks of
-    kwargs.block_len tokens), qprobe (one of kwargs.k reference samples ∝ exp(Q-probe / beta)). "sample" is plain
-    sampling at T=1."""
+    kwargs.block_len tokens), qprobe (one of kwargs.k reference samples ∝ exp(Q-probe / beta)), q_search (E6
+    best-first search over LM-proposed steps scored by a step-level Q from `tilt train-value --steps`). "sample"
+    is plain sampling at T=1."""
     kwargs: dict[str, Any] = {}
     """The decoder's keyword arguments, e.g. {k: 20} for top_k, {beta: 0.5, top_k: 20} for qsharp."""
     value_model: Optional[str] = None

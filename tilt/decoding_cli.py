@@ -130,7 +130,16 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
                                                   "another reward: weight each roll-out by (pi_ref/rho_BL) "
                                                   "exp(r/beta) (Transfer Q*'s indirect transfer)."),
                     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN/value_model "
-                                                       "for a run, else ./value_model).")) -> None:
+                                                       "for a run, else ./value_model)."),
+                    steps: bool = typer.Option(False, "--steps", help="Learn a step-level Q for `q_search` (E6) "
+                                               "instead: MC return of the outcome reward at each step's last token, "
+                                               "from --step-samples reference roll-outs of --prompts prompts."),
+                    step_samples: int = typer.Option(4, help="--steps: reference roll-outs per prompt."),
+                    step_rollouts: int = typer.Option(0, help="--steps: fresh reference continuations after each "
+                                                      "step (0 = label a step with its own completion's reward)."),
+                    step_label: str = typer.Option("mean", help="--steps with --step-rollouts: mean (MC estimate of "
+                                                   "E[r | step]) or max (Q*'s best-of-roll-outs label)."),
+                    delimiters: str = typer.Option(",>", help="--steps: characters that end a step.")) -> None:
     """Learn a Q♯ value model (a head on the reference's hidden states) from roll-in/roll-out data."""
     from tilt.cli import _user_errors, fail
 
@@ -150,6 +159,19 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
         mix = parse_mix(tasks)
         start = 50_000_000 + seed * 1_000_000  # train split, away from the trainer's data_offset(seed) range
         item_rounds = [sample_items(mix, split="train", start=start + r * prompts, count=prompts) for r in range(rounds)]
+        if steps:
+            from tilt.decoding.step_search import train_step_q
+
+            head, info = train_step_q(pol, item_rounds[0], samples=step_samples, delimiters=delimiters,
+                                      max_new_tokens=max_new_tokens, epochs=epochs, val_frac=val_frac, seed=seed,
+                                      rollouts=step_rollouts, label=step_label)
+            target_dir = out or ((run_dir / "value_model") if run_dir else Path("value_model"))
+            save_q_head(head, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
+                        info={**info, "tasks": tasks, "val_frac": val_frac})
+            typer.echo(f"step Q: {info['examples']} step examples, roll-out reward {info['rollout_reward']:.3f}, "
+                       f"bce {info['bce']:.4f}")
+            typer.echo(f"saved value model to {target_dir}")
+            return
         roller = None
         if indirect and rollout_model is None:
             raise ValueError("--indirect needs --rollout-model (the baseline aligned to another reward)")

@@ -68,12 +68,15 @@ def _data_items(source: RowSource, cfg: Config, split: str, per_cell: Optional[i
 def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: int, k: str, split: str,
              allow_contaminated: bool, out: Optional[Path], seed: Optional[int], max_new_tokens: int,
              rewards: Optional[list[str]] = None, data: Optional[str] = None,
-             breakdown: Optional[str] = None, decode=None) -> int:
+             breakdown: Optional[str] = None, decode=None, decoders: Optional[str] = None,
+             value_model: Optional[str] = None) -> int:
     """Evaluate and write the JSON report; return the exit code (2 when refused).
 
     ``rewards`` replaces the run's reward.functions; ``data`` evaluates a dataset file (checked
     against the run's train rows when ``target`` is a run); ``breakdown`` names the column
-    to break a dataset's scores down by; ``decode`` (a DecodeCfg) replaces the run's decoder."""
+    to break a dataset's scores down by; ``decode`` (a DecodeCfg) replaces the run's decoder.
+    ``decoders`` (e.g. "sample,greedy,top_k:k=5") writes the decoder picture instead of the report:
+    decoders.{json,csv,png} beside ``out`` (tilt.evaluation.frontier), ``value_model`` for those that need one."""
     model_path, run_dir, cfg = _resolve(target)
     if breakdown is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
@@ -109,9 +112,21 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
         return 2
     for fn in fns:
         check_signature(fn, list(items[0].reward_columns()))
+    eval_seed = seed if seed is not None else cfg.seed + EVAL_SEED_OFFSET
+    if decoders is not None:
+        from tilt.evaluation.frontier import render_frontier, run_frontier
+
+        out_dir = out.parent if out is not None else (run_dir or Path("."))
+        rows, paths = run_frontier(pol, items, spec=decoders, value_model=value_model, n=n,
+                                   max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size, seed=eval_seed,
+                                   reward_fns=fns, weights=weights, timeout=cfg.reward.timeout_s, out_dir=out_dir,
+                                   log=lambda line: console.print(line, markup=False))
+        console.print(render_frontier(rows), markup=False)
+        console.print(f"wrote {paths['png']} (pass@1 vs KL and vs tokens), {paths['json']}, {paths['csv']}")
+        return 0
     results = evaluate_items(pol.model, pol.tokenizer, items, n_samples=n, temperature=1.0,
                              max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
-                             seed=seed if seed is not None else cfg.seed + EVAL_SEED_OFFSET,
+                             seed=eval_seed,
                              reward_fns=fns, weights=weights, timeout=cfg.reward.timeout_s,
                              progress=lambda line: console.print(line, markup=False),
                              decoding=decoding_from_config(decode or cfg.decode, pol))

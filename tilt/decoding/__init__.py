@@ -11,6 +11,8 @@ next-token distribution. Its meta declares what it needs:
              or "block": the same selector applied to K pi_ref blocks of block_len tokens at each
              step (E4 blockwise CD, tilt.decoding.blockwise);
     candidates: the kwarg holding the number of candidates of a "sequence"/"block" entry ("n" or "k");
+             or "search": ``fn(values [m], *, logp [m], ...) -> f [m]`` scores partial solutions of a
+             best-first search over LM-proposed steps (``tilt.decoding.step_search``);
 Config: ``decode.name`` picks the entry, ``decode.kwargs`` are its keyword arguments.
 """
 from __future__ import annotations
@@ -112,6 +114,18 @@ def qprobe(scores: Tensor, *, k: int = 4, beta: float = 1.0, generator=None) -> 
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"qprobe needs k >= 1 candidate completions (an integer), got k={k!r}")
     return probe_select(scores, beta=beta, generator=generator)
+def q_search(values: Tensor, *, logp: Tensor, k: int = 4, max_expansions: int = 32, alpha: float = 0.0,
+             lam: float = 1.0, delimiters: str = ",>") -> Tensor:
+    """E6 Q* step search: f = g + lam·h of partial solutions [m] (Q*, arXiv:2406.14283 §4.2), g = alpha·log
+    pi_ref(path so far), h = the step Q of the last step; k steps proposed per expansion, at most
+    ``max_expansions`` expansions, a step ends at a token containing a ``delimiters`` character or at EOS."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"q_search needs k >= 1 proposed steps per expansion, got k={k!r}")
+    if not isinstance(max_expansions, int) or max_expansions < 1:
+        raise ValueError(f"q_search needs max_expansions >= 1, got {max_expansions!r}")
+    if not isinstance(delimiters, str) or not delimiters:
+        raise ValueError(f"q_search needs delimiters: a non-empty string of step-ending characters, got {delimiters!r}")
+    return alpha * logp + lam * values
 
 
 _register("sample", sample, doc="softmax(logits / temperature): today's sampling")
@@ -133,5 +147,8 @@ _register("controlled_block", controlled_block, needs=("values",), kind="block",
           candidates="k", doc="E4 blockwise controlled decoding: best (or ∝ exp(V/beta)) of k pi_ref blocks")
 _register("qprobe", qprobe, needs=("values",), kind="sequence", values="probe", candidates="k",
           doc="E5 Q-Probe: one of k pi_ref completions ∝ exp(w^T phi / beta), probe from `tilt train-probe`")
+
+_register("q_search", q_search, needs=("values",), kind="search", values="expected_reward",
+          doc="E6 Q* best-first search over LM-proposed steps, h = a step-level Q head (`tilt train-value --steps`)")
 
 __all__ = ["DECODERS", "rules"]

@@ -7,7 +7,8 @@ n pi_ref completions (scored by the Q head, or by a Q-probe for ``qprobe``); blo
 ``tilt.decoding.blockwise`` (E4 blockwise CD). ``sample`` and ``greedy``
 delegate to ``tilt.rollout.generate``, so they give exactly today's samples; every other rule runs
 ``guided_generate``: a KV-cached loop that applies the rule to pi_ref's logits (and Q values from
-the hidden state) at every step.
+the hidden state) at every step; a "sequence" entry keeps one of n pi_ref samples; a "search" entry
+(q_search) runs ``tilt.decoding.step_search``'s best-first search over LM-proposed steps.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tilt.batch import RolloutBatch
 from tilt.decoding import DECODERS
 from tilt.decoding.blockwise import blockwise_decode
 from tilt.decoding.train_probe import QProbe, load_q_probe
+from tilt.decoding.step_search import delimiter_ids, head_step_value, search_generate
 from tilt.decoding.value_model import QHead, load_q_head
 from tilt.rollout import SamplingParams, continue_from, generate
 
@@ -75,6 +77,8 @@ class Decoding:
     kwargs: dict[str, Any] = field(default_factory=dict)
     q_head: Optional[QHead] = None
     probe: Optional[QProbe] = None
+    tokenizer: Any = None  # for decoders that read token texts (q_search's step delimiters)
+    generated_tokens: int = 0  # every token sampled by ``generate`` so far, discarded candidates included
 
     @classmethod
     def build(cls, name: str, kwargs: Optional[dict] = None, *, value_model: Optional[str] = None,
@@ -96,8 +100,19 @@ class Decoding:
                 kwargs.setdefault("beta", 1.0)
         elif value_model is not None:
             raise ValueError(f"decoder {name!r} uses no value model but decode.value_model={value_model!r} was given")
-        dec = cls(name, kwargs, head, probe)
-        if model is not None and entry.meta["kind"] in ("sequence", "block"):
+        dec = cls(name, kwargs, head, probe, tokenizer)
+        if model is not None and head is not None and head.proj.out_features != model.config.vocab_size:
+            raise ValueError(f"value model predicts {head.proj.out_features} tokens but the model has "
+                             f"{model.config.vocab_size} logits; it was trained for another model")
+        if model is not None and entry.meta["kind"] == "search":
+            try:
+                entry.fn(torch.zeros(1), logp=torch.zeros(1), **kwargs)
+            except TypeError as exc:
+                raise ValueError(f"decode.kwargs {kwargs} do not fit decoder {name!r}: {exc}") from None
+            if tokenizer is None:
+                raise ValueError(f"decoder {name!r} reads step delimiters and needs the model's tokenizer")
+            delimiter_ids(tokenizer, kwargs.get("delimiters", ",>"))
+        elif model is not None and entry.meta["kind"] in ("sequence", "block"):
             count = entry.meta["candidates"]
             n = kwargs.get(count, 4)
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -109,9 +124,6 @@ class Decoding:
         elif model is not None:  # bad kwargs (k > vocab, beta <= 0, unknown kwarg) fail now, not mid-run
             vocab = model.config.vocab_size
             probe = torch.zeros(1, vocab)
-            if head is not None and head.proj.out_features != vocab:
-                raise ValueError(f"value model predicts {head.proj.out_features} tokens but the model has "
-                                 f"{vocab} logits; it was trained for another model")
             try:
                 entry.fn(probe, values=torch.zeros(1, vocab) if head is not None else None, **kwargs)
             except TypeError as exc:
@@ -124,30 +136,53 @@ class Decoding:
         return self.name in ("sample", "greedy") and set(self.kwargs) <= {"temperature"}
 
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int,
-                 pad_id: int, generator: torch.Generator | None = None) -> tuple[RolloutBatch, Optional[Tensor]]:
-        """Completions for left-padded prompts; (batch, ref log-probs [N, T] or None on the plain path)."""
-        if self.is_plain:
+                 pad_id: int, generator: torch.Generator | None = None,
+                 with_ref: bool = False) -> tuple[RolloutBatch, Optional[Tensor]]:
+        """Completions for left-padded prompts; (batch, ref log-probs [N, T] or None on the plain path).
+
+        ``with_ref`` sends sample/greedy through ``guided_generate`` too, so that token-level decoders
+        always return pi_ref's log-probs (same tokens as the plain path for sample; the KL picture)."""
+        if self.is_plain and not with_ref:
             temperature = 0.0 if self.name == "greedy" else float(self.kwargs.get("temperature", 1.0))
             batch = generate(model, prompt_ids, prompt_mask, params=SamplingParams(max_new_tokens, temperature),
                              eos_id=eos_id, pad_id=pad_id, generator=generator)
+            self.generated_tokens += int(batch.completion_mask.sum())
             return batch, None
         fn = DECODERS.get(self.name)
         beta = self.kwargs.get("beta", 1.0)
-        if DECODERS.entry(self.name).meta["kind"] == "block":
+        kind = DECODERS.entry(self.name).meta["kind"]
+        if kind == "block":
             return self._blockwise(model, prompt_ids, prompt_mask, fn, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                    pad_id=pad_id, generator=generator), None
-        if DECODERS.entry(self.name).meta["kind"] == "sequence":
+        if kind == "sequence":
             return self._select(model, prompt_ids, prompt_mask, fn, beta, max_new_tokens=max_new_tokens,
                                 eos_id=eos_id, pad_id=pad_id, generator=generator), None
+        if kind == "search":
+            return self._search(model, prompt_ids, prompt_mask, fn, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                pad_id=pad_id, generator=generator), None
         q_fn = None
         if self.q_head is not None and DECODERS.entry(self.name).meta["values"] == "expected_reward":
             q_fn = lambda h: self.q_head.success_probs(h)  # noqa: E731  CD / TQ*: E[r | s, a]
         elif self.q_head is not None:
             q_fn = lambda h: self.q_head.q_values(h, beta=beta)  # noqa: E731  Q♯: beta log E[e^(r/beta)]
-        return guided_generate(model, prompt_ids, prompt_mask, rule=lambda lg, values: fn(lg, values=values, **self.kwargs),
-                               q_fn=q_fn, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                               generator=generator)
+        batch, ref = guided_generate(model, prompt_ids, prompt_mask,
+                                     rule=lambda lg, values: fn(lg, values=values, **self.kwargs), q_fn=q_fn,
+                                     max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, generator=generator)
+        self.generated_tokens += int(batch.completion_mask.sum())
+        return batch, ref
 
+    def _search(self, model, prompt_ids: Tensor, prompt_mask: Tensor, fn, *, max_new_tokens: int, eos_id: int,
+                pad_id: int, generator) -> RolloutBatch:
+        """E6: best-first step search per prompt (tilt.decoding.step_search); ``logprobs`` are pi_ref's."""
+        kw = dict(self.kwargs)
+        k, budget = int(kw.pop("k", 4)), int(kw.pop("max_expansions", 32))
+        delims = delimiter_ids(self.tokenizer, kw.get("delimiters", ",>"))
+        batch, used = search_generate(model, prompt_ids, prompt_mask, value=head_step_value(self.q_head),
+                                      score=lambda h, logp: fn(h, logp=logp, **kw), k=k, max_expansions=budget,
+                                      max_new_tokens=max_new_tokens, delimiters=delims, eos_id=eos_id, pad_id=pad_id,
+                                      generator=generator)
+        self.generated_tokens += used
+        return batch
 
     def _last_token_values(self, model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor, *,
                            beta: float) -> Tensor:
@@ -184,6 +219,7 @@ class Decoding:
                                              cands.completion_mask, beta=beta)  # [B*n]
         pick = fn(scores.reshape(b, n), generator=generator, **self.kwargs)  # [B]
         keep = torch.arange(b) * n + pick  # [B]
+        self.generated_tokens += int(cands.completion_mask.sum())
         return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                             completion_ids=cands.completion_ids[keep], completion_mask=cands.completion_mask[keep],
                             logprobs=cands.logprobs[keep])
@@ -196,6 +232,7 @@ class Decoding:
                                 params=SamplingParams(length, 1.0), eos_id=eos_id, pad_id=pad_id, generator=generator)
             extra = length - out.completion_ids.shape[1]  # generation stops early once every row hit EOS
             pad = lambda x, v: torch.nn.functional.pad(x, (0, extra), value=v)  # noqa: E731
+            self.generated_tokens += int(out.completion_mask.sum())  # every proposed block, kept or not
             return pad(out.completion_ids, pad_id), pad(out.completion_mask, 0), pad(out.logprobs, 0.0)
 
         def score(rows: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
