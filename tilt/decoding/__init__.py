@@ -55,8 +55,8 @@ def min_p(logits: Tensor, *, values: Optional[Tensor] = None, p: float, temperat
 
 
 def bregman(logits: Tensor, *, values: Optional[Tensor] = None, alpha: float = 1.0, k: Optional[int] = None,
-            lam: Optional[float] = None, max_k: int = 64, temperature: float = 1.0) -> Tensor:
-    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, max_k=max_k, temperature=temperature)
+            lam: Optional[float] = None, max_k: int = 64, mode: str = "primal", temperature: float = 1.0) -> Tensor:
+    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, max_k=max_k, mode=mode, temperature=temperature)
 
 
 def exclude(logits: Tensor, *, values: Optional[Tensor] = None, banned: list[int]) -> Tensor:
@@ -119,7 +119,8 @@ _register("greedy", greedy, doc="argmax")
 _register("top_k", top_k, doc="k most likely tokens, renormalised")
 _register("top_p", top_p, doc="nucleus: smallest set with mass >= p")
 _register("min_p", min_p, doc="tokens with prob >= p * max prob")
-_register("bregman", bregman, doc="E7 primal alpha-Bregman top-k (fixed k or adaptive via lam)")
+_register("bregman", bregman,
+          doc="E7 alpha-Bregman top-k, mode primal|dual (fixed k, or adaptive k via lam by binary search)")
 _register("exclude", exclude, doc="E7 (G)I-DLE-style exclusion of banned tokens (KL projection)")
 _register("qsharp", qsharp, needs=("values",), doc="E2 Q♯ value guidance")
 _register("controlled", controlled, needs=("values",), values="expected_reward",
