@@ -71,21 +71,24 @@ def _need_values(name: str, values: Optional[Tensor]) -> Tensor:
 
 
 def qsharp(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
-           top_k: Optional[int] = None) -> Tensor:
+           top_k: Optional[int] = None, rest: str = "drop") -> Tensor:
     """E2 Q♯: pi_ref exp(Q/beta) over pi_ref's top-k, Q = beta log E[exp(r/beta)] from a distributional model."""
-    return rules.guided_logp(logits, values=_need_values("qsharp", values), beta=beta, top_k=top_k)
+    return rules.guided_logp(logits, values=_need_values("qsharp", values), beta=beta, top_k=top_k,
+                             rest=rest)
 
 
 def controlled(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
-               top_k: Optional[int] = None) -> Tensor:
+               top_k: Optional[int] = None, rest: str = "drop") -> Tensor:
     """E4 controlled decoding, token-level: pi_ref exp(V(s·a)/beta) with V a prefix scorer."""
-    return rules.guided_logp(logits, values=_need_values("controlled", values), beta=beta, top_k=top_k)
+    return rules.guided_logp(logits, values=_need_values("controlled", values), beta=beta, top_k=top_k,
+                             rest=rest)
 
 
 def transfer_q(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
-               top_k: Optional[int] = None) -> Tensor:
+               top_k: Optional[int] = None, rest: str = "drop") -> Tensor:
     """E3 Transfer Q*: pi_ref exp(Q/beta), Q estimated by roll-outs of a baseline aligned model."""
-    return rules.guided_logp(logits, values=_need_values("transfer_q", values), beta=beta, top_k=top_k)
+    return rules.guided_logp(logits, values=_need_values("transfer_q", values), beta=beta, top_k=top_k,
+                             rest=rest)
 
 
 def best_of_n(scores: Tensor, *, n: int = 4, generator=None) -> Tensor:

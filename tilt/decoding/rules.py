@@ -240,17 +240,27 @@ def bregman_logp(logits: Tensor, *, alpha: float = 1.0, k: int | None = None, la
     return sparse_bregman(probs, lo, alpha=alpha, mode=mode)[0].log()
 
 
-def guided_logp(logits: Tensor, *, values: Tensor, beta: float, top_k: int | None = None) -> Tensor:
-    """Value guidance: pi(a|s) ∝ pi_ref(a|s) exp(Q(s, a) / beta) over pi_ref's top-k tokens, [N, V].
+def guided_logp(logits: Tensor, *, values: Tensor, beta: float, top_k: int | None = None,
+                rest: str = "drop") -> Tensor:
+    """Value guidance: pi(a|s) ∝ pi_ref(a|s) exp(Q(s, a) / beta) on pi_ref's top-k tokens, [N, V].
 
     With Q = Q* (the KL-regularised optimal Q) and top_k = None this is exactly pi*(a|s)
     (soft Bellman, e.g. Eq. 3 of Q♯, arXiv:2502.20548). ``values`` [N, V] (only the top-k entries
-    are read; others may hold anything finite).
+    are read; others may hold anything finite). ``rest`` says what the tokens outside the top-k get:
+    "drop" (probability 0: guidance and truncation in one) or "ref" (their pi_ref probability with
+    Q = 0, i.e. no guidance offset: the Q♯ reference code's logits processor, which adds the offset
+    to the top-k logits only; for rewards >= 0, Q = 0 is the least value a token can have).
     """
     _check_beta(beta)
     if values.shape != logits.shape:
         raise ValueError(f"guided decoding values {tuple(values.shape)} must match logits {tuple(logits.shape)}")
+    if rest not in ("drop", "ref"):
+        raise ValueError(f"guided decoding rest must be 'drop' or 'ref' (tokens outside the top-k), got {rest!r}")
     logp = torch.log_softmax(logits, dim=-1)  # [N, V]
     if top_k is not None:
-        logp = top_k_logp(logits, k=top_k)  # [N, V] -inf outside the top-k
+        kept = top_k_logp(logits, k=top_k)  # [N, V] -inf outside the top-k
+        if rest == "drop":
+            logp = kept
+        else:
+            values = values.masked_fill(torch.isinf(kept), 0.0)  # [N, V] Q = 0 outside the top-k
     return torch.log_softmax(logp + values / beta, dim=-1)
