@@ -129,6 +129,9 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
                     indirect: bool = typer.Option(False, "--indirect", help="The --rollout-model was aligned to "
                                                   "another reward: weight each roll-out by (pi_ref/rho_BL) "
                                                   "exp(r/beta) (Transfer Q*'s indirect transfer)."),
+                    all_tokens: bool = typer.Option(False, "--all-tokens", help="Every roll-out token is a training "
+                                                    "example, weighted 1/length per roll-out (the Q♯ reference "
+                                                    "code's use_all_ref_tokens); default: a_h only."),
                     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN/value_model "
                                                        "for a run, else ./value_model)."),
                     steps: bool = typer.Option(False, "--steps", help="Learn a step-level Q for `q_search` (E6) "
@@ -185,11 +188,12 @@ def train_value_cmd(target: str = typer.Argument(..., help="The reference policy
             roller = aligned.model
         head, stats = train_value(pol, item_rounds, beta=beta, top_k=top_k, max_new_tokens=max_new_tokens,
                                   epochs=epochs, val_frac=val_frac, seed=seed, rollout_model=roller,
-                                  indirect=indirect, log=typer.echo)
+                                  indirect=indirect, all_tokens=all_tokens, log=typer.echo)
         target_dir = out or ((run_dir / "value_model") if run_dir else Path("value_model"))
         save_q_head(head, target_dir, tokenizer=pol.tokenizer, base_model=str(model_path),
                     info={"beta": beta, "top_k": top_k, "tasks": tasks, "val_frac": val_frac,
-                          "rollout_model": rollout_model, "indirect": indirect, "rounds": stats})
+                          "rollout_model": rollout_model, "indirect": indirect, "all_tokens": all_tokens,
+                          "rounds": stats})
     except _user_errors() as exc:
         fail(str(exc))
     typer.echo(f"saved value model to {target_dir}")

@@ -57,8 +57,8 @@ def min_p(logits: Tensor, *, values: Optional[Tensor] = None, p: float, temperat
 
 
 def bregman(logits: Tensor, *, values: Optional[Tensor] = None, alpha: float = 1.0, k: Optional[int] = None,
-            lam: Optional[float] = None, max_k: int = 64, temperature: float = 1.0) -> Tensor:
-    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, max_k=max_k, temperature=temperature)
+            lam: Optional[float] = None, max_k: int = 64, mode: str = "primal", temperature: float = 1.0) -> Tensor:
+    return rules.bregman_logp(logits, alpha=alpha, k=k, lam=lam, max_k=max_k, mode=mode, temperature=temperature)
 
 
 def exclude(logits: Tensor, *, values: Optional[Tensor] = None, banned: list[int]) -> Tensor:
@@ -73,21 +73,24 @@ def _need_values(name: str, values: Optional[Tensor]) -> Tensor:
 
 
 def qsharp(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
-           top_k: Optional[int] = None) -> Tensor:
+           top_k: Optional[int] = None, rest: str = "drop") -> Tensor:
     """E2 Q♯: pi_ref exp(Q/beta) over pi_ref's top-k, Q = beta log E[exp(r/beta)] from a distributional model."""
-    return rules.guided_logp(logits, values=_need_values("qsharp", values), beta=beta, top_k=top_k)
+    return rules.guided_logp(logits, values=_need_values("qsharp", values), beta=beta, top_k=top_k,
+                             rest=rest)
 
 
 def controlled(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
-               top_k: Optional[int] = None) -> Tensor:
+               top_k: Optional[int] = None, rest: str = "drop") -> Tensor:
     """E4 controlled decoding, token-level: pi_ref exp(V(s·a)/beta) with V a prefix scorer."""
-    return rules.guided_logp(logits, values=_need_values("controlled", values), beta=beta, top_k=top_k)
+    return rules.guided_logp(logits, values=_need_values("controlled", values), beta=beta, top_k=top_k,
+                             rest=rest)
 
 
 def transfer_q(logits: Tensor, *, values: Optional[Tensor] = None, beta: float = 1.0,
-               top_k: Optional[int] = None) -> Tensor:
+               top_k: Optional[int] = None, rest: str = "drop") -> Tensor:
     """E3 Transfer Q*: pi_ref exp(Q/beta), Q estimated by roll-outs of a baseline aligned model."""
-    return rules.guided_logp(logits, values=_need_values("transfer_q", values), beta=beta, top_k=top_k)
+    return rules.guided_logp(logits, values=_need_values("transfer_q", values), beta=beta, top_k=top_k,
+                             rest=rest)
 
 
 def best_of_n(scores: Tensor, *, n: int = 4, generator=None) -> Tensor:
@@ -133,7 +136,8 @@ _register("greedy", greedy, doc="argmax")
 _register("top_k", top_k, doc="k most likely tokens, renormalised")
 _register("top_p", top_p, doc="nucleus: smallest set with mass >= p")
 _register("min_p", min_p, doc="tokens with prob >= p * max prob")
-_register("bregman", bregman, doc="E7 primal alpha-Bregman top-k (fixed k or adaptive via lam)")
+_register("bregman", bregman,
+          doc="E7 alpha-Bregman top-k, mode primal|dual (fixed k, or adaptive k via lam by binary search)")
 _register("exclude", exclude, doc="E7 (G)I-DLE-style exclusion of banned tokens (KL projection)")
 _register("qsharp", qsharp, needs=("values",), doc="E2 Q♯ value guidance")
 _register("controlled", controlled, needs=("values",), values="expected_reward",

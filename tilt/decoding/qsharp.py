@@ -65,28 +65,35 @@ class TabularZ:
         return q.reshape(self.n_states, self.vocab)
 
 
-def rollin_rollout(tree, guided: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def rollin_rollout(tree, guided: Tensor, n: int, gen: torch.Generator, *,
+                   all_tokens: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """n samples (s_h, a_h, r): roll in with ``guided`` [S, V] to a uniform switch step h, then
-    draw a_h and the rest of the sequence from pi_ref; r is the terminal reward. Returns three [n]."""
+    draw a_h and the rest of the sequence from pi_ref; r is the terminal reward. Returns three [n].
+    ``all_tokens``: also every later (s_t, a_t, r), t > h (each is followed by pi_ref too; the Q♯
+    reference code's use_all_ref_tokens), three [M] with M = sum of (depth - h)."""
     ref = torch.softmax(tree.ref_logits, -1)  # [S, V]
     v, d = tree.vocab, tree.depth
     h = torch.randint(0, d, (n,), generator=gen)  # [n]
     prefix = torch.zeros(n, dtype=torch.long)  # lexicographic number of the prefix
-    s_h = torch.zeros(n, dtype=torch.long)
-    a_h = torch.zeros(n, dtype=torch.long)
+    states, tokens = [], []
     for t in range(d):
         state = sum(v ** e for e in range(t)) + prefix  # [n] row of the [S, V] table
         policy = torch.where((t < h)[:, None], guided[state], ref[state])  # [n, V]
         tok = torch.multinomial(policy, 1, generator=gen).squeeze(-1)  # [n]
-        s_h = torch.where(t == h, state, s_h)
-        a_h = torch.where(t == h, tok, a_h)
+        states.append(state)
+        tokens.append(tok)
         prefix = prefix * v + tok
-    return s_h, a_h, tree.rewards.reshape(-1)[prefix]
+    r = tree.rewards.reshape(-1)[prefix]  # [n]
+    s_all, a_all = torch.stack(states, 1), torch.stack(tokens, 1)  # [n, d]
+    steps = torch.arange(d)[None]  # [1, d]
+    keep = (steps >= h[:, None]) if all_tokens else (steps == h[:, None])  # [n, d]
+    return s_all[keep], a_all[keep], r[:, None].expand(n, d)[keep]
 
 
 def qsharp_exact(tree, *, beta: float, samples_per_round: int, rounds: int, seed: int = 0,
-                 top_k: int | None = None) -> tuple[Tensor, list[Tensor]]:
-    """Run Q♯ on a TokenTree; return (final guided probs table [S, V], the guided table after each round)."""
+                 top_k: int | None = None, all_tokens: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """Run Q♯ on a TokenTree; return (final guided probs table [S, V], the guided table after each round).
+    ``all_tokens``: every pi_ref token of a roll-out is a sample (``rollin_rollout``)."""
     from tilt.decoding.rules import guided_logp
 
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +101,7 @@ def qsharp_exact(tree, *, beta: float, samples_per_round: int, rounds: int, seed
     guided = torch.softmax(tree.ref_logits, -1)  # round 0 rolls in with pi_ref
     history = []
     for _ in range(rounds):
-        model.add(*rollin_rollout(tree, guided, samples_per_round, gen))
+        model.add(*rollin_rollout(tree, guided, samples_per_round, gen, all_tokens=all_tokens))
         guided = guided_logp(tree.ref_logits, values=model.q_table().to(tree.ref_logits.dtype), beta=beta,
                              top_k=top_k).exp()
         history.append(guided)

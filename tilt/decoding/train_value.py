@@ -58,15 +58,22 @@ def indirect_log_weights(ref_model, rollout_model, out, rewards: Tensor, *, beta
 
 @torch.no_grad()
 def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator: torch.Generator,
-            rollout_model=None, indirect_beta: Optional[float] = None) -> ValueData:
+            rollout_model=None, indirect_beta: Optional[float] = None, all_tokens: bool = False) -> ValueData:
     """One round of roll-in (``decoding``) / roll-out (pi_ref, or ``rollout_model``) data for ``items``.
 
     ``rollout_model`` (same tokenizer) rolls out instead of pi_ref: with a baseline aligned policy this
     estimates Transfer Q*'s Q(s, a) = E_{rho_BL}[r | s, a] (arXiv:2405.20495) on pi_ref's hidden states;
     with ``indirect_beta`` each example carries the indirect-transfer log weight (``indirect_log_weights``).
+    ``all_tokens``: every roll-out token (a_h and each pi_ref token after it, up to EOS) is an example
+    (s_t, a_t, r), since each is itself followed by a pi_ref continuation; a roll-out's L examples weigh
+    1/L each (log weight -log L), so the fit is the mean over roll-outs of the per-roll-out mean BCE.
+    This is the Q♯ reference code's default (use_all_ref_tokens=1 with per-sequence loss averaging).
     """
     if indirect_beta is not None and (rollout_model is None or not indirect_beta > 0):
         raise ValueError(f"indirect transfer needs a rollout model and beta > 0, got {indirect_beta!r}")
+    if all_tokens and indirect_beta is not None:
+        raise ValueError("all_tokens is not available with indirect transfer (each token would need the "
+                         "importance weight of its own continuation); use one of the two")
     model, tok, eos, pad = policy.model, policy.tokenizer, policy.eos_id, policy.pad_id
     ids, mask = encode_prompts(tok, [it.prompt for it in items])
     rollin, _ = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
@@ -81,9 +88,16 @@ def collect(policy, items, decoding: Decoding, *, max_new_tokens: int, generator
     texts = [(p + s) for p, s in zip(prefixes, decode_completions(tok, out, eos))]
     rewards = verifier_reward([it.prompt for it in items], texts, task=[it.task for it in items],
                               columns=[it.columns for it in items])
+    r = torch.tensor(rewards, dtype=torch.float32).clamp(0, 1)  # [N]
+    if all_tokens:
+        keep = out.completion_mask.bool()  # [N, T] a_h, the roll-out tokens, EOS
+        _, states = completion_logits(model, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                      out.completion_mask, hidden=True)  # [N, T, H] state before each token
+        lengths = keep.sum(-1)  # [N] >= 1
+        return ValueData(states[keep].float(), out.completion_ids[keep], r.repeat_interleave(lengths),
+                         (-lengths.float().log()).repeat_interleave(lengths))
     first = out.completion_ids[:, :1]  # [N, 1] a_h
     _, states = completion_logits(model, out.prompt_ids, out.prompt_mask, first, torch.ones_like(first), hidden=True)
-    r = torch.tensor(rewards, dtype=torch.float32).clamp(0, 1)  # [N]
     lw = None if indirect_beta is None else indirect_log_weights(model, rollout_model, out, r, beta=indirect_beta)
     return ValueData(states[:, 0].float(), first[:, 0], r, lw)
 
@@ -130,9 +144,11 @@ def fit_head(head: QHead, data: ValueData, *, epochs: int = 200, lr: float = 1e-
 
 def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | None, max_new_tokens: int,
                 epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0, val_frac: float = 0.0,
-                seed: int = 0, rollout_model=None, indirect: bool = False, log=print) -> tuple[QHead, list[dict]]:
+                seed: int = 0, rollout_model=None, indirect: bool = False, all_tokens: bool = False,
+                log=print) -> tuple[QHead, list[dict]]:
     """Run len(item_rounds) Q♯ rounds (one list of items per round); return the head and per-round stats.
-    ``indirect``: Transfer Q*'s indirect transfer from ``rollout_model`` (aligned to another reward) at ``beta``."""
+    ``indirect``: Transfer Q*'s indirect transfer from ``rollout_model`` (aligned to another reward) at ``beta``.
+    ``all_tokens``: every roll-out token is a training example (``collect``)."""
     if not beta > 0:
         raise ValueError(f"train-value beta must be > 0, got {beta!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -142,13 +158,14 @@ def train_value(policy, item_rounds: list[list], *, beta: float, top_k: int | No
     decoding, data, stats = Decoding("sample"), None, []
     for r, items in enumerate(item_rounds):
         new = collect(policy, items, decoding, max_new_tokens=max_new_tokens, generator=gen,
-                      rollout_model=rollout_model, indirect_beta=beta if indirect else None)
+                      rollout_model=rollout_model, indirect_beta=beta if indirect else None, all_tokens=all_tokens)
         data = new if data is None else data.extend(new)
         loss = fit_head(head, data, epochs=epochs, lr=lr, weight_decay=weight_decay, val_frac=val_frac, generator=gen)
-        stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": float(new.rewards.mean()),
-                      "bce": loss})
-        log(f"round {r + 1}: {len(data.rewards)} examples, roll-out reward {float(new.rewards.mean()):.3f}, "
-            f"bce {loss:.4f}")
+        # per roll-out mean (all_tokens repeats a roll-out's reward on its L tokens with weight 1/L)
+        w = torch.softmax(new.log_weights, 0) if all_tokens else torch.full_like(new.rewards, 1 / len(new.rewards))
+        reward = float((w * new.rewards).sum())
+        stats.append({"round": r + 1, "examples": len(data.rewards), "rollout_reward": reward, "bce": loss})
+        log(f"round {r + 1}: {len(data.rewards)} examples, roll-out reward {reward:.3f}, bce {loss:.4f}")
         kwargs = {"beta": beta} if top_k is None else {"beta": beta, "top_k": top_k}
         decoding = Decoding("qsharp", kwargs, head)
     return head, stats
