@@ -298,9 +298,11 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
             states = torch.cat([head.hidden_states[-1][:, -1:].index_select(0, inverse),
                                 tail.hidden_states[-1][:, :-1]], 1)
         return logits, states
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
+    t = completion_ids.shape[1]
+    # the LM head only at the T + 1 last positions (P-1 .. P+T-1): no logits over the prompt
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=t + 1, **extra)
     states = out.hidden_states[-1][:, p - 1:-1] if hidden else None  # [N, T, H]
-    return out.logits[:, p - 1:-1], states  # [N, T, V]
+    return out.logits[:, :-1], states  # [N, T, V]
 
 
 def sequence_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
