@@ -67,15 +67,22 @@ def test_nonfinite_loss_step_is_skipped(tiny_llama_dir):
 
 
 def test_token_budget_micro_batches_equal_one_full_batch(tiny_llama_dir):
-    """``micro_batch_tokens`` only bounds memory: a budget that forces one or two rows per
-    micro-batch gives the same update as no budget; ``micro_rows`` picks budget // width rows."""
+    """``micro_batch_tokens`` only bounds memory: a budget that forces two rows per micro-batch
+    gives the same update as no budget; ``micro_batches`` counts a prompt shared by a part's rows once."""
     pol = load_policy(str(tiny_llama_dir), dtype=torch.float64)
     batch = _batch(pol)
-    width = batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
+    p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     a, b = copy.deepcopy(pol.model), copy.deepcopy(pol.model)
     la, lb = _learner(a, "dapo"), _learner(b, "dapo")
-    lb.micro_batch_tokens = 2 * width + 1  # two rows fit, three do not
-    assert lb.micro_rows(12, width) == 2 and la.micro_rows(12, width) == 12
+    rows = torch.arange(12)
+    assert [c.tolist() for c in la.micro_batches(batch, rows)] == [list(range(12))]
+    lb.micro_batch_tokens = p + 2 * t  # two rows of one prompt (its prompt once) fit, three do not
+    assert [len(c) for c in lb.micro_batches(batch, rows)] == [2] * 6
+    # a whole group of 4 rows costs p + 4t (its prompt once): one group per part, never a row of the next
+    # (a fifth row would add the next prompt: 2 prompts + 5 completions > p + 4t)
+    lc = _learner(copy.deepcopy(pol.model), "dapo")
+    lc.micro_batch_tokens = p + 4 * t
+    assert [c.tolist() for c in lc.micro_batches(batch, rows)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     ma, mb = la.update(batch), lb.update(batch)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-9, abs=1e-12)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):

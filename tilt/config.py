@@ -293,8 +293,9 @@ class TrainCfg(Section):
     """How a batch is split into mini-batches: shuffled rows, or shuffled whole groups (each
     mini-batch then runs each of its prompts once in the shared-prompt forward)."""
     micro_batch_tokens: Optional[int] = Field(2048, ge=1)
-    """Upper bound on rows x padded width per micro-batch (more micro-batches when exceeded): bounds
-    activation memory without changing the update. None: only grad_accum splits."""
+    """Upper bound on the positions one micro-batch's forward runs (more micro-batches when exceeded; a
+    prompt shared by a micro-batch's rows counts once, as the shared-prompt forward runs it once): bounds
+    activation memory without changing the update. Also chunks the reference pass. None: only grad_accum splits."""
     max_bad_steps: int = Field(3, ge=1)
     """Consecutive non-finite losses after which the run stops (the last checkpoint stays)."""
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
-from tilt.rollout import _atleast32, completion_logits, model_device
+from tilt.rollout import _atleast32, completion_logits, model_device, token_chunks
 from tilt.value_head import value_loss
 
 
@@ -191,13 +191,13 @@ class Learner:
         rank[torch.searchsorted(groups, order)] = torch.arange(len(order))  # group id -> its new place
         return torch.sort(rank[torch.searchsorted(groups, batch.group_index)] * n + torch.arange(n)).indices
 
-    def micro_rows(self, rows: int, width: int) -> int:
-        """Rows per micro-batch: ``grad_accum`` equal parts, smaller if a part would exceed
-        ``micro_batch_tokens`` (rows x padded width), which bounds activation memory."""
-        size = math.ceil(rows / self.grad_accum)
-        if self.micro_batch_tokens:
-            size = min(size, max(1, self.micro_batch_tokens // width))
-        return size
+    def micro_batches(self, batch: LearnerBatch, rows: Tensor) -> list[Tensor]:
+        """The mini-batch ``rows`` split into micro-batches of at most ceil(rows / grad_accum) rows,
+        fewer if a part's forward would run more than ``micro_batch_tokens`` positions (a prompt
+        shared by a part's rows counts once, as the shared-prompt forward runs it once): this bounds
+        activation memory without changing the update."""
+        return token_chunks(batch.prompt_ids, batch.prompt_mask, batch.completion_ids.shape[1], self.micro_batch_tokens,
+                            rows=rows, max_rows=math.ceil(len(rows) / self.grad_accum))
 
     def update(self, batch: LearnerBatch, loss_kwargs: Optional[dict[str, Any]] = None) -> dict[str, float]:
         """``epochs x minibatches`` optimizer steps on ``batch``. Returns averaged metrics.
@@ -220,11 +220,10 @@ class Learner:
                 denom = reduction_denominator(loss_mask[mb].float(), self.reduction, max_len=self.max_len)
                 vdenom = reduction_denominator(batch.completion_mask[mb].float(), "token-mean")
                 self.optimizer.zero_grad(set_to_none=True)
-                micro_size = self.micro_rows(len(mb), batch.prompt_ids.shape[1] + batch.completion_ids.shape[1])
                 total = 0.0
                 t_fwd = time.perf_counter()
-                for ms in range(0, len(mb), micro_size):
-                    loss, stats = self.micro_loss(batch.select(mb[ms:ms + micro_size]), denom,
+                for micro in self.micro_batches(batch, mb):
+                    loss, stats = self.micro_loss(batch.select(micro), denom,
                                                   value_denominator=vdenom, loss_kwargs=loss_kwargs)
                     if torch.isfinite(loss):
                         loss.backward()

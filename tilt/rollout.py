@@ -305,20 +305,54 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     return out.logits[:, :-1], states  # [N, T, V]
 
 
+def forward_tokens(n_rows: int, n_prompts: int, prompt_len: int, completion_len: int) -> int:
+    """Positions one ``completion_logits`` call runs for ``n_rows`` rows holding ``n_prompts`` distinct
+    prompts: each prompt once plus every row's completion when the prompts are shared (at least two
+    rows per prompt on average, as ``shared_prefill`` decides), else every row's whole sequence."""
+    if 2 * n_prompts <= n_rows:
+        return n_prompts * prompt_len + n_rows * completion_len
+    return n_rows * (prompt_len + completion_len)
+
+
+def token_chunks(prompt_ids: Tensor, prompt_mask: Tensor, completion_len: int, budget: int | None, *,
+                 rows: Tensor | None = None, max_rows: int | None = None) -> list[Tensor]:
+    """Split ``rows`` (default: all, in order) into consecutive chunks whose forward runs at most
+    ``budget`` positions (``forward_tokens``: a prompt shared by a chunk's rows counts once) and that
+    hold at most ``max_rows`` rows. A single row over the budget is a chunk of its own. The chunks
+    bound the activation memory of teacher-forced passes; how rows are split does not change the sum
+    of their losses or the log-probs.
+    """
+    rows = torch.arange(prompt_ids.shape[0]) if rows is None else rows
+    if not budget and not max_rows:
+        return [rows]
+    _, _, inverse = unique_prompts(prompt_ids, prompt_mask)  # [N] prompt id of each row
+    p = prompt_ids.shape[1]
+    chunks, cur, seen = [], [], set()
+    for r in rows.tolist():
+        prompts = seen | {int(inverse[r])}
+        fits = (max_rows is None or len(cur) < max_rows) and (
+            not budget or forward_tokens(len(cur) + 1, len(prompts), p, completion_len) <= budget)
+        if cur and not fits:
+            chunks.append(torch.tensor(cur))
+            cur, prompts = [], {int(inverse[r])}
+        cur.append(r)
+        seen = prompts
+    chunks.append(torch.tensor(cur))
+    return chunks
+
+
 def sequence_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                       completion_mask: Tensor, *, temperature: float = 1.0, with_entropy: bool = False,
                       chunk_tokens: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced log-probs of the completion tokens (with grad if enabled).
 
     Returns (logp [N, T], entropy [N, T] or None) under softmax(logits / temperature).
-    ``chunk_tokens`` runs the rows in chunks of at most that many (rows x padded width) tokens,
-    which bounds the memory of a no-grad pass (e.g. the reference model's) at any batch size.
+    ``chunk_tokens`` runs the rows in chunks of at most that many forward positions (``token_chunks``:
+    a shared prompt counts once), which bounds the memory of a no-grad pass (e.g. the reference
+    model's) at any batch size.
     """
-    width = prompt_ids.shape[1] + completion_ids.shape[1]
-    rows = max(1, chunk_tokens // width) if chunk_tokens else prompt_ids.shape[0]
     logps, ents = [], []
-    for i in range(0, prompt_ids.shape[0], rows):
-        part = slice(i, i + rows)
+    for part in token_chunks(prompt_ids, prompt_mask, completion_ids.shape[1], chunk_tokens):
         logits = _atleast32(completion_logits(model, prompt_ids[part], prompt_mask[part], completion_ids[part],
                                               completion_mask[part])[0])  # [n, T, V]
         if temperature != 1.0 and temperature > 0:
