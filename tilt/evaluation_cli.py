@@ -122,7 +122,8 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
                                    reward_fns=fns, weights=weights, timeout=cfg.reward.timeout_s, out_dir=out_dir,
                                    log=lambda line: console.print(line, markup=False))
         console.print(render_frontier(rows), markup=False)
-        console.print(f"wrote {paths['png']} (pass@1 vs KL and vs tokens), {paths['json']}, {paths['csv']}")
+        for key, what in (("png", " (pass@1 vs KL and vs tokens)"), ("json", ""), ("csv", "")):
+            console.print(f"wrote {paths[key]}{what}", markup=False, soft_wrap=True)  # paths are never wrapped
         return 0
     results = evaluate_items(pol.model, pol.tokenizer, items, n_samples=n, temperature=1.0,
                              max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
@@ -139,5 +140,5 @@ def run_eval(target: str, *, tasks: Optional[str], per_cell: Optional[int], n: i
     out = out or ((run_dir / "eval.json") if run_dir else Path("eval.json"))
     out.write_text(json.dumps(report, indent=1))
     console.print(render_eval_table(report))
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", markup=False, soft_wrap=True)
     return 0
