@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from tilt.decoding.qprobe import fit_probe_objective, pg_loss
-from tilt.decoding.value_model import tokenizer_fingerprint
+from tilt.decoding.value_model import read_checked_meta, tokenizer_fingerprint
 from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, model_device
 
 WEIGHTS, META = "q_probe.safetensors", "q_probe.json"
@@ -103,17 +103,7 @@ def load_q_probe(path: str | Path, *, tokenizer, hidden_size: int) -> QProbe:
     from safetensors.torch import load_file
 
     p = Path(path)
-    if not (p / META).exists() or not (p / WEIGHTS).exists():
-        raise FileNotFoundError(f"no Q-probe at {str(p)!r} (expected {META} and {WEIGHTS}; "
-                                "fit one with `tilt train-probe`)")
-    meta = json.loads((p / META).read_text())
-    mine = tokenizer_fingerprint(tokenizer)
-    if meta["tokenizer_fingerprint"] != mine:
-        raise ValueError(f"Q-probe {str(p)!r} was fit for another tokenizer (vocab fingerprint "
-                         f"{meta['tokenizer_fingerprint']}; base {meta['base_model']!r}) but this model's tokenizer "
-                         f"has fingerprint {mine}; fit a probe for this model with `tilt train-probe`")
-    if meta["hidden_size"] != hidden_size:
-        raise ValueError(f"Q-probe {str(p)!r} expects hidden size {meta['hidden_size']}, this model has {hidden_size}; "
-                         f"it was fit on another base model ({meta['base_model']!r})")
+    read_checked_meta(p, meta_name=META, weights_name=WEIGHTS, what="Q-probe", make="fit one with `tilt train-probe`",
+                      tokenizer=tokenizer, hidden_size=hidden_size)
     t = load_file(str(p / WEIGHTS))
     return QProbe(t["w"], t["b"].reshape(()))

@@ -62,23 +62,34 @@ def save_q_head(head: QHead, out: Path, *, tokenizer, base_model: str, info: dic
     (out / META).write_text(json.dumps(meta, indent=1))
 
 
+def read_checked_meta(path: str | Path, *, meta_name: str, weights_name: str, what: str, make: str,
+                      tokenizer, hidden_size: int) -> dict:
+    """The metadata of a saved value model or probe at ``path``; refuse one made for another
+    tokenizer or hidden size. ``what`` names the kind in errors, ``make`` says how to make one."""
+    p = Path(path)
+    if not (p / meta_name).exists() or not (p / weights_name).exists():
+        raise FileNotFoundError(f"no {what} at {str(p)!r} (expected {meta_name} and {weights_name}; "
+                                f"{make})")
+    meta = json.loads((p / meta_name).read_text())
+    mine = tokenizer_fingerprint(tokenizer)
+    if meta["tokenizer_fingerprint"] != mine:
+        raise ValueError(f"{what} {str(p)!r} was made for another tokenizer (vocab fingerprint "
+                         f"{meta['tokenizer_fingerprint']}; base {meta['base_model']!r}) but this model's tokenizer "
+                         f"has fingerprint {mine}; {make} for this model")
+    if meta["hidden_size"] != hidden_size:
+        raise ValueError(f"{what} {str(p)!r} expects hidden size {meta['hidden_size']}, this model has "
+                         f"{hidden_size}; it was made on another base model ({meta['base_model']!r})")
+    return meta
+
+
 def load_q_head(path: str | Path, *, tokenizer, hidden_size: int) -> QHead:
     """Load a saved head; refuse one trained for another tokenizer or hidden size."""
     from safetensors.torch import load_file
 
     p = Path(path)
-    if not (p / META).exists() or not (p / WEIGHTS).exists():
-        raise FileNotFoundError(f"no value model at {str(p)!r} (expected {META} and {WEIGHTS}; "
-                                "train one with `tilt train-value`)")
-    meta = json.loads((p / META).read_text())
-    mine = tokenizer_fingerprint(tokenizer)
-    if meta["tokenizer_fingerprint"] != mine:
-        raise ValueError(f"value model {str(p)!r} was trained for another tokenizer (vocab fingerprint "
-                         f"{meta['tokenizer_fingerprint']}, {meta['vocab_size']} logits; base {meta['base_model']!r}) "
-                         f"but this model's tokenizer has fingerprint {mine}; train a value model for this model")
-    if meta["hidden_size"] != hidden_size:
-        raise ValueError(f"value model {str(p)!r} expects hidden size {meta['hidden_size']}, this model has "
-                         f"{hidden_size}; it was trained on another base model ({meta['base_model']!r})")
+    meta = read_checked_meta(p, meta_name=META, weights_name=WEIGHTS, what="value model",
+                             make="train one with `tilt train-value`",
+                             tokenizer=tokenizer, hidden_size=hidden_size)
     head = QHead(meta["hidden_size"], meta["vocab_size"])
     head.load_state_dict(load_file(str(p / WEIGHTS)))
     return head.eval()
