@@ -43,6 +43,23 @@ def _plain(m) -> tuple[Tensor, Optional[Tensor]]:
     return m.weight, m.bias
 
 
+def _cast(wb: tuple[Tensor, Optional[Tensor]], dtype: Optional[torch.dtype]) -> tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) in ``dtype`` (unchanged when None): the decode step's matmul operands."""
+    if dtype is None:
+        return wb
+    return wb[0].to(dtype), (None if wb[1] is None else wb[1].to(dtype))
+
+
+def _lin(x: Tensor, wb: tuple[Tensor, Optional[Tensor]]) -> Tensor:
+    """``F.linear`` with the weight's dtype for the product and ``x``'s dtype for the result: with bf16
+    weights the matmul runs in bf16 (AMX / AVX-512 BF16 kernels on CPU) while the residual stream, the
+    norms, rotary embedding and attention stay in the model's dtype."""
+    w, b = wb
+    if w.dtype == x.dtype:
+        return F.linear(x, w, b)
+    return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), -1)
@@ -53,7 +70,7 @@ def _qkv(ly: dict, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int, d: in
     projection, rotary embedding on q and k. h [N, H] -> q [N, nq, 1, d], k and v [N, nkv, 1, d]."""
     n = h.shape[0]
     x = F.rms_norm(h, (h.shape[-1],), ly["in_w"], ly["in_eps"])  # [N, H]
-    qkv = F.linear(x, *ly["qkv"])  # [N, (nq + 2 nkv) d]
+    qkv = _lin(x, ly["qkv"])  # [N, (nq + 2 nkv) d]
     q = qkv[:, :nq * d].view(n, nq, 1, d)
     k = qkv[:, nq * d:(nq + nkv) * d].view(n, nkv, 1, d)
     v = qkv[:, (nq + nkv) * d:].reshape(n, nkv, 1, d)
@@ -64,15 +81,20 @@ def _qkv(ly: dict, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int, d: in
 
 class LeanDecoder:
     """Fused weights of one model, built once per ``generate`` call (weights are read, not copied
-    back: the decoder is for sampling under ``torch.no_grad``)."""
+    back: the decoder is for sampling under ``torch.no_grad``).
 
-    def __init__(self, model, cache):
+    ``matmul_dtype`` (e.g. ``torch.bfloat16``) casts the weights of the six products of a layer and of
+    the LM head once, here; each step then multiplies in that dtype and returns to the model's dtype
+    (``_lin``). The sampled tokens' log-probs are those of this lower-precision sampler, so the learner
+    must correct for the mismatch (``correction.name``; tilt.corrections)."""
+
+    def __init__(self, model, cache, matmul_dtype: Optional[torch.dtype] = None):
         cfg = model.config
         base = model.model
         self.cache, self.rotary = cache, base.rotary_emb
         self.embed = base.embed_tokens.weight  # [V, H]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
-        self.lm_w, self.lm_b = model.lm_head.weight, model.lm_head.bias
+        self.lm = _cast((model.lm_head.weight, model.lm_head.bias), matmul_dtype)
         self.nq, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         attn0 = base.layers[0].self_attn
         self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
@@ -81,10 +103,12 @@ class LeanDecoder:
             a, m = layer.self_attn, layer.mlp
             self.layers.append({
                 "in_w": layer.input_layernorm.weight, "in_eps": layer.input_layernorm.variance_epsilon,
-                "qkv": _weight_and_bias(a.q_proj, a.k_proj, a.v_proj), "o": _plain(a.o_proj),
+                "qkv": _cast(_weight_and_bias(a.q_proj, a.k_proj, a.v_proj), matmul_dtype),
+                "o": _cast(_plain(a.o_proj), matmul_dtype),
                 "post_w": layer.post_attention_layernorm.weight,
                 "post_eps": layer.post_attention_layernorm.variance_epsilon,
-                "gu": _weight_and_bias(m.gate_proj, m.up_proj), "down": _plain(m.down_proj),
+                "gu": _cast(_weight_and_bias(m.gate_proj, m.up_proj), matmul_dtype),
+                "down": _cast(_plain(m.down_proj), matmul_dtype),
                 "inter": m.gate_proj.out_features})
 
     @torch.no_grad()
@@ -107,12 +131,17 @@ class LeanDecoder:
                 keys = keys.repeat_interleave(nq // nkv, 1)
                 values = values.repeat_interleave(nq // nkv, 1)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=self.scaling)  # [N, nq, 1, d]
-            h = h + F.linear(o.reshape(n, nq * d), *ly["o"])
-            x = F.rms_norm(h, (h.shape[-1],), ly["post_w"], ly["post_eps"])
-            gu = F.linear(x, *ly["gu"])  # [N, 2 I]
-            h = h + F.linear(F.silu(gu[:, :ly["inter"]]) * gu[:, ly["inter"]:], *ly["down"])
+            h = h + _lin(o.reshape(n, nq * d), ly["o"])
+            h = self.mlp(ly, h)
         h = F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps)
-        return F.linear(h, self.lm_w, self.lm_b)  # [N, V]
+        return _lin(h, self.lm)  # [N, V]
+
+    @staticmethod
+    def mlp(ly: dict, h: Tensor) -> Tensor:
+        """The residual stream after layer ``ly``'s post-attention norm and SiLU-gated MLP, [N, H]."""
+        x = F.rms_norm(h, (h.shape[-1],), ly["post_w"], ly["post_eps"])
+        gu = _lin(x, ly["gu"])  # [N, 2 I]
+        return h + _lin(F.silu(gu[:, :ly["inter"]]) * gu[:, ly["inter"]:], ly["down"])
 
 
 class GroupedDecoder(LeanDecoder):
@@ -130,8 +159,9 @@ class GroupedDecoder(LeanDecoder):
     (permuted in, logits permuted back), so sampling sees rows in the caller's order.
     """
 
-    def __init__(self, model, prompt_cache, prompt_mask: Tensor, inverse: Tensor, capacity: int):
-        super().__init__(model, None)
+    def __init__(self, model, prompt_cache, prompt_mask: Tensor, inverse: Tensor, capacity: int,
+                 matmul_dtype: Optional[torch.dtype] = None):
+        super().__init__(model, None, matmul_dtype)
         n, u = inverse.shape[0], prompt_mask.shape[0]
         self.u, self.g = u, n // u
         self.perm = torch.argsort(inverse, stable=True)  # [N] rows in prompt order (U blocks of G)
@@ -144,7 +174,7 @@ class GroupedDecoder(LeanDecoder):
             k, v = layer.keys, layer.values  # [U, nkv, P, d]
             self.kp.append(k.repeat_interleave(rep, 1).transpose(-1, -2).contiguous())  # [U, nq, d, P]
             self.vp.append(v.repeat_interleave(rep, 1).contiguous())  # [U, nq, P, d]
-        w = self.layers[0]["qkv"][0]
+        w = self.embed
         self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]  # [N, nkv, T, d]
         self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]
         self.filled = 0
@@ -179,13 +209,11 @@ class GroupedDecoder(LeanDecoder):
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [N, 1, 1, d]
         for i, ly in enumerate(self.layers):
             q, k, v = _qkv(ly, h, cos, sin, nq, nkv, d)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
-            h = h + F.linear(self.attend(i, q, k, v), *ly["o"])
-            x = F.rms_norm(h, (h.shape[-1],), ly["post_w"], ly["post_eps"])
-            gu = F.linear(x, *ly["gu"])  # [N, 2 I]
-            h = h + F.linear(F.silu(gu[:, :ly["inter"]]) * gu[:, ly["inter"]:], *ly["down"])
+            h = h + _lin(self.attend(i, q, k, v), ly["o"])
+            h = self.mlp(ly, h)
         self.filled += 1
         h = F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps)
-        return F.linear(h, self.lm_w, self.lm_b).index_select(0, self.unperm)  # [N, V] caller's order
+        return _lin(h, self.lm).index_select(0, self.unperm)  # [N, V] caller's order
 
 
 def lean_supported(model) -> bool:
@@ -206,18 +234,18 @@ def lean_supported(model) -> bool:
     return all(getattr(layer, "attention_type", "full_attention") == "full_attention" for layer in model.model.layers)
 
 
-def lean_decoder(model, cache) -> Optional[LeanDecoder]:
+def lean_decoder(model, cache, matmul_dtype: Optional[torch.dtype] = None) -> Optional[LeanDecoder]:
     """A ``LeanDecoder`` when the model and cache are of the checked kinds, else None."""
     if cache is None or not lean_supported(model):
         return None
     try:
-        return LeanDecoder(model, cache)
+        return LeanDecoder(model, cache, matmul_dtype)
     except AttributeError:  # a variant whose modules are named differently
         return None
 
 
 def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
-                    capacity: int) -> Optional[GroupedDecoder]:
+                    capacity: int, matmul_dtype: Optional[torch.dtype] = None) -> Optional[GroupedDecoder]:
     """A ``GroupedDecoder`` over a prefill of the U distinct prompts (``prompt_cache``: U rows,
     ``prompt_mask`` [U, P]; row r of the batch has prompt ``inverse[r]``) when the model is
     supported and every prompt has the same number of rows; else None."""
@@ -227,6 +255,6 @@ def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
     if not all(getattr(layer, "keys", None) is not None for layer in getattr(prompt_cache, "layers", [None])):
         return None
     try:
-        return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity)
+        return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity, matmul_dtype)
     except AttributeError:
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -114,13 +114,18 @@ class Learner:
                  kl_needs_logits: bool = False, value_head: Optional[torch.nn.Module] = None,
                  value_coef: float = 0.5, value_clip: Optional[float] = None,
                  micro_batch_tokens: Optional[int] = None, minibatch_by: str = "row",
-                 kl_inputs: tuple[str, ...] = (), correction_fn: Optional[Callable] = None):
+                 kl_inputs: tuple[str, ...] = (), correction_fn: Optional[Callable] = None,
+                 old_logp_from_forward: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.loss_needs, self.reduction = loss_fn, set(loss_needs), reduction
         self.max_len, self.temperature = max_len, temperature
         self.kl_fn, self.kl_beta, self.kl_in_loss = kl_fn, kl_beta, kl_in_loss
         self.kl_inputs = tuple(kl_inputs)  # PolicyLossInput fields the KL estimator reads (registry ``needs``)
         self.correction_fn = correction_fn  # tilt.corrections: weight of each token's policy loss
+        # exactly on-policy updates: log pi_old is this forward's own log-prob, detached (providers.frozen.LearnerLogProbs)
+        self.old_logp_from_forward = old_logp_from_forward
+        if old_logp_from_forward and (epochs != 1 or minibatches != 1):
+            raise ValueError("old_logp_from_forward needs one optimizer step per batch (epochs=1, minibatches=1)")
         self.epochs, self.minibatches, self.grad_accum = epochs, minibatches, grad_accum
         self.micro_batch_tokens = micro_batch_tokens
         if minibatch_by not in ("row", "group"):
@@ -150,6 +155,8 @@ class Learner:
         logp = logp_all.gather(-1, b.completion_ids[..., None]).squeeze(-1)  # [n, T]
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n, T]
         mask = (b.completion_mask if b.loss_mask is None else b.loss_mask).float()  # [n, T]
+        if self.old_logp_from_forward:  # the weights that sampled this batch are the ones running now
+            b = replace(b, old_logp=logp.detach() * b.completion_mask)
         inp = PolicyLossInput(
             logp=logp, old_logp=b.old_logp, advantages=b.advantages, mask=mask, ref_logp=b.ref_logp,
             rewards=b.rewards, group_index=b.group_index, entropy=entropy,

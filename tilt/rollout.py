@@ -8,6 +8,7 @@ given prefixes (prompt + partial completion), which branching methods (SPO, TEMP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_new_tokens: int = 0  # EOS cannot be sampled before this many tokens (as HF ``min_new_tokens``)
     lean: bool = True  # decode with tilt.fastdecode where the model type is supported (same numbers)
+    matmul_dtype: Optional[torch.dtype] = None  # decode-step matmuls in this dtype (lean decoder only; None = model's)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -165,7 +167,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
             u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
             out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
                         past_key_values=preallocated_cache(model, prompt_ids.shape[1]), logits_to_keep=1)
-            fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens)
+            fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens,
+                                   params.matmul_dtype)
             logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     if fast is None:
         shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity),
@@ -178,7 +181,11 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
                         past_key_values=preallocated_cache(model, capacity), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]  # [N, V]
         past = out.past_key_values
-        fast = lean_decoder(model, past) if params.lean and past is not None else None  # see tilt.fastdecode
+        fast = lean_decoder(model, past, params.matmul_dtype) if params.lean and past is not None else None
+    if params.matmul_dtype is not None and fast is None:
+        raise ValueError(f"decode matmuls in {params.matmul_dtype} need tilt's lean decoder, which does not apply to "
+                         f"this model ({type(model).__name__}): it runs Llama/Qwen2/Mistral models in float32 without "
+                         f"adapters (tilt.fastdecode.lean_supported)")
     next_pos = pos[:, -1] + 1  # [N]
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     toks, lps, masks = [], [], []

@@ -34,6 +34,7 @@ from tilt.providers import INTRINSIC, STAGES, Provider, Run, StepData
 from tilt.providers.frozen import RESOURCES
 from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
+from tilt.fastdecode import lean_supported
 from tilt.rollout import SamplingParams
 from tilt.run_checks import check_batch_shape
 from tilt.run_lock import RunLock
@@ -81,8 +82,17 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = resolve(cfg)  # methods, their needs -> providers, settings; ConfigError if unmet
+    if cfg.rollout.decode_dtype != "model" and cfg.correction.name == "none":
+        raise ConfigError(f"rollout.decode_dtype={cfg.rollout.decode_dtype!r} samples from a lower-precision copy of the "
+                          f"policy, so the learner must correct for the mismatch: set correction.name (e.g. token_tis; "
+                          f"tilt.corrections)")
     dtype = DTYPES[cfg.model.dtype]
     policy = load_train_policy(cfg.model)  # on model.device, in model.dtype, LoRA-wrapped when configured
+    if cfg.rollout.decode_dtype != "model" and not lean_supported(policy.model):
+        raise ConfigError(f"rollout.decode_dtype={cfg.rollout.decode_dtype!r} needs tilt's lean decoder, which runs "
+                          f"float32 Llama/Qwen2/Mistral policies without LoRA; this policy is "
+                          f"{type(policy.model).__name__} (model.dtype={cfg.model.dtype}, "
+                          f"lora={cfg.model.lora.enabled}): leave rollout.decode_dtype='model'")
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
@@ -96,7 +106,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
 
     generator = torch.Generator().manual_seed(cfg.seed)
     params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                            min_new_tokens=cfg.rollout.min_new_tokens)
+                            min_new_tokens=cfg.rollout.min_new_tokens,
+                            matmul_dtype=None if cfg.rollout.decode_dtype == "model" else DTYPES[cfg.rollout.decode_dtype])
     run = Run(cfg, policy, generator, params, rewards_fn)
     for name in sorted(plan.resources):  # frozen models the providers read (reference, teacher)
         setattr(run, name, RESOURCES[name](cfg, policy, dtype))

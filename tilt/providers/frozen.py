@@ -7,6 +7,7 @@ Shapes: N = B*G rows (group-major), T completion tokens, V vocabulary.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,10 +119,27 @@ class PrevPolicy(Provider):
 class LearnerLogProbs(Provider):
     """The learner's own log-probs of the sampled tokens (catalogue A8): a no-grad teacher-forced pass of
     the policy after sampling. They become the batch's ``old_logp`` (the behaviour policy of the loss),
-    and the sampler's log-probs move to ``sampler_logp`` for the correction (tilt.corrections)."""
+    and the sampler's log-probs move to ``sampler_logp`` for the correction (tilt.corrections).
+
+    When the update is exactly on-policy (``train.epochs == 1`` and ``train.minibatches == 1``: one
+    optimizer step on the whole batch, so every micro-batch's forward runs the weights that sampled
+    it), that pass is skipped: the learner's own forward already computes log pi_old, and the learner
+    takes ``old_logp = logp.detach()`` from it (``Learner(old_logp_from_forward=True)``). Same numbers
+    (tests/test_corrections.py), one teacher-forced pass fewer. Until the update, the batch's
+    ``old_logp`` then holds the sampler's log-probs (only Lp-Reg's candidate choice reads it there)."""
+
+    def __init__(self, run: Run, names: frozenset[str]):
+        super().__init__(run, names)
+        train = run.cfg.train
+        self.on_policy = train.epochs == 1 and train.minibatches == 1
+
+    def learner_kwargs(self) -> dict[str, Any]:
+        return {"old_logp_from_forward": True} if self.on_policy else {}
 
     def batch(self, data: StepData) -> dict[str, Tensor]:
         rb, cfg = data.scored.rb, self.run.cfg
+        if self.on_policy:
+            return {"sampler_logp": rb.logprobs}
         with torch.no_grad():
             logp, _ = sequence_logprobs(self.run.policy.model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
                                         rb.completion_mask, temperature=cfg.rollout.temperature,
