@@ -20,10 +20,13 @@ from tilt.rewards import verifier_reward
 from tilt.tasks.mix import parse_mix, sample_items
 
 MIX = "addition:1,multiplication:1,countdown:1,sorting:1-2"  # tilt's default task mix
-# Model sizes of the grid. "1m" is the shipped base model; the others are random-init Llamas with the
-# shipped tokenizer (timing only). Parameter counts are printed by the benchmark.
+# Model sizes of the grid. "1m" is the shipped base model; "10m"/"30m" are random-init Llamas with the
+# shipped tokenizer (timing only); "smollm2" is the real SmolLM2-135M-Instruct (`make smollm2` installs it).
+# Parameter counts are printed by the benchmark.
+REAL = {"smollm2": "smollm2-135m-instruct"}
 SIZES: dict[str, dict[str, int] | None] = {
     "1m": None,
+    "smollm2": None,
     "10m": {"hidden": 256, "layers": 10, "heads": 8, "intermediate": 1024},
     "30m": {"hidden": 512, "layers": 9, "heads": 8, "intermediate": 1408},
 }
@@ -32,6 +35,10 @@ SIZES: dict[str, dict[str, int] | None] = {
 def model_dir(size: str, cache: Path) -> Path:
     """HF-format model directory for a grid size (built once into ``cache``; deterministic)."""
     shape = SIZES[size]
+    if size in REAL:
+        from tilt.models.aliases import resolve_alias
+
+        return resolve_alias(REAL[size])  # an error naming `tilt models install` when it is not installed
     if shape is None:
         return shipped_model_dir()
     out = cache / f"llama-{size}"
@@ -91,10 +98,10 @@ def matmul_flops(model: torch.nn.Module, positions: int, seq_len: int, passes: f
     return passes * positions * (2 * linear + attn)
 
 
-def measure_matmul_peak(threads: int, n: int = 1024, repeats: int = 20) -> float:
-    """Best sustained fp32 matmul throughput of this machine at ``threads`` threads, FLOP/s."""
+def measure_matmul_peak(threads: int, n: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """Best sustained matmul throughput of this machine at ``threads`` threads in ``dtype``, FLOP/s."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")

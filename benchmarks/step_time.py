@@ -26,6 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import torch  # noqa: E402
 from common import SIZES, matmul_flops, measure_matmul_peak, model_dir  # noqa: E402
 
 PHASES = ("generate", "ref", "fwd_bwd", "optimizer", "step_s")
@@ -61,9 +62,12 @@ class Worker:
 
 
 def side_argv(side: str, compile_trl: bool) -> list[str]:
-    """Worker arguments of a side: ``tilt``, ``trl_best`` or ``trl_default``."""
+    """Worker arguments of a side: ``tilt``, ``tilt_bf16`` (bf16 decode products + token_tis),
+    ``trl_best`` or ``trl_default``."""
     if side == "tilt":
         return ["tilt"]
+    if side == "tilt_bf16":
+        return ["tilt", "--decode-dtype", "bfloat16"]
     return ["trl", "--trl-preset", side.removeprefix("trl_"), *(["--trl-compile"] if compile_trl else [])]
 
 
@@ -76,19 +80,21 @@ def turn_order(sides: list[str], i: int) -> list[str]:
     return order[::-1] if (i // len(sides)) % 2 else order
 
 
-def phase_floors(net, side: dict, peak: float) -> dict[str, float]:
+def phase_floors(net, side: dict, peak: float, generate_peak: float | None = None) -> dict[str, float]:
     """tilt's FLOP floor per phase at the measured peak (s): each phase's matmul FLOPs / peak.
 
-    generate: one forward per sampled token (decode attention left out); ref: one forward over the
-    training positions; fwd_bwd: the training phase's executed passes over them (3, or 2 when the
-    sampling pass's forward is reused); optimizer and the rest (scoring, batching): 0.
+    generate: one forward per sampled token (decode attention left out), at ``generate_peak`` when
+    sampling multiplies in another dtype (bf16); ref: one forward over the training positions;
+    fwd_bwd: the training phase's executed passes over them (3; 2 with LoRA); optimizer and the rest
+    (scoring, batching): 0.
     """
     fwd = side["train_flops"] / side["passes"]
-    return {"generate": matmul_flops(net, side["completion_tokens"], 0, 1.0) / peak, "ref": fwd / peak,
+    gen = matmul_flops(net, side["completion_tokens"], 0, 1.0) / (generate_peak or peak)
+    return {"generate": gen, "ref": fwd / peak,
             "fwd_bwd": side["train_flops"] / peak, "optimizer": 0.0, "other": 0.0}
 
 
-def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dict:
+def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_peak: float) -> dict:
     """Alternate tilt and the TRL presets one step at a time at one grid point; return medians,
     ratios (tilt / each TRL preset) and tilt's distance to its FLOP floor."""
     model = model_dir(size, Path(a.cache))
@@ -97,9 +103,12 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dic
             "--prompts", str(a.prompts), "--beta", str(a.beta), "--lr", str(a.lr), "--threads", str(a.threads)]
     if a.force_length:
         argv.append("--force-length")
+    if a.lora:
+        argv += ["--lora", str(a.lora)]
     logs = Path(a.out).with_suffix("")
     logs.mkdir(parents=True, exist_ok=True)
-    names = ["tilt", *(f"trl_{t}" for t in a.trl.split(","))]
+    tilts = ["tilt" if t == "fp32" else f"tilt_{t}" for t in a.tilt.split(",")]
+    names = [*tilts, *(f"trl_{t}" for t in a.trl.split(","))]
     sides = {s: Worker(s, side_argv(s, a.trl_compile) + argv, logs / f"{size}-{tokens}-{s}.log") for s in names}
     rows: dict[str, list[dict]] = {s: [] for s in names}
     for i in range(steps):
@@ -111,7 +120,8 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
-    out = {"size": size, "tokens": tokens, "params": sides["tilt"].hello["params"], "sides": names}
+    out = {"size": size, "tokens": tokens, "params": sides[tilts[0]].hello["params"], "sides": names,
+           "lora": a.lora}
     for s in names:
         med = {p: statistics.median(r[p] for r in rows[s]) for p in PHASES}
         seq = statistics.median(r["seq_len"] for r in rows[s])
@@ -121,25 +131,27 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float) -> dic
                   "rss_mb": rss[s], "train_flops_frac": flops / med["fwd_bwd"] / peak, "train_flops": flops,
                   "passes": statistics.median(r["passes"] for r in rows[s]),
                   "completion_tokens": statistics.median(r["tokens"] for r in rows[s]), "seq_len": seq}
-    for s in names[1:]:
-        out[f"ratio_{s}"] = {p: out["tilt"][p] / out[s][p] if out[s][p] > 0 else None for p in PHASES}
-    # distance to the limit: tilt's step over its FLOP floor (its step's matmul FLOPs at the measured
-    # peak), and the phase with the most time above its own floor
-    t = out["tilt"]
-    floors = phase_floors(net, t, peak)
-    t["floor_s"] = sum(floors.values())
-    t["to_floor"] = t["step_s"] / t["floor_s"]
-    spent = {p: t[p] for p in ("generate", "ref", "fwd_bwd", "optimizer")}
-    spent["other"] = t["step_s"] - sum(spent.values())
-    t["excess_s"] = {p: spent[p] - floors[p] for p in floors}
-    t["dominant"] = max(t["excess_s"], key=t["excess_s"].get)
+    for ts in tilts:  # ratio_<trl side> for tilt (fp32), ratio_tilt_bf16_<trl side> for the bf16 sampler
+        for s in names[len(tilts):]:
+            key = f"ratio_{s}" if ts == "tilt" else f"ratio_{ts}_{s}"
+            out[key] = {p: out[ts][p] / out[s][p] if out[s][p] > 0 else None for p in PHASES}
+        # distance to the limit: tilt's step over its FLOP floor (its step's matmul FLOPs at the measured
+        # peak of the dtype each phase multiplies in), and the phase with the most time above its own floor
+        t = out[ts]
+        floors = phase_floors(net, t, peak, bf16_peak if ts == "tilt_bf16" else None)
+        t["floor_s"] = sum(floors.values())
+        t["to_floor"] = t["step_s"] / t["floor_s"]
+        spent = {p: t[p] for p in ("generate", "ref", "fwd_bwd", "optimizer")}
+        spent["other"] = t["step_s"] - sum(spent.values())
+        t["excess_s"] = {p: spent[p] - floors[p] for p in floors}
+        t["dominant"] = max(t["excess_s"], key=t["excess_s"].get)
     return out
 
 
 def table(points: list[dict]) -> str:
     """Markdown table: step medians (s), tilt / TRL ratios per preset and per phase (against the
     first preset, TRL at its best), and tilt's distance to its FLOP floor."""
-    trl = points[0]["sides"][1:]
+    trl = [s for s in points[0]["sides"] if s.startswith("trl_")]
     first = trl[0]
     head = ("| size | new tokens | step tilt / " + " / ".join(trl) + " (s) | "
             + " | ".join(f"tilt / {s}" for s in trl)
@@ -158,6 +170,19 @@ def table(points: list[dict]) -> str:
                      f"{t['train_flops_frac']:.0%} / {b['train_flops_frac']:.0%} | "
                      f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
                      f"(+{t['excess_s'][t['dominant']]:.3f} s) |")
+    bf16 = [p for p in points if "tilt_bf16" in p]
+    if bf16:
+        lines += ["", "tilt with bf16 decode products (`rollout.decode_dtype=bfloat16`, correction `token_tis`):", "",
+                  "| size | new tokens | step tilt_bf16 / tilt (s) | tilt_bf16 / " + " | tilt_bf16 / ".join(trl)
+                  + f" | generate (vs {first}) | peak RSS (MiB) | tilt_bf16 step / its floor | most time above floor |",
+                  "|---|---|---|" + "---|" * len(trl) + "---|---|---|---|"]
+        for p in bf16:
+            t = p["tilt_bf16"]
+            ratios = " | ".join(f"**{p[f'ratio_tilt_bf16_{s}']['step_s']:.2f}**" for s in trl)
+            lines.append(f"| {p['size']} | {p['tokens']} | {t['step_s']:.3f} / {p['tilt']['step_s']:.3f} | {ratios} | "
+                         f"{f(p[f'ratio_tilt_bf16_{first}']['generate'])} | {t['rss_mb']:.0f} | "
+                         f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
+                         f"(+{t['excess_s'][t['dominant']]:.3f} s) |")
     return "\n".join(lines)
 
 
@@ -178,35 +203,45 @@ def main() -> None:
                    help="TRL presets to alternate with tilt, in report order: best (gradient checkpointing "
                         "off) and/or default (GRPOConfig's defaults); ratios are tilt / each")
     p.add_argument("--trl-compile", action="store_true", help="also torch_compile=True on the TRL side(s)")
+    p.add_argument("--tilt", default="fp32",
+                   help="tilt sides: fp32 (the model's dtype throughout) and/or bf16 (rollout.decode_dtype=bfloat16 "
+                        "with correction token_tis), e.g. fp32,bf16")
+    p.add_argument("--lora", type=int, default=0,
+                   help="LoRA rank on all linear layers, both sides (alpha = 2 r); 0 = full fine-tuning")
     p.add_argument("--cache", default=str(HERE / ".cache"), help="where the 10M/30M model directories go")
     p.add_argument("--out", default=str(HERE / "results" / "step_time.json"))
     a = p.parse_args()
     bad = [t for t in a.trl.split(",") if t not in ("best", "default")]
     if bad or not a.trl:
         raise SystemExit(f"--trl {a.trl!r}: a comma-separated list of best, default")
+    if [t for t in a.tilt.split(",") if t not in ("fp32", "bf16")] or "fp32" not in a.tilt.split(","):
+        raise SystemExit(f"--tilt {a.tilt!r}: fp32, optionally with bf16 (fp32,bf16)")
     Path(a.cache).mkdir(parents=True, exist_ok=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peak = measure_matmul_peak(a.threads)
-    print(f"matmul peak ({a.threads} threads, fp32 1024^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    bf16_peak = measure_matmul_peak(a.threads, dtype=torch.bfloat16)
+    print(f"matmul peak ({a.threads} threads, 1024^3): fp32 {peak / 1e9:.1f}, bf16 {bf16_peak / 1e9:.1f} GFLOP/s",
+          flush=True)
     points = []
     for size in a.sizes.split(","):
         if size not in SIZES:
             raise SystemExit(f"unknown size {size!r}; valid: {', '.join(SIZES)}")
         for tokens in (int(t) for t in a.tokens.split(",")):
             t0 = time.time()
-            pt = run_point(size, tokens, a, peak)
+            pt = run_point(size, tokens, a, peak, bf16_peak)
             points.append(pt)
             trl = "  ".join(f"{s} {pt[s]['step_s']:.3f}s (ratio {pt[f'ratio_{s}']['step_s']:.2f})"
-                            for s in pt["sides"][1:])
+                            for s in pt["sides"] if s.startswith("trl_"))
+            if "tilt_bf16" in pt:
+                trl += f"  tilt_bf16 {pt['tilt_bf16']['step_s']:.3f}s"
             print(f"{size} x {tokens}: tilt {pt['tilt']['step_s']:.3f}s  {trl}  "
                   f"tilt/floor {pt['tilt']['to_floor']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
-    import torch
     import transformers
     import trl
 
     meta = {"machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__, "threads": a.threads,
-            "matmul_peak_flops": peak, "args": vars(a)}
+            "matmul_peak_flops": peak, "bf16_matmul_peak_flops": bf16_peak, "args": vars(a)}
     Path(a.out).write_text(json.dumps({"meta": meta, "points": points}, indent=1))
     print(table(points))
 

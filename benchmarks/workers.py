@@ -71,14 +71,21 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
     from tilt.trainer import build, data_offset, rollout_step
     from tilt.wiring.sampling import TrainStream
 
+    model_cfg: dict = {"path": a.model}
+    if a.lora:
+        model_cfg["lora"] = {"enabled": True, "r": a.lora, "lora_alpha": 2 * a.lora, "target_modules": "all-linear"}
+    rollout = {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens,
+               "min_new_tokens": a.tokens if a.force_length else 0, "temperature": 1.0}
+    extra: dict = {}
+    if a.decode_dtype != "model":  # bf16 decode products; the learner corrects with truncated IS
+        rollout["decode_dtype"] = a.decode_dtype
+        extra["correction"] = {"name": "token_tis"}
     cfg = Config.model_validate({
-        "seed": 0, "threads": a.threads, "model": {"path": a.model},
-        "tasks": {"mix": MIX},
-        "rollout": {"group_size": a.group, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens,
-                    "min_new_tokens": a.tokens if a.force_length else 0, "temperature": 1.0},
+        "seed": 0, "threads": a.threads, "model": model_cfg,
+        "tasks": {"mix": MIX}, "rollout": rollout,
         "loss": {"name": a.loss}, "kl": {"estimator": "k3", "placement": "loss", "beta": a.beta},
         "optim": {"lr": a.lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant", "grad_clip": 1.0},
-        "train": {"steps": a.steps, "minibatches": 1, "epochs": 1, "grad_accum": 1},
+        "train": {"steps": a.steps, "minibatches": 1, "epochs": 1, "grad_accum": 1}, **extra,
     })
     parts = build(cfg)
     box: dict[str, float] = {}
@@ -99,7 +106,7 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
                    seq_len=int(batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]),
                    # positions through the training forward: each distinct prompt once, then every completion
                    train_positions=int(unique_prompts(batch.prompt_ids, batch.prompt_mask)[0].numel()
-                                       + batch.completion_ids.numel()), passes=3.0,
+                                       + batch.completion_ids.numel()), passes=2.0 if a.lora else 3.0,
                    reward=float(metrics["reward/mean"]))
     proto.wait()
     proto.send(rss_mb=peak_rss_mb())
@@ -126,6 +133,11 @@ def trl_worker(a: argparse.Namespace, proto: Protocol) -> None:
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     ds = Dataset.from_list(trl_rows(train_items(a.steps * a.prompts)))
+    peft_config = None
+    if a.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=a.lora, lora_alpha=2 * a.lora, target_modules="all-linear", task_type="CAUSAL_LM")
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=a.prompts * a.group,
         num_generations=a.group, max_completion_length=a.tokens, learning_rate=a.lr, beta=a.beta,
@@ -136,12 +148,15 @@ def trl_worker(a: argparse.Namespace, proto: Protocol) -> None:
         generation_kwargs={"min_new_tokens": a.tokens} if a.force_length else None,
         **trl_preset(a.trl_preset, a.trl_compile))
     box: dict[str, float] = {}
-    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_reward, args=args, train_dataset=ds)
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_reward, args=args, train_dataset=ds,
+                          peft_config=peft_config)
     model.generate = timed(model.generate, box, "generate")
     inner = trainer._get_per_token_logps_and_entropies
 
     def logps(m, *x, **k):
-        return timed(inner, box, "ref" if m is trainer.ref_model else "policy_logps")(m, *x, **k)
+        # with LoRA TRL has no ref_model: the reference is the policy with its adapter off, run without grad
+        ref = m is trainer.ref_model or (trainer.ref_model is None and not torch.is_grad_enabled())
+        return timed(inner, box, "ref" if ref else "policy_logps")(m, *x, **k)
 
     trainer._get_per_token_logps_and_entropies = logps
     trainer.compute_loss = timed(trainer.compute_loss, box, "fwd")
@@ -179,7 +194,8 @@ def trl_worker(a: argparse.Namespace, proto: Protocol) -> None:
                        fwd_bwd=box.get("fwd", 0.0) + box.get("bwd", 0.0), optimizer=box["optimizer"],
                        step_s=step_s, tokens=n_seen["tokens"], width=n_seen["width"], seq_len=n_seen["seq"],
                        train_positions=a.prompts * a.group * n_seen["seq"],
-                       passes=4.0 if args.gradient_checkpointing else 3.0)
+                       # LoRA: frozen base weights get no weight gradient, so the backward is ~1 forward
+                       passes=(4.0 if args.gradient_checkpointing else 3.0) - (1.0 if a.lora else 0.0))
 
     trainer.add_callback(Pace())
     proto.send(ready=True, params=sum(p.numel() for p in model.parameters()))
@@ -204,6 +220,9 @@ def main() -> None:
     p.add_argument("--trl-preset", default="best", choices=["best", "default"],
                    help="TRL side: best = gradient checkpointing off; default = GRPOConfig's defaults")
     p.add_argument("--trl-compile", action="store_true", help="TRL side: torch_compile=True as well")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (alpha = 2 r); 0 = full")
+    p.add_argument("--decode-dtype", default="model", choices=["model", "bfloat16"],
+                   help="tilt side: rollout.decode_dtype (bfloat16 adds correction token_tis)")
     a = p.parse_args()
     proto = Protocol()
     (tilt_worker if a.side == "tilt" else trl_worker)(a, proto)
