@@ -1,5 +1,6 @@
-"""Check used by test_rollout.py and test_hf_models.py: the shared-prompt forward equals one
-plain forward over [prompt, completion] per row, in values and in gradients."""
+"""Check used by test_rollout.py and test_hf_models.py: the shared-prompt forward (Hugging Face's two
+calls, and tilt.fastforward's lean pass where the model is of its kinds) equals one plain forward
+over [prompt, completion] per row, in values and in gradients."""
 from __future__ import annotations
 
 import torch
@@ -35,4 +36,18 @@ def assert_shared_prefix_forward_is_exact(pol, prompts: list[str], group: int = 
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
     for a, c in zip(g1, g0):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+    def logits_only(lean: bool):  # without hidden states: the learner's and the reference's pass
+        pol.model.zero_grad()
+        logits, _ = completion_logits(pol.model, ids, mask, b.completion_ids, b.completion_mask, lean=lean)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, b.completion_ids[..., None]).squeeze(-1)
+        (logp * cmask).sum().backward()
+        return logits.detach() * cmask[..., None], [q.grad.clone() for q in pol.model.parameters() if q.grad is not None]
+
+    (lf, gf), (ls, gs) = logits_only(True), logits_only(False)
+    assert len(gf) == len(gs) > 0
+    torch.testing.assert_close(lf, l0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lf, ls, atol=1e-5, rtol=1e-5)
+    for a, c in zip(gf, gs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from tilt.batch import RolloutBatch
 from tilt.fastdecode import grouped_decoder, lean_decoder, lean_supported
+from tilt.fastforward import forward_supported, shared_completion_logits
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def shared_prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, *, cache=None
 
 
 def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                      completion_mask: Tensor, *, hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+                      completion_mask: Tensor, *, hidden: bool = False, lean: bool = True) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced logits at the completion positions [N, T, V] (model dtype) and, if ``hidden``,
     the last layer's hidden states there [N, T, H] (the state before token t). Grad flows if enabled.
 
@@ -283,12 +284,17 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     work (68% of the FLOPs at 8 new tokens in benchmarks/profile_step.py). Rows with distinct
     prompts (or models whose cache cannot be indexed) take the plain single forward.
     Inputs may sit on another device than the model; the outputs are on the inputs' device.
+    With ``lean`` (default) and a model of the kinds ``tilt.fastforward`` runs, both parts run in one
+    lean pass (``shared_completion_logits``: the same function, fewer and larger operations).
     """
     home, dev = prompt_ids.device, model_device(model)
     if dev != home:
         logits, states = completion_logits(model, prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev),
-                                           completion_mask.to(dev), hidden=hidden)
+                                           completion_mask.to(dev), hidden=hidden, lean=lean)
         return logits.to(home), (states.to(home) if states is not None else None)
+    if lean and not hidden and forward_supported(model):
+        u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
+        return shared_completion_logits(model, u_ids, u_mask, inverse, completion_ids, completion_mask), None
     ids = torch.cat([prompt_ids, completion_ids], 1)  # [N, P+T]
     attn = torch.cat([prompt_mask, completion_mask], 1)  # [N, P+T]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P+T] positions ignore left padding

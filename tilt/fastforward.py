@@ -1,0 +1,106 @@
+"""A lean teacher-forced forward for Llama-family models: the learner's and the reference's pass.
+
+``tilt.rollout.completion_logits`` runs each distinct prompt once and the G completions of a prompt
+on top of its keys and values. Through Hugging Face's forward that is two model calls (the prompts
+with a KV cache, then the completions), each dispatching ~40 modules per layer, building 4-D masks
+and indexing the cache out to the rows. For the small models tilt trains on a CPU most of that time
+is not arithmetic (benchmarks/README.md). ``shared_completion_logits`` computes the same function
+in one pass over both parts, with grad:
+
+* the prompt positions [U, P] and completion positions [N, T] share every per-position operation
+  (norms, one fused Q/K/V matmul, the output projection, one fused gate/up matmul, the down
+  projection) as one [U P + N T, H] block;
+* attention is the only place they differ: a prompt attends causally within itself; a completion
+  attends to its prompt's keys (indexed out to its row) and causally to its own;
+* the LM head runs only at the T positions whose logits are read (the prompt's last position and
+  completion positions 0..T-2).
+
+Causal attention makes this the same computation as the two-call path and as one forward over
+[prompt, completion] per row (Eq. 1 of "Attention is all you need", arXiv:1706.03762, summed in
+another order): logits and gradients equal Hugging Face's to float rounding
+(tests/test_fastforward.py). Used for the kinds ``tilt.fastdecode.lean_supported`` accepts, with
+no attention dropout; anything else keeps Hugging Face's forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tilt.fastdecode import _rotate_half, _weight_and_bias, lean_supported
+
+
+def forward_supported(model) -> bool:
+    """Whether ``shared_completion_logits`` computes ``model``'s function (lean kinds, no attention dropout)."""
+    return lean_supported(model) and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) == 0.0
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding (Eq. 34 of RoFormer, arXiv:2104.09864, HF layout); x [B, heads, L, d], cos/sin [B, 1, L, d]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
+    """[b * length, heads * d] -> [b, heads, length, d]."""
+    return x.reshape(b, length, heads, d).transpose(1, 2)
+
+
+def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tensor, completion_ids: Tensor,
+                             completion_mask: Tensor) -> Tensor:
+    """Teacher-forced logits at the completion positions, [N, T, V], for rows whose prompts are the
+    left-padded distinct prompts ``u_ids``/``u_mask`` [U, P] (row r has prompt ``inverse[r]``) followed
+    by right-padded completions [N, T]. Positions ignore left padding (as ``completion_logits``). Grad
+    flows to the model's weights when enabled."""
+    cfg, base = model.config, model.model
+    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    attn0 = base.layers[0].self_attn
+    d, scale = attn0.head_dim, attn0.scaling
+    u, p = u_ids.shape
+    n, t = completion_ids.shape
+    m = u * p
+    hidden = cfg.hidden_size
+    dev = u_ids.device
+
+    pos_p = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+    pos_c = (torch.cat([u_mask.index_select(0, inverse), completion_mask], 1).cumsum(-1) - 1).clamp(min=0)[:, p:]  # [N, T]
+    emb = base.embed_tokens
+    h = torch.cat([emb(u_ids).reshape(m, hidden), emb(completion_ids).reshape(n * t, hidden)])  # [M + N T, H]
+    cos_p, sin_p = (x[:, None] for x in base.rotary_emb(h, pos_p))  # [U, 1, P, d]
+    cos_c, sin_c = (x[:, None] for x in base.rotary_emb(h, pos_c))  # [N, 1, T, d]
+
+    # attention masks, True = attend. A prompt's padding query sees itself, so no row is all -inf.
+    ar_p, ar_t = torch.arange(p, device=dev), torch.arange(t, device=dev)
+    valid_p = u_mask.bool()  # [U, P]
+    mask_p = ((ar_p[None, :] <= ar_p[:, None])[None] & valid_p[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)
+    mask_p = mask_p[:, None]  # [U, 1, P, P]
+    to_prompt = valid_p.index_select(0, inverse)[:, None, :].expand(n, t, p)  # [N, T, P]
+    to_self = (ar_t[None, :] <= ar_t[:, None])[None] & completion_mask.bool()[:, None, :]  # [N, T, T]
+    mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
+    rep = nq // nkv
+
+    for layer in base.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        x = F.rms_norm(h, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        q, k, v = F.linear(x, *_weight_and_bias(a.q_proj, a.k_proj, a.v_proj)).split([nq * d, nkv * d, nkv * d], -1)
+        qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
+        qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
+        qp, kp = _rope(qp, cos_p, sin_p), _rope(kp, cos_p, sin_p)
+        qc, kc = _rope(qc, cos_c, sin_c), _rope(kc, cos_c, sin_c)
+        keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
+        values = torch.cat([vp.index_select(0, inverse), vc], 2)
+        if rep > 1:  # grouped-query attention
+            kp, vp = kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1)
+            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, scale=scale)  # [U, nq, P, d]
+        oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask_c, scale=scale)  # [N, nq, T, d]
+        o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.transpose(1, 2).reshape(n * t, nq * d)])
+        h = h + F.linear(o, a.o_proj.weight, a.o_proj.bias)
+        x = F.rms_norm(h, (hidden,), layer.post_attention_layernorm.weight,
+                       layer.post_attention_layernorm.variance_epsilon)
+        gate, up = F.linear(x, *_weight_and_bias(mlp.gate_proj, mlp.up_proj)).chunk(2, -1)
+        h = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+    last = h[:m].reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0
+    states = torch.cat([last[:, None], h[m:].reshape(n, t, hidden)[:, :-1]], 1)  # [N, T, H]
+    states = F.rms_norm(states, (hidden,), base.norm.weight, base.norm.variance_epsilon)
+    return F.linear(states, model.lm_head.weight, model.lm_head.bias)  # [N, T, V]
