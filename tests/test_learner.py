@@ -90,6 +90,35 @@ def test_token_budget_micro_batches_equal_one_full_batch(tiny_llama_dir):
     assert mb["time/fwd_bwd_s"] > 0 and mb["time/optimizer_s"] > 0
 
 
+def test_auto_micro_batch_tokens_scales_with_the_model(tmp_path, tiny_llama_dir, char_tok):
+    """train.micro_batch_tokens="auto" (the default) divides a 2 GiB activation budget by the model's
+    estimated bytes per position: a wider, deeper model or a larger vocabulary gets fewer positions; the
+    run's learner and reference pass get the resolved number; 0 and other strings are config errors."""
+    from pydantic import ValidationError
+
+    from tilt.config import load_config
+    from tilt.model import build_llama
+    from tilt.rollout import AUTO_ACTIVATION_BYTES, auto_micro_batch_tokens
+    from tilt.trainer import build
+
+    small = build_llama(len(char_tok), hidden=32, layers=2, heads=2, intermediate=64)
+    wide = build_llama(len(char_tok), hidden=256, layers=8, heads=4, intermediate=1024)
+    big_vocab = build_llama(50_000, hidden=32, layers=2, heads=2, intermediate=64)
+    per_pos = 4 * (2 * (16 * 32 + 4 * 64) + 4 * len(char_tok))
+    assert auto_micro_batch_tokens(small) == AUTO_ACTIVATION_BYTES // per_pos
+    assert auto_micro_batch_tokens(wide) < auto_micro_batch_tokens(small)
+    assert auto_micro_batch_tokens(big_vocab) < auto_micro_batch_tokens(small)
+    assert auto_micro_batch_tokens(small, budget_bytes=1) == 256
+    cfg = load_config(None, [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'r'}", "kl.beta=0.04"])
+    assert cfg.train.micro_batch_tokens == "auto"
+    parts = build(cfg)
+    assert parts.learner.micro_batch_tokens == parts.run.chunk_tokens == auto_micro_batch_tokens(parts.policy.model)
+    for bad in ("train.micro_batch_tokens=0", "train.micro_batch_tokens=big"):
+        with pytest.raises((ValidationError, ValueError)):
+            load_config(None, [bad])
+    assert load_config(None, ["train.micro_batch_tokens=null"]).train.micro_batch_tokens is None
+
+
 def test_group_minibatches_hold_whole_groups(tiny_llama_dir):
     """``minibatch_by="group"`` shuffles whole groups: the order is a permutation of the rows, each
     group's rows are contiguous, and different generator states give different group orders."""

@@ -6,7 +6,7 @@ wrong key or value is a ``ConfigError`` naming the field, the value and what is 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -299,10 +299,20 @@ class TrainCfg(Section):
     minibatch_by: Literal["row", "group"] = "row"
     """How a batch is split into mini-batches: shuffled rows, or shuffled whole groups (each
     mini-batch then runs each of its prompts once in the shared-prompt forward)."""
-    micro_batch_tokens: Optional[int] = Field(2048, ge=1)
+    micro_batch_tokens: Union[int, Literal["auto"], None] = "auto"
     """Upper bound on the positions one micro-batch's forward runs (more micro-batches when exceeded; a
     prompt shared by a micro-batch's rows counts once, as the shared-prompt forward runs it once): bounds
-    activation memory without changing the update. Also chunks the reference pass. None: only grad_accum splits."""
+    activation memory without changing the update. Also chunks the reference pass. "auto": as many
+    positions as an estimated 2 GiB of activations allows for this model (tilt.rollout.auto_micro_batch_tokens:
+    ~37,000 on the shipped 1M model, ~6,500 at 10M, ~800 on SmolLM2-135M with its 49k vocabulary).
+    None: only grad_accum splits."""
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _budget(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, 'auto' or null, got {v}")
+        return v
     max_bad_steps: int = Field(3, ge=1)
     """Consecutive non-finite losses after which the run stops (the last checkpoint stays)."""
 

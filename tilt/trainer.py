@@ -35,7 +35,7 @@ from tilt.providers.frozen import RESOURCES
 from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.fastdecode import lean_supported
-from tilt.rollout import SamplingParams
+from tilt.rollout import SamplingParams, auto_micro_batch_tokens
 from tilt.run_checks import check_batch_shape
 from tilt.run_lock import RunLock
 from tilt.state import Component, checkpoint_module
@@ -109,6 +109,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
                             min_new_tokens=cfg.rollout.min_new_tokens,
                             matmul_dtype=None if cfg.rollout.decode_dtype == "model" else DTYPES[cfg.rollout.decode_dtype])
     run = Run(cfg, policy, generator, params, rewards_fn)
+    run.chunk_tokens = (auto_micro_batch_tokens(policy.model) if cfg.train.micro_batch_tokens == "auto"
+                        else cfg.train.micro_batch_tokens)
     for name in sorted(plan.resources):  # frozen models the providers read (reference, teacher)
         setattr(run, name, RESOURCES[name](cfg, policy, dtype))
     providers = [cls(run, names, **settings) for cls, names, settings in plan.providers]
@@ -126,7 +128,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
         kl_fn=kl.bound() if kl else None, kl_beta=cfg.kl.beta, kl_in_loss=cfg.kl.placement == "loss",
         epochs=cfg.train.epochs, minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum,
         grad_clip=cfg.optim.grad_clip, generator=generator, max_bad_steps=cfg.train.max_bad_steps,
-        kl_needs_logits="logits" in plan.reads("kl"), micro_batch_tokens=cfg.train.micro_batch_tokens,
+        kl_needs_logits="logits" in plan.reads("kl"), micro_batch_tokens=run.chunk_tokens,
         kl_inputs=tuple(n for n in plan.reads("kl") if n in INTRINSIC["kl"] - {"logits"}),
         correction_fn=corr.bound() if corr else None,
         minibatch_by=cfg.train.minibatch_by, **{k: v for c in components for k, v in c.learner_kwargs().items()})

@@ -69,6 +69,7 @@ class Run:
     ref_model: Optional[torch.nn.Module] = None  # loaded when a provider requires "ref_model"
     teacher: Optional[torch.nn.Module] = None  # loaded when a provider requires "teacher"
     value_head: Optional[torch.nn.Module] = None  # set by the "values" provider
+    chunk_tokens: Optional[int] = None  # train.micro_batch_tokens resolved for this model ("auto" -> a number)
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Reference(Provider):
         with torch.no_grad():
             ref_logp, _ = sequence_logprobs(self.run.ref_model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
                                             rb.completion_mask, temperature=cfg.rollout.temperature,
-                                            chunk_tokens=cfg.train.micro_batch_tokens)  # [N, T]
+                                            chunk_tokens=self.run.chunk_tokens)  # [N, T]
         return {"ref_logp": ref_logp}
 
 
@@ -143,5 +143,5 @@ class LearnerLogProbs(Provider):
         with torch.no_grad():
             logp, _ = sequence_logprobs(self.run.policy.model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
                                         rb.completion_mask, temperature=cfg.rollout.temperature,
-                                        chunk_tokens=cfg.train.micro_batch_tokens)  # [N, T]
+                                        chunk_tokens=self.run.chunk_tokens)  # [N, T]
         return {"old_logp": logp * rb.completion_mask, "sampler_logp": rb.logprobs}
