@@ -44,6 +44,35 @@ def test_step_time_benchmark_runs_one_tiny_point(tmp_path):
         assert abs(pt[f"ratio_{side}"]["step_s"] - t["step_s"] / pt[side]["step_s"]) < 1e-12
 
 
+def test_step_time_bf16_and_lora_sides(tmp_path):
+    """``--tilt fp32,bf16`` adds a tilt side that samples with bf16 products (its generate floor at the
+    measured bf16 peak) with ratios against TRL; ``--lora R`` runs LoRA on both sides (2 passes of
+    training FLOPs), bf16 sampling included."""
+    res = tmp_path / "bf16.json"
+    common = ["benchmarks/step_time.py", "--sizes", "1m", "--tokens", "4", "--warmup", "0", "--repeats", "1",
+              "--prompts", "2", "--group", "2", "--threads", "1", "--trl", "best"]
+    stdout = _run([*common, "--tilt", "fp32,bf16", "--out", str(res)])
+    assert "tilt_bf16 / trl_best" in stdout
+    data = json.loads(res.read_text())
+    (pt,) = data["points"]
+    assert pt["sides"] == ["tilt", "tilt_bf16", "trl_best"] and data["meta"]["bf16_matmul_peak_flops"] > 0
+    t = pt["tilt_bf16"]
+    assert t["completion_tokens"] == 2 * 2 * 4 and 0 < t["floor_s"] < t["step_s"]
+    assert abs(pt["ratio_tilt_bf16_trl_best"]["step_s"] - t["step_s"] / pt["trl_best"]["step_s"]) < 1e-12
+    res = tmp_path / "lora.json"
+    _run([*common, "--lora", "2", "--tilt", "fp32,bf16", "--out", str(res)])
+    (pt,) = json.loads(res.read_text())["points"]
+    assert pt["lora"] == 2 and pt["tilt"]["passes"] == pt["trl_best"]["passes"] == pt["tilt_bf16"]["passes"] == 2.0
+    assert all(pt[s]["ref"] > 0 for s in ("tilt", "trl_best"))  # TRL's reference: the policy with its adapter off
+
+
+def test_lean_forward_ab_runs():
+    """The lean-pass A/B script runs on the shipped model and prints both ratios."""
+    stdout = _run(["benchmarks/lean_forward.py", "--size", "1m", "--tokens", "4", "--prompts", "2", "--group", "2",
+                   "--repeats", "2", "--threads", "1"])
+    assert "ref: lean / hf =" in stdout and "fwd_bwd: lean / hf =" in stdout
+
+
 def test_turn_order_rotates_and_reverses():
     """Three sides: rounds 0-2 rotate A B C, B C A, C A B; rounds 3-5 run them backwards."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

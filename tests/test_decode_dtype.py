@@ -86,16 +86,15 @@ def _even(prompts, completions, **_):
 
 
 def test_bf16_decode_config_errors(tmp_path, tiny_llama_dir):
-    """No correction, or a policy the lean decoder cannot run (LoRA), is a ConfigError naming the fix."""
+    """No correction, or a policy the lean decoder cannot run (bf16 weights), is a ConfigError naming the fix."""
     cfg = load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'a'}",
                                     "rollout.decode_dtype=bfloat16"])
     with pytest.raises(ConfigError, match="correction.name"):
         build(cfg, reward_fns=[_even])
-    pytest.importorskip("peft")
     cfg = load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'b'}",
                                     "rollout.decode_dtype=bfloat16", "correction.name=token_tis",
-                                    "model.lora.enabled=true"])
-    with pytest.raises(ConfigError, match="LoRA"):
+                                    "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="lean decoder"):
         build(cfg, reward_fns=[_even])
 
 

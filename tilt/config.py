@@ -157,7 +157,8 @@ class RolloutCfg(Section):
     matmuls run in bf16 (2.5-4x faster products on CPUs with AVX-512 BF16/AMX); norms, attention and sampling
     stay in the model's dtype. The sampler then differs from the learner, so a correction is required
     (correction.name, e.g. token_tis). Training-time sampling only (evaluation samples in the model's
-    dtype); needs a float32 Llama/Qwen2/Mistral policy without LoRA (tilt.fastdecode)."""
+    dtype); needs a float32 Llama/Qwen2/Mistral policy, LoRA included (adapters merged into the bf16 copy;
+    tilt.fastdecode)."""
 
     @model_validator(mode="after")
     def _min_within_max(self) -> "RolloutCfg":

@@ -25,22 +25,68 @@ from torch import Tensor
 SUPPORTED = ("llama", "qwen2", "mistral")
 
 
-def _weight_and_bias(*linears) -> tuple[Tensor, Optional[Tensor]]:
-    """Rows of several plain nn.Linear stacked into one (weight [sum out, in], bias or None)."""
-    for m in linears:
-        _plain(m)
-    w = torch.cat([m.weight for m in linears], 0)
-    if all(m.bias is None for m in linears):
+Lora = tuple[Tensor, Tensor, float]  # (A [r, in], B [out, r], scaling) of one active LoRA adapter
+
+
+def linear_parts(m, adapters: bool = True) -> tuple[Tensor, Optional[Tensor], list[Lora]]:
+    """(weight, bias, LoRA adapters) of a projection: a plain nn.Linear, or a peft LoRA Linear whose
+    active adapters are vanilla LoRA (Hu et al., arXiv:2106.09685, Eq. 3: h = W0 x + s B A x) with no
+    dropout, no bias and no fan-in/fan-out transpose; with ``adapters=False`` (a LoRA run's reference)
+    only its base weights. AttributeError for anything else, which keeps Hugging Face's forward."""
+    if type(m) is torch.nn.Linear:
+        return m.weight, m.bias, []
+    base = getattr(m, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(m, "lora_A") or getattr(m, "merged", True):
+        raise AttributeError(f"not a plain nn.Linear or an unmerged peft LoRA Linear: {type(m).__name__}")
+    if not adapters or m.disable_adapters:
+        return base.weight, base.bias, []
+    loras = []
+    for name in m.active_adapters:
+        if name not in m.lora_A:
+            continue
+        if (name in getattr(m, "lora_variant", {}) or getattr(m, "lora_bias", {}).get(name, False)
+                or getattr(m, "fan_in_fan_out", False) or type(m.lora_dropout[name]) is not torch.nn.Identity):
+            raise AttributeError(f"LoRA adapter {name!r} is not vanilla LoRA without dropout")
+        loras.append((m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
+    return base.weight, base.bias, loras
+
+
+def merged_weight(m, adapters: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """(W0 + sum s B A, bias) of a projection: its LoRA adapters merged into a new weight (for sampling
+    under no_grad; the learner's pass keeps them apart, ``tilt.fastforward``)."""
+    w, b, loras = linear_parts(m, adapters)
+    for a_w, b_w, scale in loras:
+        w = w + (b_w @ a_w) * scale
+    return w, b
+
+
+def _weight_and_bias(*linears, adapters: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """Rows of several projections (adapters merged) stacked into one (weight [sum out, in], bias or None)."""
+    parts = [merged_weight(m, adapters) for m in linears]
+    w = torch.cat([p[0] for p in parts], 0) if len(parts) > 1 else parts[0][0]
+    if all(p[1] is None for p in parts):
         return w, None
-    return w, torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+    return w, torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts])
 
 
-def _plain(m) -> tuple[Tensor, Optional[Tensor]]:
-    """(weight, bias) of a plain nn.Linear; AttributeError for any other module type (a LoRA
-    layer's adapters are not in its ``weight``, so fusing it would drop them)."""
-    if type(m) is not torch.nn.Linear:
-        raise AttributeError(f"not a plain nn.Linear: {type(m).__name__}")
-    return m.weight, m.bias
+def _plain(m, adapters: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) of one projection, adapters merged (AttributeError for unsupported kinds)."""
+    return merged_weight(m, adapters)
+
+
+def resolve(model) -> Optional[tuple]:
+    """(the Hugging Face model the lean paths read, whether its LoRA adapters apply) for a plain
+    ``PreTrainedModel``, a peft LoRA model (its inner model, adapters on) or a LoRA run's reference
+    (``tilt.models.lora.AdapterDisabledRef``: the inner model, adapters off); None for anything else."""
+    from transformers import PreTrainedModel
+
+    from tilt.models.lora import AdapterDisabledRef, is_lora
+
+    if isinstance(model, AdapterDisabledRef):
+        return (model.peft_model.get_base_model(), False) if is_lora(model.peft_model) else None
+    if is_lora(model):
+        return model.get_base_model(), True
+    return (model, True) if isinstance(model, PreTrainedModel) else None
 
 
 def _cast(wb: tuple[Tensor, Optional[Tensor]], dtype: Optional[torch.dtype]) -> tuple[Tensor, Optional[Tensor]]:
@@ -89,12 +135,13 @@ class LeanDecoder:
     must correct for the mismatch (``correction.name``; tilt.corrections)."""
 
     def __init__(self, model, cache, matmul_dtype: Optional[torch.dtype] = None):
+        model, adapters = resolve(model)
         cfg = model.config
         base = model.model
         self.cache, self.rotary = cache, base.rotary_emb
         self.embed = base.embed_tokens.weight  # [V, H]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
-        self.lm = _cast((model.lm_head.weight, model.lm_head.bias), matmul_dtype)
+        self.lm = _cast(_plain(model.lm_head, adapters), matmul_dtype)
         self.nq, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         attn0 = base.layers[0].self_attn
         self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
@@ -103,12 +150,12 @@ class LeanDecoder:
             a, m = layer.self_attn, layer.mlp
             self.layers.append({
                 "in_w": layer.input_layernorm.weight, "in_eps": layer.input_layernorm.variance_epsilon,
-                "qkv": _cast(_weight_and_bias(a.q_proj, a.k_proj, a.v_proj), matmul_dtype),
-                "o": _cast(_plain(a.o_proj), matmul_dtype),
+                "qkv": _cast(_weight_and_bias(a.q_proj, a.k_proj, a.v_proj, adapters=adapters), matmul_dtype),
+                "o": _cast(_plain(a.o_proj, adapters), matmul_dtype),
                 "post_w": layer.post_attention_layernorm.weight,
                 "post_eps": layer.post_attention_layernorm.variance_epsilon,
-                "gu": _cast(_weight_and_bias(m.gate_proj, m.up_proj), matmul_dtype),
-                "down": _cast(_plain(m.down_proj), matmul_dtype),
+                "gu": _cast(_weight_and_bias(m.gate_proj, m.up_proj, adapters=adapters), matmul_dtype),
+                "down": _cast(_plain(m.down_proj, adapters), matmul_dtype),
                 "inter": m.gate_proj.out_features})
 
     @torch.no_grad()
@@ -212,24 +259,35 @@ class GroupedDecoder(LeanDecoder):
             h = h + _lin(self.attend(i, q, k, v), ly["o"])
             h = self.mlp(ly, h)
         self.filled += 1
-        h = F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps)
-        return _lin(h, self.lm).index_select(0, self.unperm)  # [N, V] caller's order
+        h = F.rms_norm(h.index_select(0, self.unperm), (h.shape[-1],), self.norm_w, self.norm_eps)  # caller's order
+        return _lin(h, self.lm)  # [N, V]
 
 
 def lean_supported(model) -> bool:
-    """Whether ``model`` is of the kinds the lean decode steps are checked on."""
-    from transformers import PreTrainedModel
-
-    cfg = getattr(model, "config", None)
-    if not isinstance(model, PreTrainedModel):  # e.g. a peft model: its adapters live outside the weights
+    """Whether ``model`` is of the kinds the lean decode steps are checked on (a plain model, or a
+    LoRA model or LoRA reference whose adapters ``linear_parts`` reads)."""
+    found = resolve(model)
+    if found is None:
         return False
+    model, adapters = found
+    cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED:
         return False
     if getattr(cfg, "hidden_act", None) != "silu" or not hasattr(F, "rms_norm"):
         return False
     if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and cfg.sliding_window):
         return False
-    if model.lm_head.weight.dtype not in (torch.float32, torch.float64):
+    if type(model.model.embed_tokens) is not torch.nn.Embedding:
+        return False
+    try:
+        w = _plain(model.lm_head, adapters)[0]
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                linear_parts(proj, adapters)
+    except AttributeError:
+        return False
+    if w.dtype not in (torch.float32, torch.float64):
         return False
     return all(getattr(layer, "attention_type", "full_attention") == "full_attention" for layer in model.model.layers)
 

@@ -19,7 +19,8 @@ Causal attention makes this the same computation as the two-call path and as one
 [prompt, completion] per row (Eq. 1 of "Attention is all you need", arXiv:1706.03762, summed in
 another order): logits and gradients equal Hugging Face's to float rounding
 (tests/test_fastforward.py). Used for the kinds ``tilt.fastdecode.lean_supported`` accepts, with
-no attention dropout; anything else keeps Hugging Face's forward.
+no attention dropout, including LoRA policies (adapters applied as s B (A x) beside the base
+matmul) and their adapter-disabled references; anything else keeps Hugging Face's forward.
 """
 from __future__ import annotations
 
@@ -27,12 +28,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tilt.fastdecode import _rotate_half, _weight_and_bias, lean_supported
+from tilt.fastdecode import _rotate_half, lean_supported, linear_parts, resolve
 
 
 def forward_supported(model) -> bool:
     """Whether ``shared_completion_logits`` computes ``model``'s function (lean kinds, no attention dropout)."""
     return lean_supported(model) and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) == 0.0
+
+
+def _project(x: Tensor, mods, adapters: bool) -> Tensor:
+    """The outputs of several projections of ``x`` side by side, [.., sum out]: one matmul with their
+    stacked base weights, plus each LoRA adapter's s B (A x) on its own slice. The adapters stay
+    apart from the weights, so the backward keeps only x and A x for them (a merged weight would be
+    kept whole)."""
+    parts = [linear_parts(m, adapters) for m in mods]
+    w = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    bias = None
+    if any(p[1] is not None for p in parts):
+        bias = torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts])
+    y = F.linear(x, w, bias)
+    if not any(p[2] for p in parts):
+        return y
+    extra = []
+    for w_i, _, loras in parts:
+        e = x.new_zeros(x.shape[:-1] + (w_i.shape[0],)) if not loras else None
+        for a_w, b_w, scale in loras:
+            term = F.linear(F.linear(x, a_w), b_w) * scale
+            e = term if e is None else e + term
+        extra.append(e)
+    return y + (torch.cat(extra, -1) if len(extra) > 1 else extra[0])
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -51,6 +75,7 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     left-padded distinct prompts ``u_ids``/``u_mask`` [U, P] (row r has prompt ``inverse[r]``) followed
     by right-padded completions [N, T]. Positions ignore left padding (as ``completion_logits``). Grad
     flows to the model's weights when enabled."""
+    model, adapters = resolve(model)
     cfg, base = model.config, model.model
     nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     attn0 = base.layers[0].self_attn
@@ -81,7 +106,7 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
         x = F.rms_norm(h, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        q, k, v = F.linear(x, *_weight_and_bias(a.q_proj, a.k_proj, a.v_proj)).split([nq * d, nkv * d, nkv * d], -1)
+        q, k, v = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters).split([nq * d, nkv * d, nkv * d], -1)
         qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
         qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
         qp, kp = _rope(qp, cos_p, sin_p), _rope(kp, cos_p, sin_p)
@@ -94,13 +119,13 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, scale=scale)  # [U, nq, P, d]
         oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask_c, scale=scale)  # [N, nq, T, d]
         o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.transpose(1, 2).reshape(n * t, nq * d)])
-        h = h + F.linear(o, a.o_proj.weight, a.o_proj.bias)
+        h = h + _project(o, (a.o_proj,), adapters)
         x = F.rms_norm(h, (hidden,), layer.post_attention_layernorm.weight,
                        layer.post_attention_layernorm.variance_epsilon)
-        gate, up = F.linear(x, *_weight_and_bias(mlp.gate_proj, mlp.up_proj)).chunk(2, -1)
-        h = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        gate, up = _project(x, (mlp.gate_proj, mlp.up_proj), adapters).chunk(2, -1)
+        h = h + _project(F.silu(gate) * up, (mlp.down_proj,), adapters)
 
     last = h[:m].reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0
     states = torch.cat([last[:, None], h[m:].reshape(n, t, hidden)[:, :-1]], 1)  # [N, T, H]
     states = F.rms_norm(states, (hidden,), base.norm.weight, base.norm.variance_epsilon)
-    return F.linear(states, model.lm_head.weight, model.lm_head.bias)  # [N, T, V]
+    return _project(states, (model.lm_head,), adapters)  # [N, T, V]

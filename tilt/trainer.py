@@ -90,8 +90,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     policy = load_train_policy(cfg.model)  # on model.device, in model.dtype, LoRA-wrapped when configured
     if cfg.rollout.decode_dtype != "model" and not lean_supported(policy.model):
         raise ConfigError(f"rollout.decode_dtype={cfg.rollout.decode_dtype!r} needs tilt's lean decoder, which runs "
-                          f"float32 Llama/Qwen2/Mistral policies without LoRA; this policy is "
-                          f"{type(policy.model).__name__} (model.dtype={cfg.model.dtype}, "
+                          f"float32/float64 Llama/Qwen2/Mistral policies (LoRA included: vanilla adapters without "
+                          f"dropout); this policy is {type(policy.model).__name__} (model.dtype={cfg.model.dtype}, "
                           f"lora={cfg.model.lora.enabled}): leave rollout.decode_dtype='model'")
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
