@@ -110,3 +110,40 @@ def test_lean_decoder_covers_qwen2_not_gpt2(hf_dir):
                     pad_id=pol.pad_id, generator=torch.Generator().manual_seed(0)) for lean in (True, False)]
     assert torch.equal(run[0].completion_ids, run[1].completion_ids)
     torch.testing.assert_close(run[0].logprobs, run[1].logprobs, atol=1e-5, rtol=0)
+
+
+def test_lean_decoders_read_grouped_query_keys_in_place(tmp_path_factory, char_tok):
+    """Qwen2 with 2 query heads per key head: the per-row decoder (distinct prompts, SDPA reading the
+    grouped keys in place) and the grouped decoder (prompts shared by 4 rows; each key head's rows
+    and query heads in one product) sample what HF's forward samples, log-probs to 1e-5."""
+    import tilt.fastdecode as fastdecode
+    import tilt.rollout as rollout
+
+    d = tmp_path_factory.mktemp("qwen2_gqa")
+    _qwen2(d, char_tok)
+    pol = load_policy(str(d))
+    assert pol.model.config.num_attention_heads == 2 * pol.model.config.num_key_value_heads
+    made = []
+    orig = {name: getattr(rollout, name) for name in ("grouped_decoder", "lean_decoder")}
+
+    def spy(name):
+        def f(*a, **k):
+            made.append(orig[name](*a, **k))
+            return made[-1]
+        return f
+
+    for prompts in (["47+85=", "cd 3 5 7>22:", "5+4=", "sort 53 7 21:"], ["47+85=", "cd 3 5 7>22:"] * 4):
+        ids, mask = encode_prompts(pol.tokenizer, prompts)
+        made.clear()
+        for name in orig:
+            setattr(rollout, name, spy(name))
+        try:
+            run = [generate(pol.model, ids, mask, params=SamplingParams(10, lean=lean), eos_id=pol.eos_id,
+                            pad_id=pol.pad_id, generator=torch.Generator().manual_seed(3)) for lean in (True, False)]
+        finally:
+            for name, f in orig.items():
+                setattr(rollout, name, f)
+        kind = fastdecode.GroupedDecoder if len(set(prompts)) < len(prompts) else fastdecode.LeanDecoder
+        assert len(made) == 1 and type(made[0]) is kind
+        assert torch.equal(run[0].completion_ids, run[1].completion_ids)
+        torch.testing.assert_close(run[0].logprobs, run[1].logprobs, atol=1e-5, rtol=0)

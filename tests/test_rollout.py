@@ -182,6 +182,35 @@ def test_grouped_decoder_equals_per_row_cache(tiny_llama_dir):
     torch.testing.assert_close(grouped.logprobs, per_row.logprobs, atol=1e-6, rtol=0)
 
 
+def test_decoder_rotation_table_equals_rotary_module(tiny_llama_dir):
+    """The lean decoder's rotation table (built once) gives the e^{i p theta} the model's rotary
+    module gives per step, and a decoder without the table (rope types whose frequencies depend on
+    the length) steps to the same logits."""
+    from tilt.fastdecode import lean_decoder
+    from tilt.rollout import preallocated_cache
+
+    pol = load_policy(str(tiny_llama_dir))
+    ids, mask = encode_prompts(pol.tokenizer, PROMPTS)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    for positions in (0, ids.shape[1] + 4):
+        cache = preallocated_cache(pol.model, ids.shape[1] + 4)
+        with torch.no_grad():
+            pol.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        dec = lean_decoder(pol.model, cache, positions=positions)
+        assert (dec.table is None) == (positions == 0)
+        step_pos = pos[:, -1] + 1
+        if positions:
+            h = torch.zeros(len(PROMPTS), 1)
+            cos, sin = pol.model.model.rotary_emb(h, step_pos[:, None])
+            half = cos.shape[-1] // 2
+            torch.testing.assert_close(dec.rotation(h, step_pos)[:, 0],
+                                       torch.complex(cos[:, 0, :half], sin[:, 0, :half]), atol=0, rtol=0)
+        attn = torch.cat([mask, torch.ones(len(PROMPTS), 1, dtype=mask.dtype)], 1)
+        logits.append(dec.step(torch.full((len(PROMPTS),), 5), step_pos, attn))
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+
+
 def test_grouped_decoder_needs_equal_groups(tiny_llama_dir):
     """Rows a a a b (3 and 1 samples) keep the per-row cache: no GroupedDecoder is built."""
     import tilt.rollout as rollout

@@ -4,7 +4,8 @@ Sampling calls the model once per new token with one token per row. For small mo
 that call is not arithmetic: HF's forward builds a 4-D mask, does cache bookkeeping and
 dispatches ~40 modules per layer. ``LeanDecoder.step`` computes the same function with fewer,
 larger operations: one matmul for Q, K and V together, one for the gate and up projections,
-``torch.nn.functional.rms_norm``, and the model's own rotary module for cos/sin. K and V go
+norm weights folded into those matmuls, and one complex product for the rotary embedding of all
+query and key heads (see ``LeanDecoder``). K and V go
 into the rollout's preallocated cache (``tilt.rollout.preallocated_cache``) through its layers'
 ``update``, so prefill (HF's forward) and decode share one cache. ``GroupedDecoder`` is the same
 step for G samples per prompt with each prompt's keys and values held once (see its docstring).
@@ -111,52 +112,118 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
-def _qkv(ly: dict, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One decode position's queries, keys and values of layer ``ly``: RMS norm, the fused q/k/v
-    projection, rotary embedding on q and k. h [N, H] -> q [N, nq, 1, d], k and v [N, nkv, 1, d]."""
-    n = h.shape[0]
-    x = F.rms_norm(h, (h.shape[-1],), ly["in_w"], ly["in_eps"])  # [N, H]
-    qkv = _lin(x, ly["qkv"])  # [N, (nq + 2 nkv) d]
-    q = qkv[:, :nq * d].view(n, nq, 1, d)
-    k = qkv[:, nq * d:(nq + nkv) * d].view(n, nkv, 1, d)
-    v = qkv[:, (nq + nkv) * d:].reshape(n, nkv, 1, d)
-    q = q * cos + _rotate_half(q) * sin  # Eq. 34 of RoFormer (arXiv:2104.09864), HF layout
-    k = k * cos + _rotate_half(k) * sin
-    return q, k, v
+def _pairs(d: int) -> Tensor:
+    """[d] index putting HF's rotate-half partners next to each other: (0, d/2, 1, d/2 + 1, ...)."""
+    h = d // 2
+    return torch.stack([torch.arange(h), torch.arange(h, d)], -1).reshape(d)
+
+
+def _complex(cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's cos/sin [.., d] (each angle twice, rotate-half layout) -> e^{i angle} [.., d/2]."""
+    h = cos.shape[-1] // 2
+    return torch.complex(cos[..., :h].contiguous(), sin[..., :h].contiguous())
+
+
+def _normed(h: Tensor, eps: float) -> Tensor:
+    """RMS norm without its weight (folded into the next matmul's columns by ``LeanDecoder``)."""
+    return F.rms_norm(h, (h.shape[-1],), None, eps)
+
+
+def _gqa_supported() -> bool:
+    try:  # torch >= 2.5: SDPA reads grouped keys and values in place
+        q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+_SDPA_GQA = _gqa_supported()
 
 
 class LeanDecoder:
     """Fused weights of one model, built once per ``generate`` call (weights are read, not copied
     back: the decoder is for sampling under ``torch.no_grad``).
 
+    The weights are rearranged so that each step does less work than the model's own layers, with
+    the same function (float rounding aside):
+
+    * each RMS norm's weight is folded into the columns of the matmul that reads it, and the
+      attention's 1/sqrt(d) into the query rows;
+    * the query and key rows of each head are permuted so that the two halves rotary embedding
+      pairs up (HF's rotate-half layout) sit next to each other; the rotation is then one complex
+      product for all query and key heads, by e^{i p theta} looked up in a table built once
+      (Eq. 34 of RoFormer, arXiv:2104.09864, in its complex form). Scores are dot products
+      between queries and keys in the same layout, so they are unchanged; the prompt's cached keys
+      are permuted once to match.
+
     ``matmul_dtype`` (e.g. ``torch.bfloat16``) casts the weights of the six products of a layer and of
     the LM head once, here; each step then multiplies in that dtype and returns to the model's dtype
     (``_lin``). The sampled tokens' log-probs are those of this lower-precision sampler, so the learner
-    must correct for the mismatch (``correction.name``; tilt.corrections)."""
+    must correct for the mismatch (``correction.name``; tilt.corrections).
 
-    def __init__(self, model, cache, matmul_dtype: Optional[torch.dtype] = None):
+    ``positions``: an upper bound on the positions ``step`` is asked for (the rotation table's length).
+    """
+
+    def __init__(self, model, cache, matmul_dtype: Optional[torch.dtype] = None, positions: int = 0):
         model, adapters = resolve(model)
         cfg = model.config
         base = model.model
         self.cache, self.rotary = cache, base.rotary_emb
         self.embed = base.embed_tokens.weight  # [V, H]
-        self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
-        self.lm = _cast(_plain(model.lm_head, adapters), matmul_dtype)
-        self.nq, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.norm_eps = base.norm.variance_epsilon
+        w_lm, b_lm = _plain(model.lm_head, adapters)
+        self.lm = _cast((w_lm * base.norm.weight, b_lm), matmul_dtype)
+        nq, nkv = self.nq, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         attn0 = base.layers[0].self_attn
-        self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
+        d = self.head_dim = attn0.head_dim
+        dev = self.embed.device
+        self.pair = _pairs(d).to(dev)
+        rows = torch.cat([(torch.arange(nq + nkv, device=dev)[:, None] * d + self.pair).reshape(-1),
+                          torch.arange((nq + nkv) * d, (nq + 2 * nkv) * d, device=dev)])  # [(nq + 2 nkv) d]
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
+            w, b = _weight_and_bias(a.q_proj, a.k_proj, a.v_proj, adapters=adapters)
+            row_scale = torch.ones(w.shape[0], dtype=w.dtype, device=dev)
+            row_scale[:nq * d] = attn0.scaling
+            w = w.index_select(0, rows) * row_scale[:, None] * layer.input_layernorm.weight
+            b = None if b is None else b.index_select(0, rows) * row_scale
+            w_gu, b_gu = _weight_and_bias(m.gate_proj, m.up_proj, adapters=adapters)
             self.layers.append({
-                "in_w": layer.input_layernorm.weight, "in_eps": layer.input_layernorm.variance_epsilon,
-                "qkv": _cast(_weight_and_bias(a.q_proj, a.k_proj, a.v_proj, adapters=adapters), matmul_dtype),
+                "in_eps": layer.input_layernorm.variance_epsilon,
+                "qkv": _cast((w, b), matmul_dtype),
                 "o": _cast(_plain(a.o_proj, adapters), matmul_dtype),
-                "post_w": layer.post_attention_layernorm.weight,
                 "post_eps": layer.post_attention_layernorm.variance_epsilon,
-                "gu": _cast(_weight_and_bias(m.gate_proj, m.up_proj, adapters=adapters), matmul_dtype),
+                "gu": _cast((w_gu * layer.post_attention_layernorm.weight, b_gu), matmul_dtype),
                 "down": _cast(_plain(m.down_proj, adapters), matmul_dtype),
                 "inter": m.gate_proj.out_features})
+        # rope types whose frequencies depend on the sequence length call the module every step
+        self.table = None
+        if positions and getattr(self.rotary, "rope_type", "default") not in ("dynamic", "longrope"):
+            cos, sin = self.rotary(self.embed[:1], torch.arange(positions, device=dev)[None])  # [1, L, d]
+            self.table = _complex(cos[0], sin[0])  # [L, d/2]
+        if cache is not None:  # the prompt's keys into the decoder's layout
+            for layer in cache.layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys.copy_(layer.keys.index_select(-1, self.pair))
+
+    def rotation(self, h: Tensor, pos: Tensor) -> Tensor:
+        """e^{i p theta} [N, 1, d/2] for positions ``pos`` [N]."""
+        if self.table is not None:
+            return self.table.index_select(0, pos)[:, None]
+        cos, sin = self.rotary(h, pos[:, None])  # [N, 1, d] each
+        return _complex(cos, sin)
+
+    def qkv(self, ly: dict, h: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One decode position's queries, keys and values of layer ``ly``: RMS norm, the fused q/k/v
+        projection, rotary embedding on q and k together. h [N, H] -> q [N, nq, 1, d], k and v
+        [N, nkv, 1, d] (q and k in the decoder's pair layout, q scaled by 1/sqrt(d))."""
+        n, nq, nkv, d = h.shape[0], self.nq, self.nkv, self.head_dim
+        y = _lin(_normed(h, ly["in_eps"]), ly["qkv"])  # [N, (nq + 2 nkv) d]
+        qk = torch.view_as_complex(y[:, :(nq + nkv) * d].view(n, nq + nkv, d // 2, 2)) * rot  # [N, nq + nkv, d/2]
+        qk = torch.view_as_real(qk).view(n, nq + nkv, 1, d)
+        return qk[:, :nq], qk[:, nq:], y[:, (nq + nkv) * d:].view(n, nkv, 1, d)
 
     @torch.no_grad()
     def step(self, tok: Tensor, pos: Tensor, attn_mask: Tensor) -> Tensor:
@@ -165,29 +232,28 @@ class LeanDecoder:
         tok, pos: [N] token ids and their positions; attn_mask: [N, L] 1 where the key is real,
         including the new token (L = cached length + 1).
         """
-        n, d = tok.shape[0], self.head_dim
+        n, d, nq, nkv = tok.shape[0], self.head_dim, self.nq, self.nkv
         h = F.embedding(tok, self.embed)  # [N, H]
-        cos, sin = self.rotary(h, pos[:, None])  # [N, 1, d] each
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [N, 1, 1, d] broadcast over heads
+        rot = self.rotation(h, pos)
         keep = attn_mask.bool()[:, None, None, :]  # [N, 1, 1, L]
-        nq, nkv = self.nq, self.nkv
         for i, ly in enumerate(self.layers):
-            q, k, v = _qkv(ly, h, cos, sin, nq, nkv, d)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
+            q, k, v = self.qkv(ly, h, rot)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
             keys, values = self.cache.layers[i].update(k, v)  # [N, nkv, L, d]
-            if nkv != nq:  # grouped-query attention
-                keys = keys.repeat_interleave(nq // nkv, 1)
-                values = values.repeat_interleave(nq // nkv, 1)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=self.scaling)  # [N, nq, 1, d]
-            h = h + _lin(o.reshape(n, nq * d), ly["o"])
+            if nkv == nq:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0)
+            elif _SDPA_GQA:  # grouped-query attention, keys read in place
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0, enable_gqa=True)
+            else:
+                keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0)
+            h = h + _lin(o.reshape(n, nq * d), ly["o"])  # o [N, nq, 1, d]
             h = self.mlp(ly, h)
-        h = F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps)
-        return _lin(h, self.lm)  # [N, V]
+        return _lin(_normed(h, self.norm_eps), self.lm)  # [N, V]
 
     @staticmethod
     def mlp(ly: dict, h: Tensor) -> Tensor:
         """The residual stream after layer ``ly``'s post-attention norm and SiLU-gated MLP, [N, H]."""
-        x = F.rms_norm(h, (h.shape[-1],), ly["post_w"], ly["post_eps"])
-        gu = _lin(x, ly["gu"])  # [N, 2 I]
+        gu = _lin(_normed(h, ly["post_eps"]), ly["gu"])  # [N, 2 I]
         return h + _lin(F.silu(gu[:, :ly["inter"]]) * gu[:, ly["inter"]:], ly["down"])
 
 
@@ -199,7 +265,10 @@ class GroupedDecoder(LeanDecoder):
     third of the sampling time at 1M and 10M x 64 tokens in torch.profiler). With a per-row cache
     every row reads its own copy of its prompt's keys; here the G rows of a prompt ask their
     queries of one [P, d] block per head together (a [G, d] x [d, P] matmul), and only the
-    completion keys are per row. Scores over the prompt and over the completion share one softmax,
+    completion keys are per row. With grouped-query attention the query heads that share a key
+    head join that matmul too ([G rep, d] x [d, P]; rep = query heads per key head), and over the
+    completion keys each row's rep heads form one [rep, d] x [d, t] product, so no key or value is
+    repeated. Scores over the prompt and over the completion share one softmax,
     so this is the same attention (Eq. 1 of "Attention is all you need", arXiv:1706.03762) summed
     in another order: log-probs equal the per-row cache's to float rounding (~1e-7), and the
     samples are the same (tests/test_rollout.py). The rows run in prompt order inside ``step``
@@ -207,20 +276,19 @@ class GroupedDecoder(LeanDecoder):
     """
 
     def __init__(self, model, prompt_cache, prompt_mask: Tensor, inverse: Tensor, capacity: int,
-                 matmul_dtype: Optional[torch.dtype] = None):
-        super().__init__(model, None, matmul_dtype)
+                 matmul_dtype: Optional[torch.dtype] = None, positions: int = 0):
+        super().__init__(model, None, matmul_dtype, positions)
         n, u = inverse.shape[0], prompt_mask.shape[0]
         self.u, self.g = u, n // u
         self.perm = torch.argsort(inverse, stable=True)  # [N] rows in prompt order (U blocks of G)
         self.unperm = torch.argsort(self.perm)  # [N]
         pad = ~prompt_mask.bool()  # [U, P]
         self.prompt_pad = pad.repeat_interleave(self.g, 0)[:, None, :]  # [N, 1, P] in prompt order
-        rep = self.nq // self.nkv
         self.kp, self.vp = [], []
         for layer in prompt_cache.layers:
             k, v = layer.keys, layer.values  # [U, nkv, P, d]
-            self.kp.append(k.repeat_interleave(rep, 1).transpose(-1, -2).contiguous())  # [U, nq, d, P]
-            self.vp.append(v.repeat_interleave(rep, 1).contiguous())  # [U, nq, P, d]
+            self.kp.append(k.index_select(-1, self.pair).transpose(-1, -2).contiguous())  # [U, nkv, d, P]
+            self.vp.append(v.contiguous())  # [U, nkv, P, d]
         w = self.embed
         self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]  # [N, nkv, T, d]
         self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]
@@ -228,21 +296,22 @@ class GroupedDecoder(LeanDecoder):
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention output [N, nq * d] of one new token per row (rows in prompt order)."""
-        n, nq, d, t = q.shape[0], self.nq, self.head_dim, self.filled
+        n, nq, nkv, d, t, u, g = q.shape[0], self.nq, self.nkv, self.head_dim, self.filled, self.u, self.g
+        rep = nq // nkv
         self.kc[i][:, :, t] = k[:, :, 0]
         self.vc[i][:, :, t] = v[:, :, 0]
         kc, vc = self.kc[i][:, :, :t + 1], self.vc[i][:, :, :t + 1]  # [N, nkv, t+1, d] views
-        if self.nkv != nq:  # grouped-query attention
-            kc, vc = kc.repeat_interleave(nq // self.nkv, 1), vc.repeat_interleave(nq // self.nkv, 1)
-        qg = q.view(self.u, self.g, nq, d).transpose(1, 2)  # [U, nq, G, d]
-        s_p = torch.matmul(qg, self.kp[i]).transpose(1, 2).reshape(n, nq, -1)  # [N, nq, P]
-        s_p = s_p.masked_fill(self.prompt_pad, -torch.inf)
-        s_c = torch.matmul(q, kc.transpose(-1, -2)).view(n, nq, t + 1)  # [N, nq, t+1]
-        p = torch.softmax(torch.cat([s_p, s_c], -1) * self.scaling, -1)  # [N, nq, P+t+1]
+        qh = q.reshape(n, nkv, rep, d)  # query heads grouped by their key head
+        qg = qh.view(u, g, nkv, rep, d).transpose(1, 2).reshape(u, nkv, g * rep, d)  # [U, nkv, G rep, d]
+        s_p = torch.matmul(qg, self.kp[i])  # [U, nkv, G rep, P]
         width = s_p.shape[-1]
-        p_p = p[..., :width].reshape(self.u, self.g, nq, width).transpose(1, 2)  # [U, nq, G, P]
-        o = torch.matmul(p_p, self.vp[i]).transpose(1, 2).reshape(n, nq, d)  # [N, nq, d]
-        o = o + torch.matmul(p[..., None, width:], vc).view(n, nq, d)  # [N, nq, 1, t+1] @ [N, nq, t+1, d]
+        s_p = s_p.view(u, nkv, g, rep, width).transpose(1, 2).reshape(n, nq, width)  # [N, nq, P]
+        s_p = s_p.masked_fill(self.prompt_pad, -torch.inf)
+        s_c = torch.matmul(qh, kc.transpose(-1, -2)).view(n, nq, t + 1)  # [N, nq, t+1]
+        p = torch.softmax(torch.cat([s_p, s_c], -1), -1)  # [N, nq, P+t+1] (q carries 1/sqrt(d))
+        p_p = p[..., :width].reshape(u, g, nkv, rep, width).transpose(1, 2).reshape(u, nkv, g * rep, width)
+        o = torch.matmul(p_p, self.vp[i]).view(u, nkv, g, rep, d).transpose(1, 2).reshape(n, nq, d)  # [N, nq, d]
+        o = o + torch.matmul(p[..., width:].reshape(n, nkv, rep, t + 1), vc).view(n, nq, d)
         return o.reshape(n, nq * d)
 
     @torch.no_grad()
@@ -250,16 +319,14 @@ class GroupedDecoder(LeanDecoder):
         """Logits [N, V] for one new token per row (caller's row order). ``attn_mask`` is not
         read: the prompt's padding is known and every generated position is attended to."""
         tok, pos = tok.index_select(0, self.perm), pos.index_select(0, self.perm)  # prompt order
-        d, nq, nkv = self.head_dim, self.nq, self.nkv
         h = F.embedding(tok, self.embed)  # [N, H]
-        cos, sin = self.rotary(h, pos[:, None])  # [N, 1, d] each
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [N, 1, 1, d]
+        rot = self.rotation(h, pos)
         for i, ly in enumerate(self.layers):
-            q, k, v = _qkv(ly, h, cos, sin, nq, nkv, d)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
+            q, k, v = self.qkv(ly, h, rot)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
             h = h + _lin(self.attend(i, q, k, v), ly["o"])
             h = self.mlp(ly, h)
         self.filled += 1
-        h = F.rms_norm(h.index_select(0, self.unperm), (h.shape[-1],), self.norm_w, self.norm_eps)  # caller's order
+        h = _normed(h.index_select(0, self.unperm), self.norm_eps)  # caller's order
         return _lin(h, self.lm)  # [N, V]
 
 
@@ -292,18 +359,21 @@ def lean_supported(model) -> bool:
     return all(getattr(layer, "attention_type", "full_attention") == "full_attention" for layer in model.model.layers)
 
 
-def lean_decoder(model, cache, matmul_dtype: Optional[torch.dtype] = None) -> Optional[LeanDecoder]:
-    """A ``LeanDecoder`` when the model and cache are of the checked kinds, else None."""
+def lean_decoder(model, cache, matmul_dtype: Optional[torch.dtype] = None,
+                 positions: int = 0) -> Optional[LeanDecoder]:
+    """A ``LeanDecoder`` when the model and cache are of the checked kinds, else None. ``positions``:
+    an upper bound on the positions decoded (0: the rotary module is called every step)."""
     if cache is None or not lean_supported(model):
         return None
     try:
-        return LeanDecoder(model, cache, matmul_dtype)
+        return LeanDecoder(model, cache, matmul_dtype, positions)
     except AttributeError:  # a variant whose modules are named differently
         return None
 
 
 def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
-                    capacity: int, matmul_dtype: Optional[torch.dtype] = None) -> Optional[GroupedDecoder]:
+                    capacity: int, matmul_dtype: Optional[torch.dtype] = None,
+                    positions: int = 0) -> Optional[GroupedDecoder]:
     """A ``GroupedDecoder`` over a prefill of the U distinct prompts (``prompt_cache``: U rows,
     ``prompt_mask`` [U, P]; row r of the batch has prompt ``inverse[r]``) when the model is
     supported and every prompt has the same number of rows; else None."""
@@ -313,6 +383,6 @@ def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
     if not all(getattr(layer, "keys", None) is not None for layer in getattr(prompt_cache, "layers", [None])):
         return None
     try:
-        return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity, matmul_dtype)
+        return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity, matmul_dtype, positions)
     except AttributeError:
         return None

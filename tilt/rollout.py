@@ -193,7 +193,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
             out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
                         past_key_values=preallocated_cache(model, prompt_ids.shape[1]), logits_to_keep=1)
             fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens,
-                                   params.matmul_dtype)
+                                   params.matmul_dtype, positions=capacity)
             logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     if fast is None:
         shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity),
@@ -206,7 +206,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
                         past_key_values=preallocated_cache(model, capacity), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]  # [N, V]
         past = out.past_key_values
-        fast = lean_decoder(model, past, params.matmul_dtype) if params.lean and past is not None else None
+        fast = lean_decoder(model, past, params.matmul_dtype, capacity) if params.lean and past is not None else None
     if params.matmul_dtype is not None and fast is None:
         raise ValueError(f"decode matmuls in {params.matmul_dtype} need tilt's lean decoder, which does not apply to "
                          f"this model ({type(model).__name__}): it runs Llama/Qwen2/Mistral models in float32 without "
