@@ -107,11 +107,6 @@ def _lin(x: Tensor, wb: tuple[Tensor, Optional[Tensor]]) -> Tensor:
     return F.linear(x.to(w.dtype), w, b).to(x.dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
 def _pairs(d: int) -> Tensor:
     """[d] index putting HF's rotate-half partners next to each other: (0, d/2, 1, d/2 + 1, ...)."""
     h = d // 2

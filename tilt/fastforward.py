@@ -10,6 +10,9 @@ in one pass over both parts, with grad:
 * the prompt positions [U, P] and completion positions [N, T] share every per-position operation
   (norms, one fused Q/K/V matmul, the output projection, one fused gate/up matmul, the down
   projection) as one [U P + N T, H] block;
+* the rotary embedding of all query and key heads at all positions is one complex product, with
+  the q/k weight rows permuted so that rotate-half partners sit side by side (as in
+  ``tilt.fastdecode.LeanDecoder``);
 * attention is the only place they differ: a prompt attends causally within itself; a completion
   attends to its prompt's keys (indexed out to its row) and causally to its own;
 * the LM head runs only at the T positions whose logits are read (the prompt's last position and
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tilt.fastdecode import _rotate_half, lean_supported, linear_parts, resolve
+from tilt.fastdecode import _complex, _pairs, lean_supported, linear_parts, resolve
 
 
 def forward_supported(model) -> bool:
@@ -36,16 +39,18 @@ def forward_supported(model) -> bool:
     return lean_supported(model) and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) == 0.0
 
 
-def _project(x: Tensor, mods, adapters: bool) -> Tensor:
+def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None) -> Tensor:
     """The outputs of several projections of ``x`` side by side, [.., sum out]: one matmul with their
     stacked base weights, plus each LoRA adapter's s B (A x) on its own slice. The adapters stay
     apart from the weights, so the backward keeps only x and A x for them (a merged weight would be
-    kept whole)."""
+    kept whole). ``rows``: the output columns in this order (a permutation of them)."""
     parts = [linear_parts(m, adapters) for m in mods]
     w = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     bias = None
     if any(p[1] is not None for p in parts):
         bias = torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts])
+    if rows is not None:
+        w, bias = w.index_select(0, rows), (None if bias is None else bias.index_select(0, rows))
     y = F.linear(x, w, bias)
     if not any(p[2] for p in parts):
         return y
@@ -56,12 +61,8 @@ def _project(x: Tensor, mods, adapters: bool) -> Tensor:
             term = F.linear(F.linear(x, a_w), b_w) * scale
             e = term if e is None else e + term
         extra.append(e)
-    return y + (torch.cat(extra, -1) if len(extra) > 1 else extra[0])
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding (Eq. 34 of RoFormer, arXiv:2104.09864, HF layout); x [B, heads, L, d], cos/sin [B, 1, L, d]."""
-    return x * cos + _rotate_half(x) * sin
+    extra = torch.cat(extra, -1) if len(extra) > 1 else extra[0]
+    return y + (extra if rows is None else extra.index_select(-1, rows))
 
 
 def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
@@ -90,8 +91,13 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     pos_c = (torch.cat([u_mask.index_select(0, inverse), completion_mask], 1).cumsum(-1) - 1).clamp(min=0)[:, p:]  # [N, T]
     emb = base.embed_tokens
     h = torch.cat([emb(u_ids).reshape(m, hidden), emb(completion_ids).reshape(n * t, hidden)])  # [M + N T, H]
-    cos_p, sin_p = (x[:, None] for x in base.rotary_emb(h, pos_p))  # [U, 1, P, d]
-    cos_c, sin_c = (x[:, None] for x in base.rotary_emb(h, pos_c))  # [N, 1, T, d]
+    positions = torch.cat([pos_p.reshape(m), pos_c.reshape(n * t)])[None]  # [1, M + N T]
+    rot = _complex(*base.rotary_emb(h, positions))[0, :, None]  # [M + N T, 1, d/2]: e^{i p theta}
+    # q and k rows with each rotate-half pair side by side: the rotation is one complex product
+    # (Eq. 34 of RoFormer, arXiv:2104.09864, in complex form); scores are unchanged (same layout for both)
+    pair = _pairs(d).to(dev)
+    rows = torch.cat([(torch.arange(nq + nkv, device=dev)[:, None] * d + pair).reshape(-1),
+                      torch.arange((nq + nkv) * d, (nq + 2 * nkv) * d, device=dev)])
 
     # attention masks, True = attend. A prompt's padding query sees itself, so no row is all -inf.
     ar_p, ar_t = torch.arange(p, device=dev), torch.arange(t, device=dev)
@@ -106,11 +112,12 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
         x = F.rms_norm(h, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        q, k, v = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters).split([nq * d, nkv * d, nkv * d], -1)
+        y = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters, rows)  # [M + N T, (nq + 2 nkv) d]
+        qk = torch.view_as_complex(y[:, :(nq + nkv) * d].view(m + n * t, nq + nkv, d // 2, 2)) * rot
+        q, k = torch.view_as_real(qk).view(m + n * t, (nq + nkv) * d).split([nq * d, nkv * d], -1)
+        v = y[:, (nq + nkv) * d:]
         qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
         qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
-        qp, kp = _rope(qp, cos_p, sin_p), _rope(kp, cos_p, sin_p)
-        qc, kc = _rope(qc, cos_c, sin_c), _rope(kc, cos_c, sin_c)
         keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
         values = torch.cat([vp.index_select(0, inverse), vc], 2)
         if rep > 1:  # grouped-query attention
