@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tilt.fastdecode import _complex, _pairs, lean_supported, linear_parts, resolve
+from tilt.fastdecode import _SDPA_GQA, _complex, _pairs, lean_supported, linear_parts, resolve
 
 
 def forward_supported(model) -> bool:
@@ -120,11 +120,14 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
         qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
         keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
         values = torch.cat([vp.index_select(0, inverse), vc], 2)
-        if rep > 1:  # grouped-query attention
+        gqa = {}
+        if rep > 1 and _SDPA_GQA:  # grouped-query attention, keys read in place
+            gqa = {"enable_gqa": True}
+        elif rep > 1:
             kp, vp = kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1)
             keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, scale=scale)  # [U, nq, P, d]
-        oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask_c, scale=scale)  # [N, nq, T, d]
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, scale=scale, **gqa)  # [U, nq, P, d]
+        oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask_c, scale=scale, **gqa)  # [N, nq, T, d]
         o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.transpose(1, 2).reshape(n * t, nq * d)])
         h = h + _project(o, (a.o_proj,), adapters)
         x = F.rms_norm(h, (hidden,), layer.post_attention_layernorm.weight,
