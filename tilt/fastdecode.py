@@ -279,15 +279,45 @@ class GroupedDecoder(LeanDecoder):
         self.unperm = torch.argsort(self.perm)  # [N]
         pad = ~prompt_mask.bool()  # [U, P]
         self.prompt_pad = pad.repeat_interleave(self.g, 0)[:, None, :]  # [N, 1, P] in prompt order
-        self.kp, self.vp = [], []
-        for layer in prompt_cache.layers:
+        self.kp, self.vp = [], []  # per layer: [U, nkv, d, P] (keys in pair layout, transposed), [U, nkv, P, d]
+        for layer in getattr(prompt_cache, "layers", ()):  # None: ``prefill`` fills them
             k, v = layer.keys, layer.values  # [U, nkv, P, d]
-            self.kp.append(k.index_select(-1, self.pair).transpose(-1, -2).contiguous())  # [U, nkv, d, P]
-            self.vp.append(v.contiguous())  # [U, nkv, P, d]
+            self.kp.append(k.index_select(-1, self.pair).transpose(-1, -2).contiguous())
+            self.vp.append(v.contiguous())
         w = self.embed
         self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]  # [N, nkv, T, d]
         self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]
         self.filled = 0
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Run the U distinct left-padded prompts ``ids``/``mask`` [U, P] through the decoder's own
+        weights, keep their keys and values for ``attend``, and return the logits after each
+        prompt's last token, [U, V]. The same function as the model's forward over the prompts
+        (causal attention that skips left padding; a padding query sees itself so no row is empty),
+        without its per-module dispatch, mask building and cache bookkeeping."""
+        u, p = ids.shape
+        nq, nkv, d = self.nq, self.nkv, self.head_dim
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, P] positions ignore left padding
+        h = F.embedding(ids.reshape(u * p), self.embed)  # [U P, H]
+        rot = self.rotation(h, pos.reshape(u * p))  # [U P, 1, d/2]
+        ar = torch.arange(p, device=ids.device)
+        keep = ((ar[None, :] <= ar[:, None])[None] & mask.bool()[:, None, :]) | torch.eye(p, dtype=torch.bool,
+                                                                                            device=ids.device)
+        keep = keep[:, None]  # [U, 1, P, P]
+        gqa = {"enable_gqa": True} if nkv != nq and _SDPA_GQA else {}
+        for ly in self.layers:
+            q, k, v = self.qkv(ly, h, rot)  # [U P, nq, 1, d], [U P, nkv, 1, d] x 2
+            q, k, v = (x.reshape(u, p, -1, d).transpose(1, 2) for x in (q, k, v))  # [U, heads, P, d]
+            self.kp.append(k.transpose(-1, -2).contiguous())  # [U, nkv, d, P]
+            self.vp.append(v.contiguous())  # [U, nkv, P, d]
+            if nkv != nq and not gqa:
+                k, v = k.repeat_interleave(nq // nkv, 1), v.repeat_interleave(nq // nkv, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0, **gqa)  # [U, nq, P, d]
+            h = h + _lin(o.transpose(1, 2).reshape(u * p, nq * d), ly["o"])
+            h = self.mlp(ly, h)
+        last = h.view(u, p, -1)[:, -1]  # [U, H]: left padding puts every prompt's last token at P - 1
+        return _lin(_normed(last, self.norm_eps), self.lm)  # [U, V]
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention output [N, nq * d] of one new token per row (rows in prompt order)."""
@@ -369,13 +399,15 @@ def lean_decoder(model, cache, matmul_dtype: Optional[torch.dtype] = None,
 def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
                     capacity: int, matmul_dtype: Optional[torch.dtype] = None,
                     positions: int = 0) -> Optional[GroupedDecoder]:
-    """A ``GroupedDecoder`` over a prefill of the U distinct prompts (``prompt_cache``: U rows,
-    ``prompt_mask`` [U, P]; row r of the batch has prompt ``inverse[r]``) when the model is
-    supported and every prompt has the same number of rows; else None."""
+    """A ``GroupedDecoder`` for U distinct prompts (``prompt_mask`` [U, P]; row r of the batch has
+    prompt ``inverse[r]``) when the model is supported and every prompt has the same number of rows;
+    else None. ``prompt_cache``: HF's prefill of the prompts (U rows), or None to call the decoder's
+    ``prefill`` next."""
     counts = torch.bincount(inverse, minlength=prompt_mask.shape[0])  # [U]
     if not lean_supported(model) or not bool((counts == counts[0]).all()) or int(counts[0]) < 2:
         return None
-    if not all(getattr(layer, "keys", None) is not None for layer in getattr(prompt_cache, "layers", [None])):
+    if prompt_cache is not None and not all(getattr(layer, "keys", None) is not None
+                                            for layer in getattr(prompt_cache, "layers", [None])):
         return None
     try:
         return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity, matmul_dtype, positions)

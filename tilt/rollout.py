@@ -58,6 +58,11 @@ def model_device(model) -> torch.device:
     return dev if isinstance(dev, torch.device) else next(model.parameters()).device
 
 
+def model_dtype(model) -> torch.dtype:
+    """The dtype of a model's first parameter (the lean paths require float32/float64 weights)."""
+    return next(model.parameters()).dtype
+
+
 CDF_SAMPLING_MIN_VOCAB = 1024  # from this vocabulary size on, draw by inverse CDF (see _multinomial)
 
 
@@ -189,12 +194,16 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
         u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
         counts = torch.bincount(inverse, minlength=u_ids.shape[0])  # [U] rows per prompt
         if 2 * u_ids.shape[0] <= n and bool((counts == counts[0]).all()):
-            u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
-            out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
-                        past_key_values=preallocated_cache(model, prompt_ids.shape[1]), logits_to_keep=1)
-            fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens,
-                                   params.matmul_dtype, positions=capacity)
-            logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
+            if params.matmul_dtype in (None, model_dtype(model)):  # the prompts through the decoder's own weights
+                fast = grouped_decoder(model, None, u_mask, inverse, params.max_new_tokens, positions=capacity)
+                logits = None if fast is None else fast.prefill(u_ids, u_mask).index_select(0, inverse)  # [N, V]
+            else:  # lower-precision decode products: the prompts still in the model's dtype (HF's forward)
+                u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+                out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
+                            past_key_values=preallocated_cache(model, prompt_ids.shape[1]), logits_to_keep=1)
+                fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens,
+                                       params.matmul_dtype, positions=capacity)
+                logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     if fast is None:
         shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity),
                                 logits_to_keep=1)
