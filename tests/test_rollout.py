@@ -186,9 +186,13 @@ def test_decoder_rotation_table_equals_rotary_module(tiny_llama_dir):
     """The lean decoder's rotation table (built once) gives the e^{i p theta} the model's rotary
     module gives per step, and a decoder without the table (rope types whose frequencies depend on
     the length) steps to the same logits."""
-    from tilt.fastdecode import lean_decoder
+    from tilt.fastdecode import _pairs, lean_decoder, qkv_rows
     from tilt.rollout import preallocated_cache
 
+    # d = 4: rotate-half partners (0, 2) and (1, 3) side by side -> 0 2 1 3; with 1 query and 1 key
+    # head the key head's rows start at 4 (4 + 0 2 1 3), and the value rows 8..11 keep their order
+    assert _pairs(4).tolist() == [0, 2, 1, 3]
+    assert qkv_rows(1, 1, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7, 8, 9, 10, 11]
     pol = load_policy(str(tiny_llama_dir))
     ids, mask = encode_prompts(pol.tokenizer, PROMPTS)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

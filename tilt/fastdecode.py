@@ -136,6 +136,27 @@ def _gqa_supported() -> bool:
 _SDPA_GQA = _gqa_supported()
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """SDPA with a boolean ``mask`` (True = attend) for q [B, nq, L, d] and k, v [B, nkv, S, d]:
+    with grouped-query attention (nkv < nq) the keys and values are read in place where torch
+    supports it (``enable_gqa``), else repeated per query head."""
+    nq, nkv = q.shape[1], k.shape[1]
+    if nkv == nq:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    k, v = k.repeat_interleave(nq // nkv, 1), v.repeat_interleave(nq // nkv, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def qkv_rows(nq: int, nkv: int, d: int, device=None) -> Tensor:
+    """Row order [(nq + 2 nkv) d] of a stacked q/k/v projection with each query and key head in the
+    pair layout of ``_pairs`` (values unchanged): what makes rotary embedding one complex product."""
+    pair = _pairs(d).to(device)
+    return torch.cat([(torch.arange(nq + nkv, device=device)[:, None] * d + pair).reshape(-1),
+                      torch.arange((nq + nkv) * d, (nq + 2 * nkv) * d, device=device)])
+
+
 class LeanDecoder:
     """Fused weights of one model, built once per ``generate`` call (weights are read, not copied
     back: the decoder is for sampling under ``torch.no_grad``).
@@ -174,8 +195,7 @@ class LeanDecoder:
         d = self.head_dim = attn0.head_dim
         dev = self.embed.device
         self.pair = _pairs(d).to(dev)
-        rows = torch.cat([(torch.arange(nq + nkv, device=dev)[:, None] * d + self.pair).reshape(-1),
-                          torch.arange((nq + nkv) * d, (nq + 2 * nkv) * d, device=dev)])  # [(nq + 2 nkv) d]
+        rows = qkv_rows(nq, nkv, d, dev)  # [(nq + 2 nkv) d]
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
@@ -227,20 +247,14 @@ class LeanDecoder:
         tok, pos: [N] token ids and their positions; attn_mask: [N, L] 1 where the key is real,
         including the new token (L = cached length + 1).
         """
-        n, d, nq, nkv = tok.shape[0], self.head_dim, self.nq, self.nkv
+        n, d, nq = tok.shape[0], self.head_dim, self.nq
         h = F.embedding(tok, self.embed)  # [N, H]
         rot = self.rotation(h, pos)
         keep = attn_mask.bool()[:, None, None, :]  # [N, 1, 1, L]
         for i, ly in enumerate(self.layers):
             q, k, v = self.qkv(ly, h, rot)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
             keys, values = self.cache.layers[i].update(k, v)  # [N, nkv, L, d]
-            if nkv == nq:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0)
-            elif _SDPA_GQA:  # grouped-query attention, keys read in place
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0, enable_gqa=True)
-            else:
-                keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0)
+            o = attention(q, keys, values, keep, scale=1.0)  # [N, nq, 1, d] (q carries 1/sqrt(d))
             h = h + _lin(o.reshape(n, nq * d), ly["o"])  # o [N, nq, 1, d]
             h = self.mlp(ly, h)
         return _lin(_normed(h, self.norm_eps), self.lm)  # [N, V]
@@ -297,7 +311,7 @@ class GroupedDecoder(LeanDecoder):
         (causal attention that skips left padding; a padding query sees itself so no row is empty),
         without its per-module dispatch, mask building and cache bookkeeping."""
         u, p = ids.shape
-        nq, nkv, d = self.nq, self.nkv, self.head_dim
+        nq, d = self.nq, self.head_dim
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, P] positions ignore left padding
         h = F.embedding(ids.reshape(u * p), self.embed)  # [U P, H]
         rot = self.rotation(h, pos.reshape(u * p))  # [U P, 1, d/2]
@@ -305,15 +319,12 @@ class GroupedDecoder(LeanDecoder):
         keep = ((ar[None, :] <= ar[:, None])[None] & mask.bool()[:, None, :]) | torch.eye(p, dtype=torch.bool,
                                                                                             device=ids.device)
         keep = keep[:, None]  # [U, 1, P, P]
-        gqa = {"enable_gqa": True} if nkv != nq and _SDPA_GQA else {}
         for ly in self.layers:
             q, k, v = self.qkv(ly, h, rot)  # [U P, nq, 1, d], [U P, nkv, 1, d] x 2
             q, k, v = (x.reshape(u, p, -1, d).transpose(1, 2) for x in (q, k, v))  # [U, heads, P, d]
             self.kp.append(k.transpose(-1, -2).contiguous())  # [U, nkv, d, P]
             self.vp.append(v.contiguous())  # [U, nkv, P, d]
-            if nkv != nq and not gqa:
-                k, v = k.repeat_interleave(nq // nkv, 1), v.repeat_interleave(nq // nkv, 1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0, **gqa)  # [U, nq, P, d]
+            o = attention(q, k, v, keep, scale=1.0)  # [U, nq, P, d]
             h = h + _lin(o.transpose(1, 2).reshape(u * p, nq * d), ly["o"])
             h = self.mlp(ly, h)
         last = h.view(u, p, -1)[:, -1]  # [U, H]: left padding puts every prompt's last token at P - 1

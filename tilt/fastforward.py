@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tilt.fastdecode import _SDPA_GQA, _complex, _pairs, lean_supported, linear_parts, resolve
+from tilt.fastdecode import _complex, attention, lean_supported, linear_parts, qkv_rows, resolve
 
 
 def forward_supported(model) -> bool:
@@ -95,9 +95,7 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     rot = _complex(*base.rotary_emb(h, positions))[0, :, None]  # [M + N T, 1, d/2]: e^{i p theta}
     # q and k rows with each rotate-half pair side by side: the rotation is one complex product
     # (Eq. 34 of RoFormer, arXiv:2104.09864, in complex form); scores are unchanged (same layout for both)
-    pair = _pairs(d).to(dev)
-    rows = torch.cat([(torch.arange(nq + nkv, device=dev)[:, None] * d + pair).reshape(-1),
-                      torch.arange((nq + nkv) * d, (nq + 2 * nkv) * d, device=dev)])
+    rows = qkv_rows(nq, nkv, d, dev)
 
     # attention masks, True = attend. A prompt's padding query sees itself, so no row is all -inf.
     ar_p, ar_t = torch.arange(p, device=dev), torch.arange(t, device=dev)
@@ -107,7 +105,6 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     to_prompt = valid_p.index_select(0, inverse)[:, None, :].expand(n, t, p)  # [N, T, P]
     to_self = (ar_t[None, :] <= ar_t[:, None])[None] & completion_mask.bool()[:, None, :]  # [N, T, T]
     mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
-    rep = nq // nkv
 
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -120,14 +117,8 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
         qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
         keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
         values = torch.cat([vp.index_select(0, inverse), vc], 2)
-        gqa = {}
-        if rep > 1 and _SDPA_GQA:  # grouped-query attention, keys read in place
-            gqa = {"enable_gqa": True}
-        elif rep > 1:
-            kp, vp = kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1)
-            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, scale=scale, **gqa)  # [U, nq, P, d]
-        oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask_c, scale=scale, **gqa)  # [N, nq, T, d]
+        op = attention(qp, kp, vp, mask_p, scale)  # [U, nq, P, d]
+        oc = attention(qc, keys, values, mask_c, scale)  # [N, nq, T, d]
         o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.transpose(1, 2).reshape(n * t, nq * d)])
         h = h + _project(o, (a.o_proj,), adapters)
         x = F.rms_norm(h, (hidden,), layer.post_attention_layernorm.weight,
