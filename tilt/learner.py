@@ -20,6 +20,7 @@ from torch import Tensor
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
 from tilt.rollout import _atleast32, completion_logits, model_device, token_chunks
+from tilt.token_logprobs import token_logprobs
 from tilt.value_head import value_loss
 
 
@@ -91,7 +92,8 @@ def completion_forward(model, prompt_ids: Tensor, prompt_mask: Tensor, completio
     Shared prompts run once per distinct prompt (``tilt.rollout.completion_logits``)."""
     logits, states = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                        hidden=hidden)
-    return _atleast32(logits) / temperature, states  # [N, T, V]
+    logits = _atleast32(logits)
+    return (logits if temperature == 1.0 else logits / temperature), states  # [N, T, V]
 
 
 def forward_logits(model, b: LearnerBatch, temperature: float) -> Tensor:
@@ -148,12 +150,15 @@ class Learner:
         ``loss_kwargs`` are per-update loss hyper-parameters (e.g. AER's controlled alpha).
         """
         b = b.to(self.device)
-        logits, hidden = completion_forward(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
-                                            b.completion_mask, temperature=self.temperature,
-                                            hidden=self.value_head is not None)  # [n, T, V], [n, T, H]
-        logp_all = torch.log_softmax(logits, -1)  # [n, T, V]
-        logp = logp_all.gather(-1, b.completion_ids[..., None]).squeeze(-1)  # [n, T]
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n, T]
+        if self.need_logits:  # the loss or KL reads the full logits / temperature
+            logits, hidden = completion_forward(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                                b.completion_mask, temperature=self.temperature,
+                                                hidden=self.value_head is not None)  # [n, T, V], [n, T, H]
+            logp, entropy = token_logprobs(logits, b.completion_ids, entropy=True)  # [n, T], [n, T]
+        else:  # log-softmax at the sampled tokens only, / temperature inside (tilt.token_logprobs)
+            logits, hidden = completion_logits(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                               b.completion_mask, hidden=self.value_head is not None)
+            logp, entropy = token_logprobs(logits, b.completion_ids, temperature=self.temperature, entropy=True)
         mask = (b.completion_mask if b.loss_mask is None else b.loss_mask).float()  # [n, T]
         if self.old_logp_from_forward:  # the weights that sampled this batch are the ones running now
             b = replace(b, old_logp=logp.detach() * b.completion_mask)

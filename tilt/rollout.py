@@ -16,6 +16,7 @@ from torch import Tensor
 from tilt.batch import RolloutBatch
 from tilt.fastdecode import grouped_decoder, lean_decoder, lean_supported
 from tilt.fastforward import forward_supported, shared_completion_logits
+from tilt.token_logprobs import token_logprobs
 
 
 @dataclass(frozen=True)
@@ -416,14 +417,12 @@ def sequence_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     """
     logps, ents = [], []
     for part in token_chunks(prompt_ids, prompt_mask, completion_ids.shape[1], chunk_tokens):
-        logits = _atleast32(completion_logits(model, prompt_ids[part], prompt_mask[part], completion_ids[part],
-                                              completion_mask[part])[0])  # [n, T, V]
-        if temperature != 1.0 and temperature > 0:
-            logits = logits / temperature
-        logp_all = torch.log_softmax(logits, dim=-1)  # [n, T, V]
-        logps.append(logp_all.gather(-1, completion_ids[part][..., None]).squeeze(-1))  # [n, T]
+        logits = completion_logits(model, prompt_ids[part], prompt_mask[part], completion_ids[part],
+                                   completion_mask[part])[0]  # [n, T, V]
+        logp, ent = token_logprobs(logits, completion_ids[part], temperature=temperature, entropy=with_entropy)
+        logps.append(logp)  # [n, T]
         if with_entropy:
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))  # [n, T]
+            ents.append(ent)  # [n, T]
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 

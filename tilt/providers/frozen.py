@@ -18,6 +18,7 @@ from tilt.learner import completion_forward
 from tilt.model import load_policy, reference_model
 from tilt.providers import Provider, Run, StepData, provides
 from tilt.rollout import model_device, sequence_logprobs
+from tilt.token_logprobs import token_logprobs
 
 
 def load_reference(cfg: Config, policy, dtype: torch.dtype) -> torch.nn.Module:
@@ -48,7 +49,7 @@ def frozen_logits(model, rb: RolloutBatch, *, temperature: float) -> Tensor:
 
 def token_logp(logits: Tensor, token_ids: Tensor, mask: Tensor) -> Tensor:
     """log softmax(logits)[y_t] at the sampled tokens, [N, T, V] -> [N, T], 0 off the mask."""
-    return torch.log_softmax(logits, -1).gather(-1, token_ids[..., None]).squeeze(-1) * mask
+    return token_logprobs(logits, token_ids)[0] * mask
 
 
 

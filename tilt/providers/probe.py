@@ -15,9 +15,9 @@ from tilt.advantages.common import outcome_token_rewards
 from tilt.advantages.gae import gae_advantages_returns
 from tilt.batch import RolloutBatch
 from tilt.config import ConfigError
-from tilt.learner import completion_forward
 from tilt.providers import Provider, Run, StepData, provides
-from tilt.rollout import model_device
+from tilt.rollout import completion_logits, model_device
+from tilt.token_logprobs import token_logprobs
 from tilt.value_head import ValueHead
 
 
@@ -33,13 +33,11 @@ class Probe:
 def policy_probe(model, rb: RolloutBatch, *, temperature: float, value_head=None) -> Probe:
     """Entropy of the sampling policy and (with a head) V(s_t) on the policy's last hidden states."""
     model.eval()
-    logits, hidden = completion_forward(model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
-                                        rb.completion_mask, temperature=temperature,
-                                        hidden=value_head is not None)  # [N, T, V], [N, T, H]
+    logits, hidden = completion_logits(model, rb.prompt_ids, rb.prompt_mask, rb.completion_ids,
+                                       rb.completion_mask, hidden=value_head is not None)  # [N, T, V], [N, T, H]
     model.train()
     m = rb.completion_mask.float()  # [N, T]
-    logp = torch.log_softmax(logits, -1)  # [N, T, V]
-    entropy = -(logp.exp() * logp).sum(-1) * m  # [N, T]
+    entropy = token_logprobs(logits, rb.completion_ids, temperature=temperature, entropy=True)[1] * m  # [N, T]
     values = None
     if value_head is not None:
         p = next(value_head.parameters())
