@@ -114,3 +114,65 @@ def test_lean_paths_run_lora_policies_and_their_reference(tiny_llama_dir, monkey
     assert torch.equal(r_fast, r_base)
     torch.testing.assert_close(r_fast, r_slow, atol=1e-5, rtol=0)
     assert (r_fast - lf).abs().max() > 1e-3  # the adapters change the policy
+
+
+def test_lean_pass_lora_on_some_projections(tiny_llama_dir, monkeypatch):
+    """LoRA on q, v and up only: the stacked q/k/v and gate/up products get adapters on some of their
+    projections (zero blocks elsewhere); log-probs and LoRA gradients equal peft's forward."""
+    import pytest
+
+    pytest.importorskip("peft")
+    from tilt.config import LoraCfg
+    from tilt.models.lora import apply_lora
+
+    pol = load_policy(str(tiny_llama_dir))
+    pol.model = apply_lora(pol.model, LoraCfg(enabled=True, r=3, lora_alpha=5,
+                                              target_modules=["q_proj", "v_proj", "up_proj"]), where="t")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in pol.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    rows = [p for p in PROMPTS for _ in range(2)]
+    b = _batch(pol, rows)
+    cm = b.completion_mask
+
+    def fwd_bwd(lean):
+        monkeypatch.setattr(rollout, "forward_supported", forward_supported if lean else (lambda m: False))
+        pol.model.zero_grad(set_to_none=True)
+        lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, cm)
+        (lp * cm).sum().backward()
+        return (lp * cm).detach(), {n: p.grad.clone() for n, p in pol.model.named_parameters() if p.grad is not None}
+
+    (lf, gf), (ls, gs) = fwd_bwd(True), fwd_bwd(False)
+    torch.testing.assert_close(lf, ls, atol=1e-5, rtol=0)
+    assert gf.keys() == gs.keys() and len(gf) == 2 * 3 * 2  # A and B of 3 projections in each of 2 layers
+    for n in gf:
+        torch.testing.assert_close(gf[n], gs[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_frozen_stacked_weights_follow_in_place_updates(tiny_llama_dir, monkeypatch):
+    """Under no_grad the stacked q/k/v and gate/up weights are kept between calls; writing a weight in
+    place (an optimizer step, load_state_dict) makes the next pass stack them again."""
+    pol = load_policy(str(tiny_llama_dir))
+    b = _batch(pol, PROMPTS)
+    args = (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+
+    def both():
+        with torch.no_grad():
+            fast, _ = sequence_logprobs(pol.model, *args)
+            monkeypatch.setattr(rollout, "forward_supported", lambda m: False)
+            slow, _ = sequence_logprobs(pol.model, *args)
+            monkeypatch.setattr(rollout, "forward_supported", forward_supported)
+        return fast * b.completion_mask, slow * b.completion_mask
+
+    before, slow = both()
+    torch.testing.assert_close(before, slow, atol=1e-5, rtol=0)
+    layer = pol.model.model.layers[0]
+    assert "_tilt_stacked" in layer.self_attn.q_proj.__dict__ and "_tilt_stacked" in layer.mlp.gate_proj.__dict__
+    with torch.no_grad():
+        layer.self_attn.k_proj.weight.mul_(1.5)
+        layer.mlp.up_proj.weight.add_(0.01)
+    after, slow = both()
+    torch.testing.assert_close(after, slow, atol=1e-5, rtol=0)
+    assert (after - before).abs().max() > 1e-3

@@ -39,30 +39,66 @@ def forward_supported(model) -> bool:
     return lean_supported(model) and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) == 0.0
 
 
-def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None) -> Tensor:
-    """The outputs of several projections of ``x`` side by side, [.., sum out]: one matmul with their
-    stacked base weights, plus each LoRA adapter's s B (A x) on its own slice. The adapters stay
-    apart from the weights, so the backward keeps only x and A x for them (a merged weight would be
-    kept whole). ``rows``: the output columns in this order (a permutation of them)."""
-    parts = [linear_parts(m, adapters) for m in mods]
-    w = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+def _stacked(parts, rows: Tensor | None, mods) -> tuple[Tensor, Tensor | None]:
+    """The base weights (and biases) of ``parts`` stacked into one matrix, rows in the order ``rows``.
+    Frozen weights (a LoRA policy's base, a reference) are stacked once and kept on the first module
+    until a weight is replaced or written in place (its ``_version``); trainable ones are stacked on
+    every call, inside the autograd graph."""
+    weights = [p[0] for p in parts]
+    if len(parts) == 1 and rows is None:
+        return parts[0][0], parts[0][1]
+    frozen = not (torch.is_grad_enabled() and any(w.requires_grad or (b is not None and b.requires_grad)
+                                                 for w, b, _ in parts))
+    sig = tuple((w.data_ptr(), w._version, w.shape, w.dtype) for w in weights) + tuple(
+        None if b is None else (b.data_ptr(), b._version) for _, b, _ in parts)
+    if frozen:
+        kept = getattr(mods[0], "_tilt_stacked", None)
+        if kept is not None and kept[0] == sig and (kept[1] is None if rows is None else
+                                                     kept[1] is not None and torch.equal(kept[1], rows)):
+            return kept[2], kept[3]
+    w = torch.cat(weights) if len(parts) > 1 else weights[0]
     bias = None
     if any(p[1] is not None for p in parts):
         bias = torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts])
     if rows is not None:
         w, bias = w.index_select(0, rows), (None if bias is None else bias.index_select(0, rows))
+    if frozen:
+        mods[0].__dict__["_tilt_stacked"] = (sig, rows, w.detach(), None if bias is None else bias.detach())
+    return w, bias
+
+
+def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None) -> Tensor:
+    """The outputs of several projections of ``x`` side by side, [.., sum out]: one matmul with their
+    stacked base weights (``_stacked``), plus the LoRA adapters s B (A x) of all of them as one more
+    pair of matmuls: every adapter's A stacked, [R, in], and the s B blocks placed on the block
+    diagonal of a [sum out, R] matrix (R = the ranks summed), added by ``addmm`` in the same call.
+    The adapters stay apart from the weights, so the backward keeps only x and A x for them (a merged
+    weight would be kept whole). ``rows``: the output columns in this order (a permutation of them)."""
+    parts = [linear_parts(m, adapters) for m in mods]
+    w, bias = _stacked(parts, rows, mods)
     y = F.linear(x, w, bias)
-    if not any(p[2] for p in parts):
+    loras = [(i, a_w, b_w, scale) for i, (_, _, ls) in enumerate(parts) for a_w, b_w, scale in ls]
+    if not loras:
         return y
-    extra = []
-    for w_i, _, loras in parts:
-        e = x.new_zeros(x.shape[:-1] + (w_i.shape[0],)) if not loras else None
-        for a_w, b_w, scale in loras:
-            term = F.linear(F.linear(x, a_w), b_w) * scale
-            e = term if e is None else e + term
-        extra.append(e)
-    extra = torch.cat(extra, -1) if len(extra) > 1 else extra[0]
-    return y + (extra if rows is None else extra.index_select(-1, rows))
+    a_all = torch.cat([a for _, a, _, _ in loras]) if len(loras) > 1 else loras[0][1]  # [R, in]
+    if len(loras) == 1 and len(parts) == 1:
+        b_all = loras[0][2] * loras[0][3]  # [out, R]
+    elif len(loras) == len(parts):  # one adapter per projection: block diagonal
+        b_all = torch.block_diag(*[b * scale for _, _, b, scale in loras])  # [sum out, R]
+    else:  # several adapters on a projection, or projections without one
+        offsets = [0]
+        for p in parts:
+            offsets.append(offsets[-1] + p[0].shape[0])
+        b_all = x.new_zeros(offsets[-1], a_all.shape[0])
+        c = 0
+        for i, _, b, scale in loras:
+            b_all[offsets[i]:offsets[i + 1], c:c + b.shape[1]] = b * scale
+            c += b.shape[1]
+    if rows is not None:
+        b_all = b_all.index_select(0, rows)
+    ax = F.linear(x, a_all)  # [.., R]
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]), ax.reshape(-1, ax.shape[-1]), b_all.t())
+    return flat.view(y.shape)
 
 
 def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
