@@ -24,8 +24,8 @@ def test_lean_pass_is_used_and_equals_hf_for_distinct_and_shared_prompts(tiny_ll
     pol = load_policy(str(tiny_llama_dir))
     assert forward_supported(pol.model)
     calls = []
-    orig = rollout.shared_completion_logits
-    monkeypatch.setattr(rollout, "shared_completion_logits", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = rollout.shared_completion_states
+    monkeypatch.setattr(rollout, "shared_completion_states", lambda *a, **k: calls.append(1) or orig(*a, **k))
     for rows in ([p for p in PROMPTS for _ in range(3)], PROMPTS):
         b = _batch(pol, rows)
         with torch.no_grad():

@@ -112,6 +112,15 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     left-padded distinct prompts ``u_ids``/``u_mask`` [U, P] (row r has prompt ``inverse[r]``) followed
     by right-padded completions [N, T]. Positions ignore left padding (as ``completion_logits``). Grad
     flows to the model's weights when enabled."""
+    inner, adapters = resolve(model)
+    states = shared_completion_states(model, u_ids, u_mask, inverse, completion_ids, completion_mask)
+    return _project(states, (inner.lm_head,), adapters)  # [N, T, V]
+
+
+def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tensor, completion_ids: Tensor,
+                             completion_mask: Tensor) -> Tensor:
+    """What the LM head reads at the completion positions, [N, T, H] (the last layer's output after the
+    final norm; the state before token t), for ``shared_completion_logits``'s inputs."""
     model, adapters = resolve(model)
     cfg, base = model.config, model.model
     nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -164,5 +173,4 @@ def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
 
     last = h[:m].reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0
     states = torch.cat([last[:, None], h[m:].reshape(n, t, hidden)[:, :-1]], 1)  # [N, T, H]
-    states = F.rms_norm(states, (hidden,), base.norm.weight, base.norm.variance_epsilon)
-    return _project(states, (model.lm_head,), adapters)  # [N, T, V]
+    return F.rms_norm(states, (hidden,), base.norm.weight, base.norm.variance_epsilon)  # [N, T, H]

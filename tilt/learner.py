@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tilt.batch import PolicyLossInput
 from tilt.reduction import masked_mean, reduce_tokens, reduction_denominator
-from tilt.rollout import _atleast32, completion_logits, model_device, token_chunks
+from tilt.rollout import _atleast32, completion_logits, completion_token_logprobs, model_device, token_chunks
 from tilt.token_logprobs import token_logprobs
 from tilt.value_head import value_loss
 
@@ -156,9 +156,15 @@ class Learner:
                                                 hidden=self.value_head is not None)  # [n, T, V], [n, T, H]
             logp, entropy = token_logprobs(logits, b.completion_ids, entropy=True)  # [n, T], [n, T]
         else:  # log-softmax at the sampled tokens only, / temperature inside (tilt.token_logprobs)
-            logits, hidden = completion_logits(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
-                                               b.completion_mask, hidden=self.value_head is not None)
-            logp, entropy = token_logprobs(logits, b.completion_ids, temperature=self.temperature, entropy=True)
+            if self.value_head is None:
+                logits, hidden = None, None
+                logp, entropy = completion_token_logprobs(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                                          b.completion_mask, temperature=self.temperature,
+                                                          entropy=True)  # [n, T], [n, T]
+            else:
+                logits, hidden = completion_logits(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                                   b.completion_mask, hidden=True)
+                logp, entropy = token_logprobs(logits, b.completion_ids, temperature=self.temperature, entropy=True)
         mask = (b.completion_mask if b.loss_mask is None else b.loss_mask).float()  # [n, T]
         if self.old_logp_from_forward:  # the weights that sampled this batch are the ones running now
             b = replace(b, old_logp=logp.detach() * b.completion_mask)

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from tilt.batch import RolloutBatch
-from tilt.fastdecode import grouped_decoder, lean_decoder, lean_supported
-from tilt.fastforward import forward_supported, shared_completion_logits
-from tilt.token_logprobs import token_logprobs
+from tilt.fastdecode import grouped_decoder, lean_decoder, lean_supported, linear_parts, resolve
+from tilt.fastforward import forward_supported, shared_completion_logits, shared_completion_states
+from tilt.token_logprobs import head_token_logprobs, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -352,6 +352,26 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     return out.logits[:, :-1], states  # [N, T, V]
 
 
+def completion_token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                              completion_mask: Tensor, *, temperature: float = 1.0, entropy: bool = False
+                              ) -> tuple[Tensor, Tensor | None]:
+    """Teacher-forced log-probs of the completion tokens under softmax(logits / temperature), [N, T], and
+    (if ``entropy``) that softmax's entropy, [N, T]; grad flows if enabled. Equal to
+    ``token_logprobs(completion_logits(...))``. On the lean pass with a plain LM head the head runs
+    inside ``head_token_logprobs`` (no [N, T, V] tensor is allocated); otherwise through the logits."""
+    home, dev = prompt_ids.device, model_device(model)
+    if dev == home and forward_supported(model):
+        inner, adapters = resolve(model)
+        weight, bias, loras = linear_parts(inner.lm_head, adapters)
+        if not loras:
+            u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
+            states = shared_completion_states(model, u_ids, u_mask, inverse, completion_ids, completion_mask)
+            return head_token_logprobs(states, weight, bias, completion_ids, temperature=temperature,
+                                       entropy=entropy)
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[0]  # [N, T, V]
+    return token_logprobs(logits, completion_ids.to(logits.device), temperature=temperature, entropy=entropy)
+
+
 def forward_tokens(n_rows: int, n_prompts: int, prompt_len: int, completion_len: int) -> int:
     """Positions one ``completion_logits`` call runs for ``n_rows`` rows holding ``n_prompts`` distinct
     prompts: each prompt once plus every row's completion when the prompts are shared (at least two
@@ -417,9 +437,8 @@ def sequence_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     """
     logps, ents = [], []
     for part in token_chunks(prompt_ids, prompt_mask, completion_ids.shape[1], chunk_tokens):
-        logits = completion_logits(model, prompt_ids[part], prompt_mask[part], completion_ids[part],
-                                   completion_mask[part])[0]  # [n, T, V]
-        logp, ent = token_logprobs(logits, completion_ids[part], temperature=temperature, entropy=with_entropy)
+        logp, ent = completion_token_logprobs(model, prompt_ids[part], prompt_mask[part], completion_ids[part],
+                                              completion_mask[part], temperature=temperature, entropy=with_entropy)
         logps.append(logp)  # [n, T]
         if with_entropy:
             ents.append(ent)  # [n, T]
