@@ -362,7 +362,10 @@ def completion_token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, co
     home, dev = prompt_ids.device, model_device(model)
     if dev == home and forward_supported(model):
         inner, adapters = resolve(model)
-        weight, bias, loras = linear_parts(inner.lm_head, adapters)
+        try:
+            weight, bias, loras = linear_parts(inner.lm_head, adapters)
+        except AttributeError:  # not a plain (or vanilla-LoRA) Linear head: through the logits below
+            loras = [None]
         if not loras:
             u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
             states = shared_completion_states(model, u_ids, u_mask, inverse, completion_ids, completion_mask)
