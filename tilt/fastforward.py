@@ -81,19 +81,14 @@ def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None) -> Ten
     if not loras:
         return y
     a_all = torch.cat([a for _, a, _, _ in loras]) if len(loras) > 1 else loras[0][1]  # [R, in]
-    if len(loras) == 1 and len(parts) == 1:
-        b_all = loras[0][2] * loras[0][3]  # [out, R]
-    elif len(loras) == len(parts):  # one adapter per projection: block diagonal
-        b_all = torch.block_diag(*[b * scale for _, _, b, scale in loras])  # [sum out, R]
-    else:  # several adapters on a projection, or projections without one
-        offsets = [0]
-        for p in parts:
-            offsets.append(offsets[-1] + p[0].shape[0])
-        b_all = x.new_zeros(offsets[-1], a_all.shape[0])
-        c = 0
-        for i, _, b, scale in loras:
-            b_all[offsets[i]:offsets[i + 1], c:c + b.shape[1]] = b * scale
-            c += b.shape[1]
+    offsets = [0]  # first output row of each projection
+    for p in parts:
+        offsets.append(offsets[-1] + p[0].shape[0])
+    b_all = x.new_zeros(offsets[-1], a_all.shape[0])  # [sum out, R]: zero where a projection has no adapter
+    c = 0
+    for i, _, b, scale in loras:
+        b_all[offsets[i]:offsets[i + 1], c:c + b.shape[1]] = b * scale
+        c += b.shape[1]
     if rows is not None:
         b_all = b_all.index_select(0, rows)
     ax = F.linear(x, a_all)  # [.., R]

@@ -150,21 +150,16 @@ class Learner:
         ``loss_kwargs`` are per-update loss hyper-parameters (e.g. AER's controlled alpha).
         """
         b = b.to(self.device)
-        if self.need_logits:  # the loss or KL reads the full logits / temperature
+        if self.need_logits or self.value_head is not None:  # the loss, KL or value head reads logits / states
             logits, hidden = completion_forward(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
                                                 b.completion_mask, temperature=self.temperature,
                                                 hidden=self.value_head is not None)  # [n, T, V], [n, T, H]
             logp, entropy = token_logprobs(logits, b.completion_ids, entropy=True)  # [n, T], [n, T]
-        else:  # log-softmax at the sampled tokens only, / temperature inside (tilt.token_logprobs)
-            if self.value_head is None:
-                logits, hidden = None, None
-                logp, entropy = completion_token_logprobs(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
-                                                          b.completion_mask, temperature=self.temperature,
-                                                          entropy=True)  # [n, T], [n, T]
-            else:
-                logits, hidden = completion_logits(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
-                                                   b.completion_mask, hidden=True)
-                logp, entropy = token_logprobs(logits, b.completion_ids, temperature=self.temperature, entropy=True)
+        else:  # log-softmax at the sampled tokens only, LM head and / temperature inside
+            logits, hidden = None, None
+            logp, entropy = completion_token_logprobs(self.model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                                      b.completion_mask, temperature=self.temperature,
+                                                      entropy=True)  # [n, T], [n, T]
         mask = (b.completion_mask if b.loss_mask is None else b.loss_mask).float()  # [n, T]
         if self.old_logp_from_forward:  # the weights that sampled this batch are the ones running now
             b = replace(b, old_logp=logp.detach() * b.completion_mask)

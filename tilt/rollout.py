@@ -352,6 +352,16 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     return out.logits[:, :-1], states  # [N, T, V]
 
 
+def _plain_head(model) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of the model's LM head when it is a Linear without active LoRA adapters, else None."""
+    inner, adapters = resolve(model)
+    try:
+        weight, bias, loras = linear_parts(inner.lm_head, adapters)
+    except AttributeError:  # not a plain or vanilla-LoRA Linear
+        return None
+    return None if loras else (weight, bias)
+
+
 def completion_token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                               completion_mask: Tensor, *, temperature: float = 1.0, entropy: bool = False
                               ) -> tuple[Tensor, Tensor | None]:
@@ -359,18 +369,11 @@ def completion_token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, co
     (if ``entropy``) that softmax's entropy, [N, T]; grad flows if enabled. Equal to
     ``token_logprobs(completion_logits(...))``. On the lean pass with a plain LM head the head runs
     inside ``head_token_logprobs`` (no [N, T, V] tensor is allocated); otherwise through the logits."""
-    home, dev = prompt_ids.device, model_device(model)
-    if dev == home and forward_supported(model):
-        inner, adapters = resolve(model)
-        try:
-            weight, bias, loras = linear_parts(inner.lm_head, adapters)
-        except AttributeError:  # not a plain (or vanilla-LoRA) Linear head: through the logits below
-            loras = [None]
-        if not loras:
-            u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
-            states = shared_completion_states(model, u_ids, u_mask, inverse, completion_ids, completion_mask)
-            return head_token_logprobs(states, weight, bias, completion_ids, temperature=temperature,
-                                       entropy=entropy)
+    head = _plain_head(model) if prompt_ids.device == model_device(model) and forward_supported(model) else None
+    if head is not None:
+        u_ids, u_mask, inverse = unique_prompts(prompt_ids, prompt_mask)
+        states = shared_completion_states(model, u_ids, u_mask, inverse, completion_ids, completion_mask)
+        return head_token_logprobs(states, *head, completion_ids, temperature=temperature, entropy=entropy)
     logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[0]  # [N, T, V]
     return token_logprobs(logits, completion_ids.to(logits.device), temperature=temperature, entropy=entropy)
 
