@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -35,11 +36,12 @@ PHASES = ("generate", "ref", "fwd_bwd", "optimizer", "step_s")
 class Worker:
     """A worker process speaking the JSON-lines protocol of ``workers.py``."""
 
-    def __init__(self, side: str, argv: list[str], log: Path):
+    def __init__(self, side: str, argv: list[str], log: Path, env: dict[str, str] | None = None):
         self.side = side
         self.err = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, str(HERE / "workers.py"), *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1,
+                                     env=None if env is None else {**os.environ, **env})
         self.hello = self.read()
 
     def read(self) -> dict:
@@ -61,14 +63,25 @@ class Worker:
         return out
 
 
+# glibc's environment form of what tilt.heap sets in tilt's process (tilt's keep_freed_memory, on by
+# default): large blocks from the heap, freed memory kept mapped. A TRL side named ``..._heap`` runs with it.
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
 def side_argv(side: str, compile_trl: bool) -> list[str]:
     """Worker arguments of a side: ``tilt``, ``tilt_bf16`` (bf16 decode products + token_tis),
-    ``trl_best`` or ``trl_default``."""
+    ``trl_best`` or ``trl_default``, each TRL preset also as ``trl_<preset>_heap`` (``side_env``)."""
     if side == "tilt":
         return ["tilt"]
     if side == "tilt_bf16":
         return ["tilt", "--decode-dtype", "bfloat16"]
-    return ["trl", "--trl-preset", side.removeprefix("trl_"), *(["--trl-compile"] if compile_trl else [])]
+    preset = side.removeprefix("trl_").removesuffix("_heap")
+    return ["trl", "--trl-preset", preset, *(["--trl-compile"] if compile_trl else [])]
+
+
+def side_env(side: str) -> dict[str, str] | None:
+    """Extra environment of a side's worker: TRL with tilt's allocator setting for ``..._heap``."""
+    return HEAP_ENV if side.startswith("trl_") and side.endswith("_heap") else None
 
 
 def turn_order(sides: list[str], i: int) -> list[str]:
@@ -109,7 +122,8 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
     logs.mkdir(parents=True, exist_ok=True)
     tilts = ["tilt" if t == "fp32" else f"tilt_{t}" for t in a.tilt.split(",")]
     names = [*tilts, *(f"trl_{t}" for t in a.trl.split(","))]
-    sides = {s: Worker(s, side_argv(s, a.trl_compile) + argv, logs / f"{size}-{tokens}-{s}.log") for s in names}
+    sides = {s: Worker(s, side_argv(s, a.trl_compile) + argv, logs / f"{size}-{tokens}-{s}.log", side_env(s))
+             for s in names}
     rows: dict[str, list[dict]] = {s: [] for s in names}
     for i in range(steps):
         for s in turn_order(names, i):
@@ -201,7 +215,8 @@ def main() -> None:
                    help="let EOS end completions (default: both sides mask EOS until max new tokens)")
     p.add_argument("--trl", default="best,default",
                    help="TRL presets to alternate with tilt, in report order: best (gradient checkpointing "
-                        "off) and/or default (GRPOConfig's defaults); ratios are tilt / each")
+                        "off) and/or default (GRPOConfig's defaults), each also as <preset>_heap (run with tilt's "
+                        "allocator setting, HEAP_ENV); ratios are tilt / each")
     p.add_argument("--trl-compile", action="store_true", help="also torch_compile=True on the TRL side(s)")
     p.add_argument("--tilt", default="fp32",
                    help="tilt sides: fp32 (the model's dtype throughout) and/or bf16 (rollout.decode_dtype=bfloat16 "
@@ -211,9 +226,9 @@ def main() -> None:
     p.add_argument("--cache", default=str(HERE / ".cache"), help="where the 10M/30M model directories go")
     p.add_argument("--out", default=str(HERE / "results" / "step_time.json"))
     a = p.parse_args()
-    bad = [t for t in a.trl.split(",") if t not in ("best", "default")]
+    bad = [t for t in a.trl.split(",") if t not in ("best", "default", "best_heap", "default_heap")]
     if bad or not a.trl:
-        raise SystemExit(f"--trl {a.trl!r}: a comma-separated list of best, default")
+        raise SystemExit(f"--trl {a.trl!r}: a comma-separated list of best, default, best_heap, default_heap")
     if [t for t in a.tilt.split(",") if t not in ("fp32", "bf16")] or "fp32" not in a.tilt.split(","):
         raise SystemExit(f"--tilt {a.tilt!r}: fp32, optionally with bf16 (fp32,bf16)")
     Path(a.cache).mkdir(parents=True, exist_ok=True)

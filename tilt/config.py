@@ -392,6 +392,10 @@ class Config(Section):
     """Run directory; default runs/<timestamp>."""
     threads: Optional[int] = Field(None, ge=1)
     """torch intra-op threads, at least 1 (None = torch default)."""
+    keep_freed_memory: bool = True
+    """Keep freed memory in the process for the next step's tensors instead of returning it to the kernel
+    (glibc malloc on Linux; tilt.heap): large tensors then skip the page faults of fresh memory. Resident
+    memory stays at its peak between steps. No effect elsewhere."""
     model: ModelCfg = ModelCfg()
     """Policy (and frozen reference) model."""
     tasks: TasksCfg = TasksCfg()

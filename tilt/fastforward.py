@@ -150,9 +150,10 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
         a, mlp = layer.self_attn, layer.mlp
         x = F.rms_norm(h, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         y = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters, rows)  # [M + N T, (nq + 2 nkv) d]
-        qk = torch.view_as_complex(y[:, :(nq + nkv) * d].view(m + n * t, nq + nkv, d // 2, 2)) * rot
+        # split, not slices: a slice's backward writes its gradient into a zero-filled copy of all of y
+        qk, v = y.split([(nq + nkv) * d, nkv * d], -1)
+        qk = torch.view_as_complex(qk.reshape(m + n * t, nq + nkv, d // 2, 2)) * rot
         q, k = torch.view_as_real(qk).view(m + n * t, (nq + nkv) * d).split([nq * d, nkv * d], -1)
-        v = y[:, (nq + nkv) * d:]
         qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
         qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
         keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]

@@ -22,7 +22,7 @@ from tilt.checkpoint import CheckpointError, apply_checkpoint, checkpoints_newes
 from tilt.config import ConfigError
 
 # Dotted prefixes of config fields a resume may change: they do not enter the saved state.
-RESUME_MAY_CHANGE = ("run_dir", "threads", "log.", "checkpoint.every", "checkpoint.keep", "reward.timeout_s",
+RESUME_MAY_CHANGE = ("run_dir", "threads", "keep_freed_memory", "log.", "checkpoint.every", "checkpoint.keep", "reward.timeout_s",
                      "eval.batch_size")
 
 

@@ -35,6 +35,7 @@ from tilt.providers.frozen import RESOURCES
 from tilt.resume import check_config_unchanged, restore_newest_intact
 from tilt.rewards import RewardState, check_signature, resolve_reward_fn, score
 from tilt.fastdecode import lean_supported
+from tilt.heap import keep_freed_memory
 from tilt.rollout import SamplingParams, auto_micro_batch_tokens
 from tilt.run_checks import check_batch_shape
 from tilt.run_lock import RunLock
@@ -81,6 +82,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     plan = resolve(cfg)  # methods, their needs -> providers, settings; ConfigError if unmet
     if cfg.rollout.decode_dtype != "model" and cfg.correction.name == "none":
         raise ConfigError(f"rollout.decode_dtype={cfg.rollout.decode_dtype!r} samples from a lower-precision copy of the "
