@@ -2,8 +2,11 @@
 is used where it applies, and leaves other models on Hugging Face's forward."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+import tilt.fastdecode as fastdecode
 import tilt.rollout as rollout
 from tilt.fastforward import forward_supported
 from tilt.model import load_policy
@@ -18,9 +21,12 @@ def _batch(pol, rows):
                     generator=torch.Generator().manual_seed(0))
 
 
-def test_lean_pass_is_used_and_equals_hf_for_distinct_and_shared_prompts(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("max_keys", [fastdecode.MATMUL_ATTENTION_MAX_KEYS, 0], ids=["matmul-attention", "sdpa"])
+def test_lean_pass_is_used_and_equals_hf_for_distinct_and_shared_prompts(tiny_llama_dir, monkeypatch, max_keys):
     """Shared prompts (G = 3) and distinct prompts, some completions ended early by EOS: the lean pass
-    runs (spied) and its log-probs equal Hugging Face's path to 1e-5, with and without grad."""
+    runs (spied) and its log-probs equal Hugging Face's path to 1e-5, with and without grad; with the
+    short-sequence attention of the lean paths (these sequences are short) and with SDPA for all."""
+    monkeypatch.setattr(fastdecode, "MATMUL_ATTENTION_MAX_KEYS", max_keys)
     pol = load_policy(str(tiny_llama_dir))
     assert forward_supported(pol.model)
     calls = []
@@ -176,3 +182,40 @@ def test_frozen_stacked_weights_follow_in_place_updates(tiny_llama_dir, monkeypa
     after, slow = both()
     torch.testing.assert_close(after, slow, atol=1e-5, rtol=0)
     assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("nq,nkv", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("per_row_mask", [True, False])
+def test_matmul_attention_equals_sdpa(dtype, tol, nq, nkv, per_row_mask, monkeypatch):
+    """The short-sequence attention (plain products, grouped-query heads broadcast) against SDPA with
+    the keys repeated per query head: outputs and the gradients of q, k and v. The mask is causal over
+    the completion and hides some prompt keys per row (left padding); every query sees a key."""
+    g = torch.Generator().manual_seed(0)
+    b, length, prompt, d = 3, 5, 7, 8
+    q = torch.randn(b, nq, length, d, dtype=dtype, generator=g)
+    k = torch.randn(b, nkv, prompt + length, d, dtype=dtype, generator=g)
+    v = torch.randn(b, nkv, prompt + length, d, dtype=dtype, generator=g)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    to_prompt = torch.ones(b if per_row_mask else 1, length, prompt, dtype=torch.bool)
+    if per_row_mask:
+        to_prompt[1, :, :3] = False  # row 1's prompt has 3 padding keys
+        to_prompt[2, :, :6] = False
+    mask = torch.cat([to_prompt, causal.expand(to_prompt.shape[0], length, length)], -1)[:, None]  # [B|1, 1, L, S]
+    grads = []
+    for fn in (lambda *a: fastdecode._matmul_attention(*a, 0.3),
+               lambda q, k, v, m: F.scaled_dot_product_attention(q, k.repeat_interleave(nq // nkv, 1),
+                                                                 v.repeat_interleave(nq // nkv, 1), attn_mask=m,
+                                                                 scale=0.3)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, mask)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [x.grad for x in leaves])
+    for mine, ref in zip(*grads):
+        torch.testing.assert_close(mine, ref, atol=tol, rtol=0)
+    calls = []  # attention() takes this path at 12 keys and SDPA above the threshold
+    monkeypatch.setattr(fastdecode, "_matmul_attention", lambda *a: calls.append(1) or grads[0][0])
+    fastdecode.attention(q, k, v, mask, 0.3)
+    monkeypatch.setattr(fastdecode, "MATMUL_ATTENTION_MAX_KEYS", prompt + length - 1)
+    torch.testing.assert_close(fastdecode.attention(q, k, v, mask, 0.3), grads[1][0], atol=tol, rtol=0)
+    assert calls == [1]

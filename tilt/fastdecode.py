@@ -136,11 +136,32 @@ def _gqa_supported() -> bool:
 _SDPA_GQA = _gqa_supported()
 
 
+# Up to this many keys, attention is three plain products (``_matmul_attention``) instead of SDPA's
+# flash kernel, whose blocking costs more than it saves on short sequences. Forward + backward, 64 rows,
+# 17 prompt keys + T completion keys (benchmarks/README.md, speed work 26): matmul / flash 0.33-0.49 at
+# 25 keys, 0.57-0.63 at 33, 0.81-0.94 at 49, 0.98-1.21 at 81.
+MATMUL_ATTENTION_MAX_KEYS = 48
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T scale, masked) v (Eq. 1 of arXiv:1706.03762) as plain products; grouped-query
+    heads share their key head through a broadcast dimension (no repeated keys)."""
+    b, nq, length, d = q.shape
+    nkv = k.shape[1]
+    qg = q.view(b, nkv, nq // nkv, length, d)  # query heads grouped by their key head
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, nkv, rep, L, S]
+    scores = scores.masked_fill(~mask.unsqueeze(2), -torch.inf)  # mask [B|1, 1, L, S] -> [B|1, 1, 1, L, S]
+    return torch.matmul(torch.softmax(scores, -1), v.unsqueeze(2)).view(b, nq, length, d)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """SDPA with a boolean ``mask`` (True = attend) for q [B, nq, L, d] and k, v [B, nkv, S, d]:
     with grouped-query attention (nkv < nq) the keys and values are read in place where torch
-    supports it (``enable_gqa``), else repeated per query head."""
+    supports it (``enable_gqa``), else repeated per query head. Short key sequences (at most
+    ``MATMUL_ATTENTION_MAX_KEYS``) take ``_matmul_attention``."""
     nq, nkv = q.shape[1], k.shape[1]
+    if k.shape[2] <= MATMUL_ATTENTION_MAX_KEYS and mask.dim() == 4 and mask.dtype == torch.bool:
+        return _matmul_attention(q, k, v, mask, scale)
     if nkv == nq:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if _SDPA_GQA:
