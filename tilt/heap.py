@@ -11,8 +11,9 @@ a 30M-parameter learner update spent about 11 % of its time there (benchmarks/RE
 (``M_MMAP_MAX = 0``), so they come from the heap, and no trimming of the heap's free top
 (``M_TRIM_THRESHOLD`` at its maximum), so freed blocks stay mapped and the next allocation reuses them.
 The process's resident memory then stays at its high-water mark instead of falling between steps; the
-peak itself is what it was. tilt's training entry points call it when ``keep_freed_memory`` is set (the
-default); elsewhere (not glibc) it does nothing and says so by returning False.
+peak itself is what it was. The RL trainer (``tilt.trainer.build``) calls it when the config's
+``keep_freed_memory`` is set (the default); ``tilt sft`` and the base model's pretraining do not. Without
+glibc it does nothing and says so by returning False.
 """
 from __future__ import annotations
 

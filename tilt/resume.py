@@ -22,8 +22,8 @@ from tilt.checkpoint import CheckpointError, apply_checkpoint, checkpoints_newes
 from tilt.config import ConfigError
 
 # Dotted prefixes of config fields a resume may change: they do not enter the saved state.
-RESUME_MAY_CHANGE = ("run_dir", "threads", "keep_freed_memory", "log.", "checkpoint.every", "checkpoint.keep", "reward.timeout_s",
-                     "eval.batch_size")
+RESUME_MAY_CHANGE = ("run_dir", "threads", "keep_freed_memory", "log.", "checkpoint.every", "checkpoint.keep",
+                     "reward.timeout_s", "eval.batch_size")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
