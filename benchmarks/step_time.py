@@ -174,7 +174,7 @@ def table(points: list[dict]) -> str:
             "tilt step / tilt's FLOP floor | most time above floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
-    for p in points:
+    for p in (p for p in points if "tilt" in p):  # points with the fp32 side
         t, b, q = p["tilt"], p[first], p[f"ratio_{first}"]
         steps = " / ".join(f"{p[s]['step_s']:.3f}" for s in ("tilt", *trl))
         ratios = " | ".join(f"**{p[f'ratio_{s}']['step_s']:.2f}**" for s in trl)
@@ -193,7 +193,8 @@ def table(points: list[dict]) -> str:
         for p in bf16:
             t = p["tilt_bf16"]
             ratios = " | ".join(f"**{p[f'ratio_tilt_bf16_{s}']['step_s']:.2f}**" for s in trl)
-            lines.append(f"| {p['size']} | {p['tokens']} | {t['step_s']:.3f} / {p['tilt']['step_s']:.3f} | {ratios} | "
+            fp32 = f"{p['tilt']['step_s']:.3f}" if "tilt" in p else "—"
+            lines.append(f"| {p['size']} | {p['tokens']} | {t['step_s']:.3f} / {fp32} | {ratios} | "
                          f"{f(p[f'ratio_tilt_bf16_{first}']['generate'])} | {t['rss_mb']:.0f} | "
                          f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
                          f"(+{t['excess_s'][t['dominant']]:.3f} s) |")
@@ -229,8 +230,8 @@ def main() -> None:
     bad = [t for t in a.trl.split(",") if t not in ("best", "default", "best_heap", "default_heap")]
     if bad or not a.trl:
         raise SystemExit(f"--trl {a.trl!r}: a comma-separated list of best, default, best_heap, default_heap")
-    if [t for t in a.tilt.split(",") if t not in ("fp32", "bf16")] or "fp32" not in a.tilt.split(","):
-        raise SystemExit(f"--tilt {a.tilt!r}: fp32, optionally with bf16 (fp32,bf16)")
+    if not a.tilt or [t for t in a.tilt.split(",") if t not in ("fp32", "bf16")]:
+        raise SystemExit(f"--tilt {a.tilt!r}: fp32, bf16 or fp32,bf16")
     Path(a.cache).mkdir(parents=True, exist_ok=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peak = measure_matmul_peak(a.threads)
@@ -245,12 +246,14 @@ def main() -> None:
             t0 = time.time()
             pt = run_point(size, tokens, a, peak, bf16_peak)
             points.append(pt)
-            trl = "  ".join(f"{s} {pt[s]['step_s']:.3f}s (ratio {pt[f'ratio_{s}']['step_s']:.2f})"
+            lead = "tilt" if "tilt" in pt else "tilt_bf16"  # --tilt bf16 alone: the bf16 sampler only
+            key = "ratio_" if lead == "tilt" else "ratio_tilt_bf16_"
+            trl = "  ".join(f"{s} {pt[s]['step_s']:.3f}s (ratio {pt[key + s]['step_s']:.2f})"
                             for s in pt["sides"] if s.startswith("trl_"))
-            if "tilt_bf16" in pt:
+            if lead == "tilt" and "tilt_bf16" in pt:
                 trl += f"  tilt_bf16 {pt['tilt_bf16']['step_s']:.3f}s"
-            print(f"{size} x {tokens}: tilt {pt['tilt']['step_s']:.3f}s  {trl}  "
-                  f"tilt/floor {pt['tilt']['to_floor']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
+            print(f"{size} x {tokens}: {lead} {pt[lead]['step_s']:.3f}s  {trl}  "
+                  f"{lead}/floor {pt[lead]['to_floor']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
     import transformers
     import trl
 
