@@ -30,6 +30,8 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from common import SIZES, matmul_flops, measure_matmul_peak, model_dir  # noqa: E402
 
+from tilt.heap import ENVIRONMENT as HEAP_ENV  # noqa: E402
+
 PHASES = ("generate", "ref", "fwd_bwd", "optimizer", "step_s")
 
 
@@ -63,11 +65,6 @@ class Worker:
         return out
 
 
-# glibc's environment form of what tilt.heap sets in tilt's process (tilt's keep_freed_memory, on by
-# default): large blocks from the heap, freed memory kept mapped. A TRL side named ``..._heap`` runs with it.
-HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-
-
 def side_argv(side: str, compile_trl: bool) -> list[str]:
     """Worker arguments of a side: ``tilt``, ``tilt_bf16`` (bf16 decode products + token_tis),
     ``trl_best`` or ``trl_default``, each TRL preset also as ``trl_<preset>_heap`` (``side_env``)."""
@@ -80,7 +77,8 @@ def side_argv(side: str, compile_trl: bool) -> list[str]:
 
 
 def side_env(side: str) -> dict[str, str] | None:
-    """Extra environment of a side's worker: TRL with tilt's allocator setting for ``..._heap``."""
+    """Extra environment of a side's worker: for ``trl_<preset>_heap``, what tilt.heap sets in tilt's own
+    process (large blocks from the heap, freed memory kept mapped) as glibc's environment variables."""
     return HEAP_ENV if side.startswith("trl_") and side.endswith("_heap") else None
 
 

@@ -219,3 +219,21 @@ def test_matmul_attention_equals_sdpa(dtype, tol, nq, nkv, per_row_mask, monkeyp
     monkeypatch.setattr(fastdecode, "MATMUL_ATTENTION_MAX_KEYS", prompt + length - 1)
     torch.testing.assert_close(fastdecode.attention(q, k, v, mask, 0.3), grads[1][0], atol=tol, rtol=0)
     assert calls == [1]
+
+
+def test_matmul_attention_hand_values():
+    """One query over two keys, worked by hand. q = [1, 0], keys [1, 0] and [0, 1], values 2 and 4,
+    scale 1: scores [1, 0], softmax [e / (e + 1), 1 / (e + 1)] = [0.731059, 0.268941], output
+    2 * 0.731059 + 4 * 0.268941 = 2.537883. With the second key masked the output is its value, 2."""
+    q = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 1, 1, 2)
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64).view(1, 1, 2, 2)
+    v = torch.tensor([[2.0, 2.0], [4.0, 4.0]], dtype=torch.float64).view(1, 1, 2, 2)
+    both = torch.tensor([True, True]).view(1, 1, 1, 2)
+    first = torch.tensor([True, False]).view(1, 1, 1, 2)
+    e = 2.718281828459045
+    expected = 2 * e / (e + 1) + 4 / (e + 1)  # 2.537883...
+    assert abs(expected - 2.537883) < 1e-6
+    torch.testing.assert_close(fastdecode._matmul_attention(q, k, v, both, 1.0), torch.full((1, 1, 1, 2), expected,
+                                                                                          dtype=torch.float64))
+    torch.testing.assert_close(fastdecode._matmul_attention(q, k, v, first, 1.0), torch.full((1, 1, 1, 2), 2.0,
+                                                                                           dtype=torch.float64))

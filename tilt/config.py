@@ -395,7 +395,8 @@ class Config(Section):
     keep_freed_memory: bool = True
     """Keep freed memory in the process for the next step's tensors instead of returning it to the kernel
     (glibc malloc on Linux; tilt.heap): large tensors then skip the page faults of fresh memory. Resident
-    memory stays at its peak between steps. No effect elsewhere."""
+    memory stays at its peak between steps. Once applied it holds for the rest of the process. No effect
+    without glibc."""
     model: ModelCfg = ModelCfg()
     """Policy (and frozen reference) model."""
     tasks: TasksCfg = TasksCfg()

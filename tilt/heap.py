@@ -23,6 +23,9 @@ import sys
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
+# The same setting as glibc's environment variables, for a process started with it (benchmarks/step_time.py
+# gives it to a TRL worker, so both sides of a comparison can run with it).
+ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX)}
 
 _state: dict[str, bool] = {}
 
