@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from tilt.model import load_policy
-from tilt.rollout import (SamplingParams, continue_from, decode_completions, encode_prompts, generate,
-                          sequence_logprobs)
+from tilt.rollout import (SamplingParams, continue_from, decode_completions, encode_prompts, generate, left_pad,
+                          masked_rows, sequence_logprobs)
 
 PROMPTS = ["47+85=", "cd 3 5 7>22:", "sort 53 7 21:", "9*9="]
 
@@ -289,3 +289,25 @@ def test_inverse_cdf_sampling_never_takes_a_massless_token_on_rounding(monkeypat
     probs[:, 7] = 1.0  # the last token with mass; everything after it is 0 (e.g. a banned EOS)
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(2, 1))  # u = 1: u * total == total
     assert rollout._multinomial(probs, torch.Generator().manual_seed(0)).tolist() == [7, 7]
+
+
+def test_left_pad_and_masked_rows_equal_per_row_tensor_code():
+    """``left_pad`` (lists converted once) and ``masked_rows`` give what the per-row tensor code they
+    replaced gave, on ragged rows including empty ones; and they invert each other."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 50, (int(n),), generator=g).tolist() for n in torch.randint(0, 9, (40,), generator=g)]
+    seqs[3] = []
+    ids, mask = left_pad(seqs, pad_id=99)
+    width = max(len(s) for s in seqs)
+    want_ids = torch.full((len(seqs), width), 99, dtype=torch.long)
+    want_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            want_ids[i, width - len(s):] = torch.tensor(s)
+            want_mask[i, width - len(s):] = 1
+    assert ids.dtype == mask.dtype == torch.long and torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+    assert masked_rows(ids, mask) == [row[m.bool()].tolist() for row, m in zip(ids, mask)] == seqs
+    right = torch.randint(0, 50, (6, 5), generator=g)
+    right_mask = (torch.arange(5)[None] < torch.tensor([0, 1, 5, 3, 2, 4])[:, None]).long()
+    assert masked_rows(right, right_mask) == [r[m.bool()].tolist() for r, m in zip(right, right_mask)]
+    assert left_pad([[], []], 0)[0].shape == (2, 0)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from tilt.rewards import RewardFn, RewardState, score, verifier_reward
-from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate
+from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, masked_rows
 from tilt.tasks.base import Item
 
 
@@ -75,7 +75,7 @@ def evaluate_items(model, tokenizer, items: list[Item], *, n_samples: int = 8, t
             else:
                 batch = generate(model, ids, mask, params=SamplingParams(max_new_tokens, temp), eos_id=eos,
                                  pad_id=pad, generator=gen)
-            cids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)]
+            cids = masked_rows(batch.completion_ids, batch.completion_mask)
             rewards = _rewards([items[i] for i in sub], decode_completions(tokenizer, batch, eos), cids, fns, w,
                                timeout, trainer_state)
             for i, r in zip(sub, rewards):

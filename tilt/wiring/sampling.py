@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tilt.batch import RolloutBatch
-from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, left_pad
+from tilt.rollout import SamplingParams, decode_completions, encode_prompts, generate, left_pad, masked_rows
 from tilt.tasks.base import Item
 
 ScoreFn = Callable[..., tuple[list[float], dict[str, float], list[str]]]  # (prompts, texts, columns, **kw)
@@ -76,7 +76,7 @@ def sample_scored(policy, items: list[Item], *, group_size: int, params: Samplin
     policy.model.train()
     texts = decode_completions(policy.tokenizer, rb, policy.eos_id)
     prompts, columns = row_columns(items, G)
-    completion_ids = [row[m.bool()].tolist() for row, m in zip(rb.completion_ids, rb.completion_mask)]
+    completion_ids = masked_rows(rb.completion_ids, rb.completion_mask)
     rewards, rstats, messages = score_fn(prompts, texts, columns, completion_ids=completion_ids)
     r = torch.tensor(rewards, dtype=torch.float32)  # [N]
     return Scored(list(items), G, prompts, rb, texts, columns, r, rstats, messages)
@@ -94,7 +94,7 @@ def merge_scored(groups: list[Scored], *, pad_id: int) -> Scored:
     """One batch from groups of possibly different widths: prompts re-left-padded, completions
     re-right-padded (pad id, mask 0, log-prob 0). Counts and messages are left empty."""
     G = groups[0].group_size
-    p_rows = [ids[m.bool()].tolist() for g in groups for ids, m in zip(g.rb.prompt_ids, g.rb.prompt_mask)]
+    p_rows = [r for g in groups for r in masked_rows(g.rb.prompt_ids, g.rb.prompt_mask)]
     prompt_ids, prompt_mask = left_pad(p_rows, pad_id)  # [N, P]
     T = max(int(g.rb.completion_mask.sum(-1).max()) for g in groups)
 
