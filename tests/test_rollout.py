@@ -311,3 +311,37 @@ def test_left_pad_and_masked_rows_equal_per_row_tensor_code():
     right_mask = (torch.arange(5)[None] < torch.tensor([0, 1, 5, 3, 2, 4])[:, None]).long()
     assert masked_rows(right, right_mask) == [r[m.bool()].tolist() for r, m in zip(right, right_mask)]
     assert left_pad([[], []], 0)[0].shape == (2, 0)
+
+
+def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch):
+    """Speed work 28: the decode step's products through MKL's packed GEMM (``_packed``) give the
+    tokens and log-probs of ``F.linear`` (1e-6), on the grouped path (groups of 4) and the per-row
+    path (distinct prompts); a packed product called with another row count computes F.linear."""
+    import platform
+
+    import torch.nn.functional as F
+
+    import tilt.fastdecode as fd
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert fd.MKL_PACKING  # torch's x86 CPU wheels carry MKL: the fast path must be taken there
+    monkeypatch.setattr(fd, "PACK_MIN_WEIGHT", 0)  # the test model's products are all small
+    made = []
+    orig = fd._packed
+    monkeypatch.setattr(fd, "_packed", lambda wb, rows: made.append(len(orig(wb, rows))) or orig(wb, rows))
+    pol = load_policy(str(tiny_llama_dir))
+    for prompts in (PROMPTS * 4, PROMPTS):
+        out = {}
+        for pack in (True, False):
+            monkeypatch.setattr(fd, "MKL_PACKING", pack and fd.MKL_PACKING)
+            made.clear()
+            out[pack] = _rollout(pol, prompts, max_new_tokens=16, min_new_tokens=16)
+            assert made and all(k == (4 if pack and fd.MKL_PACKING else 2) for k in made)
+        assert torch.equal(out[True].completion_ids, out[False].completion_ids)
+        torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-6, rtol=0)
+    monkeypatch.setattr(fd, "MKL_PACKING", orig.__globals__["_mkl_packing_works"]())
+    w, b = torch.randn(1024, 256), torch.randn(1024)
+    prod = orig((w, b), 64)
+    for rows in (64, 7):
+        x = torch.randn(rows, 256)
+        torch.testing.assert_close(fd._lin(x, prod), F.linear(x, w, b), atol=1e-5, rtol=1e-5)

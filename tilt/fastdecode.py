@@ -97,14 +97,53 @@ def _cast(wb: tuple[Tensor, Optional[Tensor]], dtype: Optional[torch.dtype]) -> 
     return wb[0].to(dtype), (None if wb[1] is None else wb[1].to(dtype))
 
 
-def _lin(x: Tensor, wb: tuple[Tensor, Optional[Tensor]]) -> Tensor:
+def _lin(x: Tensor, wb: tuple) -> Tensor:
     """``F.linear`` with the weight's dtype for the product and ``x``'s dtype for the result: with bf16
     weights the matmul runs in bf16 (AMX / AVX-512 BF16 kernels on CPU) while the residual stream, the
-    norms, rotary embedding and attention stay in the model's dtype."""
-    w, b = wb
+    norms, rotary embedding and attention stay in the model's dtype. A product packed by ``_packed``
+    (weight, bias, packed weight, rows) runs MKL's packed GEMM when ``x`` has that many rows."""
+    w, b = wb[0], wb[1]
+    if len(wb) == 4 and x.shape[0] == wb[3]:
+        return torch.ops.mkl._mkl_linear.default(x, wb[2], w, b, wb[3])
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+
+
+def _mkl_packing_works() -> bool:
+    """Whether this torch build has MKL's packed fp32 GEMM (the op inductor's CPU weight freezing uses)
+    and it computes ``F.linear``."""
+    try:
+        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        out = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 3), w, b, 3)
+        return bool(torch.allclose(out, F.linear(x, w, b), atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+MKL_PACKING = _mkl_packing_works()
+
+
+# Packed decode products (speed work 28, benchmarks/README.md): with 64 rows, MKL's packed fp32 GEMM
+# (the weight reordered once into the kernel's blocked layout, ``cblas_sgemm_pack``) ran the decode
+# step's products in 0.63-0.95 of ``F.linear``'s time, and SmolLM2's [64, 576] x [576, 49152] head
+# in 0.65, with the same values (bit-equal at K <= 576, 3e-6 apart at K = 1024 from another blocking).
+# Below this many weight entries the packed call saved nothing (1M model: generate 1.03-1.05x slower
+# with every product packed; [64, 128] x [128, 128]: 29.8 against 29.5 us).
+PACK_MIN_WEIGHT = 1 << 17
+
+
+def _packed(wb: tuple, rows: int) -> tuple:
+    """(weight, bias, MKL-packed weight, rows) for a float32 CPU product of at least
+    ``PACK_MIN_WEIGHT`` entries when packing is available, else ``wb`` unchanged (``F.linear``)."""
+    w = wb[0]
+    if (not MKL_PACKING or w.dtype != torch.float32 or w.device.type != "cpu" or rows < 1
+            or w.numel() < PACK_MIN_WEIGHT):
+        return wb
+    with torch.no_grad():
+        w = w.detach().contiguous()
+        b = None if wb[1] is None else wb[1].detach().contiguous()
+        return w, b, torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
 
 
 def _pairs(d: int) -> Tensor:
@@ -239,10 +278,23 @@ class LeanDecoder:
         if positions and getattr(self.rotary, "rope_type", "default") not in ("dynamic", "longrope"):
             cos, sin = self.rotary(self.embed[:1], torch.arange(positions, device=dev)[None])  # [1, L, d]
             self.table = _complex(cos[0], sin[0])  # [L, d/2]
+        self.packed_rows = 0  # the rows ``pack`` packed the products for (0: not packed)
         if cache is not None:  # the prompt's keys into the decoder's layout
             for layer in cache.layers:
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():
                     layer.keys.copy_(layer.keys.index_select(-1, self.pair))
+
+    def pack(self, rows: int) -> None:
+        """Pack the decode step's products for ``rows`` rows per call (``_packed``; a no-op where MKL's
+        packed GEMM is not available or the products are not float32). Calls with other row counts
+        (e.g. ``GroupedDecoder.prefill``) still compute ``F.linear``."""
+        if rows == self.packed_rows:
+            return
+        self.lm = _packed(self.lm[:2], rows)
+        for ly in self.layers:
+            for key in ("qkv", "o", "gu", "down"):
+                ly[key] = _packed(ly[key][:2], rows)
+        self.packed_rows = rows
 
     def rotation(self, h: Tensor, pos: Tensor) -> Tensor:
         """e^{i p theta} [N, 1, d/2] for positions ``pos`` [N]."""
@@ -269,6 +321,7 @@ class LeanDecoder:
         including the new token (L = cached length + 1).
         """
         n, d, nq = tok.shape[0], self.head_dim, self.nq
+        self.pack(n)
         h = F.embedding(tok, self.embed)  # [N, H]
         rot = self.rotation(h, pos)
         keep = attn_mask.bool()[:, None, None, :]  # [N, 1, 1, L]
@@ -375,6 +428,7 @@ class GroupedDecoder(LeanDecoder):
     def step(self, tok: Tensor, pos: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """Logits [N, V] for one new token per row (caller's row order). ``attn_mask`` is not
         read: the prompt's padding is known and every generated position is attended to."""
+        self.pack(tok.shape[0])
         tok, pos = tok.index_select(0, self.perm), pos.index_select(0, self.perm)  # prompt order
         h = F.embedding(tok, self.embed)  # [N, H]
         rot = self.rotation(h, pos)
