@@ -1,0 +1,69 @@
+"""A/B of tilt's sampling with the decode products through MKL's packed GEMM and through F.linear.
+
+    python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6
+    python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 2
+
+One process, the two settings interleaved (A B, B A, ...), 8 prompts x 8 samples, the length forced;
+prints the median seconds of each, their ratio, whether the sampled tokens are equal and the largest
+log-prob difference (benchmarks/README.md, speed work 28).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import model_dir  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="10m", help="1m, 10m, 30m or smollm2")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=str(HERE / ".cache"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    import tilt.fastdecode as fd
+    from tilt.model import load_policy
+    from tilt.rollout import SamplingParams, generate
+
+    if not fd.MKL_PACKING:
+        sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
+    path = str(model_dir(a.size, Path(a.cache)))
+    pol = load_policy(path)
+    vocab = pol.model.config.vocab_size
+    ids = torch.randint(3, min(vocab, 50), (8, 17), generator=torch.Generator().manual_seed(1)).repeat_interleave(8, 0)
+    mask = torch.ones_like(ids)
+    params = SamplingParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens)
+
+    def run(pack: bool):
+        fd.MKL_PACKING = pack
+        with torch.no_grad():
+            t = time.perf_counter()
+            b = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
+                         generator=torch.Generator().manual_seed(0))
+            return time.perf_counter() - t, b
+
+    run(True), run(False)  # warm-up
+    times, out = {True: [], False: []}, {}
+    for r in range(a.repeats):
+        for pack in ((True, False) if r % 2 == 0 else (False, True)):
+            t, out[pack] = run(pack)
+            times[pack].append(t)
+    packed, plain = statistics.median(times[True]), statistics.median(times[False])
+    same = bool(torch.equal(out[True].completion_ids, out[False].completion_ids))
+    diff = (out[True].logprobs - out[False].logprobs).abs().max().item()
+    print(f"{a.size} x {a.tokens}: packed {packed:.4f} s, F.linear {plain:.4f} s, ratio {packed / plain:.3f}; "
+          f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
+
+
+if __name__ == "__main__":
+    main()
