@@ -342,6 +342,10 @@ def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(fd, "MKL_PACKING", orig.__globals__["_mkl_packing_works"]())
     w, b = torch.randn(1024, 256), torch.randn(1024)
     prod = orig((w, b), 64)
-    for rows in (64, 7):
-        x = torch.randn(rows, 256)
+    for x in (torch.randn(64, 256), torch.randn(7, 256), torch.randn(256, 64).t()):  # packed rows, others, strided
         torch.testing.assert_close(fd._lin(x, prod), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    orig.__globals__["_mkl_packing_works"]()  # the import-time probe leaves the global RNG where it was
+    assert torch.equal(torch.rand(4), expected)

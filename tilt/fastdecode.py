@@ -101,9 +101,9 @@ def _lin(x: Tensor, wb: tuple) -> Tensor:
     """``F.linear`` with the weight's dtype for the product and ``x``'s dtype for the result: with bf16
     weights the matmul runs in bf16 (AMX / AVX-512 BF16 kernels on CPU) while the residual stream, the
     norms, rotary embedding and attention stay in the model's dtype. A product packed by ``_packed``
-    (weight, bias, packed weight, rows) runs MKL's packed GEMM when ``x`` has that many rows."""
+    (weight, bias, packed weight, rows) runs MKL's packed GEMM when ``x`` is a contiguous [rows, in]."""
     w, b = wb[0], wb[1]
-    if len(wb) == 4 and x.shape[0] == wb[3]:
+    if len(wb) == 4 and x.shape[0] == wb[3] and x.dim() == 2 and x.is_contiguous():
         return torch.ops.mkl._mkl_linear.default(x, wb[2], w, b, wb[3])
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
@@ -114,7 +114,8 @@ def _mkl_packing_works() -> bool:
     """Whether this torch build has MKL's packed fp32 GEMM (the op inductor's CPU weight freezing uses)
     and it computes ``F.linear``."""
     try:
-        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        # fixed values, not torch.randn: importing tilt must not move the global RNG
+        x, w, b = torch.arange(24.0).view(3, 8).cos(), torch.arange(40.0).view(5, 8).sin(), torch.arange(5.0)
         out = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 3), w, b, 3)
         return bool(torch.allclose(out, F.linear(x, w, b), atol=1e-5))
     except (AttributeError, RuntimeError, NotImplementedError):
