@@ -339,7 +339,7 @@ def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch):
             assert made and all(k == (4 if pack and fd.MKL_PACKING else 2) for k in made)
         assert torch.equal(out[True].completion_ids, out[False].completion_ids)
         torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-6, rtol=0)
-    monkeypatch.setattr(fd, "MKL_PACKING", orig.__globals__["_mkl_packing_works"]())
+    monkeypatch.setattr(fd, "MKL_PACKING", fd._mkl_packing_works())
     w, b = torch.randn(1024, 256), torch.randn(1024)
     prod = orig((w, b), 64)
     for x in (torch.randn(64, 256), torch.randn(7, 256), torch.randn(256, 64).t()):  # packed rows, others, strided
@@ -347,5 +347,5 @@ def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch):
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    orig.__globals__["_mkl_packing_works"]()  # the import-time probe leaves the global RNG where it was
+    fd._mkl_packing_works()  # the import-time probe leaves the global RNG where it was
     assert torch.equal(torch.rand(4), expected)

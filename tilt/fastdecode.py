@@ -7,7 +7,8 @@ larger operations: one matmul for Q, K and V together, one for the gate and up p
 norm weights folded into those matmuls, and one complex product for the rotary embedding of all
 query and key heads (see ``LeanDecoder``). K and V go
 into the rollout's preallocated cache (``tilt.rollout.preallocated_cache``) through its layers'
-``update``, so prefill (HF's forward) and decode share one cache. ``GroupedDecoder`` is the same
+``update``, so prefill (HF's forward) and decode share one cache. Float32 products with enough weights
+run through MKL's packed GEMM, the weights packed once per ``generate`` call (``_packed``). ``GroupedDecoder`` is the same
 step for G samples per prompt with each prompt's keys and values held once (see its docstring).
 
 Only what is checked is used: model types Llama/Qwen2/Mistral with SiLU MLPs, float32/float64
