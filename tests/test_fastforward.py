@@ -237,3 +237,65 @@ def test_matmul_attention_hand_values():
                                                                                           dtype=torch.float64))
     torch.testing.assert_close(fastdecode._matmul_attention(q, k, v, first, 1.0), torch.full((1, 1, 1, 2), 2.0,
                                                                                            dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("weight", ["trained", "frozen", "none"])
+def test_rms_norm_function_equals_f_rms_norm(dtype, tol, weight):
+    """tilt.fastforward.RMSNorm (hand-written backward) against autograd through F.rms_norm: output,
+    d/dx and d/dw for a 3-D input, a trained, a frozen and no weight. The upstream gradient is not
+    constant, so the (g . x) term of dx matters."""
+    from tilt.fastforward import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=dtype, generator=g) * 3
+    w = None if weight == "none" else (torch.rand(16, dtype=dtype, generator=g) + 0.5)
+    up = torch.randn(3, 5, 16, dtype=dtype, generator=g)
+    results = []
+    for fn in (lambda x, w: rms_norm(x, w, 1e-5), lambda x, w: F.rms_norm(x, (16,), w, 1e-5)):
+        xl = x.clone().requires_grad_()
+        wl = None if w is None else w.clone().requires_grad_(weight == "trained")
+        out = fn(xl, wl)
+        (out * up).sum().backward()
+        results.append((out.detach(), xl.grad, None if wl is None else wl.grad))
+    (out, dx, dw), (ref_out, ref_dx, ref_dw) = results
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=0)
+    torch.testing.assert_close(dx, ref_dx, atol=tol, rtol=0)
+    if weight == "trained":
+        torch.testing.assert_close(dw, ref_dw, atol=tol * 10, rtol=0)  # a sum over 15 positions
+    else:
+        assert dw is None and ref_dw is None
+    assert dx.abs().max() > 0.1  # the check compares real gradients
+
+
+def test_rms_norm_function_hand_values():
+    """x = [3, 4], w = [1, 2], eps = 0: r = 1 / sqrt((9 + 16) / 2) = 0.282843, y = [0.848528, 2.262742].
+    With dy = [1, 0]: g = dy w = [1, 0], g . x = 3, dx = r g - x r^3 3 / 2 = [0.282843 - 3 * 0.033941,
+    -4 * 0.033941] = [0.181019, -0.135765] (r^3 3 / 2 = 0.033941); dw = dy x r = [0.848528, 0]."""
+    from tilt.fastforward import rms_norm
+
+    x = torch.tensor([3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    y = rms_norm(x, w, 0.0)
+    torch.testing.assert_close(y.detach(), torch.tensor([0.848528, 2.262742], dtype=torch.float64), atol=1e-6, rtol=0)
+    y[0].backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.181019, -0.135765], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.grad, torch.tensor([0.848528, 0.0], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_swiglu_function_equals_the_plain_expression_bit_for_bit():
+    """tilt.fastforward.SwiGLU against autograd through chunk / silu / mul: the same operators on the
+    same values, so the output and the gradient of the fused [gate, up] tensor are bit-equal."""
+    from tilt.fastforward import SwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(2, 7, 24, generator=g) * 4
+    up = torch.randn(2, 7, 12, generator=g)
+    results = []
+    for fn in (SwiGLU.apply, lambda z: F.silu(z.chunk(2, -1)[0]) * z.chunk(2, -1)[1]):
+        z = gu.clone().requires_grad_()
+        out = fn(z)
+        (out * up).sum().backward()
+        results.append((out.detach(), z.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][1][..., :12].abs().max() > 0.1 and results[0][1][..., 12:].abs().max() > 0.1

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from tilt.fastdecode import _complex, attention, lean_supported, linear_parts, qkv_rows, resolve
 
@@ -96,6 +97,78 @@ def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None) -> Ten
     return flat.view(y.shape)
 
 
+class RMSNorm(torch.autograd.Function):
+    """``F.rms_norm(x, (H,), w, eps)`` over the last dimension with a hand-written backward.
+
+    y = x r w with r = (mean_j x_j^2 + eps)^(-1/2) per position (Eq. 4 of "Root Mean Square Layer
+    Normalization", arXiv:1910.07467). With g = dy w (elementwise):
+
+        dx = r g - x r^3 (g . x) / H,        dw = sum over positions of dy x r
+
+    On CPU ``F.rms_norm`` runs as ~6 autograd operators forward and ~10 backward, each a pass over
+    [M, H]; this is 3 passes forward and 4-6 backward (the dot products are ``vecdot``s, which
+    read without writing a temporary). Forward values equal ``F.rms_norm``'s, gradients to float
+    rounding (tests/test_fastforward.py); speed: benchmarks/README.md, speed work 29."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor | None, eps: float) -> Tensor:
+        r = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # [..., 1]
+        ctx.save_for_backward(x, w, r)
+        y = x * r
+        return y if w is None else y.mul_(w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, w, r = ctx.saved_tensors
+        g = dy if w is None else dy * w
+        c = torch.linalg.vecdot(g, x).unsqueeze(-1).mul_(r.pow(3)).div_(x.shape[-1])  # r^3 (g . x) / H
+        dx = None
+        if ctx.needs_input_grad[0]:  # in g's buffer when g is ours (dy belongs to autograd)
+            dx = (g * r if w is None else g.mul_(r)).addcmul_(x, c, value=-1.0)
+        dw = None
+        if w is not None and ctx.needs_input_grad[1]:
+            dw = (x * r).mul_(dy).reshape(-1, x.shape[-1]).sum(0)
+        return dx, dw, None
+
+
+def rms_norm(x: Tensor, w: Tensor | None, eps: float) -> Tensor:
+    """RMS norm over the last dimension (``RMSNorm``)."""
+    return RMSNorm.apply(x, w, eps)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up for gate/up side by side in one tensor [..., 2 I] (the fused projection's output;
+    Eq. 6 of "GLU Variants Improve Transformer", arXiv:2002.05202, with Swish_1 = SiLU).
+
+    Autograd over ``chunk``, ``silu`` and ``mul`` builds the [.., 2 I] gradient with a ``cat`` of its
+    two halves; here both halves are written into one buffer (the same tensors are kept: the input
+    and silu(gate)):
+
+        d gate = silu'(gate) (dy * up),        d up = dy * silu(gate)
+
+    (``silu_backward``, the kernel autograd calls). The same operators on the same values: outputs and
+    gradients equal the plain expression's bit for bit (tests/test_fastforward.py)."""
+
+    @staticmethod
+    def forward(ctx, gu: Tensor) -> Tensor:
+        gate, up = gu.chunk(2, -1)
+        s = F.silu(gate)
+        ctx.save_for_backward(gu, s)
+        return s * up
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        gu, s = ctx.saved_tensors
+        gate, up = gu.chunk(2, -1)
+        out = torch.empty_like(gu)
+        d_gate, d_up = out.chunk(2, -1)
+        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=d_gate)
+        torch.mul(dy, s, out=d_up)
+        return out
+
+
 def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
     """[b * length, heads * d] -> [b, heads, length, d]."""
     return x.reshape(b, length, heads, d).transpose(1, 2)
@@ -148,25 +221,27 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
 
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
-        x = F.rms_norm(h, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         y = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters, rows)  # [M + N T, (nq + 2 nkv) d]
         # split, not slices: a slice's backward writes its gradient into a zero-filled copy of all of y
         qk, v = y.split([(nq + nkv) * d, nkv * d], -1)
         qk = torch.view_as_complex(qk.reshape(m + n * t, nq + nkv, d // 2, 2)) * rot
         q, k = torch.view_as_real(qk).view(m + n * t, (nq + nkv) * d).split([nq * d, nkv * d], -1)
-        qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
-        qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
+        # prompt and completion parts by split: the backward of two slices would zero-fill two full-size
+        # gradients and add them
+        (qp, qc), (kp, kc), (vp, vc) = (z.split([m, n * t]) for z in (q, k, v))
+        qp, kp, vp = _heads(qp, u, p, nq, d), _heads(kp, u, p, nkv, d), _heads(vp, u, p, nkv, d)
+        qc, kc, vc = _heads(qc, n, t, nq, d), _heads(kc, n, t, nkv, d), _heads(vc, n, t, nkv, d)
         keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
         values = torch.cat([vp.index_select(0, inverse), vc], 2)
         op = attention(qp, kp, vp, mask_p, scale)  # [U, nq, P, d]
         oc = attention(qc, keys, values, mask_c, scale)  # [N, nq, T, d]
         o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.transpose(1, 2).reshape(n * t, nq * d)])
         h = h + _project(o, (a.o_proj,), adapters)
-        x = F.rms_norm(h, (hidden,), layer.post_attention_layernorm.weight,
-                       layer.post_attention_layernorm.variance_epsilon)
-        gate, up = _project(x, (mlp.gate_proj, mlp.up_proj), adapters).chunk(2, -1)
-        h = h + _project(F.silu(gate) * up, (mlp.down_proj,), adapters)
+        x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        h = h + _project(SwiGLU.apply(_project(x, (mlp.gate_proj, mlp.up_proj), adapters)), (mlp.down_proj,), adapters)
 
-    last = h[:m].reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0
-    states = torch.cat([last[:, None], h[m:].reshape(n, t, hidden)[:, :-1]], 1)  # [N, T, H]
-    return F.rms_norm(states, (hidden,), base.norm.weight, base.norm.variance_epsilon)  # [N, T, H]
+    h_p, h_c = h.split([m, n * t])
+    last = h_p.reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0
+    states = torch.cat([last[:, None], h_c.reshape(n, t, hidden)[:, :-1]], 1)  # [N, T, H]
+    return rms_norm(states, base.norm.weight, base.norm.variance_epsilon)  # [N, T, H]
