@@ -77,6 +77,14 @@ def test_packed_decode_ab_runs():
     assert "1m x 4: packed" in stdout and "same tokens True" in stdout
 
 
+def test_forward_ab_runs_against_a_git_revision():
+    """The teacher-forced pass A/B loads tilt/fastforward.py from git beside the current module and
+    runs both on the shipped model; they compute the same log-probs."""
+    stdout = _run(["benchmarks/forward_ab.py", "--size", "1m", "--tokens", "4", "--prompts", "2", "--group", "2",
+                   "--repeats", "1", "--threads", "1", "--rev", "HEAD"])
+    assert "fwd_bwd: now / HEAD" in stdout and "log-probs max |diff| 0," in stdout
+
+
 def test_turn_order_rotates_and_reverses():
     """Three sides: rounds 0-2 rotate A B C, B C A, C A B; rounds 3-5 run them backwards."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -106,9 +106,9 @@ class RMSNorm(torch.autograd.Function):
         dx = r g - x r^3 (g . x) / H,        dw = sum over positions of dy x r
 
     On CPU ``F.rms_norm`` runs as ~6 autograd operators forward and ~10 backward, each a pass over
-    [M, H]; this is 3 passes forward and 4-6 backward (the dot products are ``vecdot``s, which
-    read without writing a temporary). Forward values equal ``F.rms_norm``'s, gradients to float
-    rounding (tests/test_fastforward.py); speed: benchmarks/README.md, speed work 29."""
+    [M, H]; this is 4 passes forward and 5 backward (3 more for a trained weight), most of them in
+    place. Forward values equal ``F.rms_norm``'s, gradients to float rounding
+    (tests/test_fastforward.py); speed: benchmarks/README.md, speed work 29."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor | None, eps: float) -> Tensor:

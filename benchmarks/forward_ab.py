@@ -1,0 +1,130 @@
+"""A/B of tilt's lean teacher-forced pass (tilt.fastforward) at a git revision against the working tree.
+
+    python benchmarks/forward_ab.py --size 10m --tokens 64 --rev HEAD~1 --repeats 9
+    python benchmarks/forward_ab.py --size smollm2 --tokens 64 --lora 16 --rev HEAD~1 --repeats 5
+
+Loads ``tilt/fastforward.py`` as it was at ``--rev`` beside the current one, samples one batch, then
+times the reference pass (no grad) and a forward + backward of the completion log-probs (the LM head
+inside ``head_token_logprobs``, in micro-batches of ``--chunk-tokens`` forward positions, by default the
+learner's ``train.micro_batch_tokens="auto"`` for the model) with each module, alternating (A B, B A, ...)
+in one process; prints how far apart the log-probs and gradients are and the medians (the first
+repeat dropped as warm-up). benchmarks/README.md, speed work 29.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import SIZES, model_dir, train_items  # noqa: E402
+
+
+def module_at(rev: str):
+    """tilt.fastforward as of git revision ``rev``, imported under another name."""
+    src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:tilt/fastforward.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "fastforward_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("fastforward_at_rev", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="1m", choices=list(SIZES))
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rev", default="HEAD", help="the git revision whose tilt/fastforward.py is the baseline")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (alpha = 2 r), B random")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="forward positions per micro-batch (default: tilt's auto budget; 0: the whole batch at once)")
+    p.add_argument("--no-keep-freed-memory", dest="keep_freed", action="store_false",
+                   help="leave glibc's allocator as it is (tilt's trainer sets it to keep freed memory: tilt.heap)")
+    p.add_argument("--cache", default=str(HERE / ".cache"))
+    a = p.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tilt.fastforward as current
+    from tilt.rollout import (SamplingParams, _plain_head, auto_micro_batch_tokens, generate, left_pad, token_chunks,
+                              unique_prompts)
+    from tilt.token_logprobs import head_token_logprobs
+
+    torch.set_num_threads(a.threads)
+    if a.keep_freed:
+        from tilt.heap import keep_freed_memory
+
+        keep_freed_memory()
+    old = module_at(a.rev)
+    path = model_dir(a.size, Path(a.cache))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    if a.lora:
+        from tilt.config import LoraCfg
+        from tilt.models.lora import apply_lora
+
+        model = apply_lora(model, LoraCfg(enabled=True, r=a.lora, lora_alpha=2 * a.lora, target_modules="all-linear"),
+                           where=str(path))
+        with torch.no_grad():
+            for n, q in model.named_parameters():
+                if "lora_B" in n:
+                    q.normal_(0, 0.01)
+    rows = [tok(it.prompt)["input_ids"] for it in train_items(a.prompts) for _ in range(a.group)]
+    ids, mask = left_pad(rows, tok.pad_token_id or 0)
+    b = generate(model, ids, mask, params=SamplingParams(a.tokens, min_new_tokens=a.tokens), eos_id=tok.eos_token_id,
+                 pad_id=tok.pad_token_id or 0, generator=torch.Generator().manual_seed(0))
+    budget = auto_micro_batch_tokens(model) if a.chunk_tokens is None else a.chunk_tokens
+    chunks = []  # per micro-batch: its rows' distinct prompts, which prompt each row has, its completions
+    for rows in token_chunks(ids, mask, a.tokens, budget or None):
+        u_ids, u_mask, inverse = unique_prompts(ids[rows], mask[rows])
+        chunks.append((u_ids, u_mask, inverse, b.completion_ids[rows], b.completion_mask[rows]))
+    head = _plain_head(model)
+    params = [q for q in model.parameters() if q.requires_grad]
+
+    def run(mod, grad: bool):
+        model.zero_grad(set_to_none=True)
+        out = []
+        with torch.set_grad_enabled(grad):
+            for u_ids, u_mask, inverse, c_ids, c_mask in chunks:
+                states = mod.shared_completion_states(model, u_ids, u_mask, inverse, c_ids, c_mask)
+                logp, _ = head_token_logprobs(states, *head, c_ids)
+                if grad:
+                    logp.sum().backward()
+                out.append(logp.detach())
+        return torch.cat(out), [q.grad.clone() for q in params] if grad else []
+
+    (lp_old, g_old), (lp_new, g_new) = run(old, True), run(current, True)
+    rel = max(((x - y).abs().max() / x.abs().max().clamp(min=1e-30)).item() for x, y in zip(g_old, g_new))
+    print(f"log-probs max |diff| {(lp_old - lp_new).abs().max().item():.3g}, gradients max |diff| / max |grad| "
+          f"{rel:.3g}")
+    times: dict[str, list[float]] = {f"{k}_{s}": [] for k in ("ref", "fwd_bwd") for s in ("rev", "now")}
+    for r in range(a.repeats):
+        for side in (("now", "rev") if r % 2 == 0 else ("rev", "now")):
+            mod = current if side == "now" else old
+            for name, grad in (("fwd_bwd", True), ("ref", False)):
+                t = time.perf_counter()
+                run(mod, grad)
+                times[f"{name}_{side}"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
+    print(f"{a.size} x {a.tokens} tokens, lora {a.lora}, {a.prompts} prompts x {a.group}, {len(chunks)} "
+          f"micro-batch(es) of <= {budget or 'all'} positions, {a.repeats} repeats: "
+          + "  ".join(f"{k} {v:.4f}s" for k, v in med.items()))
+    for name in ("fwd_bwd", "ref"):
+        print(f"{name}: now / {a.rev} = {med[f'{name}_now'] / med[f'{name}_rev']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
