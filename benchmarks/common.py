@@ -62,6 +62,35 @@ def train_items(count: int, start: int = 0) -> list:
     return sample_items(parse_mix(MIX), split="train", start=start, count=count)
 
 
+def sampled_batch(size: str, cache: Path, tokens: int, prompts: int, group: int, lora: int = 0):
+    """(model, tokenizer, prompt ids, prompt mask, sampled batch) for the teacher-forced-pass A/Bs: the
+    grid model in float32 (with LoRA of rank ``lora`` on all linear layers, alpha = 2 r, B drawn at
+    random so the adapters change the function), ``prompts`` x ``group`` rows of the benchmark's
+    prompts, ``tokens`` new tokens forced, seed 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tilt.rollout import SamplingParams, generate, left_pad
+
+    path = model_dir(size, cache)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    if lora:
+        from tilt.config import LoraCfg
+        from tilt.models.lora import apply_lora
+
+        model = apply_lora(model, LoraCfg(enabled=True, r=lora, lora_alpha=2 * lora, target_modules="all-linear"),
+                           where=str(path))
+        with torch.no_grad():
+            for n, q in model.named_parameters():
+                if "lora_B" in n:
+                    q.normal_(0, 0.01)
+    rows = [tok(it.prompt)["input_ids"] for it in train_items(prompts) for _ in range(group)]
+    ids, mask = left_pad(rows, tok.pad_token_id or 0)
+    batch = generate(model, ids, mask, params=SamplingParams(tokens, min_new_tokens=tokens), eos_id=tok.eos_token_id,
+                     pad_id=tok.pad_token_id or 0, generator=torch.Generator().manual_seed(0))
+    return model, tok, ids, mask, batch
+
+
 def trl_rows(items: list) -> list[dict[str, Any]]:
     """Dataset rows for TRL: the prompt plus what the verifier needs (columns as JSON text)."""
     return [{"prompt": it.prompt, "task": it.task, "columns_json": json.dumps(it.columns)} for it in items]

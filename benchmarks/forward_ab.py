@@ -25,7 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SIZES, model_dir, train_items  # noqa: E402
+from common import SIZES, sampled_batch  # noqa: E402
 
 
 def module_at(rev: str):
@@ -56,11 +56,8 @@ def main() -> None:
                    help="leave glibc's allocator as it is (tilt's trainer sets it to keep freed memory: tilt.heap)")
     p.add_argument("--cache", default=str(HERE / ".cache"))
     a = p.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import tilt.fastforward as current
-    from tilt.rollout import (SamplingParams, _plain_head, auto_micro_batch_tokens, generate, left_pad, token_chunks,
-                              unique_prompts)
+    from tilt.rollout import _plain_head, auto_micro_batch_tokens, token_chunks, unique_prompts
     from tilt.token_logprobs import head_token_logprobs
 
     torch.set_num_threads(a.threads)
@@ -69,23 +66,7 @@ def main() -> None:
 
         keep_freed_memory()
     old = module_at(a.rev)
-    path = model_dir(a.size, Path(a.cache))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path)
-    if a.lora:
-        from tilt.config import LoraCfg
-        from tilt.models.lora import apply_lora
-
-        model = apply_lora(model, LoraCfg(enabled=True, r=a.lora, lora_alpha=2 * a.lora, target_modules="all-linear"),
-                           where=str(path))
-        with torch.no_grad():
-            for n, q in model.named_parameters():
-                if "lora_B" in n:
-                    q.normal_(0, 0.01)
-    rows = [tok(it.prompt)["input_ids"] for it in train_items(a.prompts) for _ in range(a.group)]
-    ids, mask = left_pad(rows, tok.pad_token_id or 0)
-    b = generate(model, ids, mask, params=SamplingParams(a.tokens, min_new_tokens=a.tokens), eos_id=tok.eos_token_id,
-                 pad_id=tok.pad_token_id or 0, generator=torch.Generator().manual_seed(0))
+    model, _, ids, mask, b = sampled_batch(a.size, Path(a.cache), a.tokens, a.prompts, a.group, a.lora)
     budget = auto_micro_batch_tokens(model) if a.chunk_tokens is None else a.chunk_tokens
     chunks = []  # per micro-batch: its rows' distinct prompts, which prompt each row has, its completions
     for rows in token_chunks(ids, mask, a.tokens, budget or None):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SIZES, model_dir, train_items  # noqa: E402
+from common import SIZES, sampled_batch  # noqa: E402
 
 
 def main() -> None:
@@ -32,28 +32,10 @@ def main() -> None:
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (alpha = 2 r), B random")
     p.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache"))
     a = p.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tilt.rollout import SamplingParams, completion_logits, generate, left_pad
+    from tilt.rollout import completion_logits
 
     torch.set_num_threads(a.threads)
-    path = model_dir(a.size, Path(a.cache))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path)
-    if a.lora:
-        from tilt.config import LoraCfg
-        from tilt.models.lora import apply_lora
-
-        model = apply_lora(model, LoraCfg(enabled=True, r=a.lora, lora_alpha=2 * a.lora, target_modules="all-linear"),
-                           where=str(path))
-        with torch.no_grad():
-            for n, q in model.named_parameters():
-                if "lora_B" in n:
-                    q.normal_(0, 0.01)
-    rows = [tok(it.prompt)["input_ids"] for it in train_items(a.prompts) for _ in range(a.group)]
-    ids, mask = left_pad(rows, tok.pad_token_id or 0)
-    b = generate(model, ids, mask, params=SamplingParams(a.tokens, min_new_tokens=a.tokens), eos_id=tok.eos_token_id,
-                 pad_id=tok.pad_token_id or 0, generator=torch.Generator().manual_seed(0))
+    model, _, ids, mask, b = sampled_batch(a.size, Path(a.cache), a.tokens, a.prompts, a.group, a.lora)
 
     def ref(lean: bool) -> None:
         with torch.no_grad():
