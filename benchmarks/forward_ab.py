@@ -30,13 +30,16 @@ from common import SIZES, sampled_batch  # noqa: E402
 
 def module_at(rev: str):
     """tilt.fastforward as of git revision ``rev``, imported under another name."""
-    src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:tilt/fastforward.py"],
-                         capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "fastforward_at_rev.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("fastforward_at_rev", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    out = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:tilt/fastforward.py"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"--rev {rev}: git cannot show tilt/fastforward.py there: {out.stderr.strip()}")
+    with tempfile.TemporaryDirectory() as tmp:  # the module is compiled by exec_module; the file can go
+        path = Path(tmp) / "fastforward_at_rev.py"
+        path.write_text(out.stdout)
+        spec = importlib.util.spec_from_file_location("fastforward_at_rev", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
     return mod
 
 

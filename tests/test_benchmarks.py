@@ -83,6 +83,9 @@ def test_forward_ab_runs_against_a_git_revision():
     stdout = _run(["benchmarks/forward_ab.py", "--size", "1m", "--tokens", "4", "--prompts", "2", "--group", "2",
                    "--repeats", "1", "--threads", "1", "--rev", "HEAD"])
     assert "fwd_bwd: now / HEAD" in stdout and "log-probs max |diff| 0," in stdout
+    bad = subprocess.run([sys.executable, "benchmarks/forward_ab.py", "--rev", "no-such-rev"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--rev no-such-rev: git cannot show tilt/fastforward.py" in bad.stderr
 
 
 def test_turn_order_rotates_and_reverses():
