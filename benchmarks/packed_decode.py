@@ -1,11 +1,16 @@
-"""A/B of tilt's sampling with the decode products through MKL's packed GEMM and through F.linear.
+"""A/B of tilt's sampling with and without one decode-step speed-up:
+
+* ``--compare packed`` (default): the decode products through MKL's packed GEMM against F.linear
+  (benchmarks/README.md, speed work 28);
+* ``--compare fused``: the grouped decoder's attention, norms and SwiGLU as tilt.kernels' fused C
+  kernels against torch ops (speed work 30).
 
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6
-    python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 2
+    python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 2 --compare fused
 
 One process, the two settings interleaved (A B, B A, ...), 8 prompts x 8 samples, the length forced;
 prints the median seconds of each, their ratio, whether the sampled tokens are equal and the largest
-log-prob difference (benchmarks/README.md, speed work 28).
+log-prob difference.
 """
 from __future__ import annotations
 
@@ -29,14 +34,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
+    p.add_argument("--compare", choices=("packed", "fused"), default="packed")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import tilt.fastdecode as fd
     from tilt.model import load_policy
     from tilt.rollout import SamplingParams, generate
 
-    if not fd.MKL_PACKING:
+    if a.compare == "packed" and not fd.MKL_PACKING:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
+    if a.compare == "fused" and fd.kernels.library() is None:
+        sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
+    usable = fd.kernels.usable
     path = str(model_dir(a.size, Path(a.cache)))
     pol = load_policy(path)
     vocab = pol.model.config.vocab_size
@@ -44,8 +53,11 @@ def main() -> None:
     mask = torch.ones_like(ids)
     params = SamplingParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens)
 
-    def run(pack: bool):
-        fd.MKL_PACKING = pack
+    def run(on: bool):
+        if a.compare == "packed":
+            fd.MKL_PACKING = on
+        else:
+            fd.kernels.usable = usable if on else (lambda *tensors: False)
         with torch.no_grad():
             t = time.perf_counter()
             b = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
@@ -55,13 +67,14 @@ def main() -> None:
     run(True), run(False)  # warm-up
     times, out = {True: [], False: []}, {}
     for r in range(a.repeats):
-        for pack in ((True, False) if r % 2 == 0 else (False, True)):
-            t, out[pack] = run(pack)
-            times[pack].append(t)
-    packed, plain = statistics.median(times[True]), statistics.median(times[False])
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            t, out[on] = run(on)
+            times[on].append(t)
+    new, old = statistics.median(times[True]), statistics.median(times[False])
     same = bool(torch.equal(out[True].completion_ids, out[False].completion_ids))
     diff = (out[True].logprobs - out[False].logprobs).abs().max().item()
-    print(f"{a.size} x {a.tokens}: packed {packed:.4f} s, F.linear {plain:.4f} s, ratio {packed / plain:.3f}; "
+    names = ("packed", "F.linear") if a.compare == "packed" else ("fused kernels", "torch ops")
+    print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
 
 

@@ -77,6 +77,13 @@ def test_packed_decode_ab_runs():
     assert "1m x 4: packed" in stdout and "same tokens True" in stdout
 
 
+def test_fused_decode_ab_runs():
+    """The same script's fused-kernels A/B: both settings sample the same tokens."""
+    stdout = _run(["benchmarks/packed_decode.py", "--size", "1m", "--tokens", "4", "--repeats", "1", "--threads", "1",
+                   "--compare", "fused"])
+    assert "1m x 4: fused kernels" in stdout and "same tokens True" in stdout
+
+
 def test_forward_ab_runs_against_a_git_revision():
     """The teacher-forced pass A/B loads tilt/fastforward.py from git beside the current module and
     runs both on the shipped model; they compute the same log-probs."""

@@ -1,6 +1,7 @@
 """Rollout: KV-cache sampling log-probs equal a teacher-forced forward pass; masks and EOS."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tilt.model import load_policy
@@ -215,17 +216,24 @@ def test_decoder_rotation_table_equals_rotary_module(tiny_llama_dir):
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
 
 
-def test_grouped_decoder_prefill_equals_hf_prefill(tiny_llama_dir):
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_decoder_prefill_equals_hf_prefill(tiny_llama_dir, monkeypatch, fused):
     """The grouped decoder's own prefill of left-padded prompts gives HF's last-position logits and
-    the keys (in the decoder's pair layout) and values of HF's cache, to float rounding."""
+    the keys (in the decoder's pair layout) and values of HF's cache, to float rounding; with the
+    fused kernels (tilt.kernels) and with torch ops only."""
+    import tilt.fastdecode as fastdecode
     from tilt.fastdecode import grouped_decoder
     from tilt.rollout import preallocated_cache, unique_prompts
+
+    if not fused:
+        monkeypatch.setattr(fastdecode.kernels, "usable", lambda *tensors: False)
 
     pol = load_policy(str(tiny_llama_dir))
     ids, mask = encode_prompts(pol.tokenizer, PROMPTS * 3)
     u_ids, u_mask, inverse = unique_prompts(ids, mask)
     assert bool((u_mask == 0).any())  # left padding is exercised
     dec = grouped_decoder(pol.model, None, u_mask, inverse, 4, positions=ids.shape[1] + 4)
+    assert dec.fused == fused
     lean = dec.prefill(u_ids, u_mask)
     cache = preallocated_cache(pol.model, ids.shape[1])
     with torch.no_grad():
@@ -234,7 +242,7 @@ def test_grouped_decoder_prefill_equals_hf_prefill(tiny_llama_dir):
     torch.testing.assert_close(lean, out.logits[:, -1], atol=1e-5, rtol=1e-5)
     real = u_mask.bool()[:, None, :, None]  # padding keys are masked out, so only real ones must agree
     for i, layer in enumerate(cache.layers):
-        keys = dec.kp[i].transpose(-1, -2)  # [U, nkv, P, d] in pair layout
+        keys = dec.prompt_keys(i)  # [U, nkv, P, d] in pair layout
         torch.testing.assert_close(keys * real, layer.keys.index_select(-1, dec.pair) * real, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(dec.vp[i] * real, layer.values * real, atol=1e-5, rtol=1e-5)
 

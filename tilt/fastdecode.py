@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tilt import kernels
+
 SUPPORTED = ("llama", "qwen2", "mistral")
 
 
@@ -361,7 +363,7 @@ class GroupedDecoder(LeanDecoder):
     """
 
     def __init__(self, model, prompt_cache, prompt_mask: Tensor, inverse: Tensor, capacity: int,
-                 matmul_dtype: Optional[torch.dtype] = None, positions: int = 0):
+                 matmul_dtype: Optional[torch.dtype] = None, positions: int = 0, fused: Optional[bool] = None):
         super().__init__(model, None, matmul_dtype, positions)
         n, u = inverse.shape[0], prompt_mask.shape[0]
         self.u, self.g = u, n // u
@@ -369,15 +371,27 @@ class GroupedDecoder(LeanDecoder):
         self.unperm = torch.argsort(self.perm)  # [N]
         pad = ~prompt_mask.bool()  # [U, P]
         self.prompt_pad = pad.repeat_interleave(self.g, 0)[:, None, :]  # [N, 1, P] in prompt order
-        self.kp, self.vp = [], []  # per layer: [U, nkv, d, P] (keys in pair layout, transposed), [U, nkv, P, d]
+        self.pad_u8 = pad.to(torch.uint8).contiguous()  # [U, P] for the fused kernel
+        w = self.embed
+        # float32 residual stream on CPU: the step's attention, norms and SwiGLU run as tilt.kernels'
+        # fused C kernels (``_fused_step``; the products stay torch's / MKL's). ``fused=False``: torch
+        # ops only (the benchmarks' and tests' reference path)
+        self.fused = kernels.usable(w) if fused is None else bool(fused) and kernels.usable(w)
+        # per layer: prompt keys in pair layout, [U, nkv, d, P] (transposed for ``attend``'s product) or
+        # [U, nkv, P, d] for the fused kernel; values [U, nkv, P, d]
+        self.kp, self.vp = [], []
         for layer in getattr(prompt_cache, "layers", ()):  # None: ``prefill`` fills them
             k, v = layer.keys, layer.values  # [U, nkv, P, d]
-            self.kp.append(k.index_select(-1, self.pair).transpose(-1, -2).contiguous())
+            k = k.index_select(-1, self.pair)
+            self.kp.append((k if self.fused else k.transpose(-1, -2)).contiguous())
             self.vp.append(v.contiguous())
-        w = self.embed
         self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]  # [N, nkv, T, d]
         self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]
         self.filled = 0
+
+    def prompt_keys(self, i: int) -> Tensor:
+        """Layer ``i``'s prompt keys [U, nkv, P, d] (pair layout) whichever layout they are kept in."""
+        return self.kp[i] if self.fused else self.kp[i].transpose(-1, -2)
 
     @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -398,7 +412,7 @@ class GroupedDecoder(LeanDecoder):
         for ly in self.layers:
             q, k, v = self.qkv(ly, h, rot)  # [U P, nq, 1, d], [U P, nkv, 1, d] x 2
             q, k, v = (x.reshape(u, p, -1, d).transpose(1, 2) for x in (q, k, v))  # [U, heads, P, d]
-            self.kp.append(k.transpose(-1, -2).contiguous())  # [U, nkv, d, P]
+            self.kp.append((k if self.fused else k.transpose(-1, -2)).contiguous())  # [U, nkv, P, d] / [U, nkv, d, P]
             self.vp.append(v.contiguous())  # [U, nkv, P, d]
             o = attention(q, k, v, keep, scale=1.0)  # [U, nq, P, d]
             h = h + _lin(o.transpose(1, 2).reshape(u * p, nq * d), ly["o"])
@@ -434,6 +448,8 @@ class GroupedDecoder(LeanDecoder):
         tok, pos = tok.index_select(0, self.perm), pos.index_select(0, self.perm)  # prompt order
         h = F.embedding(tok, self.embed)  # [N, H]
         rot = self.rotation(h, pos)
+        if self.fused:
+            return self._fused_step(h, rot)
         for i, ly in enumerate(self.layers):
             q, k, v = self.qkv(ly, h, rot)  # [N, nq, 1, d], [N, nkv, 1, d] x 2
             h = h + _lin(self.attend(i, q, k, v), ly["o"])
@@ -441,6 +457,24 @@ class GroupedDecoder(LeanDecoder):
         self.filled += 1
         h = _normed(h.index_select(0, self.unperm), self.norm_eps)  # caller's order
         return _lin(h, self.lm)  # [N, V]
+
+    def _fused_step(self, h: Tensor, rot: Tensor) -> Tensor:
+        """``step``'s layers with tilt.kernels: per layer four products and three fused calls (rotary
+        embedding + cache write + attention; residual add + RMS norm, twice; SiLU-gated product), the
+        residual stream ``h`` [N, H] (rows in prompt order) updated in place. The same function as the
+        torch ops of ``step`` to float rounding (tests/test_kernels.py)."""
+        lib, t, nq = kernels.library(), self.filled, self.nq
+        rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
+        x = kernels.add_rms_norm(h, None, self.layers[0]["in_eps"], lib) if self.layers else h
+        for i, ly in enumerate(self.layers):
+            a = kernels.attend(_lin(x, ly["qkv"]), rot, self.kc[i], self.vc[i], self.kp[i], self.vp[i],
+                               self.pad_u8, t, nq, lib)  # [N, nq d]
+            x = kernels.add_rms_norm(h, _lin(a, ly["o"]), ly["post_eps"], lib)
+            m = _lin(kernels.silu_mul(_lin(x, ly["gu"]), lib), ly["down"])
+            eps = self.layers[i + 1]["in_eps"] if i + 1 < len(self.layers) else self.norm_eps
+            x = kernels.add_rms_norm(h, m, eps, lib)
+        self.filled += 1
+        return _lin(x.index_select(0, self.unperm), self.lm)  # [N, V] in the caller's order
 
 
 def lean_supported(model) -> bool:

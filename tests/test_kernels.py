@@ -1,0 +1,170 @@
+"""tilt.kernels: the fused C decode kernels equal the torch expressions they replace, the grouped decoder
+samples the same tokens with and without them, and a machine that cannot build them keeps torch ops."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tilt import kernels
+from tilt.fastdecode import GroupedDecoder
+from tilt.model import load_policy
+from tilt.rollout import encode_prompts, unique_prompts
+
+
+def test_kernels_load_where_a_compiler_is():
+    """On a Linux machine with a C compiler (CI's) the kernels build, pass their self-check and load;
+    without one the status names the missing compiler."""
+    if os.environ.get("TILT_KERNELS", "1") == "0":
+        assert kernels.library() is None and "TILT_KERNELS" in kernels.status()
+    elif sys.platform.startswith("linux") and kernels._compiler() is not None:
+        assert kernels.library() is not None, kernels.status()
+        assert kernels.status() == "loaded"
+    else:
+        assert kernels.library() is None
+        assert "compiler" in kernels.status() or "Linux" in kernels.status()
+
+
+# Skipped only where the kernels cannot exist (no compiler, not Linux, or switched off); where a
+# compiler is present and the build or its self-check fails, these tests fail.
+CAN_BUILD = (sys.platform.startswith("linux") and kernels._compiler() is not None
+             and os.environ.get("TILT_KERNELS", "1") != "0")
+needs_lib = pytest.mark.skipif(not CAN_BUILD, reason=f"tilt.kernels: {kernels.status()}")
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", [(1, 7), (64, 256), (5, 576)])
+def test_add_rms_norm_equals_f_rms_norm(shape):
+    g = torch.Generator().manual_seed(0)
+    h, x = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g)
+    want_h = h + x
+    want = F.rms_norm(want_h.double(), (shape[1],), None, 1e-5)
+    got_h = h.clone()
+    got = kernels.add_rms_norm(got_h, x, 1e-5)
+    torch.testing.assert_close(got_h, want_h, atol=0, rtol=0)  # the residual stream is updated in place
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(kernels.add_rms_norm(h.clone(), None, 1e-5).double(),
+                               F.rms_norm(h.double(), (shape[1],), None, 1e-5), atol=2e-6, rtol=2e-6)
+
+
+@needs_lib
+def test_add_rms_norm_hand_values():
+    """[3, 4]: mean of squares 12.5, so the norm is [3, 4] / sqrt(12.5 + eps)."""
+    h = torch.tensor([[1.0, 4.0]])
+    got = kernels.add_rms_norm(h, torch.tensor([[2.0, 0.0]]), 0.0)
+    torch.testing.assert_close(got, torch.tensor([[3.0, 4.0]]) / 12.5 ** 0.5, atol=1e-7, rtol=0)
+
+
+@needs_lib
+def test_silu_mul_equals_torch_and_handles_extremes():
+    g = torch.Generator().manual_seed(1)
+    gate = torch.cat([torch.randn(3, 50, generator=g) * 6,
+                      torch.tensor([[-200.0, -88.5, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.5, 200.0]
+                                    + [0.5] * 39])])
+    up = torch.randn(4, 50, generator=g)
+    gu = torch.cat([gate, up], 1).contiguous()
+    got = kernels.silu_mul(gu).double()
+    want = F.silu(gate.double()) * up.double()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=2e-6)
+    assert torch.isfinite(got).all()
+
+
+def _attend_inputs(n, u, nq, nkv, d, p, cap, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, (nq + 2 * nkv) * d, generator=g)
+    ang = torch.rand(n, d // 2, generator=g) * 6
+    rot = torch.polar(torch.ones_like(ang), ang)
+    kc, vc = torch.randn(n, nkv, cap, d, generator=g), torch.randn(n, nkv, cap, d, generator=g)
+    kp, vp = torch.randn(u, nkv, p, d, generator=g), torch.randn(u, nkv, p, d, generator=g)
+    pad = torch.zeros(u, p, dtype=torch.uint8)
+    pad[0, : p // 2] = 1  # left padding on the first prompt
+    return y, rot, kc, vc, kp, vp, pad
+
+
+@needs_lib
+@pytest.mark.parametrize("nq,nkv,d", [(8, 8, 32), (8, 8, 64), (9, 3, 64), (4, 2, 128), (2, 1, 16), (4, 4, 48)])
+@pytest.mark.parametrize("t", [0, 5, 11])
+def test_attend_equals_torch_attention(nq, nkv, d, t):
+    """Fixed head sizes (32, 64, 128) and the general loop (16, 48), grouped-query heads (9 over 3),
+    padding, the first and the last cache position: output and cache writes against the torch ops, and
+    both against float64."""
+    n, u, p, cap = 12, 3, 7, 12
+    y, rot, kc, vc, kp, vp, pad = _attend_inputs(n, u, nq, nkv, d, p, cap, seed=t)
+    ref = [x.clone() for x in (kc, vc)]
+    got = kernels.attend(y, rot, kc, vc, kp, vp, pad, t, nq)
+    want = kernels.attend_reference(y, rot, *ref, kp, vp, pad, t, nq)
+    torch.testing.assert_close(kc, ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(vc, ref[1], atol=0, rtol=0)
+    exact = kernels.attend_reference(y.double(), rot.to(torch.complex128), kc.double(), vc.double(), kp.double(),
+                                     vp.double(), pad, t, nq)
+    err_kernel, err_torch = (got.double() - exact).abs().max(), (want.double() - exact).abs().max()
+    assert err_kernel <= max(3 * err_torch, 5e-6), (err_kernel, err_torch)
+    torch.testing.assert_close(got, want, atol=5e-6, rtol=1e-5)
+
+
+@needs_lib
+def test_attend_rejects_mismatched_shapes():
+    y, rot, kc, vc, kp, vp, pad = _attend_inputs(4, 2, 2, 2, 8, 3, 5)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        kernels.attend(y, rot, kc, vc, kp.transpose(-1, -2).contiguous(), vp, pad, 0, 2)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.attend(y, rot, kc, vc, kp, vp, pad, 5, 2)
+
+
+@needs_lib
+def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir):
+    """Twelve decode steps of 3 prompts x 4 samples (left padding) with the fused kernels and with
+    torch ops only: logits to float rounding, the same greedy tokens."""
+    pol = load_policy(str(tiny_llama_dir))
+    ids, mask = encode_prompts(pol.tokenizer, ["47+85=", "cd 3 5 7>22:", "5+4="] * 4)
+    u_ids, u_mask, inverse = unique_prompts(ids, mask)
+    runs = []
+    for fused in (True, False):
+        dec = GroupedDecoder(pol.model, None, u_mask, inverse, 12, positions=ids.shape[1] + 12, fused=fused)
+        assert dec.fused == fused
+        logits = dec.prefill(u_ids, u_mask).index_select(0, inverse)
+        pos, steps = mask.sum(-1), []
+        for s in range(12):
+            tok = logits.argmax(-1)
+            logits = dec.step(tok, pos + s)
+            steps.append((tok, logits))
+        runs.append(steps)
+    for (tok_a, lg_a), (tok_b, lg_b) in zip(*runs):
+        assert torch.equal(tok_a, tok_b)
+        torch.testing.assert_close(lg_a, lg_b, atol=1e-5, rtol=1e-5)
+
+
+def _status_in_subprocess(env: dict) -> str:
+    code = ("import tilt.kernels as k, tilt.fastdecode as f; print(k.status()); "
+            "print(k.usable(__import__('torch').zeros(1)))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_disabled_or_unbuildable_kernels_keep_torch_ops(tmp_path):
+    """TILT_KERNELS=0 and a compiler that fails both leave the decoder on torch ops, with the cause in
+    ``status()``; a failed build leaves no file behind in the cache directory."""
+    out = _status_in_subprocess({"TILT_KERNELS": "0", "TILT_CACHE_DIR": str(tmp_path)})
+    assert out.split("\n")[:2] == ["disabled by TILT_KERNELS", "False"]
+    out = _status_in_subprocess({"CC": "false", "TILT_CACHE_DIR": str(tmp_path)})
+    assert out.startswith("unavailable: RuntimeError") and "false failed" in out and "\nFalse" in out
+    assert not list((tmp_path / "kernels").glob("*"))
+
+
+@needs_lib
+def test_build_goes_to_the_cache_directory(tmp_path):
+    """A build lands in $TILT_CACHE_DIR/kernels under a name keyed by source, compiler and CPU, with no
+    temporary file left; a second process loads it without building."""
+    out = _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)})
+    assert out.split("\n")[:2] == ["loaded", "True"]
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("decode-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    assert _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)}).startswith("loaded")
+    assert built[0].stat().st_mtime_ns == stamp

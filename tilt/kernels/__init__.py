@@ -1,0 +1,211 @@
+"""Fused float32 CPU kernels for the decode step (``decode.c``), built on first use with the system C
+compiler and loaded through ctypes.
+
+Why C and not torch ops: at 64 rows and 10M-30M parameters the decode step's attention is ~15 torch
+operations per layer whose dispatch and memory traffic cost more than their arithmetic (about 1.1 ms of
+which 0.2-0.3 ms is the two products, 10M x 64 tokens; benchmarks/README.md, "Ninth session"), and the
+norms and SwiGLU add a few more each. ``torch.compile`` would fuse them, but its first compile takes
+minutes on a 2-core machine (speed work 29); a plain C file compiles in about a second.
+
+The library is built once per source, compiler and CPU (it is compiled for the host's instruction set,
+``-march=native``) into ``$TILT_CACHE_DIR/kernels`` (default ``~/.cache/tilt/kernels``), written to a
+temporary name and renamed into place, so concurrent processes never load a half-written file. Before
+first use each kernel is checked against the torch expression it replaces on fixed inputs. When there
+is no compiler, the build fails, the check fails, or ``TILT_KERNELS=0`` is set, ``library()`` returns
+None and the decoder keeps its torch ops (same results to float rounding); ``status()`` says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("decode.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "tilt_attend": [_P] * 8 + [_I64] * 8,
+    "tilt_add_rms_norm": [_P, _P, _P, _I64, _I64, _F32],
+    "tilt_silu_mul": [_P, _P, _I64, _I64],
+}
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TILT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "tilt")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"decode-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: another process sees the old state or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None where they cannot be used (``status()`` says why). Once per process."""
+    if "lib" not in _state:
+        _state["lib"], _state["status"] = None, "not built"
+        if os.environ.get("TILT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            _state["status"] = "disabled by TILT_KERNELS"
+        elif not sys.platform.startswith("linux"):
+            _state["status"] = f"not built on {sys.platform} (Linux only)"
+        elif (cc := _compiler()) is None:
+            _state["status"] = "no C compiler found (set CC)"
+        else:
+            try:
+                lib = _load(_build(cc))
+                _self_check(lib)
+                _state["lib"], _state["status"] = lib, "loaded"
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError, AssertionError) as e:
+                _state["status"] = f"unavailable: {type(e).__name__}: {e}"
+    return _state["lib"]
+
+
+def status() -> str:
+    library()
+    return _state["status"]
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can run on these tensors: loaded, float32, CPU, contiguous."""
+    return library() is not None and all(
+        x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() for x in tensors)
+
+
+def _ptr(x: Optional[Tensor]) -> Optional[int]:
+    return None if x is None else x.data_ptr()
+
+
+def add_rms_norm(h: Tensor, x: Optional[Tensor], eps: float, lib=None) -> Tensor:
+    """``h += x`` in place (when ``x`` is given), then h's RMS norm without weight, [N, H] -> [N, H]."""
+    lib = lib or library()
+    n, width = h.shape
+    out = torch.empty_like(h)
+    lib.tilt_add_rms_norm(_ptr(h), _ptr(x), _ptr(out), n, width, eps)
+    return out
+
+
+def silu_mul(gu: Tensor, lib=None) -> Tensor:
+    """silu(gu[:, :I]) * gu[:, I:] for gu [N, 2I] -> [N, I]."""
+    lib = lib or library()
+    n, width = gu.shape
+    out = gu.new_empty(n, width // 2)
+    lib.tilt_silu_mul(_ptr(gu), _ptr(out), n, width // 2)
+    return out
+
+
+def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor, t: int,
+           nq: int, lib=None) -> Tensor:
+    """``decode.c``'s ``tilt_attend``: rotary embedding of the new query and key in ``y`` (the fused
+    q/k/v product, [N, (nq + 2 nkv) d], rows in prompt order), the new key and value written to
+    ``kc``/``vc`` [N, nkv, cap, d] at position ``t``, and attention over the prompt's keys ``kp``
+    and values ``vp`` [U, nkv, P, d] (``pad`` [U, P] uint8, 1 = padding) and the
+    completion's 0..t. ``rot``: [N, d/2] complex64. Returns [N, nq d]."""
+    lib = lib or library()
+    n, nkv, cap, d = kc.shape
+    u, p = pad.shape
+    if kp.shape != (u, nkv, p, d) or vp.shape != (u, nkv, p, d) or y.shape != (n, (nq + 2 * nkv) * d):
+        raise ValueError(f"attend: shapes do not match: y {tuple(y.shape)}, kc {tuple(kc.shape)}, "
+                         f"kp {tuple(kp.shape)}, vp {tuple(vp.shape)}, pad {tuple(pad.shape)}")
+    if not 0 <= t < cap or n % u:
+        raise ValueError(f"attend: position {t} outside the cache's {cap}, or {n} rows not in groups of {u}")
+    out = y.new_empty(n, nq * d)
+    lib.tilt_attend(_ptr(y), _ptr(torch.view_as_real(rot)), _ptr(kc), _ptr(vc), _ptr(kp), _ptr(vp), _ptr(pad),
+                    _ptr(out), n, u, nq, nkv, d, p, cap, t)
+    return out
+
+
+def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor,
+                     t: int, nq: int) -> Tensor:
+    """``attend`` in torch ops (the same function; used by the self-check and the tests)."""
+    n, nkv, cap, d = kc.shape
+    u, p = pad.shape
+    g, rep = n // u, nq // nkv
+    qk = torch.view_as_real(torch.view_as_complex(y[:, :(nq + nkv) * d].reshape(n, nq + nkv, d // 2, 2))
+                            * rot[:, None]).reshape(n, nq + nkv, d)
+    kc[:, :, t] = qk[:, nq:]
+    vc[:, :, t] = y[:, (nq + nkv) * d:].reshape(n, nkv, d)
+    q = qk[:, :nq].reshape(n, nkv, rep, d)
+    idx = torch.arange(n) // g
+    s_p = torch.matmul(q, kp[idx].transpose(-1, -2)).masked_fill(pad[idx].bool()[:, None, None, :], -torch.inf)  # [N, nkv, rep, P]
+    s_c = torch.matmul(q, kc[:, :, :t + 1].transpose(-1, -2))  # [N, nkv, rep, t+1]
+    w = torch.softmax(torch.cat([s_p, s_c], -1), -1)
+    o = torch.matmul(w[..., :p], vp[idx]) + torch.matmul(w[..., p:], vc[:, :, :t + 1])
+    return o.reshape(n, nq * d)
+
+
+def _self_check(lib) -> None:
+    """Each kernel against its torch expression on fixed inputs (not torch.randn: loading must not move
+    the global RNG). Raises AssertionError on a mismatch."""
+    def fixed(*shape, seed=1.0):
+        return (torch.arange(float(torch.Size(shape).numel())) * 0.7311 + seed).sin().reshape(shape).contiguous()
+
+    h, x = fixed(3, 40), fixed(3, 40, seed=2.0)
+    want = F.rms_norm(h + x, (40,), None, 1e-6)
+    got = add_rms_norm(h.clone(), x, 1e-6, lib)
+    assert torch.allclose(got, want, atol=1e-5), "add_rms_norm differs from F.rms_norm"
+    gu = fixed(3, 48) * 4
+    assert torch.allclose(silu_mul(gu, lib), F.silu(gu[:, :24]) * gu[:, 24:], atol=1e-5), "silu_mul differs"
+    n, u, nq, nkv, d, p, cap, t = 4, 2, 4, 2, 8, 5, 6, 3
+    y = fixed(n, (nq + 2 * nkv) * d)
+    ang = fixed(n, d // 2, seed=3.0) * 3
+    rot = torch.polar(torch.ones_like(ang), ang)
+    kc, vc = fixed(n, nkv, cap, d, seed=4.0), fixed(n, nkv, cap, d, seed=5.0)
+    kp, vp = fixed(u, nkv, p, d, seed=6.0), fixed(u, nkv, p, d, seed=7.0)
+    pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.uint8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = attend(y, rot, kc, vc, kp, vp, pad, t, nq, lib)
+    want = attend_reference(y, rot, kc2, vc2, kp, vp, pad, t, nq)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(kc, kc2, atol=1e-6), "attend differs"

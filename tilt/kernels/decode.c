@@ -1,0 +1,211 @@
+/* Fused CPU kernels for tilt's decode step (tilt/fastdecode.py, GroupedDecoder).
+ *
+ * At 64 rows and 10M-30M parameters a decode step's attention is about 15 small torch operations
+ * per layer (rotary embedding, two cache writes, two score products, a mask, a concatenation, a
+ * softmax, two value products and the reshapes between them), each costing more in dispatch and
+ * memory traffic than in arithmetic. Here each of them is one call that walks the rows once.
+ * The arithmetic is the same as the torch path's (the same products, summed in another order), so
+ * the results agree to float rounding (tests/test_kernels.py).
+ *
+ * Built by tilt/kernels/__init__.py with the system C compiler, loaded through ctypes; float32,
+ * contiguous row-major tensors only (the Python side checks). Threads: OpenMP, sharing the
+ * runtime torch already loaded (libgomp.so.1).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) in a form the compiler vectorises (libm's expf is one scalar call per element): x = n ln2 + r
+ * with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), exp(r) by a degree-6 minimax polynomial
+ * (Cephes' expf coefficients), times 2^n built in the exponent bits. Relative error about 1e-7 (two
+ * float ulps at most on [-87, 88], tests/test_kernels.py); arguments are clamped to that range, so
+ * exp of a very negative number is about 1e-38 instead of 0 (its weight in a softmax sum is nil). */
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* n = round(x / ln2) by the float-add trick (1.5 * 2^23 pushes the fraction out; |x / ln2| < 2^22
+     * here); floorf would keep the loop from vectorising */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two;
+    memcpy(&two, &bits, sizeof two);
+    return e * two;
+}
+
+/* Ask for the first `count` floats of two blocks (one head's cached keys and values) to be brought
+ * into cache: each head's block is a few KB in its own pages, where the hardware prefetcher starts
+ * late, so the next head's loads are issued while this head is computed. */
+static inline void prefetch_block(const float *a, const float *b, int64_t count) {
+    for (int64_t i = 0; i < count; i += 16) {
+        __builtin_prefetch(a + i, 0, 3);
+        __builtin_prefetch(b + i, 0, 3);
+    }
+}
+
+/* s[j] = q . k_j for `count` keys stored as rows of D floats. Four keys per pass, each with its own
+ * accumulator, so the horizontal sums overlap. */
+static inline __attribute__((always_inline)) void dots(const float *q, const float *k, int64_t count,
+                                                       float *s, const int64_t D) {
+    int64_t j = 0;
+    for (; j + 4 <= count; j += 4) {
+        const float *k0 = k + j * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t e = 0; e < D; e++) {
+            a0 += q[e] * k0[e];
+            a1 += q[e] * k1[e];
+            a2 += q[e] * k2[e];
+            a3 += q[e] * k3[e];
+        }
+        s[j] = a0, s[j + 1] = a1, s[j + 2] = a2, s[j + 3] = a3;
+    }
+    for (; j < count; j++) {
+        const float *kj = k + j * D;
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int64_t e = 0; e < D; e++) a += q[e] * kj[e];
+        s[j] = a;
+    }
+}
+
+/* acc += sum_j w[j] v_j over `count` value rows of D floats. */
+static inline __attribute__((always_inline)) void weighted_sum(const float *w, const float *v, int64_t count,
+                                                               float *acc, const int64_t D) {
+    for (int64_t j = 0; j < count; j++) {
+        const float p = w[j];
+        const float *vj = v + j * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; e++) acc[e] += p * vj[e];
+    }
+}
+
+/* One query head of one row: softmax over the prompt's P keys (padding masked) and the row's t + 1
+ * completion keys, times their values. q is already rotated and scaled; s has room for P + t + 1. */
+static inline __attribute__((always_inline)) void head(const float *q, const float *kp, const float *vp,
+                                                       const uint8_t *pad, const float *kr, const float *vr,
+                                                       int64_t P, int64_t t, float *s, float *out,
+                                                       const int64_t D) {
+    const int64_t keys = P + t + 1;
+    dots(q, kp, P, s, D);
+    dots(q, kr, t + 1, s + P, D);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < keys; j++) {
+        const float x = (j < P && pad[j]) ? -INFINITY : s[j];
+        s[j] = x;
+        mx = x > mx ? x : mx;
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < keys; j++) {
+        const float p = s[j] == -INFINITY ? 0.0f : fast_expf(s[j] - mx);
+        s[j] = p;
+        total += p;
+    }
+    float acc[D];
+    for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
+    weighted_sum(s, vp, P, acc, D);
+    weighted_sum(s + P, vr, t + 1, acc, D);
+    const float inv = 1.0f / total;
+    for (int64_t e = 0; e < D; e++) out[e] = acc[e] * inv;
+}
+
+/* Attention of one new token per row over its prompt's keys (shared by the G rows of a prompt)
+ * and its own completion keys (Eq. 1 of arXiv:1706.03762), after rotary embedding of the new
+ * query and key (Eq. 34 of arXiv:2104.09864 in complex form, pairs adjacent) and after writing the
+ * new key and value into the completion cache at position t.
+ *
+ * y     [N, (nq + 2 nkv) d]  the fused q/k/v product (q, k in pair layout; q carries 1/sqrt(d))
+ * rot   [N, d/2, 2]          e^{i p theta} as (cos, sin)
+ * kc,vc [N, nkv, cap, d]     completion keys / values (position t is written here)
+ * kp,vp [U, nkv, P, d]       prompt keys (pair layout) / values
+ * pad   [U, P]               1 where the prompt position is padding
+ * out   [N, nq d]
+ * Rows are in prompt order: row n belongs to prompt n / (N / U). Head sizes 32, 64 and 128 get
+ * loops of fixed length (the compiler keeps a head's output in registers); others the general form.
+ */
+void tilt_attend(const float *y, const float *rot, float *kc, float *vc, const float *kp,
+                 const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
+                 int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t) {
+    const int64_t G = N / U, rep = nq / nkv, half = d / 2, width = (nq + 2 * nkv) * d;
+#pragma omp parallel
+    {
+        float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1));
+        float *s = q + d;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const float *yr = y + n * width, *r = rot + n * d;
+            const int64_t u = n / G;
+            for (int64_t h = 0; h < nkv; h++) { /* the new key (rotated) and value into the cache */
+                const float *k = yr + (nq + h) * d, *v = yr + (nq + nkv + h) * d;
+                float *kd = kc + ((n * nkv + h) * cap + t) * d, *vd = vc + ((n * nkv + h) * cap + t) * d;
+                for (int64_t j = 0; j < half; j++) {
+                    const float a = k[2 * j], b = k[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
+                    kd[2 * j] = a * c - b * sn;
+                    kd[2 * j + 1] = a * sn + b * c;
+                }
+                memcpy(vd, v, sizeof(float) * (size_t)d);
+            }
+            for (int64_t qh = 0; qh < nq; qh++) {
+                const int64_t h = qh / rep, nh = n * nkv + h;
+                const float *qs = yr + qh * d;
+                if (qh % rep == 0 && nh + 1 < N * nkv) /* the next head's cache, while this one computes */
+                    prefetch_block(kc + (nh + 1) * cap * d, vc + (nh + 1) * cap * d, (t + 1) * d);
+                for (int64_t j = 0; j < half; j++) {
+                    const float a = qs[2 * j], b = qs[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
+                    q[2 * j] = a * c - b * sn;
+                    q[2 * j + 1] = a * sn + b * c;
+                }
+                const float *kpu = kp + (u * nkv + h) * P * d, *vpu = vp + (u * nkv + h) * P * d;
+                const float *kr = kc + nh * cap * d, *vr = vc + nh * cap * d;
+                float *o = out + (n * nq + qh) * d;
+                const uint8_t *pu = pad + u * P;
+                switch (d) {
+                case 32: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, 32); break;
+                case 64: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, 64); break;
+                case 128: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, 128); break;
+                default: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, d);
+                }
+            }
+        }
+        free(q);
+    }
+}
+
+/* h += x (when x is not NULL), then out = h / sqrt(mean(h^2) + eps): RMS norm without its weight
+ * (Eq. 4 of arXiv:1910.07467; tilt folds the weight into the next product). h, x, out [N, H]. */
+void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t H, float eps) {
+#pragma omp parallel for schedule(static) if (N * H >= 16384)
+    for (int64_t n = 0; n < N; n++) {
+        float *hr = h + n * H, *o = out + n * H;
+        if (x) {
+            const float *xr = x + n * H;
+#pragma omp simd
+            for (int64_t e = 0; e < H; e++) hr[e] += xr[e];
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t e = 0; e < H; e++) ss += hr[e] * hr[e];
+        const float r = 1.0f / sqrtf(ss / (float)H + eps);
+#pragma omp simd
+        for (int64_t e = 0; e < H; e++) o[e] = hr[e] * r;
+    }
+}
+
+/* out[n, i] = silu(gu[n, i]) * gu[n, I + i] (SwiGLU, Eq. 5 of arXiv:2002.05202). gu [N, 2I], out [N, I]. */
+void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
+#pragma omp parallel for schedule(static) if (N * I >= 16384)
+    for (int64_t n = 0; n < N; n++) {
+        const float *g = gu + n * 2 * I, *u = g + I;
+        float *o = out + n * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
+    }
+}
