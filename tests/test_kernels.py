@@ -138,22 +138,24 @@ def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir):
         torch.testing.assert_close(lg_a, lg_b, atol=1e-5, rtol=1e-5)
 
 
-def _status_in_subprocess(env: dict) -> str:
+def _status_in_subprocess(env: dict) -> tuple[str, str]:
+    """(stdout, stderr) of a process printing ``kernels.status()`` and whether the kernels are usable."""
     code = ("import tilt.kernels as k, tilt.fastdecode as f; print(k.status()); "
             "print(k.usable(__import__('torch').zeros(1)))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    return out.stdout
+    return out.stdout, out.stderr
 
 
 def test_disabled_or_unbuildable_kernels_keep_torch_ops(tmp_path):
     """TILT_KERNELS=0 and a compiler that fails both leave the decoder on torch ops, with the cause in
     ``status()``; a failed build leaves no file behind in the cache directory."""
-    out = _status_in_subprocess({"TILT_KERNELS": "0", "TILT_CACHE_DIR": str(tmp_path)})
-    assert out.split("\n")[:2] == ["disabled by TILT_KERNELS", "False"]
-    out = _status_in_subprocess({"CC": "false", "TILT_CACHE_DIR": str(tmp_path)})
+    out, err = _status_in_subprocess({"TILT_KERNELS": "0", "TILT_CACHE_DIR": str(tmp_path)})
+    assert out.split("\n")[:2] == ["disabled by TILT_KERNELS", "False"] and "tilt.kernels" not in err
+    out, err = _status_in_subprocess({"CC": "false", "TILT_CACHE_DIR": str(tmp_path)})
     assert out.startswith("unavailable: RuntimeError") and "false failed" in out and "\nFalse" in out
+    assert "RuntimeWarning: tilt.kernels: the fused decode kernels are unavailable" in err
     assert not list((tmp_path / "kernels").glob("*"))
 
 
@@ -161,10 +163,10 @@ def test_disabled_or_unbuildable_kernels_keep_torch_ops(tmp_path):
 def test_build_goes_to_the_cache_directory(tmp_path):
     """A build lands in $TILT_CACHE_DIR/kernels under a name keyed by source, compiler and CPU, with no
     temporary file left; a second process loads it without building."""
-    out = _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)})
+    out, _ = _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)})
     assert out.split("\n")[:2] == ["loaded", "True"]
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("decode-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    assert _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)}).startswith("loaded")
+    assert _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)})[0].startswith("loaded")
     assert built[0].stat().st_mtime_ns == stamp

@@ -10,6 +10,9 @@ into the rollout's preallocated cache (``tilt.rollout.preallocated_cache``) thro
 ``update``, so prefill (HF's forward) and decode share one cache. Float32 products with enough weights
 run through MKL's packed GEMM, the weights packed once per ``generate`` call (``_packed``). ``GroupedDecoder`` is the same
 step for G samples per prompt with each prompt's keys and values held once (see its docstring).
+With a float32 model on CPU, ``GroupedDecoder``'s attention (with rotary embedding and the cache
+write), norms and SwiGLU run as fused C kernels (tilt.kernels) between the products; where they cannot
+be built the same step runs in torch ops.
 
 Only what is checked is used: model types Llama/Qwen2/Mistral with SiLU MLPs, float32/float64
 weights, no sliding window, full attention. Anything else returns ``None`` from ``lean_decoder``

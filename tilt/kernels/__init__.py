@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -110,6 +111,10 @@ def library() -> Optional[ctypes.CDLL]:
                 _state["lib"], _state["status"] = lib, "loaded"
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError, AssertionError) as e:
                 _state["status"] = f"unavailable: {type(e).__name__}: {e}"
+                # a compiler is there but the build or its check failed: say so once (no compiler is quiet)
+                warnings.warn(f"tilt.kernels: the fused decode kernels are {_state['status']}; sampling uses "
+                              f"torch ops (same results, slower). TILT_KERNELS=0 skips the build.", RuntimeWarning,
+                              stacklevel=2)
     return _state["lib"]
 
 
