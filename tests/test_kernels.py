@@ -107,6 +107,26 @@ def test_attend_equals_torch_attention(nq, nkv, d, t):
 
 
 @needs_lib
+def test_attend_hand_values():
+    """One row, one head, d = 2, two prompt keys of which the second is padding, rotation by 90 degrees
+    (e^{i pi/2} = i, so (a, b) -> (-b, a)):
+    q = (0, -ln 3) -> (ln 3, 0); new key (1, 0) -> (0, 1), written to the cache; new value (6, 8).
+    Scores: prompt key (1, 0): ln 3; padded key: masked; new key (0, 1): 0. Softmax weights 3/4, 1/4:
+    output = 3/4 (2, 4) + 1/4 (6, 8) = (3, 5)."""
+    import math
+    y = torch.tensor([[0.0, -math.log(3.0), 1.0, 0.0, 6.0, 8.0]])  # q | k | v
+    rot = torch.tensor([[1j]], dtype=torch.complex64)  # [N, d/2]
+    kc, vc = torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2)
+    kp = torch.tensor([[[[1.0, 0.0], [5.0, 5.0]]]])  # [U, nkv, P, d]
+    vp = torch.tensor([[[[2.0, 4.0], [100.0, 100.0]]]])
+    pad = torch.tensor([[0, 1]], dtype=torch.uint8)
+    out = kernels.attend(y, rot, kc, vc, kp, vp, pad, 0, 1)
+    torch.testing.assert_close(out, torch.tensor([[3.0, 5.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(kc[0, 0, 0], torch.tensor([0.0, 1.0]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(vc[0, 0, 0], torch.tensor([6.0, 8.0]), atol=0, rtol=0)
+
+
+@needs_lib
 def test_attend_rejects_mismatched_shapes():
     y, rot, kc, vc, kp, vp, pad = _attend_inputs(4, 2, 2, 2, 8, 3, 5)
     with pytest.raises(ValueError, match="shapes do not match"):
