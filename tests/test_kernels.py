@@ -127,6 +127,17 @@ def test_attend_hand_values():
 
 
 @needs_lib
+def test_self_check_raises_on_a_mismatch(monkeypatch):
+    """The load-time self-check passes on the built kernels and raises RuntimeError (not an assert,
+    which python -O would strip) naming the kernel and head size when the results disagree."""
+    kernels._self_check(kernels.library())
+    right = kernels.attend_reference
+    monkeypatch.setattr(kernels, "attend_reference", lambda *a: right(*a) + 1e-3)  # a wrong torch answer
+    with pytest.raises(RuntimeError, match=r"attend \(head size 8\) differs"):
+        kernels._self_check(kernels.library())
+
+
+@needs_lib
 def test_attend_rejects_mismatched_shapes():
     y, rot, kc, vc, kp, vp, pad = _attend_inputs(4, 2, 2, 2, 8, 3, 5)
     with pytest.raises(ValueError, match="shapes do not match"):

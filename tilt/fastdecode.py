@@ -468,7 +468,7 @@ class GroupedDecoder(LeanDecoder):
         torch ops of ``step`` to float rounding (tests/test_kernels.py)."""
         lib, t, nq = kernels.library(), self.filled, self.nq
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
-        x = kernels.add_rms_norm(h, None, self.layers[0]["in_eps"], lib) if self.layers else h
+        x = kernels.add_rms_norm(h, None, self.layers[0]["in_eps"] if self.layers else self.norm_eps, lib)
         for i, ly in enumerate(self.layers):
             a = kernels.attend(_lin(x, ly["qkv"]), rot, self.kc[i], self.vc[i], self.kp[i], self.vp[i],
                                self.pad_u8, t, nq, lib)  # [N, nq d]
