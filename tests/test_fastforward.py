@@ -239,13 +239,17 @@ def test_matmul_attention_hand_values():
                                                                                            dtype=torch.float64))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "torch-ops"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("weight", ["trained", "frozen", "none"])
-def test_rms_norm_function_equals_f_rms_norm(dtype, tol, weight):
-    """tilt.fastforward.RMSNorm (hand-written backward) against autograd through F.rms_norm: output,
-    d/dx and d/dw for a 3-D input, a trained, a frozen and no weight. The upstream gradient is not
-    constant, so the (g . x) term of dx matters."""
+def test_rms_norm_function_equals_f_rms_norm(dtype, tol, weight, fused, monkeypatch):
+    """tilt.fastforward.RMSNorm (hand-written backward; in float32 tilt.kernels' C kernels where they
+    load) against autograd through F.rms_norm: output, d/dx and d/dw for a 3-D input, a trained, a
+    frozen and no weight. The upstream gradient is not constant, so the (g . x) term of dx matters."""
+    import tilt.fastforward as fastforward
     from tilt.fastforward import rms_norm
+
+    monkeypatch.setattr(fastforward, "FUSED", fused)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=dtype, generator=g) * 3
@@ -283,10 +287,14 @@ def test_rms_norm_function_hand_values():
     torch.testing.assert_close(w.grad, torch.tensor([0.848528, 0.0], dtype=torch.float64), atol=1e-6, rtol=0)
 
 
-def test_swiglu_function_equals_the_plain_expression_bit_for_bit():
-    """tilt.fastforward.SwiGLU against autograd through chunk / silu / mul: the same operators on the
-    same values, so the output and the gradient of the fused [gate, up] tensor are bit-equal."""
+def test_swiglu_function_equals_the_plain_expression_bit_for_bit(monkeypatch):
+    """tilt.fastforward.SwiGLU's torch path against autograd through chunk / silu / mul: the same
+    operators on the same values, so the output and the gradient of the fused [gate, up] tensor are
+    bit-equal. (Its C path, tilt.kernels: tests/test_kernels.py.)"""
+    import tilt.fastforward as fastforward
     from tilt.fastforward import SwiGLU
+
+    monkeypatch.setattr(fastforward, "FUSED", False)
 
     g = torch.Generator().manual_seed(0)
     gu = torch.randn(2, 7, 24, generator=g) * 4

@@ -1,5 +1,6 @@
-"""tilt.kernels: the fused C decode kernels equal the torch expressions they replace, the grouped decoder
-samples the same tokens with and without them, and a machine that cannot build them keeps torch ops."""
+"""tilt.kernels: the fused C decode and teacher-forced-pass kernels equal the torch expressions they replace,
+the grouped decoder samples the same tokens with and without them, the lean pass gives the same logits and
+gradients, and a machine that cannot build them keeps torch ops."""
 from __future__ import annotations
 
 import os
@@ -71,6 +72,123 @@ def test_silu_mul_equals_torch_and_handles_extremes():
     want = F.silu(gate.double()) * up.double()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=2e-6)
     assert torch.isfinite(got).all()
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", [(3, 24), (64, 2048), (7, 8, 96)])
+def test_swiglu_forward_and_backward_equal_float64(shape):
+    """tilt.fastforward.SwiGLU on the kernels (silu_mul forward, swiglu_backward) against autograd in
+    float64: output and the [gate, up] gradient within 3x the float32 torch path's own distance from
+    float64 (or 2e-6 relative), gate values past exp's clamp included."""
+    import tilt.fastforward as fastforward
+
+    g = torch.Generator().manual_seed(2)
+    gu = torch.randn(*shape, generator=g) * 4
+    gu.view(-1)[:6] = torch.tensor([-200.0, -88.5, -30.0, 30.0, 88.5, 200.0])
+    up = torch.randn(*shape[:-1], shape[-1] // 2, generator=g)
+
+    def run(z, fused):
+        fastforward.FUSED = fused
+        try:
+            z = z.clone().requires_grad_()
+            out = fastforward.SwiGLU.apply(z)
+            (out * up.to(z.dtype)).sum().backward()
+            return out.detach().double(), z.grad.double()
+        finally:
+            fastforward.FUSED = True
+
+    exact = run(gu.double(), False)
+    fused, plain = run(gu, True), run(gu, False)
+    for got, torch_path, want in zip(fused, plain, exact):
+        scale = want.abs() + 1e-3
+        err, err_torch = ((got - want).abs() / scale).max(), ((torch_path - want).abs() / scale).max()
+        assert err <= max(3 * err_torch, 2e-6), (err, err_torch)
+        assert torch.isfinite(got).all()
+    assert fused[1][..., : shape[-1] // 2].abs().max() > 0.1 and fused[1][..., shape[-1] // 2:].abs().max() > 0.1
+
+
+@needs_lib
+def test_swiglu_backward_hand_values():
+    """gate 0: sigma = 1/2, silu = 0, silu' = 1/2; gate ln 3: sigma = 3/4, silu = 3/4 ln 3,
+    silu' = 3/4 (1 + ln 3 / 4). With up = 2 and dy = 1: d gate = 2 silu', d up = silu."""
+    import math
+
+    ln3 = math.log(3.0)
+    gu = torch.tensor([[0.0, ln3, 2.0, 2.0]])
+    d = kernels.swiglu_backward(gu, torch.ones(1, 2))
+    want = torch.tensor([[1.0, 1.5 * (1 + ln3 / 4), 0.0, 0.75 * ln3]])
+    torch.testing.assert_close(d, want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.swiglu_backward(gu, torch.ones(1, 3))
+
+
+@needs_lib
+@pytest.mark.parametrize("weight", [True, False])
+@pytest.mark.parametrize("shape", [(5, 7), (4232, 256)])
+def test_rms_norm_kernels_equal_float64(shape, weight):
+    """rms_norm_forward / rms_norm_backward against F.rms_norm's autograd in float64: y, dx to 2e-6,
+    dw (a sum over the rows, split across threads) to 2e-6 relative to its size; the per-row 1/rms."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.rand(shape[1], generator=g) + 0.5 if weight else None
+    dy = torch.randn(*shape, generator=g)
+    y, r = kernels.rms_norm_forward(x, w, 1e-5)
+    dx, dw = kernels.rms_norm_backward(x, w, r, dy)
+    xd = x.double().requires_grad_()
+    wd = None if w is None else w.double().requires_grad_()
+    want = F.rms_norm(xd, (shape[1],), wd, 1e-5)
+    want.backward(dy.double())
+    torch.testing.assert_close(y.double(), want.detach(), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(r.double(), torch.rsqrt(x.double().pow(2).mean(-1) + 1e-5), atol=0, rtol=2e-6)
+    torch.testing.assert_close(dx.double(), xd.grad, atol=2e-6, rtol=2e-6)
+    if weight:
+        torch.testing.assert_close(dw.double(), wd.grad, atol=2e-6 * wd.grad.abs().max().item(), rtol=0)
+        assert kernels.rms_norm_backward(x, w, r, dy, need_x=False)[0] is None
+        torch.testing.assert_close(kernels.rms_norm_backward(x, w, r, dy, need_w=False)[0], dx, atol=0, rtol=0)
+    else:
+        assert dw is None
+
+
+@needs_lib
+def test_lean_pass_with_kernels_equals_torch_ops(tiny_llama_dir, monkeypatch):
+    """The teacher-forced pass (tilt.fastforward.shared_completion_logits, shared prompts) with the norm
+    and SwiGLU kernels and with torch ops: logits and every weight's gradient to float rounding (and the
+    kernels are called only in the first run)."""
+    import tilt.fastforward as fastforward
+
+    calls = {}
+    for name in ("silu_mul", "swiglu_backward", "rms_norm_forward", "rms_norm_backward"):
+        def counted(*args, _f=getattr(kernels, name), _n=name, **kw):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*args, **kw)
+        monkeypatch.setattr(kernels, name, counted)
+
+    pol = load_policy(str(tiny_llama_dir))
+    ids, mask = encode_prompts(pol.tokenizer, ["47+85=", "cd 3 5 7>22:", "5+4="] * 2)
+    u_ids, u_mask, inverse = unique_prompts(ids, mask)
+    g = torch.Generator().manual_seed(0)
+    comp = torch.randint(3, 20, (ids.shape[0], 9), generator=g)
+    cmask = torch.ones_like(comp)
+    cmask[0, 6:] = 0
+    runs = []
+    for fused in (True, False):
+        fastforward.FUSED = fused
+        try:
+            pol.model.zero_grad()
+            logits = fastforward.shared_completion_logits(pol.model, u_ids, u_mask, inverse, comp, cmask)
+            (logits.log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1) * cmask).sum().backward()
+        finally:
+            fastforward.FUSED = True
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in pol.model.named_parameters()}))
+        if fused:  # 2 layers: 2 SwiGLU, 5 norms (2 per layer and the final one), forward and backward
+            assert calls == {"silu_mul": 2, "swiglu_backward": 2, "rms_norm_forward": 5, "rms_norm_backward": 5}
+            calls.clear()
+    assert not calls
+    (la, ga), (lb, gb) = runs
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def _attend_inputs(n, u, nq, nkv, d, p, cap, seed=0):
@@ -179,6 +297,17 @@ def _status_in_subprocess(env: dict) -> tuple[str, str]:
     return out.stdout, out.stderr
 
 
+@needs_lib
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_kernels_load_when_first_used_without_grad(context):
+    """Sampling (under no_grad or inference_mode) is often the first use; the self-check's backward
+    still runs there, so the kernels load."""
+    code = (f"import torch\nwith torch.{context}():\n    import tilt.kernels as k\n    print(k.status())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "loaded", out.stdout + out.stderr
+
+
 def test_disabled_or_unbuildable_kernels_keep_torch_ops(tmp_path):
     """TILT_KERNELS=0 and a compiler that fails both leave the decoder on torch ops, with the cause in
     ``status()``; a failed build leaves no file behind in the cache directory."""
@@ -197,7 +326,7 @@ def test_build_goes_to_the_cache_directory(tmp_path):
     out, _ = _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)})
     assert out.split("\n")[:2] == ["loaded", "True"]
     built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("decode-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
     assert _status_in_subprocess({"TILT_CACHE_DIR": str(tmp_path)})[0].startswith("loaded")
     assert built[0].stat().st_mtime_ns == stamp

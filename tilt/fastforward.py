@@ -32,12 +32,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tilt import kernels
 from tilt.fastdecode import _complex, attention, lean_supported, linear_parts, qkv_rows, resolve
 
 
 def forward_supported(model) -> bool:
     """Whether ``shared_completion_logits`` computes ``model``'s function (lean kinds, no attention dropout)."""
     return lean_supported(model) and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) == 0.0
+
+
+FUSED = True  # False: torch ops even where tilt.kernels can run (A/B measurements, tests)
+
+
+def _fused(*tensors: Tensor | None) -> bool:
+    """Whether the norms and SwiGLU run as tilt.kernels' C kernels: loaded, float32 CPU contiguous."""
+    return FUSED and kernels.usable(*(x for x in tensors if x is not None))
 
 
 def _stacked(parts, rows: Tensor | None, mods) -> tuple[Tensor, Tensor | None]:
@@ -112,6 +121,11 @@ class RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor | None, eps: float) -> Tensor:
+        ctx.fused = _fused(x, w)
+        if ctx.fused:  # tilt.kernels: one walk over the rows (r kept flat, [M])
+            y, r = kernels.rms_norm_forward(x.view(-1, x.shape[-1]), w, eps)
+            ctx.save_for_backward(x, w, r)
+            return y.view(x.shape)
         r = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # [..., 1]
         ctx.save_for_backward(x, w, r)
         y = x * r
@@ -121,6 +135,10 @@ class RMSNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, w, r = ctx.saved_tensors
+        if ctx.fused:
+            dx, dw = kernels.rms_norm_backward(x.view(-1, x.shape[-1]), w, r, dy.reshape(-1, x.shape[-1]).contiguous(),
+                                               ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1])
+            return None if dx is None else dx.view(x.shape), dw, None
         g = dy if w is None else dy * w
         c = torch.linalg.vecdot(g, x).unsqueeze(-1).mul_(r.pow(3)).div_(x.shape[-1])  # r^3 (g . x) / H
         dx = None
@@ -152,6 +170,11 @@ class SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gu: Tensor) -> Tensor:
+        ctx.fused = _fused(gu)
+        if ctx.fused:  # tilt.kernels: silu(gate) is recomputed in the backward instead of kept
+            ctx.save_for_backward(gu)
+            flat = gu.view(-1, gu.shape[-1])
+            return kernels.silu_mul(flat).view(*gu.shape[:-1], gu.shape[-1] // 2)
         gate, up = gu.chunk(2, -1)
         s = F.silu(gate)
         ctx.save_for_backward(gu, s)
@@ -160,6 +183,10 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
+        if ctx.fused:
+            (gu,) = ctx.saved_tensors
+            flat = gu.view(-1, gu.shape[-1])
+            return kernels.swiglu_backward(flat, dy.reshape(flat.shape[0], -1).contiguous()).view(gu.shape)
         gu, s = ctx.saved_tensors
         gate, up = gu.chunk(2, -1)
         out = torch.empty_like(gu)

@@ -32,13 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("decode.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "decode.c", HERE / "forward.c"]  # built into one library
+HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "tilt_attend": [_P] * 8 + [_I64] * 8,
     "tilt_add_rms_norm": [_P, _P, _P, _I64, _I64, _F32],
     "tilt_silu_mul": [_P, _P, _I64, _I64],
+    "tilt_swiglu_backward": [_P, _P, _P, _I64, _I64],
+    "tilt_rms_norm_forward": [_P, _P, _P, _P, _I64, _I64, _F32],
+    "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
 }
 _state: dict = {}
 
@@ -66,16 +71,16 @@ def _cpu_flags() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES + HEADERS), cc, version, " ".join(FLAGS), platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"decode-{key}.so"
+    out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
@@ -107,7 +112,8 @@ def library() -> Optional[ctypes.CDLL]:
         else:
             try:
                 lib = _load(_build(cc))
-                _self_check(lib)
+                with torch.inference_mode(False), torch.enable_grad():  # first use is often under no_grad
+                    _self_check(lib)
                 _state["lib"], _state["status"] = lib, "loaded"
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 _state["status"] = f"unavailable: {type(e).__name__}: {e}"
@@ -149,6 +155,38 @@ def silu_mul(gu: Tensor, lib=None) -> Tensor:
     out = gu.new_empty(n, width // 2)
     lib.tilt_silu_mul(_ptr(gu), _ptr(out), n, width // 2)
     return out
+
+
+def swiglu_backward(gu: Tensor, dy: Tensor, lib=None) -> Tensor:
+    """The gradient of ``silu_mul`` at ``gu`` [N, 2I] for ``dy`` [N, I]: [N, 2I] (gate half, up half)."""
+    lib = lib or library()
+    n, width = gu.shape
+    if dy.shape != (n, width // 2):
+        raise ValueError(f"swiglu_backward: dy {tuple(dy.shape)} does not match gu {tuple(gu.shape)}")
+    out = torch.empty_like(gu)
+    lib.tilt_swiglu_backward(_ptr(gu), _ptr(dy), _ptr(out), n, width // 2)
+    return out
+
+
+def rms_norm_forward(x: Tensor, w: Optional[Tensor], eps: float, lib=None) -> tuple[Tensor, Tensor]:
+    """RMS norm of ``x`` [N, H] times ``w`` [H] (or no weight): (y [N, H], r [N] = 1/rms per row)."""
+    lib = lib or library()
+    n, width = x.shape
+    y, r = torch.empty_like(x), x.new_empty(n)
+    lib.tilt_rms_norm_forward(_ptr(x), _ptr(w), _ptr(y), _ptr(r), n, width, eps)
+    return y, r
+
+
+def rms_norm_backward(x: Tensor, w: Optional[Tensor], r: Tensor, dy: Tensor, need_x: bool = True,
+                      need_w: bool = True, lib=None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients of ``rms_norm_forward`` with respect to x [N, H] and w [H] for ``dy`` [N, H]
+    (None where not asked for, and dw always None without a weight)."""
+    lib = lib or library()
+    n, width = x.shape
+    dx = torch.empty_like(x) if need_x else None
+    dw = x.new_empty(width) if need_w and w is not None else None
+    lib.tilt_rms_norm_backward(_ptr(x), _ptr(w), _ptr(r), _ptr(dy), _ptr(dx), _ptr(dw), n, width)
+    return dx, dw
 
 
 def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor, t: int,
@@ -207,6 +245,17 @@ def _self_check(lib) -> None:
           "add_rms_norm")
     gu = fixed(3, 48) * 4
     check(torch.allclose(silu_mul(gu, lib), F.silu(gu[:, :24]) * gu[:, 24:], atol=1e-5), "silu_mul")
+    z, dy = gu.clone().requires_grad_(), fixed(3, 24, seed=3.0)
+    (F.silu(z[:, :24]) * z[:, 24:]).backward(dy)
+    check(torch.allclose(swiglu_backward(gu, dy, lib), z.grad, atol=1e-5), "swiglu_backward")
+    x, w, dy = fixed(5, 40, seed=4.0) * 3, fixed(40, seed=5.0) + 1.5, fixed(5, 40, seed=6.0)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = F.rms_norm(xl, (40,), wl, 1e-6)
+    want.backward(dy)
+    y, r = rms_norm_forward(x, w, 1e-6, lib)
+    dx, dw = rms_norm_backward(x, w, r, dy, lib=lib)
+    check(torch.allclose(y, want.detach(), atol=1e-5), "rms_norm_forward")
+    check(torch.allclose(dx, xl.grad, atol=1e-5) and torch.allclose(dw, wl.grad, atol=1e-4), "rms_norm_backward")
     n, u, nq, nkv, p, cap, t = 4, 2, 4, 2, 5, 6, 3
     pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.uint8)
     for d in (8, 32, 64):
