@@ -8,8 +8,8 @@
  * silu_backward 11.9 ms per layer for 4.3M elements; benchmarks/README.md, speed work 31). Here each
  * is one walk over the rows, forward and backward, with exp from common.h.
  *
- * Sums that cross rows (a norm weight's gradient) are accumulated per thread in a fixed split of the
- * rows and added in thread order, so results do not depend on scheduling. float32, contiguous
+ * Sums that cross rows (a norm weight's gradient) are accumulated in double per thread over a fixed
+ * split of the rows and added in thread order, so results do not depend on scheduling. float32, contiguous
  * row-major tensors only (the Python side checks).
  */
 #include <math.h>
@@ -63,20 +63,22 @@ void tilt_rms_norm_forward(const float *x, const float *w, float *y, float *r, i
 
 /* RMS norm backward: with g = dy w (dy without a weight),
  *     dx = r g - x r^3 (g . x) / H,       dw = sum over rows of dy x r.
- * dx or dw may be NULL (not needed). dw: each thread sums a fixed block of rows into its own buffer,
- * and the buffers are added in thread order. */
+ * dx or dw may be NULL (not needed). dw: each thread sums a fixed block of rows into its own buffer
+ * (double), and the buffers are added in thread order. */
 void tilt_rms_norm_backward(const float *x, const float *w, const float *r, const float *dy, float *dx,
                             float *dw, int64_t N, int64_t H) {
-    int threads = (N * H >= 16384) ? omp_get_max_threads() : 1;
-    float *part = dw && threads > 1 ? (float *)calloc((size_t)threads * (size_t)H, sizeof(float)) : NULL;
-    if (dw && !part) threads = 1; /* one thread sums into dw itself */
-    if (dw)
-        for (int64_t e = 0; e < H; e++) dw[e] = 0.0f;
+    const int threads = (N * H >= 16384) ? omp_get_max_threads() : 1;
+    /* dw's partial sums in double (thousands of rows: a float sum would drift by ~sqrt(N) ulps) */
+    double *part = dw ? (double *)calloc((size_t)threads * (size_t)H, sizeof(double)) : NULL;
+    if (dw && !part) { /* out of memory for a few KB: no dw rather than a wrong one */
+        for (int64_t e = 0; e < H; e++) dw[e] = NAN;
+        dw = NULL;
+    }
 #pragma omp parallel num_threads(threads)
     {
         const int id = omp_get_thread_num(), k = omp_get_num_threads();
         const int64_t lo = N * id / k, hi = N * (id + 1) / k;
-        float *acc = part ? part + (int64_t)id * H : dw;
+        double *acc = part ? part + (int64_t)id * H : NULL;
         for (int64_t n = lo; n < hi; n++) {
             const float *xr = x + n * H, *d = dy + n * H;
             const float rn = r[n];
@@ -101,13 +103,16 @@ void tilt_rms_norm_backward(const float *x, const float *w, const float *r, cons
             }
             if (acc) {
 #pragma omp simd
-                for (int64_t e = 0; e < H; e++) acc[e] += d[e] * xr[e] * rn;
+                for (int64_t e = 0; e < H; e++) acc[e] += (double)(d[e] * xr[e] * rn);
             }
         }
     }
     if (part) {
-        for (int i = 0; i < threads; i++)
-            for (int64_t e = 0; e < H; e++) dw[e] += part[(int64_t)i * H + e];
+        for (int64_t e = 0; e < H; e++) {
+            double t = 0.0;
+            for (int i = 0; i < threads; i++) t += part[(int64_t)i * H + e];
+            dw[e] = (float)t;
+        }
         free(part);
     }
 }
