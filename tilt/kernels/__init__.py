@@ -1,5 +1,6 @@
-"""Fused float32 CPU kernels for the decode step (``decode.c``), built on first use with the system C
-compiler and loaded through ctypes.
+"""Fused float32 CPU kernels for the decode step (``decode.c``) and for the teacher-forced pass's norms
+and SwiGLU, forward and backward (``forward.c``), built on first use with the system C compiler into one
+library and loaded through ctypes.
 
 Why C and not torch ops: at 64 rows and 10M-30M parameters the decode step's attention is ~15 torch
 operations per layer whose dispatch and memory traffic cost more than their arithmetic (about 1.1 ms of
@@ -12,7 +13,7 @@ The library is built once per source, compiler and CPU (it is compiled for the h
 temporary name and renamed into place, so concurrent processes never load a half-written file. Before
 first use each kernel is checked against the torch expression it replaces on fixed inputs. When there
 is no compiler, the build fails, the check fails, or ``TILT_KERNELS=0`` is set, ``library()`` returns
-None and the decoder keeps its torch ops (same results to float rounding); ``status()`` says why.
+None and the decoder and the pass keep their torch ops (same results to float rounding); ``status()`` says why.
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def _cpu_flags() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES + HEADERS), cc, version, " ".join(FLAGS), platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    parts = [*(f.read_text() for f in SOURCES + HEADERS), cc, version, " ".join(FLAGS), platform.machine(), _cpu_flags()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
@@ -118,8 +119,9 @@ def library() -> Optional[ctypes.CDLL]:
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 _state["status"] = f"unavailable: {type(e).__name__}: {e}"
                 # a compiler is there but the build or its check failed: say so once (no compiler is quiet)
-                warnings.warn(f"tilt.kernels: the fused decode kernels are {_state['status']}; sampling uses "
-                              f"torch ops (same results, slower). TILT_KERNELS=0 skips the build.", RuntimeWarning,
+                warnings.warn(f"tilt.kernels: the fused kernels are {_state['status']}; sampling and the "
+                              f"teacher-forced pass use torch ops (same results, slower). TILT_KERNELS=0 skips the "
+                              f"build.", RuntimeWarning,
                               stacklevel=2)
     return _state["lib"]
 
