@@ -150,6 +150,20 @@ def test_rms_norm_kernels_equal_float64(shape, weight):
 
 
 @needs_lib
+def test_rms_norm_kernels_hand_values():
+    """x = [3, 4], w = [1, 2], eps = 0: r = 1 / sqrt((9 + 16) / 2) = 0.282843, y = x r w = [0.848528,
+    2.262742]. With dy = [1, 0]: g = dy w = [1, 0], g . x = 3, dx = r g - x r^3 3 / 2 = [0.282843 -
+    3 * 0.033941, -4 * 0.033941] = [0.181019, -0.135765] (r^3 3 / 2 = 0.033941); dw = dy x r = [0.848528, 0]."""
+    x, w = torch.tensor([[3.0, 4.0]]), torch.tensor([1.0, 2.0])
+    y, r = kernels.rms_norm_forward(x, w, 0.0)
+    torch.testing.assert_close(y, torch.tensor([[0.848528, 2.262742]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(r, torch.tensor([0.282843]), atol=1e-6, rtol=0)
+    dx, dw = kernels.rms_norm_backward(x, w, r, torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(dx, torch.tensor([[0.181019, -0.135765]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dw, torch.tensor([0.848528, 0.0]), atol=1e-6, rtol=0)
+
+
+@needs_lib
 def test_lean_pass_with_kernels_equals_torch_ops(tiny_llama_dir, monkeypatch):
     """The teacher-forced pass (tilt.fastforward.shared_completion_logits, shared prompts) with the norm
     and SwiGLU kernels and with torch ops: logits and every weight's gradient to float rounding (and the
