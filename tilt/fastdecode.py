@@ -8,7 +8,8 @@ norm weights folded into those matmuls, and one complex product for the rotary e
 query and key heads (see ``LeanDecoder``). K and V go
 into the rollout's preallocated cache (``tilt.rollout.preallocated_cache``) through its layers'
 ``update``, so prefill (HF's forward) and decode share one cache. Float32 products with enough weights
-run through MKL's packed GEMM, the weights packed once per ``generate`` call (``_packed``). ``GroupedDecoder`` is the same
+run through MKL's packed GEMM, bf16 products (``matmul_dtype``) through oneDNN's with a prepacked weight, the
+weights packed once per ``generate`` call (``_packed``). ``GroupedDecoder`` is the same
 step for G samples per prompt with each prompt's keys and values held once (see its docstring).
 With a float32 model on CPU, ``GroupedDecoder``'s attention (with rotary embedding and the cache
 write), norms and SwiGLU run as fused C kernels (tilt.kernels) between the products; where they cannot
@@ -109,8 +110,11 @@ def _lin(x: Tensor, wb: tuple) -> Tensor:
     norms, rotary embedding and attention stay in the model's dtype. A product packed by ``_packed``
     (weight, bias, packed weight, rows) runs MKL's packed GEMM when ``x`` is a contiguous [rows, in]."""
     w, b = wb[0], wb[1]
-    if len(wb) == 4 and x.shape[0] == wb[3] and x.dim() == 2 and x.is_contiguous():
-        return torch.ops.mkl._mkl_linear.default(x, wb[2], w, b, wb[3])
+    if len(wb) == 4 and x.dim() == 2:
+        if w.dtype == torch.bfloat16:  # oneDNN's packed weight serves any row count
+            return torch.ops.mkldnn._linear_pointwise.default(x.to(w.dtype), wb[2], b, "none", [], "").to(x.dtype)
+        if x.shape[0] == wb[3] and x.is_contiguous():
+            return torch.ops.mkl._mkl_linear.default(x, wb[2], w, b, wb[3])
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     return F.linear(x.to(w.dtype), w, b).to(x.dtype)
@@ -131,6 +135,24 @@ def _mkl_packing_works() -> bool:
 MKL_PACKING = _mkl_packing_works()
 
 
+def _dnn_bf16_packing_works() -> bool:
+    """Whether this torch build has oneDNN's linear with a prepacked bf16 weight (the op inductor's
+    CPU weight freezing uses for bf16), the CPU runs bf16 natively, and it computes bf16 ``F.linear``."""
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        x = torch.arange(24.0).view(3, 8).cos().bfloat16()
+        w, b = torch.arange(40.0).view(5, 8).sin().bfloat16(), torch.arange(5.0).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return bool(torch.allclose(out.float(), F.linear(x, w, b).float(), atol=1e-2))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+DNN_BF16_PACKING = _dnn_bf16_packing_works()
+
+
 # Packed decode products (speed work 28, benchmarks/README.md): with 64 rows, MKL's packed fp32 GEMM
 # (the weight reordered once into the kernel's blocked layout, ``cblas_sgemm_pack``) ran the decode
 # step's products in 0.63-0.95 of ``F.linear``'s time, and SmolLM2's [64, 576] x [576, 49152] head
@@ -141,13 +163,19 @@ PACK_MIN_WEIGHT = 1 << 17
 
 
 def _packed(wb: tuple, rows: int) -> tuple:
-    """(weight, bias, MKL-packed weight, rows) for a float32 CPU product of at least
-    ``PACK_MIN_WEIGHT`` entries when packing is available, else ``wb`` unchanged (``F.linear``)."""
+    """(weight, bias, packed weight, rows) for a CPU product when packing is available, else ``wb``
+    unchanged (``F.linear``): float32 products of at least ``PACK_MIN_WEIGHT`` entries in MKL's packed
+    GEMM layout, bf16 products (``matmul_dtype``) in oneDNN's (speed work 32)."""
     w = wb[0]
-    if (not MKL_PACKING or w.dtype != torch.float32 or w.device.type != "cpu" or rows < 1
-            or w.numel() < PACK_MIN_WEIGHT):
+    if w.device.type != "cpu" or rows < 1:
         return wb
     with torch.no_grad():
+        if w.dtype == torch.bfloat16 and DNN_BF16_PACKING:
+            w = w.detach().contiguous()
+            b = None if wb[1] is None else wb[1].detach().contiguous()
+            return w, b, torch.ops.mkldnn._reorder_linear_weight(w, rows), rows
+        if not MKL_PACKING or w.dtype != torch.float32 or w.numel() < PACK_MIN_WEIGHT:
+            return wb
         w = w.detach().contiguous()
         b = None if wb[1] is None else wb[1].detach().contiguous()
         return w, b, torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
@@ -292,9 +320,9 @@ class LeanDecoder:
                     layer.keys.copy_(layer.keys.index_select(-1, self.pair))
 
     def pack(self, rows: int) -> None:
-        """Pack the decode step's products for ``rows`` rows per call (``_packed``; a no-op where MKL's
-        packed GEMM is not available or the products are not float32). Calls with other row counts
-        (e.g. ``GroupedDecoder.prefill``) still compute ``F.linear``."""
+        """Pack the decode step's products for ``rows`` rows per call (``_packed``; a no-op where neither
+        MKL's packed float32 GEMM nor oneDNN's packed bf16 linear is available). float32 calls with other
+        row counts (e.g. ``GroupedDecoder.prefill``) still compute ``F.linear``."""
         if rows == self.packed_rows:
             return
         self.lm = _packed(self.lm[:2], rows)
