@@ -3,10 +3,16 @@
 * ``--compare packed`` (default): the decode products through MKL's packed GEMM against F.linear
   (benchmarks/README.md, speed work 28);
 * ``--compare fused``: the grouped decoder's attention, norms and SwiGLU as tilt.kernels' fused C
-  kernels against torch ops (speed work 30).
+  kernels against torch ops (speed work 30);
+* ``--compare packed_bf16``: bf16 decode products (``rollout.decode_dtype=bfloat16``) through oneDNN's
+  linear with a prepacked weight against bf16 F.linear (speed work 32);
+* ``--compare sampler``: each token drawn by tilt.kernels' inverse-CDF sampler against torch ops
+  (vocabularies of ``CDF_SAMPLING_MIN_VOCAB`` tokens and more, e.g. SmolLM2's; speed work 33).
 
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6
     python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 2 --compare fused
+    python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6 --compare packed_bf16
+    python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 3 --compare sampler
 
 One process, the two settings interleaved (A B, B A, ...), 8 prompts x 8 samples, the length forced;
 prints the median seconds of each, their ratio, whether the sampled tokens are equal and the largest
@@ -34,28 +40,39 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
-    p.add_argument("--compare", choices=("packed", "fused"), default="packed")
+    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler"), default="packed")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import tilt.fastdecode as fd
     from tilt.model import load_policy
+    import tilt.rollout as rollout
     from tilt.rollout import SamplingParams, generate
 
     if a.compare == "packed" and not fd.MKL_PACKING:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
-    if a.compare == "fused" and fd.kernels.library() is None:
+    if a.compare == "packed_bf16" and not fd.DNN_BF16_PACKING:
+        sys.exit("no oneDNN bf16 linear with a prepacked weight here (torch.ops.mkldnn, native bf16): nothing to compare")
+    if a.compare in ("fused", "sampler") and fd.kernels.library() is None:
         sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
     usable = fd.kernels.usable
     path = str(model_dir(a.size, Path(a.cache)))
     pol = load_policy(path)
     vocab = pol.model.config.vocab_size
+    if a.compare == "sampler" and vocab < rollout.CDF_SAMPLING_MIN_VOCAB:
+        sys.exit(f"{a.size}: {vocab} tokens draw by torch.multinomial (inverse CDF from "
+                 f"{rollout.CDF_SAMPLING_MIN_VOCAB} on): nothing to compare")
     ids = torch.randint(3, min(vocab, 50), (8, 17), generator=torch.Generator().manual_seed(1)).repeat_interleave(8, 0)
     mask = torch.ones_like(ids)
-    params = SamplingParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens)
+    dtype = torch.bfloat16 if a.compare == "packed_bf16" else None
+    params = SamplingParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens, matmul_dtype=dtype)
 
     def run(on: bool):
         if a.compare == "packed":
             fd.MKL_PACKING = on
+        elif a.compare == "packed_bf16":
+            fd.DNN_BF16_PACKING = on
+        elif a.compare == "sampler":
+            rollout.C_SAMPLING = on
         else:
             fd.kernels.usable = usable if on else (lambda *tensors: False)
         with torch.no_grad():
@@ -73,7 +90,8 @@ def main() -> None:
     new, old = statistics.median(times[True]), statistics.median(times[False])
     same = bool(torch.equal(out[True].completion_ids, out[False].completion_ids))
     diff = (out[True].logprobs - out[False].logprobs).abs().max().item()
-    names = ("packed", "F.linear") if a.compare == "packed" else ("fused kernels", "torch ops")
+    names = {"packed": ("packed", "F.linear"), "fused": ("fused kernels", "torch ops"),
+             "packed_bf16": ("packed bf16", "bf16 F.linear"), "sampler": ("C sampler", "torch sampling")}[a.compare]
     print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
 

@@ -84,6 +84,29 @@ def test_fused_decode_ab_runs():
     assert "1m x 4: fused kernels" in stdout and "same tokens True" in stdout
 
 
+def test_packed_bf16_decode_ab_runs():
+    """The same script's bf16 A/B (oneDNN's prepacked linear against bf16 F.linear): the same tokens where
+    the CPU runs bf16 natively; elsewhere it stops with a message saying there is nothing to compare."""
+    import tilt.fastdecode as fd
+
+    cmd = ["benchmarks/packed_decode.py", "--size", "1m", "--tokens", "4", "--repeats", "1", "--threads", "1",
+           "--compare", "packed_bf16"]
+    if fd.DNN_BF16_PACKING:
+        stdout = _run(cmd)
+        assert "1m x 4: packed bf16" in stdout and "same tokens True" in stdout
+    else:
+        out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode != 0 and "nothing to compare" in out.stderr
+
+
+def test_sampler_ab_says_when_the_vocabulary_is_too_small():
+    """The sampler A/B compares only where draws are by inverse CDF; the shipped model's 53 tokens are not."""
+    out = subprocess.run([sys.executable, "benchmarks/packed_decode.py", "--size", "1m", "--tokens", "4",
+                          "--repeats", "1", "--threads", "1", "--compare", "sampler"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "53 tokens draw by torch.multinomial" in out.stderr
+
+
 def test_forward_ab_runs_against_a_git_revision():
     """The teacher-forced pass A/B loads tilt/fastforward.py from git beside the current module and
     runs both on the shipped model; they compute the same log-probs."""

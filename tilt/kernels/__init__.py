@@ -45,7 +45,9 @@ SIGNATURES = {
     "tilt_swiglu_backward": [_P, _P, _P, _I64, _I64],
     "tilt_rms_norm_forward": [_P, _P, _P, _P, _I64, _I64, _F32],
     "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
+    "tilt_sample_rows": [_P, _P, _I64, _I64, _F32, _I64, _P, _P],
 }
+RETURNS = {"tilt_sample_rows": ctypes.c_int}  # the others return nothing
 _state: dict = {}
 
 
@@ -96,7 +98,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, RETURNS.get(name)
     return lib
 
 
@@ -191,6 +193,41 @@ def rms_norm_backward(x: Tensor, w: Optional[Tensor], r: Tensor, dy: Tensor, nee
     return dx, dw
 
 
+def sample_rows(logits: Tensor, u: Tensor, temperature: float, ban: Optional[int],
+                lib=None) -> Optional[tuple[Tensor, Tensor]]:
+    """``decode.c``'s ``tilt_sample_rows``: one token per row of ``logits`` [N, V] drawn by inverse transform
+    sampling from softmax(logits / temperature) with the uniform draws ``u`` [N] (or [N, 1]), token ``ban``
+    (or None) never drawn but kept in the normaliser; (tokens [N] int64, their log-probs [N]). None when a
+    row has no finite, positive weight (NaN or infinite logits): the caller's torch path decides then."""
+    lib = lib or library()
+    n, v = logits.shape
+    u = u.reshape(-1).contiguous()
+    if u.shape[0] != n or u.dtype != torch.float32 or not temperature > 0:
+        raise ValueError(f"sample_rows: {u.shape[0]} {u.dtype} draws for {n} rows, temperature {temperature}")
+    tok, logp = torch.empty(n, dtype=torch.int64), logits.new_empty(n)
+    bad = lib.tilt_sample_rows(_ptr(logits), _ptr(u), n, v, float(temperature), -1 if ban is None else int(ban),
+                               _ptr(tok), _ptr(logp))
+    return None if bad else (tok, logp)
+
+
+def sample_rows_agrees(tok: Tensor, logp: Tensor, logits: Tensor, u: Tensor, temperature: float,
+                       ban: Optional[int], slack: float = 1e-6) -> bool:
+    """Whether ``sample_rows``' tokens are the exact inverse-CDF draws for ``u`` (float64: the first token
+    whose cumulative probability, the banned token's removed and the rest renormalised, exceeds u) up to
+    ``slack`` of probability mass, and its log-probs the float64 log-softmax's to 1e-5."""
+    logp64 = torch.log_softmax(logits.double() / temperature, -1)
+    p = logp64.exp()
+    if ban is not None:
+        p[:, ban] = 0.0
+    cdf = p.cumsum(-1) / p.sum(-1, keepdim=True)
+    u, rows = u.reshape(-1).double(), torch.arange(tok.shape[0])
+    if bool(((tok < 0) | (tok >= logits.shape[1])).any()) or (ban is not None and bool((tok == ban).any())):
+        return False
+    before = torch.where(tok > 0, cdf[rows, (tok - 1).clamp(min=0)], torch.zeros_like(u))
+    return (bool((cdf[rows, tok] > u - slack).all()) and bool((before <= u + slack).all())
+            and torch.allclose(logp.double(), logp64[rows, tok], atol=1e-5, rtol=1e-6))
+
+
 def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor, t: int,
            nq: int, lib=None) -> Tensor:
     """``decode.c``'s ``tilt_attend``: rotary embedding of the new query and key in ``y`` (the fused
@@ -258,6 +295,11 @@ def _self_check(lib) -> None:
     dx, dw = rms_norm_backward(x, w, r, dy, lib=lib)
     check(torch.allclose(y, want.detach(), atol=1e-5), "rms_norm_forward")
     check(torch.allclose(dx, xl.grad, atol=1e-5) and torch.allclose(dw, wl.grad, atol=1e-4), "rms_norm_backward")
+    logits, draws = fixed(6, 1100, seed=8.0) * 4, (fixed(6, seed=9.0) + 1) / 2.1
+    for temperature, ban in ((1.0, None), (0.7, 3)):
+        got = sample_rows(logits, draws, temperature, ban, lib)
+        check(got is not None and sample_rows_agrees(*got, logits, draws, temperature, ban),
+              f"sample_rows (temperature {temperature}, ban {ban})")
     n, u, nq, nkv, p, cap, t = 4, 2, 4, 2, 5, 6, 3
     pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.uint8)
     for d in (8, 32, 64):

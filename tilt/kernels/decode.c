@@ -187,3 +187,105 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
         for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
     }
 }
+
+/* exp(x) for sampling weights: exactly 0 where fast_expf would clamp (x < -87), so a token whose
+ * weight underflows is never drawn, as with torch's exp. */
+static inline float weight_expf(float x) { return x < -87.0f ? 0.0f : fast_expf(x); }
+
+static inline float scaled_logit(const float *l, int64_t j, float temperature, int scaled) {
+    return scaled ? l[j] / temperature : l[j];
+}
+
+/* One token per row drawn from softmax(logits / temperature) by inverse transform sampling, and its
+ * log-probability: tilt.rollout._pick's large-vocabulary path (log_softmax, exp, cumsum, searchsorted:
+ * several walks of every row and three [N, V] tensors) in two and a fraction walks of each row and no
+ * [N, V] tensor.
+ *
+ * x = logits / temperature; m = the largest x other than the banned token `ban` (-1: none; the banned
+ * token is EOS before the minimum length, which the model may favour by far, so the weights are taken
+ * relative to the tokens that can be drawn); w_j = exp(x_j - m), 0 for `ban`; S = sum of w. The token
+ * is the first j whose running sum of w exceeds u[n] * S: the torch path's rule over exp(log-softmax),
+ * so the two draw the same token except where u * S falls within rounding of a running sum. Sums run
+ * over blocks of B elements and each block's sum is kept, so the walk that finds the token adds the
+ * same block sums that made S; where rounding leaves no running sum above u * S, the last token with
+ * weight (of the block, or of the row). logp[n] = x_tok - m - log(S + exp(x_ban - m)): the banned
+ * token keeps its mass in the log-prob, as in the torch path (the two terms added as logarithms, so a
+ * banned token far above the rest neither overflows nor cancels). Returns the number of rows with no
+ * finite, positive weight (tok = -1 there; the caller takes the torch path). */
+int tilt_sample_rows(const float *logits, const float *u, int64_t N, int64_t V, float temperature, int64_t ban,
+                     int64_t *tok, float *logp) {
+    const int64_t B = 512, nb = (V + B - 1) / B;
+    const int scaled = temperature != 1.0f;
+    int bad = 0;
+#pragma omp parallel reduction(+ : bad)
+    {
+        float *bs = malloc((size_t)nb * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const float *l = logits + n * V;
+            tok[n] = -1;
+            if (!bs) { bad++; continue; }
+            float m = -INFINITY; /* a compare and select: fmaxf's NaN rule keeps this loop from vectorising */
+            if (scaled) {
+#pragma omp simd reduction(max : m)
+                for (int64_t j = 0; j < V; j++) {
+                    const float x = j == ban ? -INFINITY : l[j] / temperature;
+                    m = x > m ? x : m;
+                }
+            } else {
+#pragma omp simd reduction(max : m)
+                for (int64_t j = 0; j < V; j++) {
+                    const float x = j == ban ? -INFINITY : l[j];
+                    m = x > m ? x : m;
+                }
+            }
+            double total = 0.0; /* block sums in float (vectorised), added up in double, as torch's CPU cumsum */
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t lo = b * B, hi = lo + B < V ? lo + B : V;
+                float s = 0.0f;
+                if (scaled) {
+#pragma omp simd reduction(+ : s)
+                    for (int64_t j = lo; j < hi; j++) s += j == ban ? 0.0f : weight_expf(l[j] / temperature - m);
+                } else {
+#pragma omp simd reduction(+ : s)
+                    for (int64_t j = lo; j < hi; j++) s += j == ban ? 0.0f : weight_expf(l[j] - m);
+                }
+                bs[b] = s;
+                total += s;
+            }
+            if (!isfinite(m) || !(total > 0.0) || !isfinite(total)) { bad++; continue; }
+            const double target = (double)u[n] * total;
+            int64_t pick = -1;
+            double run = 0.0;
+            for (int64_t b = 0; b < nb; b++) {
+                if (!(run + bs[b] > target)) { run += bs[b]; continue; }
+                const int64_t lo = b * B, hi = lo + B < V ? lo + B : V;
+                int64_t last = -1;
+                for (int64_t j = lo; j < hi; j++) {
+                    const float w = j == ban ? 0.0f : weight_expf(scaled_logit(l, j, temperature, scaled) - m);
+                    if (w > 0.0f) {
+                        last = j;
+                        run += w;
+                        if (run > target) { pick = j; break; }
+                    }
+                }
+                if (pick < 0) pick = last;
+                break;
+            }
+            for (int64_t j = V - 1; pick < 0 && j >= 0; j--)
+                if (j != ban && weight_expf(scaled_logit(l, j, temperature, scaled) - m) > 0.0f) pick = j;
+            float lz = (float)log(total);
+            if (ban >= 0 && ban < V) {
+                const float d = scaled_logit(l, ban, temperature, scaled) - m;
+                const float top = fmaxf(lz, d), low = fminf(lz, d);
+                if (isnan(d)) lz = d;
+                else if (isfinite(low)) lz = top + log1pf(expf(low - top));
+                else lz = top;
+            }
+            tok[n] = pick;
+            logp[n] = (scaled_logit(l, pick, temperature, scaled) - m) - lz;
+        }
+        free(bs);
+    }
+    return bad;
+}
