@@ -1,4 +1,5 @@
-/* Fused CPU kernels for tilt's decode step (tilt/fastdecode.py, GroupedDecoder).
+/* Fused CPU kernels for tilt's decode step (tilt/fastdecode.py, GroupedDecoder) and its sampler
+ * (tilt_sample_rows, for tilt.rollout._pick).
  *
  * At 64 rows and 10M-30M parameters a decode step's attention is about 15 small torch operations
  * per layer (rotary embedding, two cache writes, two score products, a mask, a concatenation, a
