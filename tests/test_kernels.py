@@ -380,6 +380,20 @@ def test_sample_rows_is_the_inverse_cdf_draw(v):
     assert same >= total - 2
 
 
+def test_sample_rows_hand_values():
+    """Four tokens with logits ln 1, ln 2, ln 3, ln 4: probabilities 0.1, 0.2, 0.3, 0.4, cumulative 0.1,
+    0.3, 0.6, 1.0. u = 0.25 -> token 1 (0.1 <= 0.25 < 0.3), log-prob ln 0.2. Token 3 banned: the rest
+    renormalised 1/6, 1/2, 1 (0.1, 0.3, 0.6 over 0.6); u = 0.6 -> token 2, log-prob ln 0.3 (the ban keeps
+    its mass in the normaliser). Temperature 0.5: weights k^2 = 1, 4, 9, 16 over 30, cumulative 1/30,
+    5/30, 14/30, 1; u = 0.5 -> token 3, log-prob ln(16/30)."""
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    cases = ((0.25, 1.0, None, 1, 0.2), (0.6, 1.0, 3, 2, 0.3), (0.5, 0.5, None, 3, 16 / 30))
+    for u, temperature, ban, want_tok, want_p in cases:
+        tok, logp = kernels.sample_rows(logits, torch.tensor([u]), temperature, ban)
+        assert int(tok[0]) == want_tok
+        assert abs(float(logp[0]) - torch.log(torch.tensor(want_p, dtype=torch.float64)).item()) < 1e-6
+
+
 def test_sample_rows_with_a_dominant_banned_token_and_edge_draws():
     """A banned token far above the rest (EOS before the minimum length): the weights are taken relative
     to the drawable tokens, so a ban 200 nats up still draws by the rest's probabilities and reports
