@@ -416,32 +416,32 @@ def test_sample_rows_with_a_dominant_banned_token_and_edge_draws():
         assert kernels.sample_rows(row, torch.full((2,), 0.5), 1.0, None) is None
 
 
-def test_pick_with_the_c_sampler_equals_the_torch_path():
-    """tilt.rollout._pick through the C sampler and through torch ops, from the same seed: the same
-    generator draws (its state after both is equal), tokens equal except at float-rounding boundaries
-    (both within 1e-6 of mass of the exact draw), log-probs equal to 1e-5 where the tokens agree."""
+def test_pick_with_the_c_sampler_equals_the_torch_path(monkeypatch):
+    """tilt.rollout._pick through the C sampler and through torch ops (``rollout.C_SAMPLING``), from the
+    same seed: the same generator draws (its state after both is equal), tokens equal except at
+    float-rounding boundaries (both within 1e-6 of mass of the exact draw), log-probs equal to 1e-5 where
+    the tokens agree. A row the kernel declines (NaN) goes to the torch path with the draw already taken:
+    the same tokens and generator state as the torch path alone."""
     import tilt.rollout as rollout
 
     calls = []
+    orig = kernels.sample_rows
+    monkeypatch.setattr(kernels, "sample_rows", lambda *a, **k: calls.append(1) or orig(*a, **k))
+
+    def pick(logits, params, seed, ban, c_sampling):
+        monkeypatch.setattr(rollout, "C_SAMPLING", c_sampling)
+        gen = torch.Generator().manual_seed(seed)
+        tok, logp = rollout._pick(logits, params, gen, ban)
+        return tok, logp, gen.get_state()
+
     g = torch.Generator().manual_seed(3)
     same = total = 0
     for v, temperature, ban in ((1024, 1.0, None), (6000, 0.8, 1), (49152, 1.0, 2)):
         logits = torch.randn(64, v, generator=g) * 3
         params = rollout.SamplingParams(max_new_tokens=1, temperature=temperature)
-        g1, g2 = torch.Generator().manual_seed(v), torch.Generator().manual_seed(v)
-        orig = kernels.sample_rows
-        kernels.sample_rows = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        try:
-            t1, l1 = rollout._pick(logits, params, g1, ban)
-        finally:
-            kernels.sample_rows = orig
-        usable = kernels.usable
-        kernels.usable = lambda *t: False
-        try:
-            t2, l2 = rollout._pick(logits, params, g2, ban)
-        finally:
-            kernels.usable = usable
-        assert torch.equal(g1.get_state(), g2.get_state())
+        t1, l1, s1 = pick(logits, params, v, ban, True)
+        t2, l2, s2 = pick(logits, params, v, ban, False)
+        assert torch.equal(s1, s2)
         u = torch.rand((64, 1), generator=torch.Generator().manual_seed(v)).squeeze(-1)
         _check_inverse_cdf(t1, l1, logits, u, temperature, ban)
         _check_inverse_cdf(t2, l2, logits, u, temperature, ban)
@@ -450,3 +450,9 @@ def test_pick_with_the_c_sampler_equals_the_torch_path():
         same += int(eq.sum())
         total += 64
     assert len(calls) == 3 and same >= total - 2
+    logits = torch.randn(4, 2048, generator=g)
+    logits[2, 9] = torch.nan
+    params = rollout.SamplingParams(max_new_tokens=1)
+    t1, _, s1 = pick(logits, params, 0, None, True)
+    t2, _, s2 = pick(logits, params, 0, None, False)
+    assert len(calls) == 4 and torch.equal(t1, t2) and torch.equal(s1, s2)
