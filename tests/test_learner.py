@@ -90,25 +90,38 @@ def test_token_budget_micro_batches_equal_one_full_batch(tiny_llama_dir):
     assert mb["time/fwd_bwd_s"] > 0 and mb["time/optimizer_s"] > 0
 
 
-def test_auto_micro_batch_tokens_scales_with_the_model(tmp_path, tiny_llama_dir, char_tok):
-    """train.micro_batch_tokens="auto" (the default) divides a 2 GiB activation budget by the model's
-    estimated bytes per position: a wider, deeper model or a larger vocabulary gets fewer positions; the
-    run's learner and reference pass get the resolved number; 0 and other strings are config errors."""
+def test_auto_micro_batch_tokens_scales_with_the_model(tmp_path, tiny_llama_dir, char_tok, monkeypatch):
+    """train.micro_batch_tokens="auto" (the default) divides an activation budget (a sixth of the machine's
+    memory, 2-8 GiB) by the model's estimated bytes per position: a wider, deeper model or a larger
+    vocabulary gets fewer positions; the run's learner and reference pass get the resolved number; 0 and
+    other strings are config errors."""
     from pydantic import ValidationError
 
+    import tilt.rollout as rollout
     from tilt.config import load_config
     from tilt.model import build_llama
-    from tilt.rollout import AUTO_ACTIVATION_BYTES, auto_micro_batch_tokens
+    from tilt.rollout import activation_bytes_per_position, auto_activation_bytes, auto_micro_batch_tokens
     from tilt.trainer import build
 
     small = build_llama(len(char_tok), hidden=32, layers=2, heads=2, intermediate=64)
     wide = build_llama(len(char_tok), hidden=256, layers=8, heads=4, intermediate=1024)
     big_vocab = build_llama(50_000, hidden=32, layers=2, heads=2, intermediate=64)
-    per_pos = 4 * (2 * (16 * 32 + 4 * 64) + 4 * len(char_tok))
-    assert auto_micro_batch_tokens(small) == AUTO_ACTIVATION_BYTES // per_pos
+    per_pos = 4 * (2 * (6 * 32 + 4 * 64) + len(char_tok))
+    assert activation_bytes_per_position(small) == per_pos
+    assert auto_micro_batch_tokens(small, budget_bytes=3 << 30) == (3 << 30) // per_pos
+    assert auto_micro_batch_tokens(small) == auto_activation_bytes() // per_pos
     assert auto_micro_batch_tokens(wide) < auto_micro_batch_tokens(small)
     assert auto_micro_batch_tokens(big_vocab) < auto_micro_batch_tokens(small)
     assert auto_micro_batch_tokens(small, budget_bytes=1) == 256
+    gib = 1 << 30
+    assert auto_activation_bytes(24 * gib) == 4 * gib
+    assert auto_activation_bytes(6 * gib) == 2 * gib  # at least 2 GiB
+    assert auto_activation_bytes(256 * gib) == 8 * gib  # at most 8 GiB
+    assert rollout.machine_memory_bytes() > 0  # Linux: physical memory or the cgroup's limit
+    monkeypatch.setattr(rollout, "machine_memory_bytes", lambda: None)
+    assert auto_activation_bytes() == 2 * gib  # unknown memory: the minimum
+    monkeypatch.setattr(rollout, "machine_memory_bytes", lambda: 48 * gib)
+    assert auto_micro_batch_tokens(small) == 8 * gib // per_pos
     cfg = load_config(None, [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'r'}", "kl.beta=0.04"])
     assert cfg.train.micro_batch_tokens == "auto"
     parts = build(cfg)

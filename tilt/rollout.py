@@ -7,6 +7,7 @@ given prefixes (prompt + partial completion), which branching methods (SPO, TEMP
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -400,21 +401,62 @@ def forward_tokens(n_rows: int, n_prompts: int, prompt_len: int, completion_len:
     return n_rows * (prompt_len + completion_len)
 
 
-AUTO_ACTIVATION_BYTES = 2 << 30  # what train.micro_batch_tokens="auto" lets one micro-batch's activations take
+# train.micro_batch_tokens="auto" lets one micro-batch's activations take a sixth of the machine's memory,
+# between 2 and 8 GiB (``auto_activation_bytes``). Fewer, larger micro-batches are faster where the weights
+# are large: SmolLM2-135M full fine-tuning at 64 tokens (4,240 positions), fwd+bwd in micro-batches of 816 /
+# 2,200 / 4,400 positions, interleaved, medians of 3: 23.7 / 19.0 / 19.4 s (benchmarks/README.md, speed
+# work 34); on the 10M and 30M models one micro-batch already held the whole batch.
+AUTO_ACTIVATION_MIN_BYTES = 2 << 30
+AUTO_ACTIVATION_MAX_BYTES = 8 << 30
 
 
-def auto_micro_batch_tokens(model, budget_bytes: int = AUTO_ACTIVATION_BYTES) -> int:
-    """Forward positions per micro-batch whose activations fit ``budget_bytes``, estimated from the
-    model's shape: per position and layer about 16 hidden-sized and 4 intermediate-sized tensors are
-    kept for the backward (norms, projections, attention output, residuals, the gated MLP), plus ~4
-    vocabulary-sized ones at the head (logits, log-softmax and their gradients). Measured on the 10M
-    benchmark model: 314 KB per position against 328 KB estimated. At least 256."""
+def machine_memory_bytes() -> Optional[int]:
+    """This process's memory limit: physical memory, or a smaller cgroup limit (containers); None where
+    neither can be read."""
+    found = []
+    try:
+        found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 1 << 60:  # "max" or a huge number: no limit
+            found.append(int(text))
+    return min(found) if found else None
+
+
+def auto_activation_bytes(memory: Optional[int] = None) -> int:
+    """The "auto" activation budget: a sixth of ``memory`` (default: ``machine_memory_bytes``), clamped to
+    [``AUTO_ACTIVATION_MIN_BYTES``, ``AUTO_ACTIVATION_MAX_BYTES``]; the minimum where memory is unknown.
+    On a 24 GiB machine 4 GiB."""
+    memory = machine_memory_bytes() if memory is None else memory
+    if not memory:
+        return AUTO_ACTIVATION_MIN_BYTES
+    return max(AUTO_ACTIVATION_MIN_BYTES, min(AUTO_ACTIVATION_MAX_BYTES, memory // 6))
+
+
+def activation_bytes_per_position(model) -> int:
+    """Estimated bytes one forward position keeps for the backward: per layer about 6 hidden-sized and 4
+    intermediate-sized tensors (norm inputs, projections, attention, the gated MLP; the norms and SwiGLU
+    keep only their inputs, speed work 29/31), plus one vocabulary-sized row at the head (its logits;
+    ``head_token_logprobs`` keeps no other vocabulary-sized tensor). Measured from peak-RSS slopes at 64
+    tokens (micro-batches of ~1,000 against one of 4,240 positions): 208 KB at 10M (225 estimated), 287
+    KB at 30M (313), ~930 KB on SmolLM2-135M (1,350: grouped-query attention keeps less)."""
     cfg = model.config
     hidden = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     elem = next(model.parameters()).element_size()
-    per_pos = elem * (cfg.num_hidden_layers * (16 * hidden + 4 * inter) + 4 * cfg.vocab_size)
-    return max(256, budget_bytes // per_pos)
+    return elem * (cfg.num_hidden_layers * (6 * hidden + 4 * inter) + cfg.vocab_size)
+
+
+def auto_micro_batch_tokens(model, budget_bytes: Optional[int] = None) -> int:
+    """Forward positions per micro-batch whose activations fit ``budget_bytes`` (default
+    ``auto_activation_bytes()``), by ``activation_bytes_per_position``. At least 256."""
+    budget = auto_activation_bytes() if budget_bytes is None else budget_bytes
+    return max(256, budget // activation_bytes_per_position(model))
 
 
 def token_chunks(prompt_ids: Tensor, prompt_mask: Tensor, completion_len: int, budget: int | None, *,
