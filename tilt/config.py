@@ -304,8 +304,8 @@ class TrainCfg(Section):
     """Upper bound on the positions one micro-batch's forward runs (more micro-batches when exceeded; a
     prompt shared by a micro-batch's rows counts once, as the shared-prompt forward runs it once): bounds
     activation memory without changing the update. Also chunks the reference pass. "auto": as many
-    positions as estimated activations of a sixth of the machine's memory (2-8 GiB) allow for this model
-    (tilt.rollout.auto_micro_batch_tokens; with 4 GiB on a 24 GiB machine: ~19,000 at 10M, ~3,200 on
+    positions as estimated activations of an eighth of the machine's memory (2-8 GiB) allow for this model
+    (tilt.rollout.auto_micro_batch_tokens; with 3 GiB on a 24 GiB machine: ~14,000 at 10M, ~2,400 on
     SmolLM2-135M with its 49k vocabulary). None: only grad_accum splits."""
 
     @field_validator("micro_batch_tokens")

@@ -401,7 +401,7 @@ def forward_tokens(n_rows: int, n_prompts: int, prompt_len: int, completion_len:
     return n_rows * (prompt_len + completion_len)
 
 
-# train.micro_batch_tokens="auto" lets one micro-batch's activations take a sixth of the machine's memory,
+# train.micro_batch_tokens="auto" lets one micro-batch's activations take an eighth of the machine's memory,
 # between 2 and 8 GiB (``auto_activation_bytes``). Fewer, larger micro-batches are faster where the weights
 # are large: SmolLM2-135M full fine-tuning at 64 tokens (4,240 positions), fwd+bwd in micro-batches of 816 /
 # 2,200 / 4,400 positions, interleaved, medians of 3: 23.7 / 19.0 / 19.4 s (benchmarks/README.md, speed
@@ -429,13 +429,13 @@ def machine_memory_bytes() -> Optional[int]:
 
 
 def auto_activation_bytes(memory: Optional[int] = None) -> int:
-    """The "auto" activation budget: a sixth of ``memory`` (default: ``machine_memory_bytes``), clamped to
+    """The "auto" activation budget: an eighth of ``memory`` (default: ``machine_memory_bytes``), clamped to
     [``AUTO_ACTIVATION_MIN_BYTES``, ``AUTO_ACTIVATION_MAX_BYTES``]; the minimum where memory is unknown.
-    On a 24 GiB machine 4 GiB."""
+    On a 24 GiB machine 3 GiB."""
     memory = machine_memory_bytes() if memory is None else memory
     if not memory:
         return AUTO_ACTIVATION_MIN_BYTES
-    return max(AUTO_ACTIVATION_MIN_BYTES, min(AUTO_ACTIVATION_MAX_BYTES, memory // 6))
+    return max(AUTO_ACTIVATION_MIN_BYTES, min(AUTO_ACTIVATION_MAX_BYTES, memory // 8))
 
 
 def activation_bytes_per_position(model) -> int:
