@@ -420,7 +420,8 @@ def machine_memory_bytes() -> Optional[int]:
         pass
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(path).read().strip()
+            with open(path) as f:
+                text = f.read().strip()
         except OSError:
             continue
         if text.isdigit() and 0 < int(text) < 1 << 60:  # "max" or a huge number: no limit
