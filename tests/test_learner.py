@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -106,7 +107,8 @@ def test_auto_micro_batch_tokens_scales_with_the_model(tmp_path, tiny_llama_dir,
     small = build_llama(len(char_tok), hidden=32, layers=2, heads=2, intermediate=64)
     wide = build_llama(len(char_tok), hidden=256, layers=8, heads=4, intermediate=1024)
     big_vocab = build_llama(50_000, hidden=32, layers=2, heads=2, intermediate=64)
-    per_pos = 4 * (2 * (6 * 32 + 4 * 64) + len(char_tok))
+    per_pos = 4 * (2 * (6 * 32 + 4 * 64) + len(char_tok))  # 4 bytes x (2 layers x (192 + 256) + vocab)
+    assert per_pos == 4 * (896 + len(char_tok))
     assert activation_bytes_per_position(small) == per_pos
     assert auto_micro_batch_tokens(small, budget_bytes=3 << 30) == (3 << 30) // per_pos
     assert auto_micro_batch_tokens(small) == auto_activation_bytes() // per_pos
@@ -118,6 +120,14 @@ def test_auto_micro_batch_tokens_scales_with_the_model(tmp_path, tiny_llama_dir,
     assert auto_activation_bytes(12 * gib) == 2 * gib  # at least 2 GiB
     assert auto_activation_bytes(256 * gib) == 8 * gib  # at most 8 GiB
     assert rollout.machine_memory_bytes() > 0  # Linux: physical memory or the cgroup's limit
+    # a container's cgroup limit below physical memory wins; "max" and unreadable text mean no limit
+    (tmp_path / "cg").mkdir()
+    limit, unlimited, garbage = tmp_path / "cg" / "a", tmp_path / "cg" / "b", tmp_path / "cg" / "c"
+    limit.write_text("1073741824\n"), unlimited.write_text("max\n"), garbage.write_text("n/a\n")
+    monkeypatch.setattr(rollout, "CGROUP_MEMORY_FILES", (str(unlimited), str(garbage), str(limit), str(tmp_path / "none")))
+    assert rollout.machine_memory_bytes() == gib
+    monkeypatch.setattr(rollout, "CGROUP_MEMORY_FILES", (str(unlimited), str(garbage)))
+    assert rollout.machine_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     monkeypatch.setattr(rollout, "machine_memory_bytes", lambda: None)
     assert auto_activation_bytes() == 2 * gib  # unknown memory: the minimum
     monkeypatch.setattr(rollout, "machine_memory_bytes", lambda: 40 * gib)

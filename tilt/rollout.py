@@ -410,15 +410,18 @@ AUTO_ACTIVATION_MIN_BYTES = 2 << 30
 AUTO_ACTIVATION_MAX_BYTES = 8 << 30
 
 
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
 def machine_memory_bytes() -> Optional[int]:
-    """This process's memory limit: physical memory, or a smaller cgroup limit (containers); None where
-    neither can be read."""
+    """This process's memory limit: physical memory, or a smaller cgroup limit (containers,
+    ``CGROUP_MEMORY_FILES``; "max" or an unreadable file is no limit); None where neither can be read."""
     found = []
     try:
         found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in CGROUP_MEMORY_FILES:
         try:
             with open(path) as f:
                 text = f.read().strip()
