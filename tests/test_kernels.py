@@ -165,13 +165,14 @@ def test_rms_norm_kernels_hand_values():
 
 @needs_lib
 def test_lean_pass_with_kernels_equals_torch_ops(tiny_llama_dir, monkeypatch):
-    """The teacher-forced pass (tilt.fastforward.shared_completion_logits, shared prompts) with the norm
-    and SwiGLU kernels and with torch ops: logits and every weight's gradient to float rounding (and the
+    """The teacher-forced pass (tilt.fastforward.shared_completion_logits, shared prompts) with the norm,
+    SwiGLU and attention kernels and with torch ops: logits and every weight's gradient to float rounding (and the
     kernels are called only in the first run)."""
     import tilt.fastforward as fastforward
 
     calls = {}
-    for name in ("silu_mul", "swiglu_backward", "rms_norm_forward", "rms_norm_backward"):
+    for name in ("silu_mul", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "tf_attention",
+                 "tf_attention_backward"):
         def counted(*args, _f=getattr(kernels, name), _n=name, **kw):
             calls[_n] = calls.get(_n, 0) + 1
             return _f(*args, **kw)
@@ -194,8 +195,9 @@ def test_lean_pass_with_kernels_equals_torch_ops(tiny_llama_dir, monkeypatch):
         finally:
             fastforward.FUSED = True
         runs.append((logits.detach(), {n: p.grad.clone() for n, p in pol.model.named_parameters()}))
-        if fused:  # 2 layers: 2 SwiGLU, 5 norms (2 per layer and the final one), forward and backward
-            assert calls == {"silu_mul": 2, "swiglu_backward": 2, "rms_norm_forward": 5, "rms_norm_backward": 5}
+        if fused:  # 2 layers: 2 SwiGLU, 5 norms (2 per layer and the final one), 2 attentions, forward and backward
+            assert calls == {"silu_mul": 2, "swiglu_backward": 2, "rms_norm_forward": 5, "rms_norm_backward": 5,
+                             "tf_attention": 2, "tf_attention_backward": 2}
             calls.clear()
     assert not calls
     (la, ga), (lb, gb) = runs
@@ -203,6 +205,88 @@ def test_lean_pass_with_kernels_equals_torch_ops(tiny_llama_dir, monkeypatch):
     assert ga.keys() == gb.keys() and len(ga) > 10
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _tf_inputs(b, u, nq, nkv, t, p, d, seed=0):
+    """Inputs of tf_attention as the pass hands them over: q and keys as transposed views of
+    [rows, positions, heads, d] tensors; rows not in prompt order; padding in a prompt and a completion."""
+    g = torch.Generator().manual_seed(seed)
+    pidx = torch.randint(0, u, (b,), generator=g)
+    pidx[:u] = torch.arange(u).flip(0)  # every prompt used
+    valid_p = torch.ones(u, p, dtype=torch.bool)
+    valid_p[0, : p // 2] = False  # left padding
+    valid_c = torch.ones(b, t, dtype=torch.bool)
+    valid_c[1, t // 2 + 1:] = False  # a completion that ended early
+    def view(*shape):
+        return torch.randn(*shape, generator=g).transpose(1, 2)
+    return (view(b, t, nq, d), view(u, p, nkv, d), view(u, p, nkv, d), view(b, t, nkv, d), view(b, t, nkv, d),
+            pidx, valid_p, valid_c, torch.randn(b, t, nq, d, generator=g))
+
+
+@needs_lib
+@pytest.mark.parametrize("nq,nkv,d", [(8, 8, 32), (8, 8, 64), (9, 3, 64), (4, 2, 128), (2, 1, 16)])
+@pytest.mark.parametrize("t", [1, 8, 13, 40])
+def test_tf_attention_forward_and_backward_equal_float64(nq, nkv, d, t):
+    """attention.c's teacher-forced attention against the torch expression (the boolean mask the pass gave
+    SDPA) in float64 under autograd: output and the gradients of q, the prompt keys/values (summed over
+    each prompt's rows) and the completion keys/values, with the float32 torch path's own error as the
+    yardstick (at most 3x it, and 2e-6 absolute)."""
+    b, u, p = 6, 3, 7
+    q, kp, vp, kc, vc, pidx, valid_p, valid_c, do = _tf_inputs(b, u, nq, nkv, t, p, d)
+    scale = d ** -0.5
+    refs = {}
+    for dtype in (torch.float64, torch.float32):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, kp, vp, kc, vc)]
+        out = kernels.tf_attention_reference(*leaves, pidx, valid_p, valid_c, scale)
+        out.backward(do.to(dtype))
+        refs[dtype] = [out.detach()] + [x.grad for x in leaves]
+    o, lse = kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, scale)
+    dq, dk, dv = kernels.tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, do, scale)
+    dkp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dk[:, :, :p])
+    dvp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dv[:, :, :p])
+    got = [o, dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:]]
+    for name, x, want, torch32 in zip(["o", "dq", "dkp", "dvp", "dkc", "dvc"], got, refs[torch.float64],
+                                      refs[torch.float32]):
+        err, yard = (x.double() - want).abs().max().item(), (torch32.double() - want).abs().max().item()
+        assert err <= max(3 * yard, 2e-6), (name, err, yard)
+    # lse: log of the softmax's normaliser over the keys each query sees
+    keys = torch.cat([kp.index_select(0, pidx), kc], 2).repeat_interleave(nq // nkv, 1).double()
+    ar = torch.arange(t)
+    mask = torch.cat([valid_p.index_select(0, pidx)[:, None, :].expand(b, t, p),
+                      (ar[None, :] <= ar[:, None])[None] & valid_c[:, None, :]], -1)[:, None]
+    scores = (q.double() @ keys.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=2e-6, rtol=0)
+
+
+@needs_lib
+def test_tf_attention_hand_values():
+    """One row, one head, d = 16: a prompt of two keys (the first padding) and two completion keys. Query 0
+    sees the valid prompt key and itself; query 1 also its second key, which the padded completion mask
+    hides: scores (scale 1) q.k = [., 1, 0, .] for query 0 -> weights softmax([1, 0]) = [e/(e+1), 1/(e+1)]."""
+    d = 16
+    e0 = torch.zeros(d)
+    e0[0] = 1.0
+    q = torch.stack([e0, e0])[None, None]  # [1, 1, 2, d]
+    kp = torch.stack([e0 * 5, e0])[None, None]  # padding key (would dominate), valid key with score 1
+    vp = torch.stack([torch.full((d,), 100.0), torch.full((d,), 2.0)])[None, None]
+    kc = torch.stack([torch.zeros(d), e0 * 3])[None, None]
+    vc = torch.stack([torch.full((d,), -1.0), torch.full((d,), 50.0)])[None, None]
+    valid_p, valid_c = torch.tensor([[False, True]]), torch.tensor([[True, False]])
+    o, lse = kernels.tf_attention(q, kp, vp, kc, vc, torch.tensor([0]), valid_p, valid_c, 1.0)
+    w = torch.tensor([torch.e, 1.0]) / (torch.e + 1)
+    want = float(w[0] * 2.0 + w[1] * -1.0)  # both queries see the same two keys (key 3 is hidden)
+    torch.testing.assert_close(o[0, :, 0], torch.full((2, d), want), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse[0, 0], torch.full((2,), float(torch.log(torch.tensor(torch.e + 1)))), atol=1e-6,
+                               rtol=0)
+
+
+@needs_lib
+def test_tf_attention_usable_only_where_the_kernel_applies():
+    q, kp, vp, kc, vc, *_ = _tf_inputs(2, 1, 2, 2, 3, 4, 16)
+    assert kernels.tf_attention_usable(q, kp, vp, kc, vc)
+    assert not kernels.tf_attention_usable(q.double(), kp, vp, kc, vc)  # float32 only
+    assert not kernels.tf_attention_usable(q[..., :8], kp[..., :8], vp[..., :8], kc[..., :8], vc[..., :8])  # d % 16
+    assert not kernels.tf_attention_usable(q.transpose(-1, -2), kp, vp, kc, vc)  # last dimension strided
 
 
 def _attend_inputs(n, u, nq, nkv, d, p, cap, seed=0):

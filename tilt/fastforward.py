@@ -42,6 +42,7 @@ def forward_supported(model) -> bool:
 
 
 FUSED = True  # False: torch ops even where tilt.kernels can run (A/B measurements, tests)
+# the norms, SwiGLU and the completions' attention (PromptCausalAttention)
 
 
 def _fused(*tensors: Tensor | None) -> bool:
@@ -196,6 +197,32 @@ class SwiGLU(torch.autograd.Function):
         return out
 
 
+class PromptCausalAttention(torch.autograd.Function):
+    """The completions' attention in the shared-prompt pass by ``tilt.kernels.tf_attention``: row b's
+    queries over its prompt's keys, read in place for the prompt's rows (``inverse[b]``), then causally
+    over its own. The torch path concatenates each row's copy of its prompt's keys and values with its own
+    and hands SDPA a boolean mask; the kernel skips the scores past the causal limit and needs neither the
+    copies nor the mask (the same function: outputs and gradients agree to float rounding,
+    tests/test_kernels.py). Returns [N, T, nq, d], what the output projection reads."""
+
+    @staticmethod
+    def forward(ctx, qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale):
+        o, lse = kernels.tf_attention(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale)
+        ctx.save_for_backward(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o, lse = ctx.saved_tensors
+        dq, dk, dv = kernels.tf_attention_backward(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o, lse, do, ctx.scale)
+        p = kp.shape[2]
+        dkp = dk.new_zeros(kp.shape).index_add_(0, inverse, dk[:, :, :p])  # each prompt's rows summed
+        dvp = dv.new_zeros(vp.shape).index_add_(0, inverse, dv[:, :, :p])
+        return dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:], None, None, None, None
+
+
 def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
     """[b * length, heads * d] -> [b, heads, length, d]."""
     return x.reshape(b, length, heads, d).transpose(1, 2)
@@ -242,9 +269,8 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     valid_p = u_mask.bool()  # [U, P]
     mask_p = ((ar_p[None, :] <= ar_p[:, None])[None] & valid_p[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)
     mask_p = mask_p[:, None]  # [U, 1, P, P]
-    to_prompt = valid_p.index_select(0, inverse)[:, None, :].expand(n, t, p)  # [N, T, P]
-    to_self = (ar_t[None, :] <= ar_t[:, None])[None] & completion_mask.bool()[:, None, :]  # [N, T, T]
-    mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
+    valid_c = completion_mask.bool()
+    fused, mask_c = None, None  # whether the completions' attention takes the kernel (decided at the first layer)
 
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -259,11 +285,20 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
         (qp, qc), (kp, kc), (vp, vc) = (z.split([m, n * t]) for z in (q, k, v))
         qp, kp, vp = _heads(qp, u, p, nq, d), _heads(kp, u, p, nkv, d), _heads(vp, u, p, nkv, d)
         qc, kc, vc = _heads(qc, n, t, nq, d), _heads(kc, n, t, nkv, d), _heads(vc, n, t, nkv, d)
-        keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
-        values = torch.cat([vp.index_select(0, inverse), vc], 2)
         op = attention(qp, kp, vp, mask_p, scale)  # [U, nq, P, d]
-        oc = attention(qc, keys, values, mask_c, scale)  # [N, nq, T, d]
-        o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.transpose(1, 2).reshape(n * t, nq * d)])
+        if fused is None:
+            fused = FUSED and kernels.tf_attention_usable(qc, kp, vp, kc, vc)
+        if fused:
+            oc = PromptCausalAttention.apply(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale)
+        else:
+            if mask_c is None:
+                to_prompt = valid_p.index_select(0, inverse)[:, None, :].expand(n, t, p)  # [N, T, P]
+                to_self = (ar_t[None, :] <= ar_t[:, None])[None] & valid_c[:, None, :]  # [N, T, T]
+                mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
+            keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
+            values = torch.cat([vp.index_select(0, inverse), vc], 2)
+            oc = attention(qc, keys, values, mask_c, scale).transpose(1, 2)  # [N, T, nq, d]
+        o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.reshape(n * t, nq * d)])
         h = h + _project(o, (a.o_proj,), adapters)
         x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         h = h + _project(SwiGLU.apply(_project(x, (mlp.gate_proj, mlp.up_proj), adapters)), (mlp.down_proj,), adapters)

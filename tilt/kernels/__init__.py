@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode.c", HERE / "forward.c"]  # built into one library
+SOURCES = [HERE / "decode.c", HERE / "forward.c", HERE / "attention.c"]  # built into one library
 HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -46,8 +46,11 @@ SIGNATURES = {
     "tilt_rms_norm_forward": [_P, _P, _P, _P, _I64, _I64, _F32],
     "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
     "tilt_sample_rows": [_P, _P, _I64, _I64, _F32, _I64, _P, _P],
+    "tilt_tf_attention_forward": [_P] * 11 + [_I64] * 6 + [_F32],
+    "tilt_tf_attention_backward": [_P] * 15 + [_I64] * 6 + [_F32],
 }
-RETURNS = {"tilt_sample_rows": ctypes.c_int}  # the others return nothing
+RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
+           "tilt_tf_attention_backward": ctypes.c_int}  # the others return nothing
 _state: dict = {}
 
 
@@ -193,6 +196,65 @@ def rms_norm_backward(x: Tensor, w: Optional[Tensor], r: Tensor, dy: Tensor, nee
     return dx, dw
 
 
+def tf_attention_usable(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor) -> bool:
+    """Whether ``tf_attention`` can take these: loaded, float32 CPU tensors with a contiguous last
+    dimension, and a head size that is a multiple of 16 (the kernel's vector width)."""
+    return library() is not None and q.shape[-1] % 16 == 0 and all(
+        x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 for x in (q, kp, vp, kc, vc))
+
+
+def _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c):
+    strides = torch.tensor([st for x in (q, kp, vp, kc, vc) for st in x.stride()[:3]], dtype=torch.int64)
+    keep = (strides, pidx.to(torch.int64).contiguous(), valid_p.to(torch.uint8).contiguous(),
+            valid_c.to(torch.uint8).contiguous())
+    return keep, [_ptr(x) for x in (q, kp, vp, kc, vc, *keep)]
+
+
+def tf_attention(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor, valid_p: Tensor,
+                 valid_c: Tensor, scale: float, lib=None) -> tuple[Tensor, Tensor]:
+    """``attention.c``'s teacher-forced attention: row b's queries ``q`` [B, nq, T, d] over the keys/values
+    of its prompt ``pidx[b]`` (``kp``/``vp`` [U, nkv, P, d], where ``valid_p`` [U, P] is true) and, causally,
+    its own (``kc``/``vc`` [B, nkv, T, d], where ``valid_c`` [B, T] is true). Any strides with the last
+    dimension contiguous (``tf_attention_usable``). Returns (o [B, T, nq, d] contiguous, lse [B, nq, T])."""
+    lib = lib or library()
+    (b, nq, t, d), (nkv, p) = q.shape, kp.shape[1:3]
+    o, lse = q.new_empty(b, t, nq, d), q.new_empty(b, nq, t)
+    keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c)
+    if lib.tilt_tf_attention_forward(*ptrs, _ptr(o), _ptr(lse), b, nq, nkv, t, p, d, float(scale)):
+        raise MemoryError("tf_attention: the kernel could not allocate its per-thread buffers")
+    return o, lse
+
+
+def tf_attention_backward(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor,
+                          valid_p: Tensor, valid_c: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float,
+                          lib=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``tf_attention`` for ``do`` [B, T, nq, d]: (dq [B, T, nq, d], dk, dv [B, nkv, P + T, d]),
+    the prompt part of dk/dv per row (sum it over each prompt's rows)."""
+    lib = lib or library()
+    (b, nq, t, d), (nkv, p) = q.shape, kp.shape[1:3]
+    do = do.contiguous()
+    dq, dk, dv = q.new_empty(b, t, nq, d), q.new_empty(b, nkv, p + t, d), q.new_empty(b, nkv, p + t, d)
+    keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c)
+    if lib.tilt_tf_attention_backward(*ptrs, _ptr(o), _ptr(lse), _ptr(do), _ptr(dq), _ptr(dk), _ptr(dv), b, nq, nkv,
+                                      t, p, d, float(scale)):
+        raise MemoryError("tf_attention_backward: the kernel could not allocate its per-thread buffers")
+    return dq, dk, dv
+
+
+def tf_attention_reference(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor,
+                           valid_p: Tensor, valid_c: Tensor, scale: float) -> Tensor:
+    """``tf_attention``'s output in torch ops (the mask the teacher-forced pass gave SDPA), [B, T, nq, d]."""
+    (b, nq, t, d), nkv, p = q.shape, kp.shape[1], kp.shape[2]
+    keys = torch.cat([kp.index_select(0, pidx), kc], 2).repeat_interleave(nq // nkv, 1)
+    values = torch.cat([vp.index_select(0, pidx), vc], 2).repeat_interleave(nq // nkv, 1)
+    ar = torch.arange(t)
+    mask = torch.cat([valid_p.bool().index_select(0, pidx)[:, None, :].expand(b, t, p),
+                      (ar[None, :] <= ar[:, None])[None] & valid_c.bool()[:, None, :]], -1)[:, None]
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    w = torch.softmax(scores.masked_fill(~mask, -torch.inf), -1)
+    return torch.matmul(w, values).transpose(1, 2)
+
+
 def sample_rows(logits: Tensor, u: Tensor, temperature: float, ban: Optional[int],
                 lib=None) -> Optional[tuple[Tensor, Tensor]]:
     """``decode.c``'s ``tilt_sample_rows``: one token per row of ``logits`` [N, V] drawn by inverse transform
@@ -268,6 +330,33 @@ def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor,
     return o.reshape(n, nq * d)
 
 
+def tf_check(lib, d: int, fixed, check) -> None:
+    """``tf_attention`` and its backward against ``tf_attention_reference`` under autograd: 4 rows of 2
+    prompts (not in prompt order), grouped-query heads, padding in a prompt and in a completion, 11
+    queries (a partial block), q and keys read through non-contiguous views."""
+    b, u, nq, nkv, p, t = 4, 2, 4, 2, 5, 11
+    pidx = torch.tensor([1, 0, 0, 1])
+    valid_p = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    valid_c = torch.ones(b, t, dtype=torch.bool)
+    valid_c[2, 7:] = False
+    q = fixed(b, t, nq, d).transpose(1, 2)  # [B, nq, T, d] as a view, as the pass hands it over
+    kp, vp = fixed(u, p, nkv, d, seed=2.0).transpose(1, 2), fixed(u, p, nkv, d, seed=3.0).transpose(1, 2)
+    kc, vc = fixed(b, t, nkv, d, seed=4.0).transpose(1, 2), fixed(b, t, nkv, d, seed=5.0).transpose(1, 2)
+    do = fixed(b, t, nq, d, seed=6.0)
+    scale = d ** -0.5
+    leaves = [x.detach().clone().requires_grad_() for x in (q, kp, vp, kc, vc)]
+    want = tf_attention_reference(*leaves, pidx, valid_p, valid_c, scale)
+    want.backward(do)
+    o, lse = tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, scale, lib)
+    check(torch.allclose(o, want.detach(), atol=1e-5), f"tf_attention (head size {d})")
+    dq, dk, dv = tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, do, scale, lib)
+    dkp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dk[:, :, :p])
+    dvp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dv[:, :, :p])
+    got = (dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:])
+    check(all(torch.allclose(g, x.grad, atol=1e-4) for g, x in zip(got, leaves)),
+          f"tf_attention_backward (head size {d})")
+
+
 def _self_check(lib) -> None:
     """Each kernel against its torch expression on fixed inputs (not torch.randn: loading must not move
     the global RNG), attention at a general head size and at the two fixed-length forms the benchmark
@@ -300,6 +389,8 @@ def _self_check(lib) -> None:
         got = sample_rows(logits, draws, temperature, ban, lib)
         check(got is not None and sample_rows_agrees(*got, logits, draws, temperature, ban),
               f"sample_rows (temperature {temperature}, ban {ban})")
+    for d in (16, 32, 64):  # teacher-forced attention: general head size and the two fixed-length forms
+        tf_check(lib, d, fixed, check)
     n, u, nq, nkv, p, cap, t = 4, 2, 4, 2, 5, 6, 3
     pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.uint8)
     for d in (8, 32, 64):
