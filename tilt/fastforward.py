@@ -14,7 +14,9 @@ in one pass over both parts, with grad:
   the q/k weight rows permuted so that rotate-half partners sit side by side (as in
   ``tilt.fastdecode.LeanDecoder``);
 * attention is the only place they differ: a prompt attends causally within itself; a completion
-  attends to its prompt's keys (indexed out to its row) and causally to its own;
+  attends to its prompt's keys and causally to its own (``PromptCausalAttention``: the C kernel reads
+  the prompt's keys in place for its rows; without it they are indexed out to each row and SDPA gets
+  a boolean mask);
 * the LM head runs only at the T positions whose logits are read (the prompt's last position and
   completion positions 0..T-2).
 

@@ -1,6 +1,7 @@
 """Fused float32 CPU kernels for the decode step and its large-vocabulary sampler (``decode.c``) and for
-the teacher-forced pass's norms and SwiGLU, forward and backward (``forward.c``), built on first use with
-the system C compiler into one library and loaded through ctypes.
+the teacher-forced pass's norms and SwiGLU (``forward.c``) and its completions' attention
+(``attention.c``), forward and backward, built on first use with the system C compiler into one library
+and loaded through ctypes.
 
 Why C and not torch ops: at 64 rows and 10M-30M parameters the decode step's attention is ~15 torch
 operations per layer whose dispatch and memory traffic cost more than their arithmetic (about 1.1 ms of
