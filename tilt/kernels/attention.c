@@ -205,34 +205,6 @@ static inline __attribute__((always_inline)) void forward_task(
     }
 }
 
-int tilt_tf_attention_forward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
-                               const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
-                               float *o, float *lse, int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P,
-                               int64_t d, float scale) {
-    const int64_t ld = up32(P + T);
-    const size_t floats = (size_t)(2 * d * ld + RB * ld + 2 * RB * d + ld);
-    int bad = 0;
-#pragma omp parallel reduction(+ : bad)
-    {
-        float *buf = malloc(sizeof(float) * floats);
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < B * nkv; task++) {
-            const int64_t b = task / nkv, g = task % nkv;
-            if (!buf) {
-                bad++;
-                continue;
-            }
-            switch (d) {
-            case 32: forward_task(q, kp, vp, kc, vc, st, pidx, valid_p, valid_c, o, lse, b, g, nq, nkv, T, P, scale, buf, 32); break;
-            case 64: forward_task(q, kp, vp, kc, vc, st, pidx, valid_p, valid_c, o, lse, b, g, nq, nkv, T, P, scale, buf, 64); break;
-            default: forward_task(q, kp, vp, kc, vc, st, pidx, valid_p, valid_c, o, lse, b, g, nq, nkv, T, P, scale, buf, d);
-            }
-        }
-        free(buf);
-    }
-    return bad;
-}
-
 static inline __attribute__((always_inline)) void backward_task(
     const float *q, const float *kp, const float *vp, const float *kc, const float *vc, const int64_t *st,
     const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, const float *o, const float *lse,
@@ -293,31 +265,76 @@ static inline __attribute__((always_inline)) void backward_task(
     memcpy(dv + (b * nkv + g) * S * D, dva, sizeof(float) * (size_t)(S * D));
 }
 
-int tilt_tf_attention_backward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
-                                const int64_t *st, const int64_t *pidx, const uint8_t *valid_p,
-                                const uint8_t *valid_c, const float *o, const float *lse, const float *dout, float *dq,
-                                float *dk, float *dv, int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P,
-                                int64_t d, float scale) {
-    const int64_t ld = up32(P + T);
-    const size_t floats = (size_t)(5 * d * ld + 2 * RB * ld + 3 * RB * d + ld);
+/* Everything a task reads and writes (the backward's inputs o and lse are the forward's outputs). */
+struct tf_args {
+    const float *q, *kp, *vp, *kc, *vc, *dout;
+    const int64_t *st, *pidx;
+    const uint8_t *valid_p, *valid_c;
+    float *o, *lse, *dq, *dk, *dv;
+    int64_t B, nq, nkv, T, P, d;
+    float scale;
+};
+
+static void forward_any(const struct tf_args *a, int64_t b, int64_t g, float *buf) {
+#define TF_FORWARD(D) forward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->o, \
+                                   a->lse, b, g, a->nq, a->nkv, a->T, a->P, a->scale, buf, D)
+    switch (a->d) { /* fixed head sizes get loops of fixed length */
+    case 32: TF_FORWARD(32); break;
+    case 64: TF_FORWARD(64); break;
+    default: TF_FORWARD(a->d);
+    }
+#undef TF_FORWARD
+}
+
+static void backward_any(const struct tf_args *a, int64_t b, int64_t g, float *buf) {
+#define TF_BACKWARD(D) backward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->o, \
+                                     a->lse, a->dout, a->dq, a->dk, a->dv, b, g, a->nq, a->nkv, a->T, a->P, a->scale, \
+                                     buf, D)
+    switch (a->d) {
+    case 32: TF_BACKWARD(32); break;
+    case 64: TF_BACKWARD(64); break;
+    default: TF_BACKWARD(a->d);
+    }
+#undef TF_BACKWARD
+}
+
+/* One task per (row, key head) over the threads, each thread with its own scratch of `floats`. Returns the
+ * number of tasks left undone for want of memory. */
+static int run_tasks(const struct tf_args *a, int backward) {
+    const int64_t ld = up32(a->P + a->T), d = a->d;
+    const size_t floats = backward ? (size_t)(5 * d * ld + 2 * RB * ld + 3 * RB * d + ld)
+                                   : (size_t)(2 * d * ld + RB * ld + 2 * RB * d + ld);
     int bad = 0;
 #pragma omp parallel reduction(+ : bad)
     {
         float *buf = malloc(sizeof(float) * floats);
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < B * nkv; task++) {
-            const int64_t b = task / nkv, g = task % nkv;
+        for (int64_t task = 0; task < a->B * a->nkv; task++) {
             if (!buf) {
                 bad++;
                 continue;
             }
-            switch (d) {
-            case 32: backward_task(q, kp, vp, kc, vc, st, pidx, valid_p, valid_c, o, lse, dout, dq, dk, dv, b, g, nq, nkv, T, P, scale, buf, 32); break;
-            case 64: backward_task(q, kp, vp, kc, vc, st, pidx, valid_p, valid_c, o, lse, dout, dq, dk, dv, b, g, nq, nkv, T, P, scale, buf, 64); break;
-            default: backward_task(q, kp, vp, kc, vc, st, pidx, valid_p, valid_c, o, lse, dout, dq, dk, dv, b, g, nq, nkv, T, P, scale, buf, d);
-            }
+            (backward ? backward_any : forward_any)(a, task / a->nkv, task % a->nkv, buf);
         }
         free(buf);
     }
     return bad;
+}
+
+int tilt_tf_attention_forward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
+                              const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
+                              float *o, float *lse, int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P,
+                              int64_t d, float scale) {
+    const struct tf_args a = {q, kp, vp, kc, vc, NULL, st, pidx, valid_p, valid_c, o, lse, NULL, NULL, NULL,
+                              B, nq, nkv, T, P, d, scale};
+    return run_tasks(&a, 0);
+}
+
+int tilt_tf_attention_backward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
+                               const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
+                               const float *o, const float *lse, const float *dout, float *dq, float *dk, float *dv,
+                               int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P, int64_t d, float scale) {
+    const struct tf_args a = {q, kp, vp, kc, vc, dout, st, pidx, valid_p, valid_c, (float *)o, (float *)lse, dq, dk,
+                              dv, B, nq, nkv, T, P, d, scale};
+    return run_tasks(&a, 1);
 }
