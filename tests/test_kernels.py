@@ -274,10 +274,24 @@ def test_tf_attention_hand_values():
     valid_p, valid_c = torch.tensor([[False, True]]), torch.tensor([[True, False]])
     o, lse = kernels.tf_attention(q, kp, vp, kc, vc, torch.tensor([0]), valid_p, valid_c, 1.0)
     w = torch.tensor([torch.e, 1.0]) / (torch.e + 1)
-    want = float(w[0] * 2.0 + w[1] * -1.0)  # both queries see the same two keys (key 3 is hidden)
+    # both queries see the same two keys (key 3 is hidden): (2 e - 1) / (e + 1) = 4.4366 / 3.7183 = 1.19318
+    want = float(w[0] * 2.0 + w[1] * -1.0)
+    assert abs(want - 1.19318) < 1e-5
     torch.testing.assert_close(o[0, :, 0], torch.full((2, d), want), atol=1e-6, rtol=0)
     torch.testing.assert_close(lse[0, 0], torch.full((2,), float(torch.log(torch.tensor(torch.e + 1)))), atol=1e-6,
                                rtol=0)
+
+
+@needs_lib
+def test_tf_attention_rejects_mismatched_shapes_and_prompt_indices():
+    """The C side reads through the pointers unchecked, so the wrapper checks what it relies on."""
+    q, kp, vp, kc, vc, pidx, valid_p, valid_c, _ = _tf_inputs(4, 2, 4, 2, 5, 3, 16)
+    with pytest.raises(ValueError, match="kc"):
+        kernels.tf_attention(q, kp, vp, kc[:, :, :4], vc, pidx, valid_p, valid_c, 0.25)
+    with pytest.raises(ValueError, match="prompt index below 2"):
+        kernels.tf_attention(q, kp, vp, kc, vc, pidx + 1, valid_p, valid_c, 0.25)
+    with pytest.raises(ValueError, match="multiple of the key heads"):
+        kernels.tf_attention(q[:, :3], kp, vp, kc, vc, pidx, valid_p, valid_c, 0.25)
 
 
 @needs_lib

@@ -205,6 +205,16 @@ def tf_attention_usable(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tenso
 
 
 def _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c):
+    """The kernel's pointer arguments after checking the shapes it relies on (the C side reads through
+    them unchecked); also the tensors those pointers point into, to keep alive until the call returns."""
+    (b, nq, t, d), (u, nkv, p) = q.shape, kp.shape[:3]
+    want = {"kp": (u, nkv, p, d), "vp": (u, nkv, p, d), "kc": (b, nkv, t, d), "vc": (b, nkv, t, d), "pidx": (b,),
+            "valid_p": (u, p), "valid_c": (b, t)}
+    got = {"kp": kp, "vp": vp, "kc": kc, "vc": vc, "pidx": pidx, "valid_p": valid_p, "valid_c": valid_c}
+    bad = [f"{k} {tuple(got[k].shape)} (want {w})" for k, w in want.items() if tuple(got[k].shape) != w]
+    if nq % nkv or bad or (b and not 0 <= int(pidx.min()) <= int(pidx.max()) < u):
+        raise ValueError(f"tf_attention: q {tuple(q.shape)} with {', '.join(bad) or 'those shapes'}; the query heads "
+                         f"must be a multiple of the key heads and every pidx a prompt index below {u}")
     strides = torch.tensor([st for x in (q, kp, vp, kc, vc) for st in x.stride()[:3]], dtype=torch.int64)
     keep = (strides, pidx.to(torch.int64).contiguous(), valid_p.to(torch.uint8).contiguous(),
             valid_c.to(torch.uint8).contiguous())
@@ -331,7 +341,7 @@ def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor,
     return o.reshape(n, nq * d)
 
 
-def tf_check(lib, d: int, fixed, check) -> None:
+def _tf_self_check(lib, d: int, fixed, check) -> None:
     """``tf_attention`` and its backward against ``tf_attention_reference`` under autograd: 4 rows of 2
     prompts (not in prompt order), grouped-query heads, padding in a prompt and in a completion, 11
     queries (a partial block), q and keys read through non-contiguous views."""
@@ -391,7 +401,7 @@ def _self_check(lib) -> None:
         check(got is not None and sample_rows_agrees(*got, logits, draws, temperature, ban),
               f"sample_rows (temperature {temperature}, ban {ban})")
     for d in (16, 32, 64):  # teacher-forced attention: general head size and the two fixed-length forms
-        tf_check(lib, d, fixed, check)
+        _tf_self_check(lib, d, fixed, check)
     n, u, nq, nkv, p, cap, t = 4, 2, 4, 2, 5, 6, 3
     pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.uint8)
     for d in (8, 32, 64):
