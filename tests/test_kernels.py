@@ -283,6 +283,24 @@ def test_tf_attention_hand_values():
 
 
 @needs_lib
+def test_tf_attention_query_that_sees_no_key_gets_zeros():
+    """Row 0's prompt is all padding and its completion mask all false, so its queries see no key: output 0,
+    lse -inf and no gradient (the torch expression gives NaN there); row 1, of another prompt, is unaffected."""
+    q, kp, vp, kc, vc, _, _, _, do = _tf_inputs(2, 2, 2, 2, 3, 4, 16)
+    pidx = torch.tensor([0, 1])
+    valid_p = torch.tensor([[False] * 4, [True] * 4])
+    valid_c = torch.tensor([[False] * 3, [True] * 3])
+    o, lse = kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, 0.25)
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and bool(torch.isneginf(lse[0]).all())
+    want = kernels.tf_attention_reference(q[1:], kp[1:], vp[1:], kc[1:], vc[1:], torch.tensor([0]), valid_p[1:],
+                                          valid_c[1:], 0.25)
+    torch.testing.assert_close(o[1:], want, atol=1e-5, rtol=0)
+    dq, dk, dv = kernels.tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, do, 0.25)
+    assert not dq[0].any() and not dk[0].any() and not dv[0].any()
+    assert dq[1].abs().sum() > 0 and dk[1].abs().sum() > 0
+
+
+@needs_lib
 def test_tf_attention_rejects_mismatched_shapes_and_prompt_indices():
     """The C side reads through the pointers unchecked, so the wrapper checks what it relies on."""
     q, kp, vp, kc, vc, pidx, valid_p, valid_c, _ = _tf_inputs(4, 2, 4, 2, 5, 3, 16)
