@@ -56,41 +56,74 @@ typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 static inline int64_t up32(int64_t n) { return (n + 31) & ~(int64_t)31; }
 static inline int64_t up16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* s[r * ld + j] = x_r . kt[:, j] for 4 rows x_r (D floats each, consecutive) and j < lim (a multiple of
- * 16): kt is [D, ld] (keys transposed). Four rows by 32 keys in eight accumulators, then 16. */
-static inline void scores4(const float *x, const float *kt, int64_t ld, int64_t lim, float *s, const int64_t D) {
+/* s[r * ld + j] = x_r . kt[:, j] for the block's RB = 8 rows x_r (D floats each, consecutive) and j < lim (a
+ * multiple of 16): kt is [D, ld] (keys transposed). Eight rows by 32 keys in sixteen accumulators (each key
+ * vector loaded once for the eight rows), then by 16. */
+static inline void scores8(const float *x, const float *kt, int64_t ld, int64_t lim, float *s, const int64_t D) {
     int64_t j0 = 0;
     for (; j0 + 32 <= lim; j0 += 32) {
         v16 a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+        v16 a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0}, a6 = {0}, b6 = {0}, a7 = {0}, b7 = {0};
         const float *k = kt + j0;
         for (int64_t c = 0; c < D; c++, k += ld) {
             const v16 ka = LD(k), kb = LD(k + 16);
-            const float x0 = x[c], x1 = x[D + c], x2 = x[2 * D + c], x3 = x[3 * D + c];
-            a0 += x0 * ka, b0 += x0 * kb;
-            a1 += x1 * ka, b1 += x1 * kb;
-            a2 += x2 * ka, b2 += x2 * kb;
-            a3 += x3 * ka, b3 += x3 * kb;
+            float z = x[c];
+            a0 += z * ka, b0 += z * kb;
+            z = x[D + c], a1 += z * ka, b1 += z * kb;
+            z = x[2 * D + c], a2 += z * ka, b2 += z * kb;
+            z = x[3 * D + c], a3 += z * ka, b3 += z * kb;
+            z = x[4 * D + c], a4 += z * ka, b4 += z * kb;
+            z = x[5 * D + c], a5 += z * ka, b5 += z * kb;
+            z = x[6 * D + c], a6 += z * ka, b6 += z * kb;
+            z = x[7 * D + c], a7 += z * ka, b7 += z * kb;
         }
         ST(s + j0, a0), ST(s + j0 + 16, b0);
         ST(s + ld + j0, a1), ST(s + ld + j0 + 16, b1);
         ST(s + 2 * ld + j0, a2), ST(s + 2 * ld + j0 + 16, b2);
         ST(s + 3 * ld + j0, a3), ST(s + 3 * ld + j0 + 16, b3);
+        ST(s + 4 * ld + j0, a4), ST(s + 4 * ld + j0 + 16, b4);
+        ST(s + 5 * ld + j0, a5), ST(s + 5 * ld + j0 + 16, b5);
+        ST(s + 6 * ld + j0, a6), ST(s + 6 * ld + j0 + 16, b6);
+        ST(s + 7 * ld + j0, a7), ST(s + 7 * ld + j0 + 16, b7);
     }
     if (j0 < lim) {
-        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
         const float *k = kt + j0;
         for (int64_t c = 0; c < D; c++, k += ld) {
             const v16 ka = LD(k);
             a0 += x[c] * ka, a1 += x[D + c] * ka, a2 += x[2 * D + c] * ka, a3 += x[3 * D + c] * ka;
+            a4 += x[4 * D + c] * ka, a5 += x[5 * D + c] * ka, a6 += x[6 * D + c] * ka, a7 += x[7 * D + c] * ka;
         }
         ST(s + j0, a0), ST(s + ld + j0, a1), ST(s + 2 * ld + j0, a2), ST(s + 3 * ld + j0, a3);
+        ST(s + 4 * ld + j0, a4), ST(s + 5 * ld + j0, a5), ST(s + 6 * ld + j0, a6), ST(s + 7 * ld + j0, a7);
     }
 }
 
-/* out_r = sum_{j < lim} w[r * ld + j] rows_j for the block's RB rows (rows_j: D floats at rows + j D),
- * 16 columns at a time with one accumulator per row. */
+/* out_r = sum_{j < lim} w[r * ld + j] rows_j for the block's RB = 8 rows (rows_j: D floats at rows + j D):
+ * 32 columns at a time in sixteen accumulators (each weight broadcast once for two column vectors), then 16. */
 static inline void wsum(const float *w, int64_t ld, const float *rows, int64_t lim, float *out, const int64_t D) {
-    for (int64_t e = 0; e < D; e += 16) {
+    int64_t e = 0;
+    for (; e + 32 <= D; e += 32) {
+        v16 a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+        v16 a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0}, a6 = {0}, b6 = {0}, a7 = {0}, b7 = {0};
+        for (int64_t j = 0; j < lim; j++) {
+            const v16 ra = LD(rows + j * D + e), rb = LD(rows + j * D + e + 16);
+            float z = w[j];
+            a0 += z * ra, b0 += z * rb;
+            z = w[ld + j], a1 += z * ra, b1 += z * rb;
+            z = w[2 * ld + j], a2 += z * ra, b2 += z * rb;
+            z = w[3 * ld + j], a3 += z * ra, b3 += z * rb;
+            z = w[4 * ld + j], a4 += z * ra, b4 += z * rb;
+            z = w[5 * ld + j], a5 += z * ra, b5 += z * rb;
+            z = w[6 * ld + j], a6 += z * ra, b6 += z * rb;
+            z = w[7 * ld + j], a7 += z * ra, b7 += z * rb;
+        }
+        ST(out + e, a0), ST(out + e + 16, b0), ST(out + D + e, a1), ST(out + D + e + 16, b1);
+        ST(out + 2 * D + e, a2), ST(out + 2 * D + e + 16, b2), ST(out + 3 * D + e, a3), ST(out + 3 * D + e + 16, b3);
+        ST(out + 4 * D + e, a4), ST(out + 4 * D + e + 16, b4), ST(out + 5 * D + e, a5), ST(out + 5 * D + e + 16, b5);
+        ST(out + 6 * D + e, a6), ST(out + 6 * D + e + 16, b6), ST(out + 7 * D + e, a7), ST(out + 7 * D + e + 16, b7);
+    }
+    for (; e < D; e += 16) {
         v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
         for (int64_t j = 0; j < lim; j++) {
             const v16 r = LD(rows + j * D + e);
@@ -102,16 +135,36 @@ static inline void wsum(const float *w, int64_t ld, const float *rows, int64_t l
     }
 }
 
-/* acc_j += sum_r w[r * ld + j] x_r for j < lim (acc_j: D floats at acc + j D; x_r: the block's RB rows). */
+/* acc_j += sum_r w[r * ld + j] x_r for j < lim (acc_j: D floats at acc + j D; x_r: the block's RB = 8 rows),
+ * 32 columns at a time (the block's rows held in sixteen registers, each weight broadcast once for both
+ * vectors, two chains of four products per vector so the fused adds overlap), then 16. */
 static inline void wsum_t(const float *w, int64_t ld, const float *x, int64_t lim, float *acc, const int64_t D) {
-    for (int64_t e = 0; e < D; e += 16) {
+    int64_t e = 0;
+    for (; e + 32 <= D; e += 32) {
+        const v16 x0 = LD(x + e), x1 = LD(x + D + e), x2 = LD(x + 2 * D + e), x3 = LD(x + 3 * D + e);
+        const v16 x4 = LD(x + 4 * D + e), x5 = LD(x + 5 * D + e), x6 = LD(x + 6 * D + e), x7 = LD(x + 7 * D + e);
+        const v16 y0 = LD(x + e + 16), y1 = LD(x + D + e + 16), y2 = LD(x + 2 * D + e + 16), y3 = LD(x + 3 * D + e + 16);
+        const v16 y4 = LD(x + 4 * D + e + 16), y5 = LD(x + 5 * D + e + 16), y6 = LD(x + 6 * D + e + 16),
+                  y7 = LD(x + 7 * D + e + 16);
+        for (int64_t j = 0; j < lim; j++) {
+            const float w0 = w[j], w1 = w[ld + j], w2 = w[2 * ld + j], w3 = w[3 * ld + j];
+            const float w4 = w[4 * ld + j], w5 = w[5 * ld + j], w6 = w[6 * ld + j], w7 = w[7 * ld + j];
+            v16 a = LD(acc + j * D + e), b = LD(acc + j * D + e + 16), c = w4 * x4, f = w4 * y4;
+            a += w0 * x0, b += w0 * y0, c += w5 * x5, f += w5 * y5;
+            a += w1 * x1, b += w1 * y1, c += w6 * x6, f += w6 * y6;
+            a += w2 * x2, b += w2 * y2, c += w7 * x7, f += w7 * y7;
+            a += w3 * x3, b += w3 * y3;
+            ST(acc + j * D + e, a + c), ST(acc + j * D + e + 16, b + f);
+        }
+    }
+    for (; e < D; e += 16) {
         const v16 x0 = LD(x + e), x1 = LD(x + D + e), x2 = LD(x + 2 * D + e), x3 = LD(x + 3 * D + e);
         const v16 x4 = LD(x + 4 * D + e), x5 = LD(x + 5 * D + e), x6 = LD(x + 6 * D + e), x7 = LD(x + 7 * D + e);
         for (int64_t j = 0; j < lim; j++) {
-            v16 a = LD(acc + j * D + e);
-            a += w[j] * x0, a += w[ld + j] * x1, a += w[2 * ld + j] * x2, a += w[3 * ld + j] * x3;
-            a += w[4 * ld + j] * x4, a += w[5 * ld + j] * x5, a += w[6 * ld + j] * x6, a += w[7 * ld + j] * x7;
-            ST(acc + j * D + e, a);
+            v16 a = LD(acc + j * D + e), c = w[4 * ld + j] * x4;
+            a += w[j] * x0, c += w[5 * ld + j] * x5, a += w[ld + j] * x1, c += w[6 * ld + j] * x6;
+            a += w[2 * ld + j] * x2, c += w[7 * ld + j] * x7, a += w[3 * ld + j] * x3;
+            ST(acc + j * D + e, a + c);
         }
     }
 }
@@ -173,8 +226,7 @@ static inline __attribute__((always_inline)) void forward_task(
             const int64_t count = T - i0 < RB ? T - i0 : RB, lim = P + i0 + count, lim16 = up16(lim);
             load_rows(q, st[0], st[1], st[2], b, h, i0, count, x, D);
             if (i0 + RB < T) prefetch_rows(q + b * st[0] + h * st[1] + (i0 + RB) * st[2], st[2], T - i0 - RB < RB ? T - i0 - RB : RB, D);
-            scores4(x, kt, ld, lim16, s, D);
-            scores4(x + 4 * D, kt, ld, lim16, s + 4 * ld, D);
+            scores8(x, kt, ld, lim16, s, D);
             for (int64_t r = 0; r < RB; r++) {
                 float *sr = s + r * ld;
                 int64_t see = r < count ? P + i0 + r + 1 : 0; /* keys 0..see-1: within the causal limit */
@@ -239,10 +291,8 @@ static inline __attribute__((always_inline)) void backward_task(
                 rowd[r] = acc;
                 rowl[r] = r < count ? lse[(b * nq + h) * T + i0 + r] : -INFINITY;
             }
-            scores4(x, kt, ld, lim16, p, D);
-            scores4(x + 4 * D, kt, ld, lim16, p + 4 * ld, D);
-            scores4(dx, vt, ld, lim16, ds, D);
-            scores4(dx + 4 * D, vt, ld, lim16, ds + 4 * ld, D);
+            scores8(x, kt, ld, lim16, p, D);
+            scores8(dx, vt, ld, lim16, ds, D);
             for (int64_t r = 0; r < RB; r++) {
                 float *pr = p + r * ld, *dr = ds + r * ld;
                 const int64_t see = (r < count && rowl[r] != -INFINITY) ? P + i0 + r + 1 : 0;
