@@ -259,6 +259,51 @@ def test_tf_attention_forward_and_backward_equal_float64(nq, nkv, d, t):
 
 
 @needs_lib
+@pytest.mark.parametrize("nq,nkv,d", [(8, 8, 32), (4, 2, 64)])
+def test_attention_block_equals_the_split_path(nq, nkv, d):
+    """tilt.fastforward.AttentionBlock (one autograd node: the rotation, the prompts' SDPA, the completions'
+    kernel writing into its rows of the output; the backward writing every gradient once into one buffer
+    and un-rotating it in place) against ``attention_by_splits`` (torch ops under autograd, the pass without
+    the kernel) in float64: the output and the gradient of the q/k/v product within 3x the float32 split
+    path's own error (and 2e-6), with grouped-query heads, padding in a prompt and a completion, rows out of
+    prompt order; without a graph (the reference pass) the same output."""
+    from tilt.fastforward import AttentionBlock, attention_by_splits
+
+    u, p, t, n = 3, 5, 7, 6
+    rows = u * p + n * t
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(rows, (nq + 2 * nkv) * d, generator=g)
+    ang = torch.rand(rows, 1, d // 2, generator=g) * 6
+    rot = torch.polar(torch.ones_like(ang), ang)  # e^{i angle}, complex64
+    inverse = torch.tensor([2, 0, 1, 2, 0, 1])
+    valid_p = torch.ones(u, p, dtype=torch.bool)
+    valid_p[1, :2] = False  # left padding
+    valid_c = torch.ones(n, t, dtype=torch.bool)
+    valid_c[3, 4:] = False  # right padding
+    ar_p, ar_t = torch.arange(p), torch.arange(t)
+    mask_p = (((ar_p[None, :] <= ar_p[:, None])[None] & valid_p[:, None, :]) | torch.eye(p, dtype=torch.bool))[:, None]
+    mask_c = torch.cat([valid_p.index_select(0, inverse)[:, None, :].expand(n, t, p),
+                        (ar_t[None, :] <= ar_t[:, None])[None] & valid_c[:, None, :]], -1)[:, None]
+    scale, do = d ** -0.5, torch.randn(rows, nq * d, generator=g)
+    refs = {}
+    for dtype, ctype in ((torch.float64, torch.complex128), (torch.float32, torch.complex64)):
+        leaf = y.to(dtype, copy=True).requires_grad_()
+        o = attention_by_splits(leaf, rot.to(ctype), inverse, mask_p, mask_c, u, p, n, t, nq, nkv, d, scale)
+        o.backward(do.to(dtype))
+        refs[dtype] = (o.detach(), leaf.grad)
+    leaf = y.clone().requires_grad_()
+    o = AttentionBlock.apply(leaf, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale, True)
+    o.backward(do)
+    for name, got, want, torch32 in zip(("o", "dy"), (o.detach(), leaf.grad), refs[torch.float64],
+                                        refs[torch.float32]):
+        err, yard = (got.double() - want).abs().max().item(), (torch32.double() - want).abs().max().item()
+        assert err <= max(3 * yard, 2e-6), (name, err, yard)
+    with torch.no_grad():
+        again = AttentionBlock.apply(y, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale, False)
+    torch.testing.assert_close(again, o.detach(), atol=0, rtol=0)
+
+
+@needs_lib
 def test_tf_attention_hand_values():
     """One row, one head, d = 16: a prompt of two keys (the first padding) and two completion keys. Query 0
     sees the valid prompt key and itself; query 1 also its second key, which the padded completion mask

@@ -14,7 +14,7 @@ in one pass over both parts, with grad:
   the q/k weight rows permuted so that rotate-half partners sit side by side (as in
   ``tilt.fastdecode.LeanDecoder``);
 * attention is the only place they differ: a prompt attends causally within itself; a completion
-  attends to its prompt's keys and causally to its own (``PromptCausalAttention``: the C kernel reads
+  attends to its prompt's keys and causally to its own (``AttentionBlock``: the C kernel reads
   the prompt's keys in place for its rows; without it they are indexed out to each row and SDPA gets
   a boolean mask);
 * the LM head runs only at the T positions whose logits are read (the prompt's last position and
@@ -44,7 +44,7 @@ def forward_supported(model) -> bool:
 
 
 FUSED = True  # False: torch ops even where tilt.kernels can run (A/B measurements, tests)
-# the norms, SwiGLU and the completions' attention (PromptCausalAttention)
+# the norms, SwiGLU and the attention block (AttentionBlock)
 
 
 def _fused(*tensors: Tensor | None) -> bool:
@@ -80,16 +80,22 @@ def _stacked(parts, rows: Tensor | None, mods) -> tuple[Tensor, Tensor | None]:
     return w, bias
 
 
-def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None) -> Tensor:
+def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None, add: Tensor | None = None) -> Tensor:
     """The outputs of several projections of ``x`` side by side, [.., sum out]: one matmul with their
     stacked base weights (``_stacked``), plus the LoRA adapters s B (A x) of all of them as one more
     pair of matmuls: every adapter's A stacked, [R, in], and the s B blocks placed on the block
     diagonal of a [sum out, R] matrix (R = the ranks summed), added by ``addmm`` in the same call.
     The adapters stay apart from the weights, so the backward keeps only x and A x for them (a merged
-    weight would be kept whole). ``rows``: the output columns in this order (a permutation of them)."""
+    weight would be kept whole). ``rows``: the output columns in this order (a permutation of them).
+    ``add``: a tensor of the output's shape added to it (the residual stream), inside the product where
+    there is no bias (``addmm``: one pass over the output fewer than a separate addition)."""
     parts = [linear_parts(m, adapters) for m in mods]
     w, bias = _stacked(parts, rows, mods)
-    y = F.linear(x, w, bias)
+    if add is not None and bias is None and x.dim() == 2:
+        y = torch.addmm(add, x, w.t())
+    else:
+        y = F.linear(x, w, bias)
+        y = y if add is None else y + add
     loras = [(i, a_w, b_w, scale) for i, (_, _, ls) in enumerate(parts) for a_w, b_w, scale in ls]
     if not loras:
         return y
@@ -199,35 +205,102 @@ class SwiGLU(torch.autograd.Function):
         return out
 
 
-class PromptCausalAttention(torch.autograd.Function):
-    """The completions' attention in the shared-prompt pass by ``tilt.kernels.tf_attention``: row b's
-    queries over its prompt's keys, read in place for the prompt's rows (``inverse[b]``), then causally
-    over its own. The torch path concatenates each row's copy of its prompt's keys and values with its own
-    and hands SDPA a boolean mask; the kernel skips the scores past the causal limit and needs neither the
-    copies nor the mask (the same function: outputs and gradients agree to float rounding,
-    tests/test_kernels.py). Returns [N, T, nq, d], what the output projection reads."""
+def attention_by_splits(y: Tensor, rot: Tensor, inverse: Tensor, mask_p: Tensor, mask_c: Tensor, u: int, p: int,
+                        n: int, t: int, nq: int, nkv: int, d: int, scale: float) -> Tensor:
+    """``AttentionBlock``'s function in torch ops under autograd (where the kernel cannot run, and the
+    tests' reference): the rotation, then q, k and v split into their prompt and completion parts; each
+    row's copy of its prompt's keys and values concatenated with its own, with the boolean mask ``mask_c``
+    [N, 1, T, P + T] for SDPA. Returns [M + N T, nq d]."""
+    m, rows = u * p, y.shape[0]
+    # split, not slices: a slice's backward writes its gradient into a zero-filled copy of all of y
+    qk, v = y.split([(nq + nkv) * d, nkv * d], -1)
+    qk = torch.view_as_complex(qk.reshape(rows, nq + nkv, d // 2, 2)) * rot
+    q, k = torch.view_as_real(qk).view(rows, (nq + nkv) * d).split([nq * d, nkv * d], -1)
+    # prompt and completion parts by split: the backward of two slices would zero-fill two full-size
+    # gradients and add them
+    (qp, qc), (kp, kc), (vp, vc) = (z.split([m, n * t]) for z in (q, k, v))
+    qp, kp, vp = _heads(qp, u, p, nq, d), _heads(kp, u, p, nkv, d), _heads(vp, u, p, nkv, d)
+    qc, kc, vc = _heads(qc, n, t, nq, d), _heads(kc, n, t, nkv, d), _heads(vc, n, t, nkv, d)
+    op = attention(qp, kp, vp, mask_p, scale)  # [U, nq, P, d]
+    keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
+    values = torch.cat([vp.index_select(0, inverse), vc], 2)
+    oc = attention(qc, keys, values, mask_c, scale).transpose(1, 2)  # [N, T, nq, d]
+    return torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.reshape(n * t, nq * d)])
+
+
+class AttentionBlock(torch.autograd.Function):
+    """The attention of one layer of the shared-prompt pass, from the fused q/k/v product ``y`` [M + N T,
+    (nq + 2 nkv) d] (the U P prompt positions first, then the N T completion positions) to the output
+    projection's input [M + N T, nq d], as one autograd node: rotary embedding of the queries and keys (one
+    complex product), the prompts' causal attention (SDPA, as ``attention``), the completions' attention
+    over their prompt's keys and their own (``tilt.kernels.tf_attention``, writing its output into its
+    rows of the result).
+
+    Through autograd the same computation is a chain of splits and views: each split's backward
+    concatenates its pieces' gradients into a new tensor (the prompt/completion split of q, k and v, then
+    q from k, then q/k from v: five copies of the layer's q/k/v gradient per layer), the rotation's
+    backward writes another, and the output is a concatenation. Here the backward writes every gradient
+    once into one [M + N T, (nq + 2 nkv) d] buffer (the kernel through strides), then un-rotates the query
+    and key columns in place (the gradient of x e^{i a} is g e^{-i a}). The same operations on the same
+    values: outputs and gradients equal the split path's to float rounding (tests/test_fastforward.py)."""
 
     @staticmethod
-    def forward(ctx, qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale):
-        o, lse = kernels.tf_attention(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale)
-        ctx.save_for_backward(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o, lse)
-        ctx.scale = scale
+    def forward(ctx, y, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale, graph):
+        m, rows = u * p, y.shape[0]
+        w = (nq + nkv) * d
+        qk = torch.view_as_real(torch.view_as_complex(y[:, :w].unflatten(-1, (nq + nkv, d // 2, 2))) * rot)
+        qk = qk.view(rows, w)  # [M + N T, (nq + nkv) d], rotated
+        q, k, v = qk[:, :nq * d], qk[:, nq * d:], y[:, w:]
+        qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
+        qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
+        o = y.new_empty(rows, nq * d)
+        with torch.set_grad_enabled(graph):  # graph: the prompts' attention keeps its own for the backward
+            leaves = [x.detach().requires_grad_(graph) for x in (qp, kp, vp)]
+            op = attention(*leaves, mask_p, scale)  # [U, nq, P, d]
+        o[:m].view(u, p, nq, d).copy_(op.detach().transpose(1, 2))
+        _, lse = kernels.tf_attention(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale,
+                                      out=o[m:].view(n, t, nq, d))
+        ctx.save_for_backward(qk, y, rot, inverse, valid_p, valid_c, o, lse)
+        ctx.prompt = (op, leaves)
+        ctx.dims = (u, p, n, t, nq, nkv, d, scale)
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o, lse = ctx.saved_tensors
-        dq, dk, dv = kernels.tf_attention_backward(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o, lse, do, ctx.scale)
-        p = kp.shape[2]
-        dkp = dk.new_zeros(kp.shape).index_add_(0, inverse, dk[:, :, :p])  # each prompt's rows summed
-        dvp = dv.new_zeros(vp.shape).index_add_(0, inverse, dv[:, :, :p])
-        return dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:], None, None, None, None
+        do = do.contiguous()
+        qk, y, rot, inverse, valid_p, valid_c, o, lse = ctx.saved_tensors
+        (op, leaves), (u, p, n, t, nq, nkv, d, scale) = ctx.prompt, ctx.dims
+        m, rows, w = u * p, y.shape[0], (nq + nkv) * d
+        q, k, v = qk[:, :nq * d], qk[:, nq * d:], y[:, w:]
+        kp, vp = _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
+        qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
+        dy = y.new_empty(rows, y.shape[1])
+        dq, dk, dv = dy[:, :nq * d], dy[:, nq * d:w], dy[:, w:]
+        dkp_rows, dvp_rows = y.new_empty(n, nkv, p, d), y.new_empty(n, nkv, p, d)  # per row: summed below
+        kernels.tf_attention_backward(
+            qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o[m:].view(n, t, nq, d), lse,
+            do[m:].view(n, t, nq, d), scale,
+            out=(_view_heads(dq[m:], n, t, nq, d), dkp_rows, _view_heads(dk[m:], n, t, nkv, d), dvp_rows,
+                 _view_heads(dv[m:], n, t, nkv, d)))
+        dqp, dkp, dvp = torch.autograd.grad(op, leaves, do[:m].view(u, p, nq, d).transpose(1, 2))
+        dkp = dkp.index_add(0, inverse, dkp_rows)  # [U, nkv, P, d]: each prompt's rows summed
+        dvp = dvp.index_add(0, inverse, dvp_rows)
+        dq[:m].view(u, p, nq, d).copy_(dqp.transpose(1, 2))
+        dk[:m].view(u, p, nkv, d).copy_(dkp.transpose(1, 2))
+        dv[:m].view(u, p, nkv, d).copy_(dvp.transpose(1, 2))
+        torch.view_as_complex(dy[:, :w].unflatten(-1, (nq + nkv, d // 2, 2))).mul_(rot.conj())
+        return dy, *([None] * 14)
 
 
 def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
     """[b * length, heads * d] -> [b, heads, length, d]."""
     return x.reshape(b, length, heads, d).transpose(1, 2)
+
+
+def _view_heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
+    """``_heads`` as a view of ``x`` (an error rather than a copy), for tensors written through."""
+    return x.view(b, length, heads, d).transpose(1, 2)
 
 
 def shared_completion_logits(model, u_ids: Tensor, u_mask: Tensor, inverse: Tensor, completion_ids: Tensor,
@@ -272,38 +345,27 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     mask_p = ((ar_p[None, :] <= ar_p[:, None])[None] & valid_p[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)
     mask_p = mask_p[:, None]  # [U, 1, P, P]
     valid_c = completion_mask.bool()
-    fused, mask_c = None, None  # whether the completions' attention takes the kernel (decided at the first layer)
+    fused, mask_c = None, None  # whether the attention block takes the kernel (decided at the first layer)
 
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
         x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         y = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters, rows)  # [M + N T, (nq + 2 nkv) d]
-        # split, not slices: a slice's backward writes its gradient into a zero-filled copy of all of y
-        qk, v = y.split([(nq + nkv) * d, nkv * d], -1)
-        qk = torch.view_as_complex(qk.reshape(m + n * t, nq + nkv, d // 2, 2)) * rot
-        q, k = torch.view_as_real(qk).view(m + n * t, (nq + nkv) * d).split([nq * d, nkv * d], -1)
-        # prompt and completion parts by split: the backward of two slices would zero-fill two full-size
-        # gradients and add them
-        (qp, qc), (kp, kc), (vp, vc) = (z.split([m, n * t]) for z in (q, k, v))
-        qp, kp, vp = _heads(qp, u, p, nq, d), _heads(kp, u, p, nkv, d), _heads(vp, u, p, nkv, d)
-        qc, kc, vc = _heads(qc, n, t, nq, d), _heads(kc, n, t, nkv, d), _heads(vc, n, t, nkv, d)
-        op = attention(qp, kp, vp, mask_p, scale)  # [U, nq, P, d]
-        if fused is None:
-            fused = FUSED and kernels.tf_attention_usable(qc, kp, vp, kc, vc)
+        if fused is None:  # the attention kernel takes float32 CPU heads of a multiple of 16 (decided once)
+            fused = FUSED and d % 16 == 0 and kernels.usable(y)
         if fused:
-            oc = PromptCausalAttention.apply(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale)
+            o = AttentionBlock.apply(y, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale,
+                                     torch.is_grad_enabled() and y.requires_grad)
         else:
             if mask_c is None:
                 to_prompt = valid_p.index_select(0, inverse)[:, None, :].expand(n, t, p)  # [N, T, P]
                 to_self = (ar_t[None, :] <= ar_t[:, None])[None] & valid_c[:, None, :]  # [N, T, T]
                 mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
-            keys = torch.cat([kp.index_select(0, inverse), kc], 2)  # [N, nkv, P + T, d]
-            values = torch.cat([vp.index_select(0, inverse), vc], 2)
-            oc = attention(qc, keys, values, mask_c, scale).transpose(1, 2)  # [N, T, nq, d]
-        o = torch.cat([op.transpose(1, 2).reshape(m, nq * d), oc.reshape(n * t, nq * d)])
-        h = h + _project(o, (a.o_proj,), adapters)
+            o = attention_by_splits(y, rot, inverse, mask_p, mask_c, u, p, n, t, nq, nkv, d, scale)
+        h = _project(o, (a.o_proj,), adapters, add=h)  # [M + N T, H]: the residual added inside the product
         x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        h = h + _project(SwiGLU.apply(_project(x, (mlp.gate_proj, mlp.up_proj), adapters)), (mlp.down_proj,), adapters)
+        h = _project(SwiGLU.apply(_project(x, (mlp.gate_proj, mlp.up_proj), adapters)), (mlp.down_proj,), adapters,
+                     add=h)
 
     h_p, h_c = h.split([m, n * t])
     last = h_p.reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0

@@ -48,7 +48,7 @@ SIGNATURES = {
     "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
     "tilt_sample_rows": [_P, _P, _I64, _I64, _F32, _I64, _P, _P],
     "tilt_tf_attention_forward": [_P] * 11 + [_I64] * 6 + [_F32],
-    "tilt_tf_attention_backward": [_P] * 15 + [_I64] * 6 + [_F32],
+    "tilt_tf_attention_backward": [_P] * 18 + [_I64] * 6 + [_F32],
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
            "tilt_tf_attention_backward": ctypes.c_int}  # the others return nothing
@@ -222,34 +222,53 @@ def _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c):
 
 
 def tf_attention(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor, valid_p: Tensor,
-                 valid_c: Tensor, scale: float, lib=None) -> tuple[Tensor, Tensor]:
+                 valid_c: Tensor, scale: float, lib=None, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``attention.c``'s teacher-forced attention: row b's queries ``q`` [B, nq, T, d] over the keys/values
     of its prompt ``pidx[b]`` (``kp``/``vp`` [U, nkv, P, d], where ``valid_p`` [U, P] is true) and, causally,
     its own (``kc``/``vc`` [B, nkv, T, d], where ``valid_c`` [B, T] is true). Any strides with the last
-    dimension contiguous (``tf_attention_usable``). Returns (o [B, T, nq, d] contiguous, lse [B, nq, T])."""
+    dimension contiguous (``tf_attention_usable``). Returns (o [B, T, nq, d] contiguous, lse [B, nq, T]);
+    ``out``: a contiguous [B, T, nq, d] tensor to write o into (a slice of a larger buffer, say)."""
     lib = lib or library()
     (b, nq, t, d), (nkv, p) = q.shape, kp.shape[1:3]
-    o, lse = q.new_empty(b, t, nq, d), q.new_empty(b, nq, t)
+    if out is None:
+        out = q.new_empty(b, t, nq, d)
+    elif tuple(out.shape) != (b, t, nq, d) or not out.is_contiguous() or out.dtype != q.dtype:
+        raise ValueError(f"tf_attention: out {tuple(out.shape)} {out.dtype} must be a contiguous {q.dtype} tensor "
+                         f"of shape {(b, t, nq, d)}")
+    lse = q.new_empty(b, nq, t)
     keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c)
-    if lib.tilt_tf_attention_forward(*ptrs, _ptr(o), _ptr(lse), b, nq, nkv, t, p, d, float(scale)):
+    if lib.tilt_tf_attention_forward(*ptrs, _ptr(out), _ptr(lse), b, nq, nkv, t, p, d, float(scale)):
         raise MemoryError("tf_attention: the kernel could not allocate its per-thread buffers")
-    return o, lse
+    return out, lse
 
 
 def tf_attention_backward(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor,
                           valid_p: Tensor, valid_c: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float,
-                          lib=None) -> tuple[Tensor, Tensor, Tensor]:
+                          lib=None, out: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, ...]:
     """The gradients of ``tf_attention`` for ``do`` [B, T, nq, d]: (dq [B, T, nq, d], dk, dv [B, nkv, P + T, d]),
-    the prompt part of dk/dv per row (sum it over each prompt's rows)."""
+    the prompt part of dk/dv per row (sum it over each prompt's rows). ``out``: where to write them instead,
+    (dq [B, nq, T, d], dkp [B, nkv, P, d], dkc [B, nkv, T, d], dvp, dvc), any strides with the last dimension
+    contiguous (slices of one gradient buffer, say); returned as given."""
     lib = lib or library()
     (b, nq, t, d), (nkv, p) = q.shape, kp.shape[1:3]
     do = do.contiguous()
-    dq, dk, dv = q.new_empty(b, t, nq, d), q.new_empty(b, nkv, p + t, d), q.new_empty(b, nkv, p + t, d)
+    if out is None:
+        dq, dk, dv = q.new_empty(b, t, nq, d), q.new_empty(b, nkv, p + t, d), q.new_empty(b, nkv, p + t, d)
+        parts, result = (dq.transpose(1, 2), dk[:, :, :p], dk[:, :, p:], dv[:, :, :p], dv[:, :, p:]), (dq, dk, dv)
+    else:
+        parts = result = tuple(out)
+        want = [(b, nq, t, d), (b, nkv, p, d), (b, nkv, t, d), (b, nkv, p, d), (b, nkv, t, d)]
+        if len(parts) != 5 or any(tuple(x.shape) != w or x.stride(-1) != 1 or x.dtype != q.dtype
+                                  for x, w in zip(parts, want)):
+            raise ValueError(f"tf_attention_backward: out must be (dq, dkp, dkc, dvp, dvc) of shapes {want}, "
+                             f"{q.dtype} with a contiguous last dimension; got "
+                             f"{[(tuple(x.shape), x.stride(-1), x.dtype) for x in parts]}")
+    ost = torch.tensor([st for x in parts for st in x.stride()[:3]], dtype=torch.int64)
     keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c)
-    if lib.tilt_tf_attention_backward(*ptrs, _ptr(o), _ptr(lse), _ptr(do), _ptr(dq), _ptr(dk), _ptr(dv), b, nq, nkv,
-                                      t, p, d, float(scale)):
+    if lib.tilt_tf_attention_backward(*ptrs, _ptr(o), _ptr(lse), _ptr(do), *(_ptr(x) for x in parts), _ptr(ost), b,
+                                      nq, nkv, t, p, d, float(scale)):
         raise MemoryError("tf_attention_backward: the kernel could not allocate its per-thread buffers")
-    return dq, dk, dv
+    return result
 
 
 def tf_attention_reference(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor,

@@ -19,9 +19,12 @@
  * Layouts. q and the key/value views are read through strides (the last dimension contiguous), so
  * the pass hands over its projections as they are: st[0..2] are q's strides for (row, head, position),
  * st[3..5] the prompt keys' (prompt, head, position), st[6..8] the prompt values', st[9..11] the
- * completion keys' (row, head, position), st[12..14] the completion values'. o, dout and dq are
- * [B, T, nq, d] contiguous (what the output projection reads), lse [B, nq, T], dk and dv
- * [B, nkv, P + T, d] (the prompt part per row: the caller sums it over each prompt's rows).
+ * completion keys' (row, head, position), st[12..14] the completion values'. o and dout are
+ * [B, T, nq, d] contiguous (what the output projection reads), lse [B, nq, T]. The backward writes
+ * through strides too (so the caller can hand it slices of one gradient buffer): ost[0..2] are dq's
+ * strides for (row, head, position), ost[3..5] those of the per-row prompt part of dk (dkp: the
+ * caller sums it over each prompt's rows), ost[6..8] the completion part of dk (dkc), ost[9..11] and
+ * ost[12..14] the same for dv (dvp, dvc); the last dimension contiguous everywhere.
  * Grouped-query attention: query head h reads key head h / (nq / nkv). One task per (row, key head),
  * threads by OpenMP (the runtime torch loaded). Head size a multiple of 16 (the caller checks). Both
  * return the number of tasks left undone for want of memory (0: all done).
@@ -260,8 +263,8 @@ static inline __attribute__((always_inline)) void forward_task(
 static inline __attribute__((always_inline)) void backward_task(
     const float *q, const float *kp, const float *vp, const float *kc, const float *vc, const int64_t *st,
     const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, const float *o, const float *lse,
-    const float *dout, float *dq, float *dk, float *dv, int64_t b, int64_t g, int64_t nq, int64_t nkv, int64_t T,
-    int64_t P, float scale, float *buf, const int64_t D) {
+    const float *dout, float *dq, float *dkp, float *dkc, float *dvp, float *dvc, const int64_t *ost, int64_t b,
+    int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf, const int64_t D) {
     const int64_t S = P + T, ld = up32(S), rep = nq / nkv, u = pidx[b];
     float *kt = buf, *vt = kt + D * ld, *kr = vt + D * ld, *dka = kr + ld * D, *dva = dka + ld * D;
     float *p = dva + ld * D, *ds = p + RB * ld, *x = ds + RB * ld, *dx = x + RB * D, *ox = dx + RB * D;
@@ -306,21 +309,25 @@ static inline __attribute__((always_inline)) void backward_task(
             }
             wsum(ds, ld, kr, lim, ox, D); /* dq rows (ox is free now) */
             for (int64_t r = 0; r < count; r++)
-                memcpy(dq + ((b * T + i0 + r) * nq + h) * D, ox + r * D, sizeof(float) * D);
+                memcpy(dq + b * ost[0] + h * ost[1] + (i0 + r) * ost[2], ox + r * D, sizeof(float) * D);
             wsum_t(ds, ld, x, lim, dka, D);
             wsum_t(p, ld, dx, lim, dva, D);
         }
     }
-    memcpy(dk + (b * nkv + g) * S * D, dka, sizeof(float) * (size_t)(S * D));
-    memcpy(dv + (b * nkv + g) * S * D, dva, sizeof(float) * (size_t)(S * D));
+    for (int64_t j = 0; j < S; j++) { /* key j's gradients: the prompt's part, then the completion's */
+        float *k = j < P ? dkp + b * ost[3] + g * ost[4] + j * ost[5] : dkc + b * ost[6] + g * ost[7] + (j - P) * ost[8];
+        float *v = j < P ? dvp + b * ost[9] + g * ost[10] + j * ost[11] : dvc + b * ost[12] + g * ost[13] + (j - P) * ost[14];
+        memcpy(k, dka + j * D, sizeof(float) * D);
+        memcpy(v, dva + j * D, sizeof(float) * D);
+    }
 }
 
 /* Everything a task reads and writes (the backward's inputs o and lse are the forward's outputs). */
 struct tf_args {
     const float *q, *kp, *vp, *kc, *vc, *dout;
-    const int64_t *st, *pidx;
+    const int64_t *st, *pidx, *ost;
     const uint8_t *valid_p, *valid_c;
-    float *o, *lse, *dq, *dk, *dv;
+    float *o, *lse, *dq, *dkp, *dkc, *dvp, *dvc;
     int64_t B, nq, nkv, T, P, d;
     float scale;
 };
@@ -338,8 +345,8 @@ static void forward_any(const struct tf_args *a, int64_t b, int64_t g, float *bu
 
 static void backward_any(const struct tf_args *a, int64_t b, int64_t g, float *buf) {
 #define TF_BACKWARD(D) backward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->o, \
-                                     a->lse, a->dout, a->dq, a->dk, a->dv, b, g, a->nq, a->nkv, a->T, a->P, a->scale, \
-                                     buf, D)
+                                     a->lse, a->dout, a->dq, a->dkp, a->dkc, a->dvp, a->dvc, a->ost, b, g, a->nq, \
+                                     a->nkv, a->T, a->P, a->scale, buf, D)
     switch (a->d) {
     case 32: TF_BACKWARD(32); break;
     case 64: TF_BACKWARD(64); break;
@@ -375,16 +382,17 @@ int tilt_tf_attention_forward(const float *q, const float *kp, const float *vp, 
                               const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
                               float *o, float *lse, int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P,
                               int64_t d, float scale) {
-    const struct tf_args a = {q, kp, vp, kc, vc, NULL, st, pidx, valid_p, valid_c, o, lse, NULL, NULL, NULL,
-                              B, nq, nkv, T, P, d, scale};
+    const struct tf_args a = {q, kp, vp, kc, vc, NULL, st, pidx, NULL, valid_p, valid_c, o, lse, NULL, NULL, NULL,
+                              NULL, NULL, B, nq, nkv, T, P, d, scale};
     return run_tasks(&a, 0);
 }
 
 int tilt_tf_attention_backward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
                                const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
-                               const float *o, const float *lse, const float *dout, float *dq, float *dk, float *dv,
-                               int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P, int64_t d, float scale) {
-    const struct tf_args a = {q, kp, vp, kc, vc, dout, st, pidx, valid_p, valid_c, (float *)o, (float *)lse, dq, dk,
-                              dv, B, nq, nkv, T, P, d, scale};
+                               const float *o, const float *lse, const float *dout, float *dq, float *dkp,
+                               float *dkc, float *dvp, float *dvc, const int64_t *ost, int64_t B, int64_t nq,
+                               int64_t nkv, int64_t T, int64_t P, int64_t d, float scale) {
+    const struct tf_args a = {q, kp, vp, kc, vc, dout, st, pidx, ost, valid_p, valid_c, (float *)o, (float *)lse, dq,
+                              dkp, dkc, dvp, dvc, B, nq, nkv, T, P, d, scale};
     return run_tasks(&a, 1);
 }
