@@ -86,11 +86,11 @@ def _even(prompts, completions, **_):
 
 
 def test_bf16_decode_config_errors(tmp_path, tiny_llama_dir):
-    """No correction, or a policy the lean decoder cannot run (bf16 weights), is a ConfigError naming the fix."""
-    cfg = load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'a'}",
-                                    "rollout.decode_dtype=bfloat16"])
+    """No correction (when the config loads), or a policy the lean decoder cannot run (bf16 weights, when the
+    run is built), is a ConfigError naming the fix."""
     with pytest.raises(ConfigError, match="correction.name"):
-        build(cfg, reward_fns=[_even])
+        load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'a'}",
+                                  "rollout.decode_dtype=bfloat16"])
     cfg = load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={tmp_path / 'b'}",
                                     "rollout.decode_dtype=bfloat16", "correction.name=token_tis",
                                     "model.dtype=bfloat16"])

@@ -435,6 +435,15 @@ class Config(Section):
     """Modules ("mypkg.methods") or Python files ("path/methods.py") imported before the config's
     names are checked, to register methods, providers or reward functions from outside tilt."""
 
+    @model_validator(mode="after")
+    def _sampler_mismatch_corrected(self) -> "Config":
+        """A sampler in another precision than the learner needs a correction (issue 14's bf16 sampling)."""
+        if self.rollout.decode_dtype != "model" and self.correction.name == "none":
+            raise ValueError(f"rollout.decode_dtype={self.rollout.decode_dtype!r} samples from a lower-precision copy "
+                             f"of the policy, so the learner must correct for the mismatch: set correction.name (e.g. "
+                             f"token_tis; tilt.corrections)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _before(cls, raw: Any) -> Any:

@@ -85,10 +85,6 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     if cfg.keep_freed_memory:
         keep_freed_memory()
     plan = resolve(cfg)  # methods, their needs -> providers, settings; ConfigError if unmet
-    if cfg.rollout.decode_dtype != "model" and cfg.correction.name == "none":
-        raise ConfigError(f"rollout.decode_dtype={cfg.rollout.decode_dtype!r} samples from a lower-precision copy of the "
-                          f"policy, so the learner must correct for the mismatch: set correction.name (e.g. token_tis; "
-                          f"tilt.corrections)")
     dtype = DTYPES[cfg.model.dtype]
     policy = load_train_policy(cfg.model)  # on model.device, in model.dtype, LoRA-wrapped when configured
     if cfg.rollout.decode_dtype != "model" and not lean_supported(policy.model):
