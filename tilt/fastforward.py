@@ -242,7 +242,7 @@ class AttentionBlock(torch.autograd.Function):
     backward writes another, and the output is a concatenation. Here the backward writes every gradient
     once into one [M + N T, (nq + 2 nkv) d] buffer (the kernel through strides), then un-rotates the query
     and key columns in place (the gradient of x e^{i a} is g e^{-i a}). The same operations on the same
-    values: outputs and gradients equal the split path's to float rounding (tests/test_fastforward.py)."""
+    values: outputs and gradients equal the split path's to float rounding (tests/test_kernels.py)."""
 
     @staticmethod
     def forward(ctx, y, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale, graph):
@@ -351,8 +351,8 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
         a, mlp = layer.self_attn, layer.mlp
         x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         y = _project(x, (a.q_proj, a.k_proj, a.v_proj), adapters, rows)  # [M + N T, (nq + 2 nkv) d]
-        if fused is None:  # the attention kernel takes float32 CPU heads of a multiple of 16 (decided once)
-            fused = FUSED and d % 16 == 0 and kernels.usable(y)
+        if fused is None:  # whether the kernel takes these heads (float32 CPU, d a multiple of 16), decided once
+            fused = FUSED and kernels.tf_attention_usable(*[y.view(y.shape[0], -1, d)] * 5)
         if fused:
             o = AttentionBlock.apply(y, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale,
                                      torch.is_grad_enabled() and y.requires_grad)
