@@ -355,6 +355,21 @@ def test_tf_attention_rejects_mismatched_shapes_and_prompt_indices():
         kernels.tf_attention(q, kp, vp, kc, vc, pidx + 1, valid_p, valid_c, 0.25)
     with pytest.raises(ValueError, match="multiple of the key heads"):
         kernels.tf_attention(q[:, :3], kp, vp, kc, vc, pidx, valid_p, valid_c, 0.25)
+    # where the outputs go: a wrong shape, or a layout the kernel cannot write through
+    b, nq, t, d = q.shape
+    with pytest.raises(ValueError, match="out"):
+        kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, 0.25, out=torch.empty(b, t, nq + 1, d))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, 0.25,
+                             out=torch.empty(b, nq, t, d).transpose(1, 2))
+    o, lse = kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, 0.25)
+    grads = [torch.empty(b, nq, t, d)] + [torch.empty(b, 2, n, d) for n in (3, t, 3, t)]
+    with pytest.raises(ValueError, match="dkp"):  # dkp with one prompt position too many
+        kernels.tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, torch.ones_like(o), 0.25,
+                                      out=[grads[0], torch.empty(b, 2, 4, d), *grads[2:]])
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        kernels.tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, torch.ones_like(o), 0.25,
+                                      out=[torch.empty(b, nq, d, t).transpose(-1, -2), *grads[1:]])
 
 
 @needs_lib
