@@ -2,6 +2,10 @@
 
     python benchmarks/forward_ab.py --size 10m --tokens 64 --rev HEAD~1 --repeats 9
     python benchmarks/forward_ab.py --size smollm2 --tokens 64 --lora 16 --rev HEAD~1 --repeats 5
+    python benchmarks/forward_ab.py --size 30m --tokens 256 --kernels-rev HEAD~1 --repeats 5
+
+``--kernels-rev`` also builds tilt/kernels' C sources as they were at that revision (same compiler and flags)
+and runs the baseline side on that library, the working tree's side on the current one.
 
 Loads ``tilt/fastforward.py`` as it was at ``--rev`` beside the current one, samples one batch, then
 times the reference pass (no grad) and a forward + backward of the completion log-probs (the LM head
@@ -13,7 +17,9 @@ repeat dropped as warm-up). benchmarks/README.md, speed work 29.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +49,29 @@ def module_at(rev: str):
     return mod
 
 
+def kernels_at(rev: str):
+    """tilt.kernels' library built from its C sources as of git revision ``rev`` (loaded, not self-checked)."""
+    from tilt import kernels
+
+    cc = kernels._compiler()
+    if cc is None:
+        raise SystemExit("--kernels-rev: no C compiler found (set CC)")
+    tmp = Path(tempfile.mkdtemp(prefix="tilt-kernels-ab-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    for f in kernels.SOURCES + kernels.HEADERS:
+        rel = f.relative_to(HERE.parent).as_posix()
+        out = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:{rel}"], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"--kernels-rev {rev}: git cannot show {rel} there: {out.stderr.strip()}")
+        (tmp / f.name).write_text(out.stdout)
+    lib = tmp / "kernels.so"
+    done = subprocess.run([cc, *kernels.FLAGS, "-o", str(lib), *(str(tmp / f.name) for f in kernels.SOURCES), "-lm"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"--kernels-rev {rev}: the build failed: {done.stderr.strip()[-2000:]}")
+    return kernels._load(lib)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1m", choices=list(SIZES))
@@ -52,6 +81,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rev", default="HEAD", help="the git revision whose tilt/fastforward.py is the baseline")
+    p.add_argument("--kernels-rev", default=None,
+                   help="the git revision whose tilt/kernels C sources the baseline side runs (default: the current ones)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (alpha = 2 r), B random")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="forward positions per micro-batch (default: tilt's auto budget; 0: the whole batch at once)")
@@ -69,6 +100,13 @@ def main() -> None:
 
         keep_freed_memory()
     old = module_at(a.rev)
+    from tilt import kernels
+
+    libs = {"now": kernels.library(), "rev": kernels.library()}
+    if a.kernels_rev:
+        if libs["now"] is None:
+            raise SystemExit(f"--kernels-rev: the current kernels are {kernels.status()}")
+        libs["rev"] = kernels_at(a.kernels_rev)
     model, _, ids, mask, b = sampled_batch(a.size, Path(a.cache), a.tokens, a.prompts, a.group, a.lora)
     budget = auto_micro_batch_tokens(model) if a.chunk_tokens is None else a.chunk_tokens
     chunks = []  # per micro-batch: its rows' distinct prompts, which prompt each row has, its completions
@@ -78,7 +116,9 @@ def main() -> None:
     head = _plain_head(model)
     params = [q for q in model.parameters() if q.requires_grad]
 
-    def run(mod, grad: bool):
+    def run(side: str, grad: bool):
+        mod = current if side == "now" else old
+        kernels._state["lib"] = libs[side]
         model.zero_grad(set_to_none=True)
         out = []
         with torch.set_grad_enabled(grad):
@@ -90,24 +130,24 @@ def main() -> None:
                 out.append(logp.detach())
         return torch.cat(out), [q.grad.clone() for q in params] if grad else []
 
-    (lp_old, g_old), (lp_new, g_new) = run(old, True), run(current, True)
+    (lp_old, g_old), (lp_new, g_new) = run("rev", True), run("now", True)
     rel = max(((x - y).abs().max() / x.abs().max().clamp(min=1e-30)).item() for x, y in zip(g_old, g_new))
     print(f"log-probs max |diff| {(lp_old - lp_new).abs().max().item():.3g}, gradients max |diff| / max |grad| "
           f"{rel:.3g}")
     times: dict[str, list[float]] = {f"{k}_{s}": [] for k in ("ref", "fwd_bwd") for s in ("rev", "now")}
     for r in range(a.repeats):
         for side in (("now", "rev") if r % 2 == 0 else ("rev", "now")):
-            mod = current if side == "now" else old
             for name, grad in (("fwd_bwd", True), ("ref", False)):
                 t = time.perf_counter()
-                run(mod, grad)
+                run(side, grad)
                 times[f"{name}_{side}"].append(time.perf_counter() - t)
     med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
     print(f"{a.size} x {a.tokens} tokens, lora {a.lora}, {a.prompts} prompts x {a.group}, {len(chunks)} "
           f"micro-batch(es) of <= {budget or 'all'} positions, {a.repeats} repeats: "
           + "  ".join(f"{k} {v:.4f}s" for k, v in med.items()))
     for name in ("fwd_bwd", "ref"):
-        print(f"{name}: now / {a.rev} = {med[f'{name}_now'] / med[f'{name}_rev']:.3f}")
+        base = a.rev + (f" (kernels {a.kernels_rev})" if a.kernels_rev else "")
+        print(f"{name}: now / {base} = {med[f'{name}_now'] / med[f'{name}_rev']:.3f}")
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def _tf_inputs(b, u, nq, nkv, t, p, d, seed=0):
 
 @needs_lib
 @pytest.mark.parametrize("nq,nkv,d", [(8, 8, 32), (8, 8, 64), (9, 3, 64), (4, 2, 128), (2, 1, 16), (4, 4, 48)])
-@pytest.mark.parametrize("t", [1, 8, 13, 40])
+@pytest.mark.parametrize("t", [1, 8, 13, 40, 150])
 def test_tf_attention_forward_and_backward_equal_float64(nq, nkv, d, t):
     """attention.c's teacher-forced attention against the torch expression (the boolean mask the pass gave
     SDPA) in float64 under autograd: output and the gradients of q, the prompt keys/values (summed over

@@ -52,23 +52,119 @@ static inline void prefetch_rows(const float *x, int64_t stride, int64_t count, 
 /* 16 floats as one vector (GCC/clang vector extension: AVX-512 where the host has it, else split) */
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t v16i __attribute__((vector_size(64)));
 #define LD(p) (*(const v16u *)(p))
 #define ST(p, x) (*(v16u *)(p) = (x))
 #define RB 8 /* query rows per block */
+#define CQ 128 /* query rows per chunk of the backward (a multiple of RB) */
+
+static const v16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* a where m is set, else b (m: a comparison's all-ones / all-zeros lanes) */
+static inline v16 sel(v16i m, v16 a, v16 b) { return (v16)((m & (v16i)a) | (~m & (v16i)b)); }
+
+static inline float hmax(v16 v) {
+    float m = v[0];
+    for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+static inline float hsum(v16 v) {
+    float t = 0.0f;
+    for (int i = 0; i < 16; i++) t += v[i];
+    return t;
+}
+
+/* common.h's fast_expf on 16 lanes (the same steps; NaN in, NaN out) */
+static inline v16 expv(v16 x) {
+    const v16 lo = IOTA * 0.0f - 87.0f, hi = IOTA * 0.0f + 88.0f;
+    x = sel(x < lo, lo, x);
+    x = sel(x > hi, hi, x);
+    const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const v16 e = p * r * r + r + 1.0f;
+    return e * (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
+}
+
+/* 16 rows of 16 floats transposed in registers: r[c] becomes column c (four rounds of two-input shuffles) */
+#define LANES(a, b, c, d) {4 * (a), 4 * (a) + 1, 4 * (a) + 2, 4 * (a) + 3, 4 * (b), 4 * (b) + 1, 4 * (b) + 2, \
+                           4 * (b) + 3, 4 * (c), 4 * (c) + 1, 4 * (c) + 2, 4 * (c) + 3, 4 * (d), 4 * (d) + 1,   \
+                           4 * (d) + 2, 4 * (d) + 3}
+static inline void transpose16(v16 *r) {
+    const v16i lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
+    const v16i hi1 = {2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31};
+    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const v16i lo3 = LANES(0, 4, 2, 6), hi3 = LANES(1, 5, 3, 7), lo4 = LANES(0, 1, 4, 5), hi4 = LANES(2, 3, 6, 7);
+    v16 t[16], u[16];
+    for (int k = 0; k < 8; k++) { /* pairs of rows interleaved by element */
+        t[2 * k] = __builtin_shuffle(r[2 * k], r[2 * k + 1], lo1);
+        t[2 * k + 1] = __builtin_shuffle(r[2 * k], r[2 * k + 1], hi1);
+    }
+    for (int g = 0; g < 4; g++) { /* u[4 g + c], 128-bit lane L: column 4 L + c of rows 4 g .. 4 g + 3 */
+        u[4 * g] = __builtin_shuffle(t[4 * g], t[4 * g + 2], lo2);
+        u[4 * g + 1] = __builtin_shuffle(t[4 * g], t[4 * g + 2], hi2);
+        u[4 * g + 2] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], lo2);
+        u[4 * g + 3] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], hi2);
+    }
+    for (int c = 0; c < 4; c++) { /* the 4 x 4 lanes of u[c], u[4 + c], u[8 + c], u[12 + c] transposed */
+        const v16 a = __builtin_shuffle(u[c], u[4 + c], lo3), b = __builtin_shuffle(u[c], u[4 + c], hi3);
+        const v16 e = __builtin_shuffle(u[8 + c], u[12 + c], lo3), f = __builtin_shuffle(u[8 + c], u[12 + c], hi3);
+        r[c] = __builtin_shuffle(a, e, lo4), r[8 + c] = __builtin_shuffle(a, e, hi4);
+        r[4 + c] = __builtin_shuffle(b, f, lo4), r[12 + c] = __builtin_shuffle(b, f, hi4);
+    }
+}
 
 static inline int64_t up32(int64_t n) { return (n + 31) & ~(int64_t)31; }
 static inline int64_t up16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* s[r * ld + j] = x_r . kt[:, j] for the block's RB = 8 rows x_r (D floats each, consecutive) and j < lim (a
- * multiple of 16): kt is [D, ld] (keys transposed). Eight rows by 32 keys in sixteen accumulators (each key
- * vector loaded once for the eight rows), then by 16. */
-static inline void scores8(const float *x, const float *kt, int64_t ld, int64_t lim, float *s, const int64_t D) {
+/* What a score tile does with its products before storing them (the softmax's elementwise part, fused):
+ * SC_LOGIT: z = scale s + mask, -inf past row r's causal limit see[r] or at a padding key (mask = -inf there);
+ *           stored, and its running maximum kept in mv[r] (the forward);
+ * SC_PROB:  p = exp(scale s + mask - l[r]), 0 where not seen (the backward's probabilities, from the forward's lse);
+ * SC_DPROB: ds = p (s - dd[r]) scale with p read back from `p` (the backward's score gradient). */
+enum { SC_LOGIT, SC_PROB, SC_DPROB };
+struct epilogue {
+    float scale, see[RB], l[RB], dd[RB];
+    const float *mask, *p;
+    v16 mv[RB];
+};
+
+static inline __attribute__((always_inline)) void tile_out(struct epilogue *ep, const int mode, const int r, int64_t j,
+                                                          v16 acc, float *s, int64_t ld) {
+    float *dst = s + r * ld + j;
+    if (mode == SC_DPROB) {
+        ST(dst, LD(ep->p + r * ld + j) * (acc - ep->dd[r]) * ep->scale);
+        return;
+    }
+    v16 z = acc * ep->scale + LD(ep->mask + j);
+    if ((float)j + 16.0f > ep->see[r]) z = sel(IOTA + (float)j < ep->see[r], z, IOTA * 0.0f - INFINITY);
+    if (mode == SC_LOGIT) {
+        ST(dst, z);
+        ep->mv[r] = sel(z > ep->mv[r], z, ep->mv[r]);
+    } else {
+        ST(dst, (v16)((v16i)expv(z - ep->l[r]) & (z > -INFINITY)));
+    }
+}
+
+/* s[r * ld + j] = the epilogue of x_r . k_j for the block's RB = 8 rows x_r (D floats each, consecutive) and
+ * j < lim (a multiple of 16): kt holds the keys transposed in panels of 32, [ld / 32, D, 32] (gather_cols), so a
+ * panel is read in order. Eight rows by 32 keys in sixteen accumulators (each key vector loaded once for the
+ * eight rows), then by 16. */
+static inline __attribute__((always_inline)) void scores8(const float *x, const float *kt, int64_t ld, int64_t lim,
+                                                         float *s, const int64_t D, struct epilogue *ep,
+                                                         const int mode) {
     int64_t j0 = 0;
     for (; j0 + 32 <= lim; j0 += 32) {
         v16 a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
         v16 a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0}, a6 = {0}, b6 = {0}, a7 = {0}, b7 = {0};
-        const float *k = kt + j0;
-        for (int64_t c = 0; c < D; c++, k += ld) {
+        const float *k = kt + j0 * D;
+        for (int64_t c = 0; c < D; c++, k += 32) {
             const v16 ka = LD(k), kb = LD(k + 16);
             float z = x[c];
             a0 += z * ka, b0 += z * kb;
@@ -80,46 +176,59 @@ static inline void scores8(const float *x, const float *kt, int64_t ld, int64_t 
             z = x[6 * D + c], a6 += z * ka, b6 += z * kb;
             z = x[7 * D + c], a7 += z * ka, b7 += z * kb;
         }
-        ST(s + j0, a0), ST(s + j0 + 16, b0);
-        ST(s + ld + j0, a1), ST(s + ld + j0 + 16, b1);
-        ST(s + 2 * ld + j0, a2), ST(s + 2 * ld + j0 + 16, b2);
-        ST(s + 3 * ld + j0, a3), ST(s + 3 * ld + j0 + 16, b3);
-        ST(s + 4 * ld + j0, a4), ST(s + 4 * ld + j0 + 16, b4);
-        ST(s + 5 * ld + j0, a5), ST(s + 5 * ld + j0 + 16, b5);
-        ST(s + 6 * ld + j0, a6), ST(s + 6 * ld + j0 + 16, b6);
-        ST(s + 7 * ld + j0, a7), ST(s + 7 * ld + j0 + 16, b7);
+        tile_out(ep, mode, 0, j0, a0, s, ld), tile_out(ep, mode, 0, j0 + 16, b0, s, ld);
+        tile_out(ep, mode, 1, j0, a1, s, ld), tile_out(ep, mode, 1, j0 + 16, b1, s, ld);
+        tile_out(ep, mode, 2, j0, a2, s, ld), tile_out(ep, mode, 2, j0 + 16, b2, s, ld);
+        tile_out(ep, mode, 3, j0, a3, s, ld), tile_out(ep, mode, 3, j0 + 16, b3, s, ld);
+        tile_out(ep, mode, 4, j0, a4, s, ld), tile_out(ep, mode, 4, j0 + 16, b4, s, ld);
+        tile_out(ep, mode, 5, j0, a5, s, ld), tile_out(ep, mode, 5, j0 + 16, b5, s, ld);
+        tile_out(ep, mode, 6, j0, a6, s, ld), tile_out(ep, mode, 6, j0 + 16, b6, s, ld);
+        tile_out(ep, mode, 7, j0, a7, s, ld), tile_out(ep, mode, 7, j0 + 16, b7, s, ld);
     }
     if (j0 < lim) {
         v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-        const float *k = kt + j0;
-        for (int64_t c = 0; c < D; c++, k += ld) {
+        const float *k = kt + j0 * D;
+        for (int64_t c = 0; c < D; c++, k += 32) {
             const v16 ka = LD(k);
             a0 += x[c] * ka, a1 += x[D + c] * ka, a2 += x[2 * D + c] * ka, a3 += x[3 * D + c] * ka;
             a4 += x[4 * D + c] * ka, a5 += x[5 * D + c] * ka, a6 += x[6 * D + c] * ka, a7 += x[7 * D + c] * ka;
         }
-        ST(s + j0, a0), ST(s + ld + j0, a1), ST(s + 2 * ld + j0, a2), ST(s + 3 * ld + j0, a3);
-        ST(s + 4 * ld + j0, a4), ST(s + 5 * ld + j0, a5), ST(s + 6 * ld + j0, a6), ST(s + 7 * ld + j0, a7);
+        tile_out(ep, mode, 0, j0, a0, s, ld), tile_out(ep, mode, 1, j0, a1, s, ld);
+        tile_out(ep, mode, 2, j0, a2, s, ld), tile_out(ep, mode, 3, j0, a3, s, ld);
+        tile_out(ep, mode, 4, j0, a4, s, ld), tile_out(ep, mode, 5, j0, a5, s, ld);
+        tile_out(ep, mode, 6, j0, a6, s, ld), tile_out(ep, mode, 7, j0, a7, s, ld);
     }
 }
 
-/* out_r = sum_{j < lim} w[r * ld + j] rows_j for the block's RB = 8 rows (rows_j: D floats at rows + j D):
- * 32 columns at a time in sixteen accumulators (each weight broadcast once for two column vectors), then 16. */
-static inline void wsum(const float *w, int64_t ld, const float *rows, int64_t lim, float *out, const int64_t D) {
+/* out_r (+)= sum_{j < lim} w[r * wr + j * wj] rows_j for RB = 8 outputs r (rows_j: D floats at rows + j D; out_r:
+ * D floats at out + r D; add: accumulate into out instead of overwriting it), 32 columns at a time in sixteen
+ * accumulators (each weight broadcast once for two column vectors), then 16. The forward's and dq's weighted
+ * sums run it over a block's eight query rows (wr = ld, wj = 1); dk's and dv's over eight keys (wr = 1, wj = ld),
+ * so their accumulators stay in registers over the queries. */
+static inline __attribute__((always_inline)) void wsum(const float *w, int64_t wr, int64_t wj, const float *rows,
+                                                       int64_t lim, float *out, const int64_t D, const int add) {
     int64_t e = 0;
     for (; e + 32 <= D; e += 32) {
         v16 a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
         v16 a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0}, a6 = {0}, b6 = {0}, a7 = {0}, b7 = {0};
+        if (add) {
+            a0 = LD(out + e), b0 = LD(out + e + 16), a1 = LD(out + D + e), b1 = LD(out + D + e + 16);
+            a2 = LD(out + 2 * D + e), b2 = LD(out + 2 * D + e + 16), a3 = LD(out + 3 * D + e), b3 = LD(out + 3 * D + e + 16);
+            a4 = LD(out + 4 * D + e), b4 = LD(out + 4 * D + e + 16), a5 = LD(out + 5 * D + e), b5 = LD(out + 5 * D + e + 16);
+            a6 = LD(out + 6 * D + e), b6 = LD(out + 6 * D + e + 16), a7 = LD(out + 7 * D + e), b7 = LD(out + 7 * D + e + 16);
+        }
         for (int64_t j = 0; j < lim; j++) {
             const v16 ra = LD(rows + j * D + e), rb = LD(rows + j * D + e + 16);
-            float z = w[j];
+            const float *wj_ = w + j * wj;
+            float z = wj_[0];
             a0 += z * ra, b0 += z * rb;
-            z = w[ld + j], a1 += z * ra, b1 += z * rb;
-            z = w[2 * ld + j], a2 += z * ra, b2 += z * rb;
-            z = w[3 * ld + j], a3 += z * ra, b3 += z * rb;
-            z = w[4 * ld + j], a4 += z * ra, b4 += z * rb;
-            z = w[5 * ld + j], a5 += z * ra, b5 += z * rb;
-            z = w[6 * ld + j], a6 += z * ra, b6 += z * rb;
-            z = w[7 * ld + j], a7 += z * ra, b7 += z * rb;
+            z = wj_[wr], a1 += z * ra, b1 += z * rb;
+            z = wj_[2 * wr], a2 += z * ra, b2 += z * rb;
+            z = wj_[3 * wr], a3 += z * ra, b3 += z * rb;
+            z = wj_[4 * wr], a4 += z * ra, b4 += z * rb;
+            z = wj_[5 * wr], a5 += z * ra, b5 += z * rb;
+            z = wj_[6 * wr], a6 += z * ra, b6 += z * rb;
+            z = wj_[7 * wr], a7 += z * ra, b7 += z * rb;
         }
         ST(out + e, a0), ST(out + e + 16, b0), ST(out + D + e, a1), ST(out + D + e + 16, b1);
         ST(out + 2 * D + e, a2), ST(out + 2 * D + e + 16, b2), ST(out + 3 * D + e, a3), ST(out + 3 * D + e + 16, b3);
@@ -128,47 +237,18 @@ static inline void wsum(const float *w, int64_t ld, const float *rows, int64_t l
     }
     for (; e < D; e += 16) {
         v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        if (add) {
+            a0 = LD(out + e), a1 = LD(out + D + e), a2 = LD(out + 2 * D + e), a3 = LD(out + 3 * D + e);
+            a4 = LD(out + 4 * D + e), a5 = LD(out + 5 * D + e), a6 = LD(out + 6 * D + e), a7 = LD(out + 7 * D + e);
+        }
         for (int64_t j = 0; j < lim; j++) {
             const v16 r = LD(rows + j * D + e);
-            a0 += w[j] * r, a1 += w[ld + j] * r, a2 += w[2 * ld + j] * r, a3 += w[3 * ld + j] * r;
-            a4 += w[4 * ld + j] * r, a5 += w[5 * ld + j] * r, a6 += w[6 * ld + j] * r, a7 += w[7 * ld + j] * r;
+            const float *wj_ = w + j * wj;
+            a0 += wj_[0] * r, a1 += wj_[wr] * r, a2 += wj_[2 * wr] * r, a3 += wj_[3 * wr] * r;
+            a4 += wj_[4 * wr] * r, a5 += wj_[5 * wr] * r, a6 += wj_[6 * wr] * r, a7 += wj_[7 * wr] * r;
         }
         ST(out + e, a0), ST(out + D + e, a1), ST(out + 2 * D + e, a2), ST(out + 3 * D + e, a3);
         ST(out + 4 * D + e, a4), ST(out + 5 * D + e, a5), ST(out + 6 * D + e, a6), ST(out + 7 * D + e, a7);
-    }
-}
-
-/* acc_j += sum_r w[r * ld + j] x_r for j < lim (acc_j: D floats at acc + j D; x_r: the block's RB = 8 rows),
- * 32 columns at a time (the block's rows held in sixteen registers, each weight broadcast once for both
- * vectors, two chains of four products per vector so the fused adds overlap), then 16. */
-static inline void wsum_t(const float *w, int64_t ld, const float *x, int64_t lim, float *acc, const int64_t D) {
-    int64_t e = 0;
-    for (; e + 32 <= D; e += 32) {
-        const v16 x0 = LD(x + e), x1 = LD(x + D + e), x2 = LD(x + 2 * D + e), x3 = LD(x + 3 * D + e);
-        const v16 x4 = LD(x + 4 * D + e), x5 = LD(x + 5 * D + e), x6 = LD(x + 6 * D + e), x7 = LD(x + 7 * D + e);
-        const v16 y0 = LD(x + e + 16), y1 = LD(x + D + e + 16), y2 = LD(x + 2 * D + e + 16), y3 = LD(x + 3 * D + e + 16);
-        const v16 y4 = LD(x + 4 * D + e + 16), y5 = LD(x + 5 * D + e + 16), y6 = LD(x + 6 * D + e + 16),
-                  y7 = LD(x + 7 * D + e + 16);
-        for (int64_t j = 0; j < lim; j++) {
-            const float w0 = w[j], w1 = w[ld + j], w2 = w[2 * ld + j], w3 = w[3 * ld + j];
-            const float w4 = w[4 * ld + j], w5 = w[5 * ld + j], w6 = w[6 * ld + j], w7 = w[7 * ld + j];
-            v16 a = LD(acc + j * D + e), b = LD(acc + j * D + e + 16), c = w4 * x4, f = w4 * y4;
-            a += w0 * x0, b += w0 * y0, c += w5 * x5, f += w5 * y5;
-            a += w1 * x1, b += w1 * y1, c += w6 * x6, f += w6 * y6;
-            a += w2 * x2, b += w2 * y2, c += w7 * x7, f += w7 * y7;
-            a += w3 * x3, b += w3 * y3;
-            ST(acc + j * D + e, a + c), ST(acc + j * D + e + 16, b + f);
-        }
-    }
-    for (; e < D; e += 16) {
-        const v16 x0 = LD(x + e), x1 = LD(x + D + e), x2 = LD(x + 2 * D + e), x3 = LD(x + 3 * D + e);
-        const v16 x4 = LD(x + 4 * D + e), x5 = LD(x + 5 * D + e), x6 = LD(x + 6 * D + e), x7 = LD(x + 7 * D + e);
-        for (int64_t j = 0; j < lim; j++) {
-            v16 a = LD(acc + j * D + e), c = w[4 * ld + j] * x4;
-            a += w[j] * x0, c += w[5 * ld + j] * x5, a += w[ld + j] * x1, c += w[6 * ld + j] * x6;
-            a += w[2 * ld + j] * x2, c += w[7 * ld + j] * x7, a += w[3 * ld + j] * x3;
-            ST(acc + j * D + e, a + c);
-        }
     }
 }
 
@@ -188,30 +268,57 @@ static void gather_rows(const float *p, const int64_t *sp, int64_t u, const floa
     memset(rows + (P + T) * D, 0, sizeof(float) * (size_t)((ld - P - T) * D));
 }
 
-/* The same transposed, [D, ld], zero past S. */
+/* The same transposed in panels of 32 keys, [ld / 32, D, 32] (key j, column e at (j / 32) 32 D + 32 e + j % 32),
+ * zero past S: blocks of 16 keys x 16 columns transposed in registers. */
 static void gather_cols(const float *p, const int64_t *sp, int64_t u, const float *c, const int64_t *sc, int64_t b,
                         int64_t g, int64_t P, int64_t T, int64_t ld, float *cols, const int64_t D) {
-    for (int64_t j = 0; j < P + T; j++) {
-        if (j + 8 < P + T) prefetch_rows(key_row(p, sp, u, c, sc, b, g, P, j + 8), 0, 1, D);
-        const float *src = key_row(p, sp, u, c, sc, b, g, P, j);
-        for (int64_t e = 0; e < D; e++) cols[e * ld + j] = src[e];
+    const v16 zero = {0};
+    for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+        const float *src[16];
+        for (int i = 0; i < 16; i++) src[i] = j0 + i < P + T ? key_row(p, sp, u, c, sc, b, g, P, j0 + i) : NULL;
+        if (j0 + 16 < P + T) prefetch_rows(key_row(p, sp, u, c, sc, b, g, P, j0 + 16), 0, 1, D);
+        for (int64_t e0 = 0; e0 < D; e0 += 16) {
+            v16 r[16];
+            for (int i = 0; i < 16; i++) r[i] = src[i] ? (v16)LD(src[i] + e0) : zero;
+            transpose16(r);
+            float *panel = cols + (j0 / 32) * 32 * D + j0 % 32;
+            for (int i = 0; i < 16; i++) ST(panel + (e0 + i) * 32, r[i]);
+        }
     }
-    for (int64_t e = 0; e < D; e++)
-        for (int64_t j = P + T; j < ld; j++) cols[e * ld + j] = 0.0f;
 }
 
-/* 1 where the rows' queries may see key j at all (prompt validity, then completion validity), else 0; [ld]. */
-static void key_valid(const uint8_t *valid_p, const uint8_t *valid_c, int64_t u, int64_t b, int64_t P, int64_t T,
-                      int64_t ld, float *kf) {
+/* 0 where the rows' queries may see key j at all (prompt validity, then completion validity), else -inf; [ld]. */
+static void key_mask(const uint8_t *valid_p, const uint8_t *valid_c, int64_t u, int64_t b, int64_t P, int64_t T,
+                     int64_t ld, float *mask) {
     for (int64_t j = 0; j < ld; j++)
-        kf[j] = (j < P ? valid_p[u * P + j] : (j < P + T ? valid_c[b * T + j - P] : 0)) ? 1.0f : 0.0f;
+        mask[j] = (j < P ? valid_p[u * P + j] : (j < P + T ? valid_c[b * T + j - P] : 0)) ? 0.0f : -INFINITY;
 }
 
-/* A block's rows i0.. (count of them, the rest zero) of head h: [RB, D] contiguous. */
-static void load_rows(const float *x, int64_t sb, int64_t sh, int64_t si, int64_t b, int64_t h, int64_t i0,
-                      int64_t count, float *out, const int64_t D) {
-    for (int64_t r = 0; r < count; r++) memcpy(out + r * D, x + b * sb + h * sh + (i0 + r) * si, sizeof(float) * D);
-    memset(out + count * D, 0, sizeof(float) * (size_t)((RB - count) * D));
+/* Head h's T rows of x (row b; strides sb, sh, si) copied to out [Tp, D], zero from T to Tp, each row fetched
+ * eight ahead: the rows lie a projection's width apart, in a new page every row or two, where neither the
+ * hardware prefetcher nor a prefetch issued one block of RB rows ahead kept up (at T = 256 the loads of the
+ * blocks' rows took a sixth of the forward). */
+static void gather_head(const float *x, int64_t sb, int64_t sh, int64_t si, int64_t b, int64_t h, int64_t T,
+                        int64_t Tp, float *out, const int64_t D) {
+    const float *row = x + b * sb + h * sh;
+    for (int64_t i = 0; i < T; i++) {
+        if (i + 8 < T) prefetch_rows(row + (i + 8) * si, 0, 1, D);
+        memcpy(out + i * D, row + i * si, sizeof(float) * D);
+    }
+    memset(out + T * D, 0, sizeof(float) * (size_t)((Tp - T) * D));
+}
+
+/* dd[i] = dx_i . y_i for head h's T rows: dx [Tp, D] gathered, y read in place (row b; strides sb, sh, si). */
+static void row_dots(const float *dx, const float *y, int64_t sb, int64_t sh, int64_t si, int64_t b, int64_t h,
+                     int64_t T, float *dd, const int64_t D) {
+    const float *row = y + b * sb + h * sh;
+    for (int64_t i = 0; i < T; i++) {
+        if (i + 8 < T) prefetch_rows(row + (i + 8) * si, 0, 1, D);
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t e = 0; e < D; e++) acc += dx[i * D + e] * row[i * si + e];
+        dd[i] = acc;
+    }
 }
 
 static inline __attribute__((always_inline)) void forward_task(
@@ -219,42 +326,36 @@ static inline __attribute__((always_inline)) void forward_task(
     const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, float *o, float *lse, int64_t b,
     int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf, const int64_t D) {
     const int64_t ld = up32(P + T), rep = nq / nkv, u = pidx[b];
-    float *kt = buf, *vr = kt + D * ld, *s = vr + ld * D, *x = s + RB * ld, *out = x + RB * D, *kf = out + RB * D;
+    const int64_t Tp = (T + RB - 1) / RB * RB;
+    float *kt = buf, *vr = kt + D * ld, *s = vr + ld * D, *xq = s + RB * ld, *out = xq + Tp * D, *mask = out + RB * D;
     gather_cols(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kt, D);
     gather_rows(vp, st + 6, u, vc, st + 12, b, g, P, T, ld, vr, D);
-    key_valid(valid_p, valid_c, u, b, P, T, ld, kf);
+    key_mask(valid_p, valid_c, u, b, P, T, ld, mask);
+    struct epilogue ep = {.scale = scale, .mask = mask};
     float inv[RB];
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+        gather_head(q, st[0], st[1], st[2], b, h, T, Tp, xq, D);
         for (int64_t i0 = 0; i0 < T; i0 += RB) {
             const int64_t count = T - i0 < RB ? T - i0 : RB, lim = P + i0 + count, lim16 = up16(lim);
-            load_rows(q, st[0], st[1], st[2], b, h, i0, count, x, D);
-            if (i0 + RB < T) prefetch_rows(q + b * st[0] + h * st[1] + (i0 + RB) * st[2], st[2], T - i0 - RB < RB ? T - i0 - RB : RB, D);
-            scores8(x, kt, ld, lim16, s, D);
+            for (int r = 0; r < RB; r++) ep.see[r] = (float)(P + i0 + r + 1), ep.mv[r] = IOTA * 0.0f - INFINITY;
+            scores8(xq + i0 * D, kt, ld, lim16, s, D, &ep, SC_LOGIT);
             for (int64_t r = 0; r < RB; r++) {
                 float *sr = s + r * ld;
-                int64_t see = r < count ? P + i0 + r + 1 : 0; /* keys 0..see-1: within the causal limit */
-                float m = -INFINITY, total = 0.0f;
-                /* whole vectors up to lim16, the causal limit and the padding as a select */
-#pragma omp simd reduction(max : m)
-                for (int64_t j = 0; j < lim16; j++) {
-                    const float z = sr[j] * scale, zm = (j < see && kf[j] > 0.0f) ? z : -INFINITY;
-                    sr[j] = z;
-                    m = zm > m ? zm : m;
+                const float m = hmax(ep.mv[r]);
+                v16 tv = {0};
+                for (int64_t j = 0; j < lim16; j += 16) { /* a key not seen weighs exactly 0 (and all do when m = -inf) */
+                    const v16 z = LD(sr + j), e = (v16)((v16i)expv(z - m) & (z > -INFINITY));
+                    ST(sr + j, e);
+                    tv += e;
                 }
-                if (m == -INFINITY) see = 0; /* no key to see: o = 0, lse = -inf */
-#pragma omp simd reduction(+ : total)
-                for (int64_t j = 0; j < lim16; j++) { /* a masked key's weight is exactly 0 */
-                    const float e = j < see ? kf[j] * fast_expf(sr[j] - m) : 0.0f;
-                    sr[j] = e;
-                    total += e;
-                }
-                inv[r] = see ? 1.0f / total : 0.0f;
-                if (r < count && lse) lse[(b * nq + h) * T + i0 + r] = see ? m + logf(total) : -INFINITY;
+                const float total = hsum(tv);
+                inv[r] = m > -INFINITY ? 1.0f / total : 0.0f; /* no key to see: o = 0, lse = -inf */
+                if (r < count && lse) lse[(b * nq + h) * T + i0 + r] = m > -INFINITY ? m + logf(total) : -INFINITY;
             }
-            wsum(s, ld, vr, lim, out, D); /* sum_j e_ij v_j, then divided by the row's total */
+            wsum(s, ld, 1, vr, lim, out, D, 0); /* sum_j e_ij v_j, then divided by the row's total */
             for (int64_t r = 0; r < count; r++) {
                 float *dst = o + ((b * T + i0 + r) * nq + h) * D;
-                for (int64_t e = 0; e < D; e++) dst[e] = out[r * D + e] * inv[r];
+                for (int64_t e = 0; e < D; e += 16) ST(dst + e, LD(out + r * D + e) * inv[r]);
             }
         }
     }
@@ -267,51 +368,50 @@ static inline __attribute__((always_inline)) void backward_task(
     int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf, const int64_t D) {
     const int64_t S = P + T, ld = up32(S), rep = nq / nkv, u = pidx[b];
     float *kt = buf, *vt = kt + D * ld, *kr = vt + D * ld, *dka = kr + ld * D, *dva = dka + ld * D;
-    float *p = dva + ld * D, *ds = p + RB * ld, *x = ds + RB * ld, *dx = x + RB * D, *ox = dx + RB * D;
-    float *kf = ox + RB * D;
+    const int64_t Tp = (T + RB - 1) / RB * RB;
+    float *p = dva + ld * D, *ds = p + CQ * ld, *xq = ds + CQ * ld, *dxq = xq + Tp * D, *ox = dxq + Tp * D;
+    float *dot = ox + RB * D, *mask = dot + Tp;
     gather_cols(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kt, D);
     gather_rows(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kr, D);
     gather_cols(vp, st + 6, u, vc, st + 12, b, g, P, T, ld, vt, D);
-    key_valid(valid_p, valid_c, u, b, P, T, ld, kf);
+    key_mask(valid_p, valid_c, u, b, P, T, ld, mask);
     memset(dka, 0, sizeof(float) * (size_t)(2 * ld * D));
-    float rowd[RB], rowl[RB];
+    struct epilogue ep = {.scale = scale, .mask = mask};
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
-        for (int64_t i0 = 0; i0 < T; i0 += RB) {
-            const int64_t count = T - i0 < RB ? T - i0 : RB, lim = P + i0 + count, lim16 = up16(lim);
-            load_rows(q, st[0], st[1], st[2], b, h, i0, count, x, D);
-            load_rows(dout, T * nq * D, D, nq * D, b, h, i0, count, dx, D);
-            load_rows(o, T * nq * D, D, nq * D, b, h, i0, count, ox, D);
-            if (i0 + RB < T) {
-                const int64_t next = T - i0 - RB < RB ? T - i0 - RB : RB, at = (b * T + i0 + RB) * nq + h;
-                prefetch_rows(q + b * st[0] + h * st[1] + (i0 + RB) * st[2], st[2], next, D);
-                prefetch_rows(dout + at * D, nq * D, next, D);
-                prefetch_rows(o + at * D, nq * D, next, D);
-            }
-            for (int64_t r = 0; r < RB; r++) {
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t e = 0; e < D; e++) acc += dx[r * D + e] * ox[r * D + e];
-                rowd[r] = acc;
-                rowl[r] = r < count ? lse[(b * nq + h) * T + i0 + r] : -INFINITY;
-            }
-            scores8(x, kt, ld, lim16, p, D);
-            scores8(dx, vt, ld, lim16, ds, D);
-            for (int64_t r = 0; r < RB; r++) {
-                float *pr = p + r * ld, *dr = ds + r * ld;
-                const int64_t see = (r < count && rowl[r] != -INFINITY) ? P + i0 + r + 1 : 0;
-                const float l = rowl[r], dd = rowd[r];
-#pragma omp simd
-                for (int64_t j = 0; j < lim16; j++) {
-                    const float e = j < see ? kf[j] * fast_expf(pr[j] * scale - l) : 0.0f;
-                    pr[j] = e;
-                    dr[j] = e * (dr[j] - dd) * scale;
+        gather_head(q, st[0], st[1], st[2], b, h, T, Tp, xq, D);
+        gather_head(dout, T * nq * D, D, nq * D, b, h, T, Tp, dxq, D);
+        row_dots(dxq, o, T * nq * D, D, nq * D, b, h, T, dot, D);
+        for (int64_t c0 = 0; c0 < T; c0 += CQ) { /* a chunk of queries: p and ds for its rows, then dk, dv */
+            const int64_t c1 = T - c0 < CQ ? T : c0 + CQ;
+            for (int64_t i0 = c0; i0 < c1; i0 += RB) {
+                const int64_t count = c1 - i0 < RB ? c1 - i0 : RB, lim = P + i0 + count, lim16 = up16(lim);
+                /* written through at least key P + i + 8 of each row i, zero past what it sees, for dk's and dv's
+                 * blocks of eight keys below */
+                const int64_t wide = up16(lim + RB) < ld ? up16(lim + RB) : ld;
+                float *pb = p + (i0 - c0) * ld, *db = ds + (i0 - c0) * ld;
+                for (int r = 0; r < RB; r++) {
+                    ep.l[r] = r < count ? lse[(b * nq + h) * T + i0 + r] : -INFINITY;
+                    ep.see[r] = ep.l[r] != -INFINITY ? (float)(P + i0 + r + 1) : 0.0f;
+                    ep.dd[r] = r < count ? dot[i0 + r] : 0.0f;
                 }
+                ep.p = pb;
+                scores8(xq + i0 * D, kt, ld, lim16, pb, D, &ep, SC_PROB);
+                scores8(dxq + i0 * D, vt, ld, lim16, db, D, &ep, SC_DPROB);
+                for (int64_t r = 0; r < RB; r++) /* zero past the tiles, for dk's and dv's blocks of eight keys */
+                    memset(pb + r * ld + lim16, 0, sizeof(float) * (size_t)(wide - lim16)),
+                    memset(db + r * ld + lim16, 0, sizeof(float) * (size_t)(wide - lim16));
+                wsum(db, ld, 1, kr, lim, ox, D, 0); /* dq rows */
+                for (int64_t r = 0; r < count; r++)
+                    memcpy(dq + b * ost[0] + h * ost[1] + (i0 + r) * ost[2], ox + r * D, sizeof(float) * D);
             }
-            wsum(ds, ld, kr, lim, ox, D); /* dq rows (ox is free now) */
-            for (int64_t r = 0; r < count; r++)
-                memcpy(dq + b * ost[0] + h * ost[1] + (i0 + r) * ost[2], ox + r * D, sizeof(float) * D);
-            wsum_t(ds, ld, x, lim, dka, D);
-            wsum_t(p, ld, dx, lim, dva, D);
+            /* dk_j += sum_i ds_ij q_i, dv_j += sum_i p_ij do_i over the chunk's queries i that see key j (all of
+             * them for a prompt key; i >= j - P for a completion key), eight keys at a time */
+            for (int64_t j0 = 0; j0 < P + c1; j0 += RB) {
+                const int64_t i1 = j0 - P > c0 ? j0 - P : c0;
+                if (i1 >= c1) break;
+                wsum(ds + (i1 - c0) * ld + j0, 1, ld, xq + i1 * D, c1 - i1, dka + j0 * D, D, 1);
+                wsum(p + (i1 - c0) * ld + j0, 1, ld, dxq + i1 * D, c1 - i1, dva + j0 * D, D, 1);
+            }
         }
     }
     for (int64_t j = 0; j < S; j++) { /* key j's gradients: the prompt's part, then the completion's */
@@ -359,8 +459,9 @@ static void backward_any(const struct tf_args *a, int64_t b, int64_t g, float *b
  * number of tasks left undone for want of memory. */
 static int run_tasks(const struct tf_args *a, int backward) {
     const int64_t ld = up32(a->P + a->T), d = a->d;
-    const size_t floats = backward ? (size_t)(5 * d * ld + 2 * RB * ld + 3 * RB * d + ld)
-                                   : (size_t)(2 * d * ld + RB * ld + 2 * RB * d + ld);
+    const int64_t Tp = (a->T + RB - 1) / RB * RB;
+    const size_t floats = backward ? (size_t)(5 * d * ld + 2 * CQ * ld + 2 * Tp * d + RB * d + Tp + ld)
+                                   : (size_t)(2 * d * ld + RB * ld + Tp * d + RB * d + ld);
     int bad = 0;
 #pragma omp parallel reduction(+ : bad)
     {
