@@ -2,10 +2,10 @@
 
     python benchmarks/forward_ab.py --size 10m --tokens 64 --rev HEAD~1 --repeats 9
     python benchmarks/forward_ab.py --size smollm2 --tokens 64 --lora 16 --rev HEAD~1 --repeats 5
-    python benchmarks/forward_ab.py --size 30m --tokens 256 --kernels-rev HEAD~1 --repeats 5
+    python benchmarks/forward_ab.py --size 30m --tokens 256 --rev HEAD~1 --kernels --repeats 5
 
-``--kernels-rev`` also builds tilt/kernels' C sources as they were at that revision (same compiler and flags)
-and runs the baseline side on that library, the working tree's side on the current one.
+``--kernels``: the baseline side also runs tilt/kernels as it was at ``--rev`` (its Python wrappers and its C
+sources, built into their own library), the working tree's side the current ones.
 
 Loads ``tilt/fastforward.py`` as it was at ``--rev`` beside the current one, samples one batch, then
 times the reference pass (no grad) and a forward + backward of the completion log-probs (the LM head
@@ -50,26 +50,25 @@ def module_at(rev: str):
 
 
 def kernels_at(rev: str):
-    """tilt.kernels' library built from its C sources as of git revision ``rev`` (loaded, not self-checked)."""
-    from tilt import kernels
-
-    cc = kernels._compiler()
-    if cc is None:
-        raise SystemExit("--kernels-rev: no C compiler found (set CC)")
+    """The tilt.kernels package (its Python wrappers and C sources) as of git revision ``rev``, imported under
+    another name from a temporary copy; it builds its own library (same compiler, flags and cache) and checks it."""
     tmp = Path(tempfile.mkdtemp(prefix="tilt-kernels-ab-"))
     atexit.register(shutil.rmtree, tmp, True)
-    for f in kernels.SOURCES + kernels.HEADERS:
-        rel = f.relative_to(HERE.parent).as_posix()
-        out = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:{rel}"], capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"--kernels-rev {rev}: git cannot show {rel} there: {out.stderr.strip()}")
-        (tmp / f.name).write_text(out.stdout)
-    lib = tmp / "kernels.so"
-    done = subprocess.run([cc, *kernels.FLAGS, "-o", str(lib), *(str(tmp / f.name) for f in kernels.SOURCES), "-lm"],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"--kernels-rev {rev}: the build failed: {done.stderr.strip()[-2000:]}")
-    return kernels._load(lib)
+    listed = subprocess.run(["git", "-C", str(HERE.parent), "ls-tree", "--name-only", f"{rev}:tilt/kernels"],
+                            capture_output=True, text=True)
+    if listed.returncode:
+        raise SystemExit(f"--kernels: git cannot list tilt/kernels at {rev}: {listed.stderr.strip()}")
+    for name in listed.stdout.split():
+        out = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:tilt/kernels/{name}"],
+                             capture_output=True, text=True)
+        (tmp / name).write_text(out.stdout)
+    spec = importlib.util.spec_from_file_location("tilt_kernels_at_rev", tmp / "__init__.py",
+                                                  submodule_search_locations=[str(tmp)])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.library() is None:
+        raise SystemExit(f"--kernels: tilt.kernels at {rev} is {mod.status()}")
+    return mod
 
 
 def main() -> None:
@@ -81,8 +80,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rev", default="HEAD", help="the git revision whose tilt/fastforward.py is the baseline")
-    p.add_argument("--kernels-rev", default=None,
-                   help="the git revision whose tilt/kernels C sources the baseline side runs (default: the current ones)")
+    p.add_argument("--kernels", action="store_true",
+                   help="the baseline side also runs tilt/kernels (wrappers and C sources) as of --rev")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (alpha = 2 r), B random")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="forward positions per micro-batch (default: tilt's auto budget; 0: the whole batch at once)")
@@ -100,13 +99,8 @@ def main() -> None:
 
         keep_freed_memory()
     old = module_at(a.rev)
-    from tilt import kernels
-
-    libs = {"now": kernels.library(), "rev": kernels.library()}
-    if a.kernels_rev:
-        if libs["now"] is None:
-            raise SystemExit(f"--kernels-rev: the current kernels are {kernels.status()}")
-        libs["rev"] = kernels_at(a.kernels_rev)
+    if a.kernels:
+        old.kernels = kernels_at(a.rev)
     model, _, ids, mask, b = sampled_batch(a.size, Path(a.cache), a.tokens, a.prompts, a.group, a.lora)
     budget = auto_micro_batch_tokens(model) if a.chunk_tokens is None else a.chunk_tokens
     chunks = []  # per micro-batch: its rows' distinct prompts, which prompt each row has, its completions
@@ -118,7 +112,6 @@ def main() -> None:
 
     def run(side: str, grad: bool):
         mod = current if side == "now" else old
-        kernels._state["lib"] = libs[side]
         model.zero_grad(set_to_none=True)
         out = []
         with torch.set_grad_enabled(grad):
@@ -146,7 +139,7 @@ def main() -> None:
           f"micro-batch(es) of <= {budget or 'all'} positions, {a.repeats} repeats: "
           + "  ".join(f"{k} {v:.4f}s" for k, v in med.items()))
     for name in ("fwd_bwd", "ref"):
-        base = a.rev + (f" (kernels {a.kernels_rev})" if a.kernels_rev else "")
+        base = a.rev + (" (with its kernels)" if a.kernels else "")
         print(f"{name}: now / {base} = {med[f'{name}_now'] / med[f'{name}_rev']:.3f}")
 
 

@@ -223,6 +223,22 @@ def _tf_inputs(b, u, nq, nkv, t, p, d, seed=0):
             pidx, valid_p, valid_c, torch.randn(b, t, nq, d, generator=g))
 
 
+def _check_tf_against(refs, q, kp, vp, kc, vc, pidx, valid_p, valid_c, do, scale, rot=None):
+    """tf_attention and its backward against ``refs`` (per dtype: the output and the gradients of q, kp, vp, kc,
+    vc under autograd): within 3x the float32 reference's error of the float64 one (and 2e-6). Returns (o, lse)."""
+    (u, nkv, p, d) = kp.shape
+    o, lse = kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, scale, rot=rot)
+    dq, dk, dv = kernels.tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, do, scale, rot=rot)
+    dkp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dk[:, :, :p])
+    dvp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dv[:, :, :p])
+    got = [o, dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:]]
+    for name, x, want, torch32 in zip(["o", "dq", "dkp", "dvp", "dkc", "dvc"], got, refs[torch.float64],
+                                      refs[torch.float32]):
+        err, yard = (x.double() - want).abs().max().item(), (torch32.double() - want).abs().max().item()
+        assert err <= max(3 * yard, 2e-6), (name, err, yard)
+    return o, lse
+
+
 @needs_lib
 @pytest.mark.parametrize("nq,nkv,d", [(8, 8, 32), (8, 8, 64), (9, 3, 64), (4, 2, 128), (2, 1, 16), (4, 4, 48)])
 @pytest.mark.parametrize("t", [1, 8, 13, 40, 150])
@@ -240,15 +256,7 @@ def test_tf_attention_forward_and_backward_equal_float64(nq, nkv, d, t):
         out = kernels.tf_attention_reference(*leaves, pidx, valid_p, valid_c, scale)
         out.backward(do.to(dtype))
         refs[dtype] = [out.detach()] + [x.grad for x in leaves]
-    o, lse = kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, scale)
-    dq, dk, dv = kernels.tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o, lse, do, scale)
-    dkp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dk[:, :, :p])
-    dvp = torch.zeros(u, nkv, p, d).index_add_(0, pidx, dv[:, :, :p])
-    got = [o, dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:]]
-    for name, x, want, torch32 in zip(["o", "dq", "dkp", "dvp", "dkc", "dvc"], got, refs[torch.float64],
-                                      refs[torch.float32]):
-        err, yard = (x.double() - want).abs().max().item(), (torch32.double() - want).abs().max().item()
-        assert err <= max(3 * yard, 2e-6), (name, err, yard)
+    o, lse = _check_tf_against(refs, q, kp, vp, kc, vc, pidx, valid_p, valid_c, do, scale)
     # lse: log of the softmax's normaliser over the keys each query sees
     keys = torch.cat([kp.index_select(0, pidx), kc], 2).repeat_interleave(nq // nkv, 1).double()
     ar = torch.arange(t)
@@ -256,6 +264,35 @@ def test_tf_attention_forward_and_backward_equal_float64(nq, nkv, d, t):
                       (ar[None, :] <= ar[:, None])[None] & valid_c[:, None, :]], -1)[:, None]
     scores = (q.double() @ keys.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=2e-6, rtol=0)
+
+
+@needs_lib
+@pytest.mark.parametrize("nq,nkv,d", [(8, 8, 32), (9, 3, 64), (4, 4, 48)])
+@pytest.mark.parametrize("t", [13, 150])
+def test_tf_attention_rotates_queries_and_completion_keys(nq, nkv, d, t):
+    """With ``rot``, the kernel takes q and the completion keys unrotated and applies each position's e^{i angle}
+    (pairs adjacent) itself: output and lse as the float64 torch expression on rotated inputs, and dq / dk the
+    gradients of the unrotated inputs (through the rotation under autograd), within 3x the float32 torch
+    path's error (and 2e-6)."""
+    b, u, p = 6, 3, 7
+    q, kp, vp, kc, vc, pidx, valid_p, valid_c, do = _tf_inputs(b, u, nq, nkv, t, p, d, seed=1)
+    g = torch.Generator().manual_seed(2)
+    rot = torch.polar(torch.ones(b, t, d // 2), torch.rand(b, t, d // 2, generator=g) * 6)
+    scale = d ** -0.5
+
+    def turned(x, r):  # x [B, heads, T, d] times r [B, T, d/2] at every head
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (d // 2, 2))) * r[:, None]).flatten(-2)
+    refs = {}
+    for dtype, ctype in ((torch.float64, torch.complex128), (torch.float32, torch.complex64)):
+        leaves = [x.detach().to(dtype).contiguous().requires_grad_() for x in (q, kp, vp, kc, vc)]
+        r = rot.to(ctype)
+        out = kernels.tf_attention_reference(turned(leaves[0], r), leaves[1], leaves[2], turned(leaves[3], r),
+                                             leaves[4], pidx, valid_p, valid_c, scale)
+        out.backward(do.to(dtype))
+        refs[dtype] = [out.detach()] + [x.grad for x in leaves]
+    _check_tf_against(refs, q, kp, vp, kc, vc, pidx, valid_p, valid_c, do, scale, rot=rot)
+    with pytest.raises(ValueError, match="rot must be"):
+        kernels.tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, scale, rot=rot[:, :-1])
 
 
 @needs_lib

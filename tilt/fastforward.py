@@ -231,35 +231,41 @@ def attention_by_splits(y: Tensor, rot: Tensor, inverse: Tensor, mask_p: Tensor,
 class AttentionBlock(torch.autograd.Function):
     """The attention of one layer of the shared-prompt pass, from the fused q/k/v product ``y`` [M + N T,
     (nq + 2 nkv) d] (the U P prompt positions first, then the N T completion positions) to the output
-    projection's input [M + N T, nq d], as one autograd node: rotary embedding of the queries and keys (one
-    complex product), the prompts' causal attention (SDPA, as ``attention``), the completions' attention
-    over their prompt's keys and their own (``tilt.kernels.tf_attention``, writing its output into its
-    rows of the result).
+    projection's input [M + N T, nq d], as one autograd node: rotary embedding of the prompts' queries and
+    keys (one complex product), the prompts' causal attention (SDPA, as ``attention``), the completions'
+    attention over their prompt's keys and their own (``tilt.kernels.tf_attention``, which rotates the
+    completions' queries and keys as it reads them and writes its output into its rows of the result).
 
     Through autograd the same computation is a chain of splits and views: each split's backward
     concatenates its pieces' gradients into a new tensor (the prompt/completion split of q, k and v, then
     q from k, then q/k from v: five copies of the layer's q/k/v gradient per layer), the rotation's
     backward writes another, and the output is a concatenation. Here the backward writes every gradient
-    once into one [M + N T, (nq + 2 nkv) d] buffer (the kernel through strides), then un-rotates the query
-    and key columns in place (the gradient of x e^{i a} is g e^{-i a}). The same operations on the same
-    values: outputs and gradients equal the split path's to float rounding (tests/test_kernels.py)."""
+    once into one [M + N T, (nq + 2 nkv) d] buffer (the kernel through strides, its dq and dk already
+    un-rotated: the gradient of x e^{i a} is g e^{-i a}), then un-rotates the prompts' query and key columns
+    in place. Neither direction writes or keeps a rotated copy of the completions' queries and keys. The
+    same operations on the same values: outputs and gradients equal the split path's to float rounding
+    (tests/test_kernels.py)."""
 
     @staticmethod
     def forward(ctx, y, rot, inverse, valid_p, valid_c, mask_p, u, p, n, t, nq, nkv, d, scale, graph):
         m, rows = u * p, y.shape[0]
         w = (nq + nkv) * d
-        qk = torch.view_as_real(torch.view_as_complex(y[:, :w].unflatten(-1, (nq + nkv, d // 2, 2))) * rot)
-        qk = qk.view(rows, w)  # [M + N T, (nq + nkv) d], rotated
-        q, k, v = qk[:, :nq * d], qk[:, nq * d:], y[:, w:]
-        qp, kp, vp = _heads(q[:m], u, p, nq, d), _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
-        qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
+        # the prompts' queries and keys rotated here (SDPA's and the kernel's prompt keys); the completions'
+        # are rotated inside the kernel as it reads them (speed work 37)
+        qk = torch.view_as_real(torch.view_as_complex(y[:m, :w].unflatten(-1, (nq + nkv, d // 2, 2))) * rot[:m])
+        qk = qk.view(m, w)  # [M, (nq + nkv) d], rotated
+        qp, kp = _heads(qk[:, :nq * d], u, p, nq, d), _heads(qk[:, nq * d:], u, p, nkv, d)
+        vp = _heads(y[:m, w:], u, p, nkv, d)
+        qc, kc, vc = (_heads(y[m:, a:z], n, t, heads, d)
+                      for a, z, heads in ((0, nq * d, nq), (nq * d, w, nkv), (w, y.shape[1], nkv)))
+        rot_c = rot[m:].view(n, t, d // 2)
         o = y.new_empty(rows, nq * d)
         with torch.set_grad_enabled(graph):  # graph: the prompts' attention keeps its own for the backward
             leaves = [x.detach().requires_grad_(graph) for x in (qp, kp, vp)]
             op = attention(*leaves, mask_p, scale)  # [U, nq, P, d]
         o[:m].view(u, p, nq, d).copy_(op.detach().transpose(1, 2))
         _, lse = kernels.tf_attention(qc, kp, vp, kc, vc, inverse, valid_p, valid_c, scale,
-                                      out=o[m:].view(n, t, nq, d))
+                                      out=o[m:].view(n, t, nq, d), rot=rot_c)
         ctx.save_for_backward(qk, y, rot, inverse, valid_p, valid_c, o, lse)
         ctx.prompt = (op, leaves)
         ctx.dims = (u, p, n, t, nq, nkv, d, scale)
@@ -272,9 +278,9 @@ class AttentionBlock(torch.autograd.Function):
         qk, y, rot, inverse, valid_p, valid_c, o, lse = ctx.saved_tensors
         (op, leaves), (u, p, n, t, nq, nkv, d, scale) = ctx.prompt, ctx.dims
         m, rows, w = u * p, y.shape[0], (nq + nkv) * d
-        q, k, v = qk[:, :nq * d], qk[:, nq * d:], y[:, w:]
-        kp, vp = _heads(k[:m], u, p, nkv, d), _heads(v[:m], u, p, nkv, d)
-        qc, kc, vc = _heads(q[m:], n, t, nq, d), _heads(k[m:], n, t, nkv, d), _heads(v[m:], n, t, nkv, d)
+        kp, vp = _heads(qk[:, nq * d:], u, p, nkv, d), _heads(y[:m, w:], u, p, nkv, d)
+        qc, kc, vc = (_heads(y[m:, a:z], n, t, heads, d)
+                      for a, z, heads in ((0, nq * d, nq), (nq * d, w, nkv), (w, y.shape[1], nkv)))
         dy = y.new_empty(rows, y.shape[1])
         dq, dk, dv = dy[:, :nq * d], dy[:, nq * d:w], dy[:, w:]
         dkp_rows, dvp_rows = y.new_empty(n, nkv, p, d), y.new_empty(n, nkv, p, d)  # per row: summed below
@@ -282,14 +288,15 @@ class AttentionBlock(torch.autograd.Function):
             qc, kp, vp, kc, vc, inverse, valid_p, valid_c, o[m:].view(n, t, nq, d), lse,
             do[m:].view(n, t, nq, d), scale,
             out=(_view_heads(dq[m:], n, t, nq, d), dkp_rows, _view_heads(dk[m:], n, t, nkv, d), dvp_rows,
-                 _view_heads(dv[m:], n, t, nkv, d)))
+                 _view_heads(dv[m:], n, t, nkv, d)), rot=rot[m:].view(n, t, d // 2))
         dqp, dkp, dvp = torch.autograd.grad(op, leaves, do[:m].view(u, p, nq, d).transpose(1, 2))
         dkp = dkp.index_add(0, inverse, dkp_rows)  # [U, nkv, P, d]: each prompt's rows summed
         dvp = dvp.index_add(0, inverse, dvp_rows)
         dq[:m].view(u, p, nq, d).copy_(dqp.transpose(1, 2))
         dk[:m].view(u, p, nkv, d).copy_(dkp.transpose(1, 2))
         dv[:m].view(u, p, nkv, d).copy_(dvp.transpose(1, 2))
-        torch.view_as_complex(dy[:, :w].unflatten(-1, (nq + nkv, d // 2, 2))).mul_(rot.conj())
+        # the kernel wrote the completions' dq and dk for the unrotated y; the prompts' are un-rotated here
+        torch.view_as_complex(dy[:m, :w].unflatten(-1, (nq + nkv, d // 2, 2))).mul_(rot[:m].conj())
         return dy, *([None] * 14)
 
 

@@ -47,8 +47,8 @@ SIGNATURES = {
     "tilt_rms_norm_forward": [_P, _P, _P, _P, _I64, _I64, _F32],
     "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
     "tilt_sample_rows": [_P, _P, _I64, _I64, _F32, _I64, _P, _P],
-    "tilt_tf_attention_forward": [_P] * 11 + [_I64] * 6 + [_F32],
-    "tilt_tf_attention_backward": [_P] * 18 + [_I64] * 6 + [_F32],
+    "tilt_tf_attention_forward": [_P] * 12 + [_I64] * 6 + [_F32],
+    "tilt_tf_attention_backward": [_P] * 19 + [_I64] * 6 + [_F32],
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
            "tilt_tf_attention_backward": ctypes.c_int}  # the others return nothing
@@ -204,10 +204,14 @@ def tf_attention_usable(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tenso
         x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 for x in (q, kp, vp, kc, vc))
 
 
-def _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c):
+def _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c, rot):
     """The kernel's pointer arguments after checking the shapes it relies on (the C side reads through
     them unchecked); also the tensors those pointers point into, to keep alive until the call returns."""
     (b, nq, t, d), (u, nkv, p) = q.shape, kp.shape[:3]
+    if rot is not None and (tuple(rot.shape) != (b, t, d // 2) or rot.dtype != torch.complex64
+                            or not rot.is_contiguous()):
+        raise ValueError(f"tf_attention: rot must be a contiguous complex64 tensor of shape {(b, t, d // 2)} (each "
+                         f"position's e^{{i angle}}); got {tuple(rot.shape)} {rot.dtype}")
     want = {"kp": (u, nkv, p, d), "vp": (u, nkv, p, d), "kc": (b, nkv, t, d), "vc": (b, nkv, t, d), "pidx": (b,),
             "valid_p": (u, p), "valid_c": (b, t)}
     got = {"kp": kp, "vp": vp, "kc": kc, "vc": vc, "pidx": pidx, "valid_p": valid_p, "valid_c": valid_c}
@@ -217,17 +221,21 @@ def _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c):
                          f"must be a multiple of the key heads and every pidx a prompt index below {u}")
     strides = torch.tensor([st for x in (q, kp, vp, kc, vc) for st in x.stride()[:3]], dtype=torch.int64)
     keep = (strides, pidx.to(torch.int64).contiguous(), valid_p.to(torch.uint8).contiguous(),
-            valid_c.to(torch.uint8).contiguous())
+            valid_c.to(torch.uint8).contiguous(), None if rot is None else torch.view_as_real(rot))
     return keep, [_ptr(x) for x in (q, kp, vp, kc, vc, *keep)]
 
 
 def tf_attention(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor, valid_p: Tensor,
-                 valid_c: Tensor, scale: float, lib=None, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                 valid_c: Tensor, scale: float, lib=None, out: Optional[Tensor] = None,
+                 rot: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``attention.c``'s teacher-forced attention: row b's queries ``q`` [B, nq, T, d] over the keys/values
     of its prompt ``pidx[b]`` (``kp``/``vp`` [U, nkv, P, d], where ``valid_p`` [U, P] is true) and, causally,
     its own (``kc``/``vc`` [B, nkv, T, d], where ``valid_c`` [B, T] is true). Any strides with the last
     dimension contiguous (``tf_attention_usable``). Returns (o [B, T, nq, d] contiguous, lse [B, nq, T]);
-    ``out``: a contiguous [B, T, nq, d] tensor to write o into (a slice of a larger buffer, say)."""
+    ``out``: a contiguous [B, T, nq, d] tensor to write o into (a slice of a larger buffer, say). ``rot``: each
+    completion position's rotary embedding e^{i angle}, complex64 [B, T, d/2] (pairs adjacent): q and kc are then
+    the unrotated projections, rotated inside the kernel (kp comes rotated); the same as passing q and kc
+    multiplied by it."""
     lib = lib or library()
     (b, nq, t, d), (nkv, p) = q.shape, kp.shape[1:3]
     if out is None:
@@ -236,7 +244,7 @@ def tf_attention(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx
         raise ValueError(f"tf_attention: out {tuple(out.shape)} {out.dtype} must be a contiguous {q.dtype} tensor "
                          f"of shape {(b, t, nq, d)}")
     lse = q.new_empty(b, nq, t)
-    keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c)
+    keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c, rot)
     if lib.tilt_tf_attention_forward(*ptrs, _ptr(out), _ptr(lse), b, nq, nkv, t, p, d, float(scale)):
         raise MemoryError("tf_attention: the kernel could not allocate its per-thread buffers")
     return out, lse
@@ -244,11 +252,13 @@ def tf_attention(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx
 
 def tf_attention_backward(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor, pidx: Tensor,
                           valid_p: Tensor, valid_c: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float,
-                          lib=None, out: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, ...]:
+                          lib=None, out: Optional[tuple[Tensor, ...]] = None,
+                          rot: Optional[Tensor] = None) -> tuple[Tensor, ...]:
     """The gradients of ``tf_attention`` for ``do`` [B, T, nq, d]: (dq [B, T, nq, d], dk, dv [B, nkv, P + T, d]),
     the prompt part of dk/dv per row (sum it over each prompt's rows). ``out``: where to write them instead,
     (dq [B, nq, T, d], dkp [B, nkv, P, d], dkc [B, nkv, T, d], dvp, dvc), any strides with the last dimension
-    contiguous (slices of one gradient buffer, say); returned as given."""
+    contiguous (slices of one gradient buffer, say); returned as given. ``rot``: as the forward's; dq and the
+    completion part of dk are then the gradients of the unrotated q and kc."""
     lib = lib or library()
     (b, nq, t, d), (nkv, p) = q.shape, kp.shape[1:3]
     do = do.contiguous()
@@ -264,7 +274,7 @@ def tf_attention_backward(q: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Ten
                              f"{q.dtype} with a contiguous last dimension; got "
                              f"{[(tuple(x.shape), x.stride(-1), x.dtype) for x in parts]}")
     ost = torch.tensor([st for x in parts for st in x.stride()[:3]], dtype=torch.int64)
-    keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c)
+    keep, ptrs = _tf_args(q, kp, vp, kc, vc, pidx, valid_p, valid_c, rot)
     if lib.tilt_tf_attention_backward(*ptrs, _ptr(o), _ptr(lse), _ptr(do), *(_ptr(x) for x in parts), _ptr(ost), b,
                                       nq, nkv, t, p, d, float(scale)):
         raise MemoryError("tf_attention_backward: the kernel could not allocate its per-thread buffers")
@@ -385,6 +395,25 @@ def _tf_self_check(lib, d: int, fixed, check) -> None:
     got = (dq.transpose(1, 2), dkp, dvp, dk[:, :, p:], dv[:, :, p:])
     check(all(torch.allclose(g, x.grad, atol=1e-4) for g, x in zip(got, leaves)),
           f"tf_attention_backward (head size {d})")
+    # the rotation inside the kernel: the same as rotating q and kc first, gradients rotated back
+    ang = fixed(b, t, d // 2, seed=7.0) * 3
+    rot = torch.polar(torch.ones_like(ang), ang)
+
+    def turn(x, r):  # [B, heads, T, d] times r [B, T, d/2] at each head
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (d // 2, 2)).contiguous()) * r[:, None])
+    qr, kr = turn(q, rot).flatten(-2), turn(kc, rot).flatten(-2)
+    o_r, lse_r = tf_attention(qr, kp, vp, kr, vc, pidx, valid_p, valid_c, scale, lib)
+    o_k, lse_k = tf_attention(q, kp, vp, kc, vc, pidx, valid_p, valid_c, scale, lib, rot=rot)
+    check(torch.allclose(o_k, o_r, atol=1e-5) and torch.allclose(lse_k, lse_r, atol=1e-5),
+          f"tf_attention with rot (head size {d})")
+    want = tf_attention_backward(qr, kp, vp, kr, vc, pidx, valid_p, valid_c, o_r, lse_r, do, scale, lib)
+    dq, dk, dv = tf_attention_backward(q, kp, vp, kc, vc, pidx, valid_p, valid_c, o_k, lse_k, do, scale, lib,
+                                       rot=rot)
+    back = (turn(want[0].transpose(1, 2), rot.conj()).flatten(-2).transpose(1, 2), want[1][:, :, :p],
+            turn(want[1][:, :, p:], rot.conj()).flatten(-2), want[2])
+    got = (dq, dk[:, :, :p], dk[:, :, p:], dv)
+    check(all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, back)), f"tf_attention_backward with rot "
+          f"(head size {d})")
 
 
 def _self_check(lib) -> None:

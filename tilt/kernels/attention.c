@@ -25,6 +25,10 @@
  * strides for (row, head, position), ost[3..5] those of the per-row prompt part of dk (dkp: the
  * caller sums it over each prompt's rows), ost[6..8] the completion part of dk (dkc), ost[9..11] and
  * ost[12..14] the same for dv (dvp, dvc); the last dimension contiguous everywhere.
+ * Rotary embedding (Eq. 34 of arXiv:2104.09864, pairs adjacent, in complex form): with rot (row b's position i at
+ * rot + (b T + i) d, d / 2 (cos, sin) pairs), q and the completion keys are read unrotated and multiplied by
+ * their position's e^{ia} as they are gathered (the prompt keys come rotated), and the backward writes dq and
+ * the completion part of dk for the unrotated inputs (times e^{-ia}); rot NULL: everything is taken as given.
  * Grouped-query attention: query head h reads key head h / (nq / nkv). One task per (row, key head),
  * threads by OpenMP (the runtime torch loaded). Head size a multiple of 16 (the caller checks). Both
  * return the number of tasks left undone for want of memory (0: all done).
@@ -118,6 +122,21 @@ static inline void transpose16(v16 *r) {
         r[c] = __builtin_shuffle(a, e, lo4), r[8 + c] = __builtin_shuffle(a, e, hi4);
         r[4 + c] = __builtin_shuffle(b, f, lo4), r[12 + c] = __builtin_shuffle(b, f, hi4);
     }
+}
+
+/* x e^{i a} (conj: x e^{-i a}) for 8 complex numbers in adjacent (re, im) pairs, e^{i a} as the 8 pairs of c */
+static inline v16 rotate(v16 x, v16 c, const int conj) {
+    const v16i re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
+    const v16i im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
+    const v16i swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    const v16 sign = {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
+    const v16 cre = __builtin_shuffle(c, re), t = __builtin_shuffle(x, swap) * __builtin_shuffle(c, im) * sign;
+    return conj ? x * cre - t : x * cre + t;
+}
+
+/* dst = src e^{i a} (conj: e^{-i a}), D floats, e^{i a} as D / 2 pairs at c */
+static inline void rotate_row(float *dst, const float *src, const float *c, const int conj, const int64_t D) {
+    for (int64_t e = 0; e < D; e += 16) ST(dst + e, rotate(LD(src + e), LD(c + e), conj));
 }
 
 static inline int64_t up32(int64_t n) { return (n + 31) & ~(int64_t)31; }
@@ -258,20 +277,24 @@ static inline const float *key_row(const float *p, const int64_t *sp, int64_t u,
     return j < P ? p + u * sp[0] + g * sp[1] + j * sp[2] : c + b * sc[0] + g * sc[1] + (j - P) * sc[2];
 }
 
-/* The S = P + T keys (or values) as rows [ld, D], zero past S. */
+/* The S = P + T keys (or values) as rows [ld, D], zero past S; with rot (the row's T rotations, [T, D]) the
+ * completion keys rotated by them on the way (the prompt's come rotated). */
 static void gather_rows(const float *p, const int64_t *sp, int64_t u, const float *c, const int64_t *sc, int64_t b,
-                        int64_t g, int64_t P, int64_t T, int64_t ld, float *rows, const int64_t D) {
+                        int64_t g, int64_t P, int64_t T, int64_t ld, float *rows, const float *rot, const int64_t D) {
     for (int64_t j = 0; j < P + T; j++) {
         if (j + 8 < P + T) prefetch_rows(key_row(p, sp, u, c, sc, b, g, P, j + 8), 0, 1, D);
-        memcpy(rows + j * D, key_row(p, sp, u, c, sc, b, g, P, j), sizeof(float) * D);
+        if (rot && j >= P)
+            rotate_row(rows + j * D, key_row(p, sp, u, c, sc, b, g, P, j), rot + (j - P) * D, 0, D);
+        else
+            memcpy(rows + j * D, key_row(p, sp, u, c, sc, b, g, P, j), sizeof(float) * D);
     }
     memset(rows + (P + T) * D, 0, sizeof(float) * (size_t)((ld - P - T) * D));
 }
 
 /* The same transposed in panels of 32 keys, [ld / 32, D, 32] (key j, column e at (j / 32) 32 D + 32 e + j % 32),
- * zero past S: blocks of 16 keys x 16 columns transposed in registers. */
+ * zero past S: blocks of 16 keys x 16 columns transposed in registers (rotated first, as gather_rows). */
 static void gather_cols(const float *p, const int64_t *sp, int64_t u, const float *c, const int64_t *sc, int64_t b,
-                        int64_t g, int64_t P, int64_t T, int64_t ld, float *cols, const int64_t D) {
+                        int64_t g, int64_t P, int64_t T, int64_t ld, float *cols, const float *rot, const int64_t D) {
     const v16 zero = {0};
     for (int64_t j0 = 0; j0 < ld; j0 += 16) {
         const float *src[16];
@@ -279,7 +302,10 @@ static void gather_cols(const float *p, const int64_t *sp, int64_t u, const floa
         if (j0 + 16 < P + T) prefetch_rows(key_row(p, sp, u, c, sc, b, g, P, j0 + 16), 0, 1, D);
         for (int64_t e0 = 0; e0 < D; e0 += 16) {
             v16 r[16];
-            for (int i = 0; i < 16; i++) r[i] = src[i] ? (v16)LD(src[i] + e0) : zero;
+            for (int i = 0; i < 16; i++) {
+                r[i] = src[i] ? (v16)LD(src[i] + e0) : zero;
+                if (rot && src[i] && j0 + i >= P) r[i] = rotate(r[i], LD(rot + (j0 + i - P) * D + e0), 0);
+            }
             transpose16(r);
             float *panel = cols + (j0 / 32) * 32 * D + j0 % 32;
             for (int i = 0; i < 16; i++) ST(panel + (e0 + i) * 32, r[i]);
@@ -294,16 +320,20 @@ static void key_mask(const uint8_t *valid_p, const uint8_t *valid_c, int64_t u, 
         mask[j] = (j < P ? valid_p[u * P + j] : (j < P + T ? valid_c[b * T + j - P] : 0)) ? 0.0f : -INFINITY;
 }
 
-/* Head h's T rows of x (row b; strides sb, sh, si) copied to out [Tp, D], zero from T to Tp, each row fetched
+/* Head h's T rows of x (row b; strides sb, sh, si) copied to out [Tp, D] (rotated by rot [T, D] where given), zero
+ * from T to Tp, each row fetched
  * eight ahead: the rows lie a projection's width apart, in a new page every row or two, where neither the
  * hardware prefetcher nor a prefetch issued one block of RB rows ahead kept up (at T = 256 the loads of the
  * blocks' rows took a sixth of the forward). */
 static void gather_head(const float *x, int64_t sb, int64_t sh, int64_t si, int64_t b, int64_t h, int64_t T,
-                        int64_t Tp, float *out, const int64_t D) {
+                        int64_t Tp, float *out, const float *rot, const int64_t D) {
     const float *row = x + b * sb + h * sh;
     for (int64_t i = 0; i < T; i++) {
         if (i + 8 < T) prefetch_rows(row + (i + 8) * si, 0, 1, D);
-        memcpy(out + i * D, row + i * si, sizeof(float) * D);
+        if (rot)
+            rotate_row(out + i * D, row + i * si, rot + i * D, 0, D);
+        else
+            memcpy(out + i * D, row + i * si, sizeof(float) * D);
     }
     memset(out + T * D, 0, sizeof(float) * (size_t)((Tp - T) * D));
 }
@@ -323,18 +353,19 @@ static void row_dots(const float *dx, const float *y, int64_t sb, int64_t sh, in
 
 static inline __attribute__((always_inline)) void forward_task(
     const float *q, const float *kp, const float *vp, const float *kc, const float *vc, const int64_t *st,
-    const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, float *o, float *lse, int64_t b,
-    int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf, const int64_t D) {
+    const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, const float *rot, float *o, float *lse,
+    int64_t b, int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf, const int64_t D) {
     const int64_t ld = up32(P + T), rep = nq / nkv, u = pidx[b];
+    const float *rb = rot ? rot + b * T * D : NULL; /* row b's rotations, [T, D] */
     const int64_t Tp = (T + RB - 1) / RB * RB;
     float *kt = buf, *vr = kt + D * ld, *s = vr + ld * D, *xq = s + RB * ld, *out = xq + Tp * D, *mask = out + RB * D;
-    gather_cols(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kt, D);
-    gather_rows(vp, st + 6, u, vc, st + 12, b, g, P, T, ld, vr, D);
+    gather_cols(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kt, rb, D);
+    gather_rows(vp, st + 6, u, vc, st + 12, b, g, P, T, ld, vr, NULL, D);
     key_mask(valid_p, valid_c, u, b, P, T, ld, mask);
     struct epilogue ep = {.scale = scale, .mask = mask};
     float inv[RB];
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
-        gather_head(q, st[0], st[1], st[2], b, h, T, Tp, xq, D);
+        gather_head(q, st[0], st[1], st[2], b, h, T, Tp, xq, rb, D);
         for (int64_t i0 = 0; i0 < T; i0 += RB) {
             const int64_t count = T - i0 < RB ? T - i0 : RB, lim = P + i0 + count, lim16 = up16(lim);
             for (int r = 0; r < RB; r++) ep.see[r] = (float)(P + i0 + r + 1), ep.mv[r] = IOTA * 0.0f - INFINITY;
@@ -363,23 +394,25 @@ static inline __attribute__((always_inline)) void forward_task(
 
 static inline __attribute__((always_inline)) void backward_task(
     const float *q, const float *kp, const float *vp, const float *kc, const float *vc, const int64_t *st,
-    const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, const float *o, const float *lse,
-    const float *dout, float *dq, float *dkp, float *dkc, float *dvp, float *dvc, const int64_t *ost, int64_t b,
-    int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf, const int64_t D) {
+    const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c, const float *rot, const float *o,
+    const float *lse, const float *dout, float *dq, float *dkp, float *dkc, float *dvp, float *dvc,
+    const int64_t *ost, int64_t b, int64_t g, int64_t nq, int64_t nkv, int64_t T, int64_t P, float scale, float *buf,
+    const int64_t D) {
     const int64_t S = P + T, ld = up32(S), rep = nq / nkv, u = pidx[b];
+    const float *rb = rot ? rot + b * T * D : NULL; /* row b's rotations, [T, D] */
     float *kt = buf, *vt = kt + D * ld, *kr = vt + D * ld, *dka = kr + ld * D, *dva = dka + ld * D;
     const int64_t Tp = (T + RB - 1) / RB * RB;
     float *p = dva + ld * D, *ds = p + CQ * ld, *xq = ds + CQ * ld, *dxq = xq + Tp * D, *ox = dxq + Tp * D;
     float *dot = ox + RB * D, *mask = dot + Tp;
-    gather_cols(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kt, D);
-    gather_rows(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kr, D);
-    gather_cols(vp, st + 6, u, vc, st + 12, b, g, P, T, ld, vt, D);
+    gather_cols(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kt, rb, D);
+    gather_rows(kp, st + 3, u, kc, st + 9, b, g, P, T, ld, kr, rb, D);
+    gather_cols(vp, st + 6, u, vc, st + 12, b, g, P, T, ld, vt, NULL, D);
     key_mask(valid_p, valid_c, u, b, P, T, ld, mask);
     memset(dka, 0, sizeof(float) * (size_t)(2 * ld * D));
     struct epilogue ep = {.scale = scale, .mask = mask};
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
-        gather_head(q, st[0], st[1], st[2], b, h, T, Tp, xq, D);
-        gather_head(dout, T * nq * D, D, nq * D, b, h, T, Tp, dxq, D);
+        gather_head(q, st[0], st[1], st[2], b, h, T, Tp, xq, rb, D);
+        gather_head(dout, T * nq * D, D, nq * D, b, h, T, Tp, dxq, NULL, D);
         row_dots(dxq, o, T * nq * D, D, nq * D, b, h, T, dot, D);
         for (int64_t c0 = 0; c0 < T; c0 += CQ) { /* a chunk of queries: p and ds for its rows, then dk, dv */
             const int64_t c1 = T - c0 < CQ ? T : c0 + CQ;
@@ -401,8 +434,13 @@ static inline __attribute__((always_inline)) void backward_task(
                     memset(pb + r * ld + lim16, 0, sizeof(float) * (size_t)(wide - lim16)),
                     memset(db + r * ld + lim16, 0, sizeof(float) * (size_t)(wide - lim16));
                 wsum(db, ld, 1, kr, lim, ox, D, 0); /* dq rows */
-                for (int64_t r = 0; r < count; r++)
-                    memcpy(dq + b * ost[0] + h * ost[1] + (i0 + r) * ost[2], ox + r * D, sizeof(float) * D);
+                for (int64_t r = 0; r < count; r++) { /* with rot: the gradient of q = x e^{ia} for x is dq e^{-ia} */
+                    float *dst = dq + b * ost[0] + h * ost[1] + (i0 + r) * ost[2];
+                    if (rb)
+                        rotate_row(dst, ox + r * D, rb + (i0 + r) * D, 1, D);
+                    else
+                        memcpy(dst, ox + r * D, sizeof(float) * D);
+                }
             }
             /* dk_j += sum_i ds_ij q_i, dv_j += sum_i p_ij do_i over the chunk's queries i that see key j (all of
              * them for a prompt key; i >= j - P for a completion key), eight keys at a time */
@@ -417,14 +455,17 @@ static inline __attribute__((always_inline)) void backward_task(
     for (int64_t j = 0; j < S; j++) { /* key j's gradients: the prompt's part, then the completion's */
         float *k = j < P ? dkp + b * ost[3] + g * ost[4] + j * ost[5] : dkc + b * ost[6] + g * ost[7] + (j - P) * ost[8];
         float *v = j < P ? dvp + b * ost[9] + g * ost[10] + j * ost[11] : dvc + b * ost[12] + g * ost[13] + (j - P) * ost[14];
-        memcpy(k, dka + j * D, sizeof(float) * D);
+        if (rb && j >= P)
+            rotate_row(k, dka + j * D, rb + (j - P) * D, 1, D);
+        else
+            memcpy(k, dka + j * D, sizeof(float) * D);
         memcpy(v, dva + j * D, sizeof(float) * D);
     }
 }
 
 /* Everything a task reads and writes (the backward's inputs o and lse are the forward's outputs). */
 struct tf_args {
-    const float *q, *kp, *vp, *kc, *vc, *dout;
+    const float *q, *kp, *vp, *kc, *vc, *dout, *rot;
     const int64_t *st, *pidx, *ost;
     const uint8_t *valid_p, *valid_c;
     float *o, *lse, *dq, *dkp, *dkc, *dvp, *dvc;
@@ -433,8 +474,8 @@ struct tf_args {
 };
 
 static void forward_any(const struct tf_args *a, int64_t b, int64_t g, float *buf) {
-#define TF_FORWARD(D) forward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->o, \
-                                   a->lse, b, g, a->nq, a->nkv, a->T, a->P, a->scale, buf, D)
+#define TF_FORWARD(D) forward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->rot, \
+                                   a->o, a->lse, b, g, a->nq, a->nkv, a->T, a->P, a->scale, buf, D)
     switch (a->d) { /* fixed head sizes get loops of fixed length */
     case 32: TF_FORWARD(32); break;
     case 64: TF_FORWARD(64); break;
@@ -444,8 +485,8 @@ static void forward_any(const struct tf_args *a, int64_t b, int64_t g, float *bu
 }
 
 static void backward_any(const struct tf_args *a, int64_t b, int64_t g, float *buf) {
-#define TF_BACKWARD(D) backward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->o, \
-                                     a->lse, a->dout, a->dq, a->dkp, a->dkc, a->dvp, a->dvc, a->ost, b, g, a->nq, \
+#define TF_BACKWARD(D) backward_task(a->q, a->kp, a->vp, a->kc, a->vc, a->st, a->pidx, a->valid_p, a->valid_c, a->rot, \
+                                     a->o, a->lse, a->dout, a->dq, a->dkp, a->dkc, a->dvp, a->dvc, a->ost, b, g, a->nq, \
                                      a->nkv, a->T, a->P, a->scale, buf, D)
     switch (a->d) {
     case 32: TF_BACKWARD(32); break;
@@ -481,19 +522,19 @@ static int run_tasks(const struct tf_args *a, int backward) {
 
 int tilt_tf_attention_forward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
                               const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
-                              float *o, float *lse, int64_t B, int64_t nq, int64_t nkv, int64_t T, int64_t P,
-                              int64_t d, float scale) {
-    const struct tf_args a = {q, kp, vp, kc, vc, NULL, st, pidx, NULL, valid_p, valid_c, o, lse, NULL, NULL, NULL,
-                              NULL, NULL, B, nq, nkv, T, P, d, scale};
+                              const float *rot, float *o, float *lse, int64_t B, int64_t nq, int64_t nkv, int64_t T,
+                              int64_t P, int64_t d, float scale) {
+    const struct tf_args a = {q, kp, vp, kc, vc, NULL, rot, st, pidx, NULL, valid_p, valid_c, o, lse, NULL, NULL,
+                              NULL, NULL, NULL, B, nq, nkv, T, P, d, scale};
     return run_tasks(&a, 0);
 }
 
 int tilt_tf_attention_backward(const float *q, const float *kp, const float *vp, const float *kc, const float *vc,
                                const int64_t *st, const int64_t *pidx, const uint8_t *valid_p, const uint8_t *valid_c,
-                               const float *o, const float *lse, const float *dout, float *dq, float *dkp,
-                               float *dkc, float *dvp, float *dvc, const int64_t *ost, int64_t B, int64_t nq,
-                               int64_t nkv, int64_t T, int64_t P, int64_t d, float scale) {
-    const struct tf_args a = {q, kp, vp, kc, vc, dout, st, pidx, ost, valid_p, valid_c, (float *)o, (float *)lse, dq,
-                              dkp, dkc, dvp, dvc, B, nq, nkv, T, P, d, scale};
+                               const float *rot, const float *o, const float *lse, const float *dout, float *dq,
+                               float *dkp, float *dkc, float *dvp, float *dvc, const int64_t *ost, int64_t B,
+                               int64_t nq, int64_t nkv, int64_t T, int64_t P, int64_t d, float scale) {
+    const struct tf_args a = {q, kp, vp, kc, vc, dout, rot, st, pidx, ost, valid_p, valid_c, (float *)o, (float *)lse,
+                              dq, dkp, dkc, dvp, dvc, B, nq, nkv, T, P, d, scale};
     return run_tasks(&a, 1);
 }
