@@ -95,42 +95,48 @@ static inline v16 expv(v16 x) {
     return e * (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
 }
 
+/* Lanes of a and b picked by constant indices (0-15 from a, 16-31 from b): __builtin_shufflevector where the
+ * compiler has it (clang, GCC 12 on), GCC's __builtin_shuffle with a mask vector before that. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+#define LO1 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29
+#define HI1 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LANES(a, b, c, d) 4 * (a), 4 * (a) + 1, 4 * (a) + 2, 4 * (a) + 3, 4 * (b), 4 * (b) + 1, 4 * (b) + 2, \
+                          4 * (b) + 3, 4 * (c), 4 * (c) + 1, 4 * (c) + 2, 4 * (c) + 3, 4 * (d), 4 * (d) + 1,   \
+                          4 * (d) + 2, 4 * (d) + 3
+
 /* 16 rows of 16 floats transposed in registers: r[c] becomes column c (four rounds of two-input shuffles) */
-#define LANES(a, b, c, d) {4 * (a), 4 * (a) + 1, 4 * (a) + 2, 4 * (a) + 3, 4 * (b), 4 * (b) + 1, 4 * (b) + 2, \
-                           4 * (b) + 3, 4 * (c), 4 * (c) + 1, 4 * (c) + 2, 4 * (c) + 3, 4 * (d), 4 * (d) + 1,   \
-                           4 * (d) + 2, 4 * (d) + 3}
 static inline void transpose16(v16 *r) {
-    const v16i lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
-    const v16i hi1 = {2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31};
-    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-    const v16i lo3 = LANES(0, 4, 2, 6), hi3 = LANES(1, 5, 3, 7), lo4 = LANES(0, 1, 4, 5), hi4 = LANES(2, 3, 6, 7);
     v16 t[16], u[16];
     for (int k = 0; k < 8; k++) { /* pairs of rows interleaved by element */
-        t[2 * k] = __builtin_shuffle(r[2 * k], r[2 * k + 1], lo1);
-        t[2 * k + 1] = __builtin_shuffle(r[2 * k], r[2 * k + 1], hi1);
+        t[2 * k] = SHUF(r[2 * k], r[2 * k + 1], LO1);
+        t[2 * k + 1] = SHUF(r[2 * k], r[2 * k + 1], HI1);
     }
     for (int g = 0; g < 4; g++) { /* u[4 g + c], 128-bit lane L: column 4 L + c of rows 4 g .. 4 g + 3 */
-        u[4 * g] = __builtin_shuffle(t[4 * g], t[4 * g + 2], lo2);
-        u[4 * g + 1] = __builtin_shuffle(t[4 * g], t[4 * g + 2], hi2);
-        u[4 * g + 2] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], lo2);
-        u[4 * g + 3] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], hi2);
+        u[4 * g] = SHUF(t[4 * g], t[4 * g + 2], LO2);
+        u[4 * g + 1] = SHUF(t[4 * g], t[4 * g + 2], HI2);
+        u[4 * g + 2] = SHUF(t[4 * g + 1], t[4 * g + 3], LO2);
+        u[4 * g + 3] = SHUF(t[4 * g + 1], t[4 * g + 3], HI2);
     }
     for (int c = 0; c < 4; c++) { /* the 4 x 4 lanes of u[c], u[4 + c], u[8 + c], u[12 + c] transposed */
-        const v16 a = __builtin_shuffle(u[c], u[4 + c], lo3), b = __builtin_shuffle(u[c], u[4 + c], hi3);
-        const v16 e = __builtin_shuffle(u[8 + c], u[12 + c], lo3), f = __builtin_shuffle(u[8 + c], u[12 + c], hi3);
-        r[c] = __builtin_shuffle(a, e, lo4), r[8 + c] = __builtin_shuffle(a, e, hi4);
-        r[4 + c] = __builtin_shuffle(b, f, lo4), r[12 + c] = __builtin_shuffle(b, f, hi4);
+        const v16 a = SHUF(u[c], u[4 + c], LANES(0, 4, 2, 6)), b = SHUF(u[c], u[4 + c], LANES(1, 5, 3, 7));
+        const v16 e = SHUF(u[8 + c], u[12 + c], LANES(0, 4, 2, 6)), f = SHUF(u[8 + c], u[12 + c], LANES(1, 5, 3, 7));
+        r[c] = SHUF(a, e, LANES(0, 1, 4, 5)), r[8 + c] = SHUF(a, e, LANES(2, 3, 6, 7));
+        r[4 + c] = SHUF(b, f, LANES(0, 1, 4, 5)), r[12 + c] = SHUF(b, f, LANES(2, 3, 6, 7));
     }
 }
 
 /* x e^{i a} (conj: x e^{-i a}) for 8 complex numbers in adjacent (re, im) pairs, e^{i a} as the 8 pairs of c */
 static inline v16 rotate(v16 x, v16 c, const int conj) {
-    const v16i re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
-    const v16i im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
-    const v16i swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
     const v16 sign = {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
-    const v16 cre = __builtin_shuffle(c, re), t = __builtin_shuffle(x, swap) * __builtin_shuffle(c, im) * sign;
+    const v16 cre = SHUF(c, c, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+    const v16 cim = SHUF(c, c, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
+    const v16 t = SHUF(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14) * cim * sign;
     return conj ? x * cre - t : x * cre + t;
 }
 
