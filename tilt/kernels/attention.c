@@ -45,12 +45,11 @@
 #pragma GCC optimize("fp-contract=fast")
 #endif
 
-/* Ask for `count` rows of D floats, `stride` floats apart, to be brought into cache: the rows a block reads
- * (a query, key or output row per position) lie a projection's width apart, in different pages every row
- * or two, where the hardware prefetcher does not follow; issued a block ahead of use. */
-static inline void prefetch_rows(const float *x, int64_t stride, int64_t count, int64_t D) {
-    for (int64_t r = 0; r < count; r++)
-        for (int64_t e = 0; e < D; e += 16) __builtin_prefetch(x + r * stride + e, 0, 3);
+/* Ask for a row of D floats to be brought into cache: the rows the gathers read (a query, key or output row
+ * per position) lie a projection's width apart, in different pages every row or two, where the hardware
+ * prefetcher does not follow; each gather asks for its rows a few ahead of use. */
+static inline void prefetch_row(const float *x, int64_t D) {
+    for (int64_t e = 0; e < D; e += 16) __builtin_prefetch(x + e, 0, 3);
 }
 
 /* 16 floats as one vector (GCC/clang vector extension: AVX-512 where the host has it, else split) */
@@ -288,7 +287,7 @@ static inline const float *key_row(const float *p, const int64_t *sp, int64_t u,
 static void gather_rows(const float *p, const int64_t *sp, int64_t u, const float *c, const int64_t *sc, int64_t b,
                         int64_t g, int64_t P, int64_t T, int64_t ld, float *rows, const float *rot, const int64_t D) {
     for (int64_t j = 0; j < P + T; j++) {
-        if (j + 8 < P + T) prefetch_rows(key_row(p, sp, u, c, sc, b, g, P, j + 8), 0, 1, D);
+        if (j + 8 < P + T) prefetch_row(key_row(p, sp, u, c, sc, b, g, P, j + 8), D);
         if (rot && j >= P)
             rotate_row(rows + j * D, key_row(p, sp, u, c, sc, b, g, P, j), rot + (j - P) * D, 0, D);
         else
@@ -305,7 +304,7 @@ static void gather_cols(const float *p, const int64_t *sp, int64_t u, const floa
     for (int64_t j0 = 0; j0 < ld; j0 += 16) {
         const float *src[16];
         for (int i = 0; i < 16; i++) src[i] = j0 + i < P + T ? key_row(p, sp, u, c, sc, b, g, P, j0 + i) : NULL;
-        if (j0 + 16 < P + T) prefetch_rows(key_row(p, sp, u, c, sc, b, g, P, j0 + 16), 0, 1, D);
+        for (int64_t j = j0 + 16; j < j0 + 32 && j < P + T; j++) prefetch_row(key_row(p, sp, u, c, sc, b, g, P, j), D);
         for (int64_t e0 = 0; e0 < D; e0 += 16) {
             v16 r[16];
             for (int i = 0; i < 16; i++) {
@@ -335,7 +334,7 @@ static void gather_head(const float *x, int64_t sb, int64_t sh, int64_t si, int6
                         int64_t Tp, float *out, const float *rot, const int64_t D) {
     const float *row = x + b * sb + h * sh;
     for (int64_t i = 0; i < T; i++) {
-        if (i + 8 < T) prefetch_rows(row + (i + 8) * si, 0, 1, D);
+        if (i + 8 < T) prefetch_row(row + (i + 8) * si, D);
         if (rot)
             rotate_row(out + i * D, row + i * si, rot + i * D, 0, D);
         else
@@ -349,7 +348,7 @@ static void row_dots(const float *dx, const float *y, int64_t sb, int64_t sh, in
                      int64_t T, float *dd, const int64_t D) {
     const float *row = y + b * sb + h * sh;
     for (int64_t i = 0; i < T; i++) {
-        if (i + 8 < T) prefetch_rows(row + (i + 8) * si, 0, 1, D);
+        if (i + 8 < T) prefetch_row(row + (i + 8) * si, D);
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t e = 0; e < D; e++) acc += dx[i * D + e] * row[i * si + e];
