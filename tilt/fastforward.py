@@ -256,8 +256,7 @@ class AttentionBlock(torch.autograd.Function):
         qk = qk.view(m, w)  # [M, (nq + nkv) d], rotated
         qp, kp = _heads(qk[:, :nq * d], u, p, nq, d), _heads(qk[:, nq * d:], u, p, nkv, d)
         vp = _heads(y[:m, w:], u, p, nkv, d)
-        qc, kc, vc = (_heads(y[m:, a:z], n, t, heads, d)
-                      for a, z, heads in ((0, nq * d, nq), (nq * d, w, nkv), (w, y.shape[1], nkv)))
+        qc, kc, vc = _completion_heads(y, m, n, t, nq, nkv, d)
         rot_c = rot[m:].view(n, t, d // 2)
         o = y.new_empty(rows, nq * d)
         with torch.set_grad_enabled(graph):  # graph: the prompts' attention keeps its own for the backward
@@ -279,8 +278,7 @@ class AttentionBlock(torch.autograd.Function):
         (op, leaves), (u, p, n, t, nq, nkv, d, scale) = ctx.prompt, ctx.dims
         m, rows, w = u * p, y.shape[0], (nq + nkv) * d
         kp, vp = _heads(qk[:, nq * d:], u, p, nkv, d), _heads(y[:m, w:], u, p, nkv, d)
-        qc, kc, vc = (_heads(y[m:, a:z], n, t, heads, d)
-                      for a, z, heads in ((0, nq * d, nq), (nq * d, w, nkv), (w, y.shape[1], nkv)))
+        qc, kc, vc = _completion_heads(y, m, n, t, nq, nkv, d)
         dy = y.new_empty(rows, y.shape[1])
         dq, dk, dv = dy[:, :nq * d], dy[:, nq * d:w], dy[:, w:]
         dkp_rows, dvp_rows = y.new_empty(n, nkv, p, d), y.new_empty(n, nkv, p, d)  # per row: summed below
@@ -303,6 +301,13 @@ class AttentionBlock(torch.autograd.Function):
 def _heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
     """[b * length, heads * d] -> [b, heads, length, d]."""
     return x.reshape(b, length, heads, d).transpose(1, 2)
+
+
+def _completion_heads(y: Tensor, m: int, n: int, t: int, nq: int, nkv: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The completions' q, k and v of the q/k/v product ``y`` [M + N T, (nq + 2 nkv) d] as unrotated
+    [N, heads, T, d] views (rows from ``m`` on)."""
+    w = (nq + nkv) * d
+    return _heads(y[m:, :nq * d], n, t, nq, d), _heads(y[m:, nq * d:w], n, t, nkv, d), _heads(y[m:, w:], n, t, nkv, d)
 
 
 def _view_heads(x: Tensor, b: int, length: int, heads: int, d: int) -> Tensor:
