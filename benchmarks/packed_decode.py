@@ -7,12 +7,16 @@
 * ``--compare packed_bf16``: bf16 decode products (``rollout.decode_dtype=bfloat16``) through oneDNN's
   linear with a prepacked weight against bf16 F.linear (speed work 32);
 * ``--compare sampler``: each token drawn by tilt.kernels' inverse-CDF sampler against torch ops
-  (vocabularies of ``CDF_SAMPLING_MIN_VOCAB`` tokens and more, e.g. SmolLM2's; speed work 33).
+  (vocabularies of ``CDF_SAMPLING_MIN_VOCAB`` tokens and more, e.g. SmolLM2's; speed work 33);
+* ``--compare kernels --rev REV``: the working tree's tilt.kernels (wrappers and C sources) against
+  tilt/kernels as of git revision REV, built into its own library (speed work 38); also prints the
+  time spent in the decode attention (``attend``) and in the products on each side.
 
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6
     python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 2 --compare fused
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6 --compare packed_bf16
     python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 3 --compare sampler
+    python benchmarks/packed_decode.py --size 10m --tokens 256 --repeats 3 --compare kernels --rev HEAD~1
 
 One process, the two settings interleaved (A B, B A, ...), 8 prompts x 8 samples, the length forced;
 prints the median seconds of each, their ratio, whether the sampled tokens are equal and the largest
@@ -40,7 +44,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
-    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler"), default="packed")
+    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels"), default="packed")
+    p.add_argument("--rev", default="HEAD", help="--compare kernels: the git revision whose tilt/kernels is the baseline")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import tilt.fastdecode as fd
@@ -52,9 +57,27 @@ def main() -> None:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
     if a.compare == "packed_bf16" and not fd.DNN_BF16_PACKING:
         sys.exit("no oneDNN bf16 linear with a prepacked weight here (torch.ops.mkldnn, native bf16): nothing to compare")
-    if a.compare in ("fused", "sampler") and fd.kernels.library() is None:
+    if a.compare in ("fused", "sampler", "kernels") and fd.kernels.library() is None:
         sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
     usable = fd.kernels.usable
+    current = fd.kernels
+    if a.compare == "kernels":
+        from forward_ab import kernels_at
+
+        baseline = kernels_at(a.rev)
+        spent = {"attend": 0.0, "products": 0.0}
+
+        def timed(fn, key):
+            def call(*args, **kw):
+                t0 = time.perf_counter()
+                out = fn(*args, **kw)
+                spent[key] += time.perf_counter() - t0
+                return out
+            return call
+
+        for mod in (current, baseline):
+            mod.attend = timed(mod.attend, "attend")
+        fd._lin = timed(fd._lin, "products")
     path = str(model_dir(a.size, Path(a.cache)))
     pol = load_policy(path)
     vocab = pol.model.config.vocab_size
@@ -73,15 +96,23 @@ def main() -> None:
             fd.DNN_BF16_PACKING = on
         elif a.compare == "sampler":
             rollout.C_SAMPLING = on
+        elif a.compare == "kernels":
+            fd.kernels = rollout.kernels = current if on else baseline
+            spent.update(attend=0.0, products=0.0)
         else:
             fd.kernels.usable = usable if on else (lambda *tensors: False)
         with torch.no_grad():
             t = time.perf_counter()
             b = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
                          generator=torch.Generator().manual_seed(0))
-            return time.perf_counter() - t, b
+            took = time.perf_counter() - t
+            if a.compare == "kernels":
+                parts[on].append(dict(spent))
+            return took, b
 
+    parts: dict[bool, list[dict]] = {True: [], False: []}  # --compare kernels: time in attend / products
     run(True), run(False)  # warm-up
+    parts = {True: [], False: []}  # the warm-up's left out
     times, out = {True: [], False: []}, {}
     for r in range(a.repeats):
         for on in ((True, False) if r % 2 == 0 else (False, True)):
@@ -91,9 +122,14 @@ def main() -> None:
     same = bool(torch.equal(out[True].completion_ids, out[False].completion_ids))
     diff = (out[True].logprobs - out[False].logprobs).abs().max().item()
     names = {"packed": ("packed", "F.linear"), "fused": ("fused kernels", "torch ops"),
-             "packed_bf16": ("packed bf16", "bf16 F.linear"), "sampler": ("C sampler", "torch sampling")}[a.compare]
+             "packed_bf16": ("packed bf16", "bf16 F.linear"), "sampler": ("C sampler", "torch sampling"),
+             "kernels": ("kernels now", f"kernels at {a.rev}")}[a.compare]
     print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
+    if a.compare == "kernels":
+        for on, name in ((True, names[0]), (False, names[1])):
+            print(f"  {name}: " + ", ".join(f"{k} {statistics.median(x[k] for x in parts[on]):.4f} s"
+                                            for k in ("attend", "products")))
 
 
 if __name__ == "__main__":

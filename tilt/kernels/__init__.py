@@ -36,7 +36,7 @@ from torch import Tensor
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "decode.c", HERE / "forward.c", HERE / "attention.c"]  # built into one library
-HEADERS = [HERE / "common.h"]
+HEADERS = [HERE / "common.h", HERE / "vec16.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {

@@ -96,6 +96,127 @@ static inline __attribute__((always_inline)) void head(const float *q, const flo
     for (int64_t e = 0; e < D; e++) out[e] = acc[e] * inv;
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+/* the build uses -std=c11, where GCC does not contract a * b + c into one fused multiply-add */
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+#include "vec16.h"
+
+/* Lane i of the result = the sum of the 16 lanes of a[i]: the 16 dot products of a block of keys from
+ * their lane-wise partial sums, in 30 two-input shuffles and 15 adds (pairs of vectors interleaved, then
+ * pairs of pairs, then the 128-bit lanes) instead of 16 separate horizontal sums. */
+static inline v16 sum16(const v16 *a) {
+    v16 b[8], c[4];
+    for (int k = 0; k < 8; k++) /* lanes 0, 2 of each 4: part of a[2k]; 1, 3: of a[2k + 1] */
+        b[k] = SHUF(a[2 * k], a[2 * k + 1], LO1) + SHUF(a[2 * k], a[2 * k + 1], HI1);
+    for (int m = 0; m < 4; m++) /* lane 4 L + i: a[4 m + i] summed over its 128-bit lane L */
+        c[m] = SHUF(b[2 * m], b[2 * m + 1], LO2) + SHUF(b[2 * m], b[2 * m + 1], HI2);
+    const v16 d0 = SHUF(c[0], c[1], LANES(0, 2, 4, 6)) + SHUF(c[0], c[1], LANES(1, 3, 5, 7));
+    const v16 d1 = SHUF(c[2], c[3], LANES(0, 2, 4, 6)) + SHUF(c[2], c[3], LANES(1, 3, 5, 7));
+    return SHUF(d0, d1, LANES(0, 2, 4, 6)) + SHUF(d0, d1, LANES(1, 3, 5, 7));
+}
+
+/* s[j] = q . k_j for `count` keys stored as rows of D floats (D = 16 W), sixteen keys per block: each
+ * key's products summed lane-wise (independent chains), the block's 16 sums by sum16. s has room for
+ * count rounded up to 16. pf (or NULL): another block of rows laid out as k's, asked into L2 a row per row
+ * of k read (the next head's keys: the hardware prefetcher does not cross into its pages in time). */
+static inline __attribute__((always_inline)) void dots16(const v16 *q, const float *k, int64_t count, float *s,
+                                                         const int64_t W, const float *pf) {
+    for (int64_t j = 0; j < count; j += 16) {
+        v16 a[16];
+        const int64_t n = count - j < 16 ? count - j : 16;
+        for (int64_t i = 0; i < 16; i++) {
+            if (i < n) {
+                const float *kj = k + (j + i) * W * 16;
+                if (pf)
+                    for (int64_t e = 0; e < W; e++) __builtin_prefetch(pf + (j + i) * W * 16 + 16 * e, 0, 2);
+                v16 x = q[0] * LD(kj);
+                for (int64_t e = 1; e < W; e++) x += q[e] * LD(kj + 16 * e);
+                a[i] = x;
+            } else {
+                a[i] = IOTA * 0.0f;
+            }
+        }
+        ST(s + j, sum16(a));
+    }
+}
+
+/* acc[e] += sum_j w[j] v_j over `count` value rows of D = 16 W floats, with S sets of accumulators
+ * (keys j, j + 1, ... in turn) so consecutive keys' multiply-adds do not wait on each other; pf as in
+ * dots16. */
+static inline __attribute__((always_inline)) void wsum16(const float *w, const float *v, int64_t count, v16 *acc,
+                                                         const int64_t W, const int S, const float *pf) {
+    v16 a[4][8];
+    for (int r = 0; r < S; r++)
+        for (int64_t e = 0; e < W; e++) a[r][e] = IOTA * 0.0f;
+    int64_t j = 0;
+    for (; j + S <= count; j += S)
+        for (int r = 0; r < S; r++) {
+            const float p = w[j + r];
+            const float *vj = v + (j + r) * W * 16;
+            if (pf)
+                for (int64_t e = 0; e < W; e++) __builtin_prefetch(pf + (j + r) * W * 16 + 16 * e, 0, 2);
+            for (int64_t e = 0; e < W; e++) a[r][e] += p * LD(vj + 16 * e);
+        }
+    for (; j < count; j++) {
+        const float p = w[j];
+        const float *vj = v + j * W * 16;
+        for (int64_t e = 0; e < W; e++) a[0][e] += p * LD(vj + 16 * e);
+    }
+    for (int64_t e = 0; e < W; e++) {
+        v16 x = a[0][e];
+        for (int r = 1; r < S; r++) x += a[r][e];
+        acc[e] += x;
+    }
+}
+
+/* head() for D = 16 W (W <= 8) in 16-float vectors: the scores sixteen keys at a time, the softmax on
+ * whole vectors, the weighted sum with independent accumulators. Same function as head(), summed in
+ * another order. s has room for P + t + 33 floats; pk, pv: the next head's completion keys and values
+ * (or NULL), asked for in step with this head's. */
+static inline __attribute__((always_inline)) void head16(const float *qf, const float *kp, const float *vp,
+                                                         const uint8_t *pad, const float *kr, const float *vr,
+                                                         int64_t P, int64_t t, float *s, float *out,
+                                                         const int64_t W, const float *pk, const float *pv) {
+    const int64_t P16 = (P + 15) / 16 * 16;
+    const v16 ninf = IOTA * 0.0f - INFINITY;
+    v16 q[8];
+    for (int64_t e = 0; e < W; e++) q[e] = LD(qf + 16 * e);
+    /* prompt scores in s[0, P), completion scores from s[P16] on (both blocks start on a whole vector) */
+    dots16(q, kp, P, s, W, 0);
+    dots16(q, kr, t + 1, s + P16, W, pk);
+    for (int64_t j = 0; j < P; j++)
+        if (pad[j]) s[j] = -INFINITY;
+    for (int64_t j = P; j < P16; j++) s[j] = -INFINITY;
+    const int64_t end = P16 + (t + 1 + 15) / 16 * 16;
+    for (int64_t j = P16 + t + 1; j < end; j++) s[j] = -INFINITY;
+    v16 mv = ninf;
+    for (int64_t j = 0; j < end; j += 16) {
+        const v16 x = LD(s + j);
+        mv = sel(x > mv, x, mv);
+    }
+    const float mx = hmax(mv);
+    v16 tv = IOTA * 0.0f;
+    for (int64_t j = 0; j < end; j += 16) {
+        const v16 x = LD(s + j), p = sel(x == ninf, IOTA * 0.0f, expv(x - mx));
+        ST(s + j, p);
+        tv += p;
+    }
+    v16 acc[8];
+    for (int64_t e = 0; e < W; e++) acc[e] = IOTA * 0.0f;
+    const int S = W <= 4 ? 4 : 2;
+    wsum16(s, vp, P, acc, W, S, 0);
+    wsum16(s + P16, vr, t + 1, acc, W, S, pv);
+    const float inv = 1.0f / hsum(tv);
+    for (int64_t e = 0; e < W; e++) ST(out + 16 * e, acc[e] * inv);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 /* Attention of one new token per row over its prompt's keys (shared by the G rows of a prompt)
  * and its own completion keys (Eq. 1 of arXiv:1706.03762), after rotary embedding of the new
  * query and key (Eq. 34 of arXiv:2104.09864 in complex form, pairs adjacent) and after writing the
@@ -107,16 +228,18 @@ static inline __attribute__((always_inline)) void head(const float *q, const flo
  * kp,vp [U, nkv, P, d]       prompt keys (pair layout) / values
  * pad   [U, P]               1 where the prompt position is padding
  * out   [N, nq d]
- * Rows are in prompt order: row n belongs to prompt n / (N / U). Head sizes 32, 64 and 128 get
- * loops of fixed length (the compiler keeps a head's output in registers); others the general form.
+ * Rows are in prompt order: row n belongs to prompt n / (N / U). Head sizes that are multiples of 16 up
+ * to 128 run head16 (32, 64 and 128 with loops of fixed length), others head().
  */
 void tilt_attend(const float *y, const float *rot, float *kc, float *vc, const float *kp,
                  const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
                  int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t) {
     const int64_t G = N / U, rep = nq / nkv, half = d / 2, width = (nq + 2 * nkv) * d;
+    const int vec = d % 16 == 0 && d <= 128; /* head16; else head() */
 #pragma omp parallel
     {
-        float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1));
+        /* q, then the scores: room for the prompt's and the completion's keys, each rounded up to 16 */
+        float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1 + 48));
         float *s = q + d;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
@@ -135,7 +258,12 @@ void tilt_attend(const float *y, const float *rot, float *kc, float *vc, const f
             for (int64_t qh = 0; qh < nq; qh++) {
                 const int64_t h = qh / rep, nh = n * nkv + h;
                 const float *qs = yr + qh * d;
-                if (qh % rep == 0 && nh + 1 < N * nkv) /* the next head's cache, while this one computes */
+                /* the next key head's cache is asked for while this one is computed: by head16 a row of it
+                 * with each row of this head's (on the group's last query head, so once per key head); for
+                 * other head sizes as one block up front */
+                const int ahead = qh % rep == rep - 1 && nh + 1 < N * nkv;
+                const float *pk = ahead ? kc + (nh + 1) * cap * d : 0, *pv = ahead ? vc + (nh + 1) * cap * d : 0;
+                if (!vec && qh % rep == 0 && nh + 1 < N * nkv)
                     prefetch_block(kc + (nh + 1) * cap * d, vc + (nh + 1) * cap * d, (t + 1) * d);
                 for (int64_t j = 0; j < half; j++) {
                     const float a = qs[2 * j], b = qs[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
@@ -147,10 +275,12 @@ void tilt_attend(const float *y, const float *rot, float *kc, float *vc, const f
                 float *o = out + (n * nq + qh) * d;
                 const uint8_t *pu = pad + u * P;
                 switch (d) {
-                case 32: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, 32); break;
-                case 64: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, 64); break;
-                case 128: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, 128); break;
-                default: head(q, kpu, vpu, pu, kr, vr, P, t, s, o, d);
+                case 32: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 2, pk, pv); break;
+                case 64: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 4, pk, pv); break;
+                case 128: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 8, pk, pv); break;
+                default:
+                    if (vec) head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, d / 16, pk, pv);
+                    else head(q, kpu, vpu, pu, kr, vr, P, t, s, o, d);
                 }
             }
         }

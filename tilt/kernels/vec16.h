@@ -1,0 +1,63 @@
+/* 16-float vectors for tilt's C kernels (attention.c, decode.c): GCC/clang vector extensions, which
+ * compile to AVX-512 where the host has it and to narrower registers elsewhere. Included after a file
+ * sets its floating-point contraction (GCC: fp-contract=fast), so these functions are compiled with it. */
+#ifndef TILT_KERNELS_VEC16_H
+#define TILT_KERNELS_VEC16_H
+#include <stdint.h>
+
+/* 16 floats as one vector (GCC/clang vector extension: AVX-512 where the host has it, else split) */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define LD(p) (*(const v16u *)(p))
+#define ST(p, x) (*(v16u *)(p) = (x))
+
+static const v16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* a where m is set, else b (m: a comparison's all-ones / all-zeros lanes) */
+static inline v16 sel(v16i m, v16 a, v16 b) { return (v16)((m & (v16i)a) | (~m & (v16i)b)); }
+
+static inline float hmax(v16 v) {
+    float m = v[0];
+    for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+static inline float hsum(v16 v) {
+    float t = 0.0f;
+    for (int i = 0; i < 16; i++) t += v[i];
+    return t;
+}
+
+/* common.h's fast_expf on 16 lanes (the same steps; NaN in, NaN out) */
+static inline v16 expv(v16 x) {
+    const v16 lo = IOTA * 0.0f - 87.0f, hi = IOTA * 0.0f + 88.0f;
+    x = sel(x < lo, lo, x);
+    x = sel(x > hi, hi, x);
+    const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const v16 e = p * r * r + r + 1.0f;
+    return e * (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
+}
+
+/* Lanes of a and b picked by constant indices (0-15 from a, 16-31 from b): __builtin_shufflevector where the
+ * compiler has it (clang, GCC 12 on), GCC's __builtin_shuffle with a mask vector before that. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+#define LO1 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29
+#define HI1 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LANES(a, b, c, d) 4 * (a), 4 * (a) + 1, 4 * (a) + 2, 4 * (a) + 3, 4 * (b), 4 * (b) + 1, 4 * (b) + 2, \
+                          4 * (b) + 3, 4 * (c), 4 * (c) + 1, 4 * (c) + 2, 4 * (c) + 3, 4 * (d), 4 * (d) + 1,   \
+                          4 * (d) + 2, 4 * (d) + 3
+
+#endif
