@@ -8,6 +8,8 @@
   linear with a prepacked weight against bf16 F.linear (speed work 32);
 * ``--compare sampler``: each token drawn by tilt.kernels' inverse-CDF sampler against torch ops
   (vocabularies of ``CDF_SAMPLING_MIN_VOCAB`` tokens and more, e.g. SmolLM2's; speed work 33);
+* ``--compare products``: the float32 decode products through tilt.kernels' ``linear`` (``C_PRODUCTS``)
+  against MKL's packed GEMM (speed work 39);
 * ``--compare kernels --rev REV``: the working tree's tilt.kernels (wrappers and C sources) against
   tilt/kernels as of git revision REV, built into its own library (speed work 38); also prints the
   time spent in the decode attention (``attend``) and in the products on each side.
@@ -17,6 +19,7 @@
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6 --compare packed_bf16
     python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 3 --compare sampler
     python benchmarks/packed_decode.py --size 10m --tokens 256 --repeats 3 --compare kernels --rev HEAD~1
+    python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6 --compare products
 
 One process, the two settings interleaved (A B, B A, ...), 8 prompts x 8 samples, the length forced;
 prints the median seconds of each, their ratio, whether the sampled tokens are equal and the largest
@@ -44,7 +47,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
-    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels"), default="packed")
+    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products"), default="packed")
     p.add_argument("--rev", default="HEAD", help="--compare kernels: the git revision whose tilt/kernels is the baseline")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -53,19 +56,19 @@ def main() -> None:
     import tilt.rollout as rollout
     from tilt.rollout import SamplingParams, generate
 
-    if a.compare == "packed" and not fd.MKL_PACKING:
+    if a.compare in ("packed", "products") and not fd.MKL_PACKING:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
     if a.compare == "packed_bf16" and not fd.DNN_BF16_PACKING:
         sys.exit("no oneDNN bf16 linear with a prepacked weight here (torch.ops.mkldnn, native bf16): nothing to compare")
-    if a.compare in ("fused", "sampler", "kernels") and fd.kernels.library() is None:
+    if a.compare in ("fused", "sampler", "kernels", "products") and fd.kernels.library() is None:
         sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
     usable = fd.kernels.usable
     current = fd.kernels
-    if a.compare == "kernels":
+    spent = {"attend": 0.0, "products": 0.0}
+    if a.compare in ("kernels", "products"):
         from forward_ab import kernels_at
 
-        baseline = kernels_at(a.rev)
-        spent = {"attend": 0.0, "products": 0.0}
+        baseline = kernels_at(a.rev) if a.compare == "kernels" else current
 
         def timed(fn, key):
             def call(*args, **kw):
@@ -75,7 +78,7 @@ def main() -> None:
                 return out
             return call
 
-        for mod in (current, baseline):
+        for mod in {current, baseline}:
             mod.attend = timed(mod.attend, "attend")
         fd._lin = timed(fd._lin, "products")
     path = str(model_dir(a.size, Path(a.cache)))
@@ -92,12 +95,17 @@ def main() -> None:
     def run(on: bool):
         if a.compare == "packed":
             fd.MKL_PACKING = on
+            fd.C_PRODUCTS = False
+        elif a.compare == "products":
+            fd.C_PRODUCTS = on
+            spent.update(attend=0.0, products=0.0)
         elif a.compare == "packed_bf16":
             fd.DNN_BF16_PACKING = on
         elif a.compare == "sampler":
             rollout.C_SAMPLING = on
         elif a.compare == "kernels":
             fd.kernels = rollout.kernels = current if on else baseline
+            fd.C_PRODUCTS = hasattr(fd.kernels, "linear")  # each side's products as of its kernels
             spent.update(attend=0.0, products=0.0)
         else:
             fd.kernels.usable = usable if on else (lambda *tensors: False)
@@ -106,11 +114,11 @@ def main() -> None:
             b = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
                          generator=torch.Generator().manual_seed(0))
             took = time.perf_counter() - t
-            if a.compare == "kernels":
+            if a.compare in ("kernels", "products"):
                 parts[on].append(dict(spent))
             return took, b
 
-    parts: dict[bool, list[dict]] = {True: [], False: []}  # --compare kernels: time in attend / products
+    parts: dict[bool, list[dict]] = {True: [], False: []}  # time in attend / products (kernels, products)
     run(True), run(False)  # warm-up
     parts = {True: [], False: []}  # the warm-up's left out
     times, out = {True: [], False: []}, {}
@@ -123,10 +131,11 @@ def main() -> None:
     diff = (out[True].logprobs - out[False].logprobs).abs().max().item()
     names = {"packed": ("packed", "F.linear"), "fused": ("fused kernels", "torch ops"),
              "packed_bf16": ("packed bf16", "bf16 F.linear"), "sampler": ("C sampler", "torch sampling"),
-             "kernels": ("kernels now", f"kernels at {a.rev}")}[a.compare]
+             "kernels": ("kernels now", f"kernels at {a.rev}"),
+             "products": ("tilt.kernels.linear", "MKL packed")}[a.compare]
     print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
-    if a.compare == "kernels":
+    if a.compare in ("kernels", "products"):
         for on, name in ((True, names[0]), (False, names[1])):
             print(f"  {name}: " + ", ".join(f"{k} {statistics.median(x[k] for x in parts[on]):.4f} s"
                                             for k in ("attend", "products")))

@@ -321,18 +321,24 @@ def test_left_pad_and_masked_rows_equal_per_row_tensor_code():
     assert left_pad([[], []], 0)[0].shape == (2, 0)
 
 
-def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch):
-    """Speed work 28: the decode step's products through MKL's packed GEMM (``_packed``) give the
-    tokens and log-probs of ``F.linear`` (1e-6), on the grouped path (groups of 4) and the per-row
-    path (distinct prompts); a packed product called with another row count computes F.linear."""
+@pytest.mark.parametrize("c_products", [False, True])
+def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch, c_products):
+    """Speed work 28 and 39: the decode step's products packed by ``_packed``, through MKL's packed GEMM
+    or through tilt.kernels' ``linear`` (``C_PRODUCTS``), give the tokens and log-probs of ``F.linear``
+    (1e-6), on the grouped path (groups of 4) and the per-row path (distinct prompts); a packed product
+    called with another row count, or a strided input, computes F.linear."""
     import platform
 
     import torch.nn.functional as F
 
     import tilt.fastdecode as fd
+    from tilt import kernels
 
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert fd.MKL_PACKING  # torch's x86 CPU wheels carry MKL: the fast path must be taken there
+    if c_products:
+        assert kernels.library() is not None, kernels.status()  # the test machines have a C compiler
+    monkeypatch.setattr(fd, "C_PRODUCTS", c_products)
     monkeypatch.setattr(fd, "PACK_MIN_WEIGHT", 0)  # the test model's products are all small
     made = []
     orig = fd._packed
@@ -342,16 +348,21 @@ def test_packed_decode_products_equal_f_linear(tiny_llama_dir, monkeypatch):
         out = {}
         for pack in (True, False):
             monkeypatch.setattr(fd, "MKL_PACKING", pack and fd.MKL_PACKING)
+            monkeypatch.setattr(fd, "C_PRODUCTS", pack and c_products)
             made.clear()
             out[pack] = _rollout(pol, prompts, max_new_tokens=16, min_new_tokens=16)
-            assert made and all(k == (4 if pack and fd.MKL_PACKING else 2) for k in made)
+            assert made and all(k == (4 if pack and (fd.MKL_PACKING or c_products) else 2) for k in made)
         assert torch.equal(out[True].completion_ids, out[False].completion_ids)
         torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-6, rtol=0)
     monkeypatch.setattr(fd, "MKL_PACKING", fd._mkl_packing_works())
+    monkeypatch.setattr(fd, "C_PRODUCTS", c_products)
     w, b = torch.randn(1024, 256), torch.randn(1024)
     prod = orig((w, b), 64)
+    assert prod[3] == (0 if c_products else 64)
     for x in (torch.randn(64, 256), torch.randn(7, 256), torch.randn(256, 64).t()):  # packed rows, others, strided
-        torch.testing.assert_close(fd._lin(x, prod), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        exact = F.linear(x.double(), w.double(), b.double())  # sums of 256 products of size ~1: up to ~40
+        assert (fd._lin(x, prod).double() - exact).abs().max() < 1e-4  # ~10 float ulps at 40; F.linear: 4e-5
+        assert (F.linear(x, w, b).double() - exact).abs().max() < 1e-4
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)

@@ -108,9 +108,14 @@ def _lin(x: Tensor, wb: tuple) -> Tensor:
     """``F.linear`` with the weight's dtype for the product and ``x``'s dtype for the result: with bf16
     weights the matmul runs in bf16 (AMX / AVX-512 BF16 kernels on CPU) while the residual stream, the
     norms, rotary embedding and attention stay in the model's dtype. A product packed by ``_packed``
-    (weight, bias, packed weight, rows) runs MKL's packed GEMM when ``x`` is a contiguous [rows, in]."""
+    (weight, bias, packed weight, rows) runs tilt.kernels' ``linear`` (rows 0: any row count) or MKL's packed
+    GEMM when ``x`` is a contiguous [rows, in]."""
     w, b = wb[0], wb[1]
     if len(wb) == 4 and x.dim() == 2:
+        if wb[3] == 0:  # tilt.kernels' packed product, any row count
+            if x.dtype == torch.float32 and x.is_contiguous():
+                return kernels.linear(x, wb[2], w.shape[0], b)
+            return F.linear(x.to(w.dtype), w, b).to(x.dtype)
         if w.dtype == torch.bfloat16:  # oneDNN's packed weight serves any row count
             return torch.ops.mkldnn._linear_pointwise.default(x.to(w.dtype), wb[2], b, "none", [], "").to(x.dtype)
         if x.shape[0] == wb[3] and x.is_contiguous():
@@ -161,11 +166,16 @@ DNN_BF16_PACKING = _dnn_bf16_packing_works()
 # with every product packed; [64, 128] x [128, 128]: 29.8 against 29.5 us).
 PACK_MIN_WEIGHT = 1 << 17
 
+# float32 decode products through tilt.kernels' ``linear`` (speed work 39) where the kernels load, else MKL's
+# packed GEMM (False: MKL's; benchmarks/packed_decode.py --compare products)
+C_PRODUCTS = True
+
 
 def _packed(wb: tuple, rows: int) -> tuple:
     """(weight, bias, packed weight, rows) for a CPU product when packing is available, else ``wb``
-    unchanged (``F.linear``): float32 products of at least ``PACK_MIN_WEIGHT`` entries in MKL's packed
-    GEMM layout, bf16 products (``matmul_dtype``) in oneDNN's (speed work 32)."""
+    unchanged (``F.linear``): float32 products of at least ``PACK_MIN_WEIGHT`` entries in tilt.kernels'
+    ``linear`` layout (rows 0: it serves any row count; ``C_PRODUCTS``) or else MKL's packed GEMM layout,
+    bf16 products (``matmul_dtype``) in oneDNN's (speed work 32)."""
     w = wb[0]
     if w.device.type != "cpu" or rows < 1:
         return wb
@@ -174,10 +184,14 @@ def _packed(wb: tuple, rows: int) -> tuple:
             w = w.detach().contiguous()
             b = None if wb[1] is None else wb[1].detach().contiguous()
             return w, b, torch.ops.mkldnn._reorder_linear_weight(w, rows), rows
-        if not MKL_PACKING or w.dtype != torch.float32 or w.numel() < PACK_MIN_WEIGHT:
+        if w.dtype != torch.float32 or w.numel() < PACK_MIN_WEIGHT:
             return wb
         w = w.detach().contiguous()
         b = None if wb[1] is None else wb[1].detach().contiguous()
+        if C_PRODUCTS and kernels.library() is not None:
+            return w, b, kernels.pack_linear(w), 0
+        if not MKL_PACKING:
+            return wb
         return w, b, torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
 
 
@@ -325,10 +339,14 @@ class LeanDecoder:
         row counts (e.g. ``GroupedDecoder.prefill``) still compute ``F.linear``."""
         if rows == self.packed_rows:
             return
-        self.lm = _packed(self.lm[:2], rows)
+
+        def repacked(wb: tuple) -> tuple:  # tilt.kernels' layout serves every row count: kept
+            return wb if len(wb) == 4 and wb[3] == 0 else _packed(wb[:2], rows)
+
+        self.lm = repacked(self.lm)
         for ly in self.layers:
             for key in ("qkv", "o", "gu", "down"):
-                ly[key] = _packed(ly[key][:2], rows)
+                ly[key] = repacked(ly[key])
         self.packed_rows = rows
 
     def rotation(self, h: Tensor, pos: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Fused float32 CPU kernels for the decode step and its large-vocabulary sampler (``decode.c``) and for
+"""Fused float32 CPU kernels for the decode step and its large-vocabulary sampler (``decode.c``), its
+products (``linear.c``), and for
 the teacher-forced pass's norms and SwiGLU (``forward.c``) and its completions' attention
 (``attention.c``), forward and backward, built on first use with the system C compiler into one library
 and loaded through ctypes.
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode.c", HERE / "forward.c", HERE / "attention.c"]  # built into one library
+SOURCES = [HERE / "decode.c", HERE / "forward.c", HERE / "attention.c", HERE / "linear.c"]  # one library
 HEADERS = [HERE / "common.h", HERE / "vec16.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -49,6 +50,8 @@ SIGNATURES = {
     "tilt_sample_rows": [_P, _P, _I64, _I64, _F32, _I64, _P, _P],
     "tilt_tf_attention_forward": [_P] * 12 + [_I64] * 6 + [_F32],
     "tilt_tf_attention_backward": [_P] * 19 + [_I64] * 6 + [_F32],
+    "tilt_pack_linear": [_P, _P, _I64, _I64],
+    "tilt_linear": [_P] * 4 + [_I64] * 3,
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
            "tilt_tf_attention_backward": ctypes.c_int}  # the others return nothing
@@ -145,6 +148,34 @@ def usable(*tensors: Tensor) -> bool:
 
 def _ptr(x: Optional[Tensor]) -> Optional[int]:
     return None if x is None else x.data_ptr()
+
+
+LINEAR_PANEL = 32  # output columns per panel of ``pack_linear``'s layout
+
+
+def pack_linear(w: Tensor, lib=None) -> Tensor:
+    """``linear.c``'s layout of a float32 weight ``w`` [N, K] (``nn.Linear``'s): panels of 32 output columns,
+    k-major, zero past N; a flat tensor of ceil(N / 32) * 32 * K floats. Packed once, used by ``linear``
+    for any row count."""
+    lib = lib or library()
+    n, k = w.shape
+    w = w.detach().contiguous()
+    out = w.new_empty(-(-n // LINEAR_PANEL) * LINEAR_PANEL * k)
+    lib.tilt_pack_linear(_ptr(w), _ptr(out), n, k)
+    return out
+
+
+def linear(x: Tensor, packed: Tensor, n: int, b: Optional[Tensor] = None, lib=None) -> Tensor:
+    """``F.linear(x, w, b)`` for x [M, K] float32 contiguous, with ``packed = pack_linear(w)`` (w [n, K]):
+    ``linear.c``'s decode-step product (summed in k order, one fused multiply-add chain per output)."""
+    lib = lib or library()
+    m, k = x.shape
+    if packed.numel() != -(-n // LINEAR_PANEL) * LINEAR_PANEL * k or (b is not None and b.numel() != n):
+        raise ValueError(f"linear: packed weight of {packed.numel()} floats (bias {None if b is None else b.numel()}) "
+                         f"does not fit [{m}, {k}] x [{k}, {n}]")
+    out = x.new_empty(m, n)
+    lib.tilt_linear(_ptr(x), _ptr(packed), _ptr(b), _ptr(out), m, n, k)
+    return out
 
 
 def add_rms_norm(h: Tensor, x: Optional[Tensor], eps: float, lib=None) -> Tensor:
@@ -427,6 +458,11 @@ def _self_check(lib) -> None:
         if not ok:
             raise RuntimeError(f"self-check: {what} differs from its torch expression")
 
+    for m, n, k in ((3, 40, 24), (19, 64, 8)):  # a block tail, a partial panel; two full blocks and panels
+        x, w, b = fixed(m, k), fixed(n, k, seed=2.0), fixed(n, seed=3.0)
+        check(torch.allclose(linear(x, pack_linear(w, lib), n, b, lib), F.linear(x, w, b), atol=1e-5)
+              and torch.allclose(linear(x, pack_linear(w, lib), n, None, lib), F.linear(x, w), atol=1e-5),
+              f"linear ({m} x {k} x {n})")
     h, x = fixed(3, 40), fixed(3, 40, seed=2.0)
     check(torch.allclose(add_rms_norm(h.clone(), x, 1e-6, lib), F.rms_norm(h + x, (40,), None, 1e-6), atol=1e-5),
           "add_rms_norm")
