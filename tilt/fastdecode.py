@@ -166,16 +166,17 @@ DNN_BF16_PACKING = _dnn_bf16_packing_works()
 # with every product packed; [64, 128] x [128, 128]: 29.8 against 29.5 us).
 PACK_MIN_WEIGHT = 1 << 17
 
-# float32 decode products through tilt.kernels' ``linear`` (speed work 39) where the kernels load, else MKL's
-# packed GEMM (False: MKL's; benchmarks/packed_decode.py --compare products)
+# float32 decode products through tilt.kernels' ``linear`` (speed work 39) where the kernels load, every size
+# (a small product unpacked went through F.linear at ~130 us for [64, 256] x [256, 256] in the decode loop,
+# its weight cold; packed 27 us), else MKL's packed GEMM (False: MKL's; packed_decode.py --compare products)
 C_PRODUCTS = True
 
 
 def _packed(wb: tuple, rows: int) -> tuple:
     """(weight, bias, packed weight, rows) for a CPU product when packing is available, else ``wb``
-    unchanged (``F.linear``): float32 products of at least ``PACK_MIN_WEIGHT`` entries in tilt.kernels'
-    ``linear`` layout (rows 0: it serves any row count; ``C_PRODUCTS``) or else MKL's packed GEMM layout,
-    bf16 products (``matmul_dtype``) in oneDNN's (speed work 32)."""
+    unchanged (``F.linear``): float32 products in tilt.kernels' ``linear`` layout (rows 0: it serves any row
+    count; ``C_PRODUCTS``) or else, from ``PACK_MIN_WEIGHT`` entries, in MKL's packed GEMM layout, bf16
+    products (``matmul_dtype``) in oneDNN's (speed work 32)."""
     w = wb[0]
     if w.device.type != "cpu" or rows < 1:
         return wb
@@ -184,11 +185,12 @@ def _packed(wb: tuple, rows: int) -> tuple:
             w = w.detach().contiguous()
             b = None if wb[1] is None else wb[1].detach().contiguous()
             return w, b, torch.ops.mkldnn._reorder_linear_weight(w, rows), rows
-        if w.dtype != torch.float32 or w.numel() < PACK_MIN_WEIGHT:
+        ours = C_PRODUCTS and kernels.library() is not None
+        if w.dtype != torch.float32 or (not ours and w.numel() < PACK_MIN_WEIGHT):
             return wb
         w = w.detach().contiguous()
         b = None if wb[1] is None else wb[1].detach().contiguous()
-        if C_PRODUCTS and kernels.library() is not None:
+        if ours:
             return w, b, kernels.pack_linear(w), 0
         if not MKL_PACKING:
             return wb
