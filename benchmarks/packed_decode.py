@@ -10,6 +10,8 @@
   (vocabularies of ``CDF_SAMPLING_MIN_VOCAB`` tokens and more, e.g. SmolLM2's; speed work 33);
 * ``--compare products``: the float32 decode products through tilt.kernels' ``linear`` (``C_PRODUCTS``)
   against MKL's packed GEMM (speed work 39);
+* ``--compare swiglu``: the fused step's gate/up product and SwiGLU as one call (``linear_swiglu``,
+  ``C_SWIGLU``) against the product then ``silu_mul`` (speed work 40);
 * ``--compare kernels --rev REV``: the working tree's tilt.kernels (wrappers and C sources) against
   tilt/kernels as of git revision REV, built into its own library (speed work 38); also prints the
   time spent in the decode attention (``attend``) and in the products on each side.
@@ -47,7 +49,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
-    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products"), default="packed")
+    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products", "swiglu"), default="packed")
     p.add_argument("--rev", default="HEAD", help="--compare kernels: the git revision whose tilt/kernels is the baseline")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -60,12 +62,12 @@ def main() -> None:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
     if a.compare == "packed_bf16" and not fd.DNN_BF16_PACKING:
         sys.exit("no oneDNN bf16 linear with a prepacked weight here (torch.ops.mkldnn, native bf16): nothing to compare")
-    if a.compare in ("fused", "sampler", "kernels", "products") and fd.kernels.library() is None:
+    if a.compare in ("fused", "sampler", "kernels", "products", "swiglu") and fd.kernels.library() is None:
         sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
     usable = fd.kernels.usable
     current = fd.kernels
     spent = {"attend": 0.0, "products": 0.0}
-    if a.compare in ("kernels", "products"):
+    if a.compare in ("kernels", "products", "swiglu"):
         from forward_ab import kernels_at
 
         baseline = kernels_at(a.rev) if a.compare == "kernels" else current
@@ -80,6 +82,8 @@ def main() -> None:
 
         for mod in {current, baseline}:
             mod.attend = timed(mod.attend, "attend")
+            if hasattr(mod, "linear_swiglu"):
+                mod.linear_swiglu = timed(mod.linear_swiglu, "products")
         fd._lin = timed(fd._lin, "products")
     path = str(model_dir(a.size, Path(a.cache)))
     pol = load_policy(path)
@@ -96,8 +100,8 @@ def main() -> None:
         if a.compare == "packed":
             fd.MKL_PACKING = on
             fd.C_PRODUCTS = False
-        elif a.compare == "products":
-            fd.C_PRODUCTS = on
+        elif a.compare in ("products", "swiglu"):
+            setattr(fd, "C_PRODUCTS" if a.compare == "products" else "C_SWIGLU", on)
             spent.update(attend=0.0, products=0.0)
         elif a.compare == "packed_bf16":
             fd.DNN_BF16_PACKING = on
@@ -106,6 +110,7 @@ def main() -> None:
         elif a.compare == "kernels":
             fd.kernels = rollout.kernels = current if on else baseline
             fd.C_PRODUCTS = hasattr(fd.kernels, "linear")  # each side's products as of its kernels
+            fd.C_SWIGLU = hasattr(fd.kernels, "linear_swiglu")
             spent.update(attend=0.0, products=0.0)
         else:
             fd.kernels.usable = usable if on else (lambda *tensors: False)
@@ -114,7 +119,7 @@ def main() -> None:
             b = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
                          generator=torch.Generator().manual_seed(0))
             took = time.perf_counter() - t
-            if a.compare in ("kernels", "products"):
+            if a.compare in ("kernels", "products", "swiglu"):
                 parts[on].append(dict(spent))
             return took, b
 
@@ -132,10 +137,11 @@ def main() -> None:
     names = {"packed": ("packed", "F.linear"), "fused": ("fused kernels", "torch ops"),
              "packed_bf16": ("packed bf16", "bf16 F.linear"), "sampler": ("C sampler", "torch sampling"),
              "kernels": ("kernels now", f"kernels at {a.rev}"),
-             "products": ("tilt.kernels.linear", "MKL packed")}[a.compare]
+             "products": ("tilt.kernels.linear", "MKL packed"),
+             "swiglu": ("linear_swiglu", "linear + silu_mul")}[a.compare]
     print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
-    if a.compare in ("kernels", "products"):
+    if a.compare in ("kernels", "products", "swiglu"):
         for on, name in ((True, names[0]), (False, names[1])):
             print(f"  {name}: " + ", ".join(f"{k} {statistics.median(x[k] for x in parts[on]):.4f} s"
                                             for k in ("attend", "products")))

@@ -116,6 +116,8 @@ def _lin(x: Tensor, wb: tuple) -> Tensor:
             if x.dtype == torch.float32 and x.is_contiguous():
                 return kernels.linear(x, wb[2], w.shape[0], b)
             return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+        if wb[3] == -1:  # packed for ``kernels.linear_swiglu`` (the fused step); the plain product here
+            return F.linear(x.to(w.dtype), w, b).to(x.dtype)
         if w.dtype == torch.bfloat16:  # oneDNN's packed weight serves any row count
             return torch.ops.mkldnn._linear_pointwise.default(x.to(w.dtype), wb[2], b, "none", [], "").to(x.dtype)
         if x.shape[0] == wb[3] and x.is_contiguous():
@@ -170,13 +172,16 @@ PACK_MIN_WEIGHT = 1 << 17
 # (a small product unpacked went through F.linear at ~130 us for [64, 256] x [256, 256] in the decode loop,
 # its weight cold; packed 27 us), else MKL's packed GEMM (False: MKL's; packed_decode.py --compare products)
 C_PRODUCTS = True
+# with those, the fused step's gate/up product and SwiGLU as one call (``kernels.linear_swiglu``, speed work 40)
+C_SWIGLU = True
 
 
-def _packed(wb: tuple, rows: int) -> tuple:
+def _packed(wb: tuple, rows: int, swiglu: bool = False) -> tuple:
     """(weight, bias, packed weight, rows) for a CPU product when packing is available, else ``wb``
     unchanged (``F.linear``): float32 products in tilt.kernels' ``linear`` layout (rows 0: it serves any row
-    count; ``C_PRODUCTS``) or else, from ``PACK_MIN_WEIGHT`` entries, in MKL's packed GEMM layout, bf16
-    products (``matmul_dtype``) in oneDNN's (speed work 32)."""
+    count; ``C_PRODUCTS``; with ``swiglu``, a gated MLP's gate/up weight in ``linear_swiglu``'s layout, rows -1)
+    or else, from ``PACK_MIN_WEIGHT`` entries, in MKL's packed GEMM layout, bf16 products (``matmul_dtype``)
+    in oneDNN's (speed work 32)."""
     w = wb[0]
     if w.device.type != "cpu" or rows < 1:
         return wb
@@ -191,6 +196,8 @@ def _packed(wb: tuple, rows: int) -> tuple:
         w = w.detach().contiguous()
         b = None if wb[1] is None else wb[1].detach().contiguous()
         if ours:
+            if swiglu:  # a gated MLP's gate/up product for ``kernels.linear_swiglu`` (rows -1)
+                return w, b, kernels.pack_linear_swiglu(w), -1
             return w, b, kernels.pack_linear(w), 0
         if not MKL_PACKING:
             return wb
@@ -342,13 +349,13 @@ class LeanDecoder:
         if rows == self.packed_rows:
             return
 
-        def repacked(wb: tuple) -> tuple:  # tilt.kernels' layout serves every row count: kept
-            return wb if len(wb) == 4 and wb[3] == 0 else _packed(wb[:2], rows)
+        def repacked(wb: tuple, swiglu: bool = False) -> tuple:  # tilt.kernels' layouts serve every row count
+            return wb if len(wb) == 4 and wb[3] in (0, -1) else _packed(wb[:2], rows, swiglu)
 
         self.lm = repacked(self.lm)
         for ly in self.layers:
             for key in ("qkv", "o", "gu", "down"):
-                ly[key] = repacked(ly[key])
+                ly[key] = repacked(ly[key], swiglu=key == "gu" and C_SWIGLU and getattr(self, "fused", False))
         self.packed_rows = rows
 
     def rotation(self, h: Tensor, pos: Tensor) -> Tensor:
@@ -521,7 +528,11 @@ class GroupedDecoder(LeanDecoder):
             a = kernels.attend(_lin(x, ly["qkv"]), rot, self.kc[i], self.vc[i], self.kp[i], self.vp[i],
                                self.pad_u8, t, nq, lib)  # [N, nq d]
             x = kernels.add_rms_norm(h, _lin(a, ly["o"]), ly["post_eps"], lib)
-            m = _lin(kernels.silu_mul(_lin(x, ly["gu"]), lib), ly["down"])
+            gu = ly["gu"]
+            if len(gu) == 4 and gu[3] == -1:  # the SiLU-gated product in one call
+                m = _lin(kernels.linear_swiglu(x, gu[2], ly["inter"], gu[1], lib), ly["down"])
+            else:
+                m = _lin(kernels.silu_mul(_lin(x, gu), lib), ly["down"])
             eps = self.layers[i + 1]["in_eps"] if i + 1 < len(self.layers) else self.norm_eps
             x = kernels.add_rms_norm(h, m, eps, lib)
         self.filled += 1

@@ -52,6 +52,8 @@ SIGNATURES = {
     "tilt_tf_attention_backward": [_P] * 19 + [_I64] * 6 + [_F32],
     "tilt_pack_linear": [_P, _P, _I64, _I64],
     "tilt_linear": [_P] * 4 + [_I64] * 3,
+    "tilt_pack_linear_swiglu": [_P, _P, _I64, _I64],
+    "tilt_linear_swiglu": [_P] * 4 + [_I64] * 3,
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
            "tilt_tf_attention_backward": ctypes.c_int}  # the others return nothing
@@ -175,6 +177,30 @@ def linear(x: Tensor, packed: Tensor, n: int, b: Optional[Tensor] = None, lib=No
                          f"does not fit [{m}, {k}] x [{k}, {n}]")
     out = x.new_empty(m, n)
     lib.tilt_linear(_ptr(x), _ptr(packed), _ptr(b), _ptr(out), m, n, k)
+    return out
+
+
+def pack_linear_swiglu(w: Tensor, lib=None) -> Tensor:
+    """``linear.c``'s layout of a gated MLP's float32 gate/up weight ``w`` [2 I, K] (gate rows, then up rows):
+    panels of 16 gate columns and their 16 up columns, k-major, zero past I; ceil(I / 16) * 32 * K floats."""
+    lib = lib or library()
+    n, k = w.shape
+    w = w.detach().contiguous()
+    out = w.new_empty(-(-(n // 2) // 16) * LINEAR_PANEL * k)
+    lib.tilt_pack_linear_swiglu(_ptr(w), _ptr(out), n // 2, k)
+    return out
+
+
+def linear_swiglu(x: Tensor, packed: Tensor, inter: int, b: Optional[Tensor] = None, lib=None) -> Tensor:
+    """``silu(g) * u`` where ``[g, u] = F.linear(x, w, b)`` splits at ``inter`` (the SiLU-gated MLP's input),
+    with ``packed = pack_linear_swiglu(w)``: one pass of ``linear.c``, no [M, 2 inter] product written."""
+    lib = lib or library()
+    m, k = x.shape
+    if packed.numel() != -(-inter // 16) * LINEAR_PANEL * k or (b is not None and b.numel() != 2 * inter):
+        raise ValueError(f"linear_swiglu: packed weight of {packed.numel()} floats (bias "
+                         f"{None if b is None else b.numel()}) does not fit [{m}, {k}] x [{k}, 2 x {inter}]")
+    out = x.new_empty(m, inter)
+    lib.tilt_linear_swiglu(_ptr(x), _ptr(packed), _ptr(b), _ptr(out), m, inter, k)
     return out
 
 
@@ -463,6 +489,9 @@ def _self_check(lib) -> None:
         check(torch.allclose(linear(x, pack_linear(w, lib), n, b, lib), F.linear(x, w, b), atol=1e-5)
               and torch.allclose(linear(x, pack_linear(w, lib), n, None, lib), F.linear(x, w), atol=1e-5),
               f"linear ({m} x {k} x {n})")
+        g = F.linear(x, w, b)  # a gated MLP's input with I = n / 2: silu(first half) * second half
+        check(torch.allclose(linear_swiglu(x, pack_linear_swiglu(w, lib), n // 2, b, lib),
+                             F.silu(g[:, :n // 2]) * g[:, n // 2:], atol=1e-5), f"linear_swiglu ({m} x {k} x {n})")
     h, x = fixed(3, 40), fixed(3, 40, seed=2.0)
     check(torch.allclose(add_rms_norm(h.clone(), x, 1e-6, lib), F.rms_norm(h + x, (40,), None, 1e-6), atol=1e-5),
           "add_rms_norm")
