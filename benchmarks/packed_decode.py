@@ -12,6 +12,8 @@
   against MKL's packed GEMM (speed work 39);
 * ``--compare swiglu``: the fused step's gate/up product and SwiGLU as one call (``linear_swiglu``,
   ``C_SWIGLU``) against the product then ``silu_mul`` (speed work 40);
+* ``--compare calls``: the fused step's library calls made straight (``GroupedDecoder._calls``) against
+  through tilt.kernels' Python wrappers (speed work 41);
 * ``--compare kernels --rev REV``: the working tree's tilt.kernels (wrappers and C sources) against
   tilt/kernels as of git revision REV, built into its own library (speed work 38); also prints the
   time spent in the decode attention (``attend``) and in the products on each side.
@@ -49,7 +51,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
-    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products", "swiglu"), default="packed")
+    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products", "swiglu", "calls"), default="packed")
     p.add_argument("--rev", default="HEAD", help="--compare kernels: the git revision whose tilt/kernels is the baseline")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -62,10 +64,11 @@ def main() -> None:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
     if a.compare == "packed_bf16" and not fd.DNN_BF16_PACKING:
         sys.exit("no oneDNN bf16 linear with a prepacked weight here (torch.ops.mkldnn, native bf16): nothing to compare")
-    if a.compare in ("fused", "sampler", "kernels", "products", "swiglu") and fd.kernels.library() is None:
+    if a.compare in ("fused", "sampler", "kernels", "products", "swiglu", "calls") and fd.kernels.library() is None:
         sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
     usable = fd.kernels.usable
     current = fd.kernels
+    straight = fd.GroupedDecoder._calls
     spent = {"attend": 0.0, "products": 0.0}
     if a.compare in ("kernels", "products", "swiglu"):
         from forward_ab import kernels_at
@@ -100,6 +103,8 @@ def main() -> None:
         if a.compare == "packed":
             fd.MKL_PACKING = on
             fd.C_PRODUCTS = False
+        elif a.compare == "calls":
+            fd.GroupedDecoder._calls = straight if on else (lambda self, n: None)
         elif a.compare in ("products", "swiglu"):
             setattr(fd, "C_PRODUCTS" if a.compare == "products" else "C_SWIGLU", on)
             spent.update(attend=0.0, products=0.0)
@@ -138,7 +143,8 @@ def main() -> None:
              "packed_bf16": ("packed bf16", "bf16 F.linear"), "sampler": ("C sampler", "torch sampling"),
              "kernels": ("kernels now", f"kernels at {a.rev}"),
              "products": ("tilt.kernels.linear", "MKL packed"),
-             "swiglu": ("linear_swiglu", "linear + silu_mul")}[a.compare]
+             "swiglu": ("linear_swiglu", "linear + silu_mul"),
+             "calls": ("straight calls", "wrappers")}[a.compare]
     print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
     if a.compare in ("kernels", "products", "swiglu"):

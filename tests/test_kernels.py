@@ -495,14 +495,17 @@ def test_attend_rejects_mismatched_shapes():
 
 
 @needs_lib
-def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir):
-    """Twelve decode steps of 3 prompts x 4 samples (left padding) with the fused kernels and with
-    torch ops only: logits to float rounding, the same greedy tokens."""
+def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir, monkeypatch):
+    """Twelve decode steps of 3 prompts x 4 samples (left padding) with the fused kernels called straight
+    (``_calls``), through their Python wrappers, and with torch ops only: the first two bit-equal (the same
+    calls), the torch ops' logits to float rounding, the same greedy tokens."""
     pol = load_policy(str(tiny_llama_dir))
     ids, mask = encode_prompts(pol.tokenizer, ["47+85=", "cd 3 5 7>22:", "5+4="] * 4)
     u_ids, u_mask, inverse = unique_prompts(ids, mask)
+    calls = GroupedDecoder._calls
     runs = []
-    for fused in (True, False):
+    for fused, straight in ((True, True), (True, False), (False, False)):
+        monkeypatch.setattr(GroupedDecoder, "_calls", calls if straight else lambda self, n: None)
         dec = GroupedDecoder(pol.model, None, u_mask, inverse, 12, positions=ids.shape[1] + 12, fused=fused)
         assert dec.fused == fused
         logits = dec.prefill(u_ids, u_mask).index_select(0, inverse)
@@ -511,10 +514,12 @@ def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir):
             tok = logits.argmax(-1)
             logits = dec.step(tok, pos + s)
             steps.append((tok, logits))
+        assert (dec._plan is not None) == straight  # every product packed for tilt.kernels: the straight calls
         runs.append(steps)
-    for (tok_a, lg_a), (tok_b, lg_b) in zip(*runs):
-        assert torch.equal(tok_a, tok_b)
-        torch.testing.assert_close(lg_a, lg_b, atol=1e-5, rtol=1e-5)
+    for (tok_a, lg_a), (tok_b, lg_b), (tok_c, lg_c) in zip(*runs):
+        assert torch.equal(tok_a, tok_b) and torch.equal(lg_a, lg_b)
+        assert torch.equal(tok_a, tok_c)
+        torch.testing.assert_close(lg_a, lg_c, atol=1e-5, rtol=1e-5)
 
 
 def _status_in_subprocess(env: dict) -> tuple[str, str]:

@@ -344,8 +344,10 @@ class LeanDecoder:
 
     def pack(self, rows: int) -> None:
         """Pack the decode step's products for ``rows`` rows per call (``_packed``; a no-op where neither
-        MKL's packed float32 GEMM nor oneDNN's packed bf16 linear is available). float32 calls with other
-        row counts (e.g. ``GroupedDecoder.prefill``) still compute ``F.linear``."""
+        tilt.kernels, MKL's packed float32 GEMM nor oneDNN's packed bf16 linear is available). tilt.kernels'
+        layouts serve every row count and are packed once; with MKL's, float32 calls with other row counts
+        (e.g. ``GroupedDecoder.prefill``) compute ``F.linear``. The fused step's gate/up products go in
+        ``linear_swiglu``'s layout (``C_SWIGLU``)."""
         if rows == self.packed_rows:
             return
 
@@ -353,6 +355,7 @@ class LeanDecoder:
             return wb if len(wb) == 4 and wb[3] in (0, -1) else _packed(wb[:2], rows, swiglu)
 
         self.lm = repacked(self.lm)
+        self._plan = None
         for ly in self.layers:
             for key in ("qkv", "o", "gu", "down"):
                 ly[key] = repacked(ly[key], swiglu=key == "gu" and C_SWIGLU and getattr(self, "fused", False))
@@ -446,6 +449,7 @@ class GroupedDecoder(LeanDecoder):
         self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]  # [N, nkv, T, d]
         self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]
         self.filled = 0
+        self._plan: Optional[tuple] = None  # ``_calls``: the fused step's library calls, built on first use
 
     def prompt_keys(self, i: int) -> Tensor:
         """Layer ``i``'s prompt keys [U, nkv, P, d] (pair layout) whichever layout they are kept in."""
@@ -460,6 +464,7 @@ class GroupedDecoder(LeanDecoder):
         without its per-module dispatch, mask building and cache bookkeeping."""
         u, p = ids.shape
         nq, d = self.nq, self.head_dim
+        self._plan = None
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, P] positions ignore left padding
         h = F.embedding(ids.reshape(u * p), self.embed)  # [U P, H]
         rot = self.rotation(h, pos.reshape(u * p))  # [U P, 1, d/2]
@@ -516,6 +521,41 @@ class GroupedDecoder(LeanDecoder):
         h = _normed(h.index_select(0, self.unperm), self.norm_eps)  # caller's order
         return _lin(h, self.lm)  # [N, V]
 
+    def _calls(self, n: int) -> Optional[tuple]:
+        """The fused step's library calls for ``n`` rows as argument lists (pointers to the packed weights,
+        the caches and output buffers kept here), when every product of every layer is packed for
+        tilt.kernels (``linear``, the gate/up product for ``linear_swiglu``), else None. The step then
+        calls the library straight, without the Python wrappers' checks and allocations (about 0.1 ms a
+        layer at 64 rows; speed work 41). Kept until ``pack`` or ``prefill`` changes what it points at."""
+        if self._plan is not None and self._plan[0] == n:
+            return self._plan[1]
+        lys = self.layers
+        if not lys or len(self.kp) != len(lys) or any(
+                len(ly[key]) != 4 or ly[key][3] != (-1 if key == "gu" else 0)
+                for ly in lys for key in ("qkv", "o", "gu", "down")):
+            return None
+        ptr = kernels._ptr
+        hid, nq, nkv, d = self.embed.shape[1], self.nq, self.nkv, self.head_dim
+        width, u, p, cap = (nq + 2 * nkv) * d, self.pad_u8.shape[0], self.pad_u8.shape[1], self.kc[0].shape[2]
+        w = self.embed
+        bufs = {"x": w.new_empty(n, hid), "y": w.new_empty(n, width), "a": w.new_empty(n, nq * d),
+                "o": w.new_empty(n, hid), "g": w.new_empty(n, max(ly["inter"] for ly in lys)),
+                "m": w.new_empty(n, hid)}
+        x, y, a, o, g, m = (ptr(bufs[k]) for k in "xyaogm")
+        layers = []
+        for i, ly in enumerate(lys):
+            (_, qb, qp, _), (_, ob, op, _), (_, gb, gp, _), (_, db, dp, _) = (ly[k] for k in ("qkv", "o", "gu", "down"))
+            inter = ly["inter"]
+            eps = lys[i + 1]["in_eps"] if i + 1 < len(lys) else self.norm_eps
+            layers.append(((x, ptr(qp), ptr(qb), y, n, width, hid),
+                           (y, ptr(self.kc[i]), ptr(self.vc[i]), ptr(self.kp[i]), ptr(self.vp[i]), ptr(self.pad_u8),
+                            a, n, u, nq, nkv, d, p, cap),
+                           (a, ptr(op), ptr(ob), o, n, hid, nq * d), (o, x, n, hid, ly["post_eps"]),
+                           (x, ptr(gp), ptr(gb), g, n, inter, hid), (g, ptr(dp), ptr(db), m, n, hid, inter),
+                           (m, x, n, hid, eps)))
+        self._plan = (n, (bufs, layers))
+        return self._plan[1]
+
     def _fused_step(self, h: Tensor, rot: Tensor) -> Tensor:
         """``step``'s layers with tilt.kernels: per layer four products and three fused calls (rotary
         embedding + cache write + attention; residual add + RMS norm, twice; SiLU-gated product), the
@@ -523,6 +563,21 @@ class GroupedDecoder(LeanDecoder):
         torch ops of ``step`` to float rounding (tests/test_kernels.py)."""
         lib, t, nq = kernels.library(), self.filled, self.nq
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
+        calls = self._calls(h.shape[0])
+        if calls is not None:  # the same calls as below, straight to the library
+            bufs, layers = calls
+            hp, rp, x = h.data_ptr(), rot.data_ptr(), bufs["x"]
+            lib.tilt_add_rms_norm(hp, None, x.data_ptr(), h.shape[0], h.shape[1], self.layers[0]["in_eps"])
+            for qkv, att, o, post, gu, down, nxt in layers:
+                lib.tilt_linear(*qkv)
+                lib.tilt_attend(att[0], rp, *att[1:], t)
+                lib.tilt_linear(*o)
+                lib.tilt_add_rms_norm(hp, *post)
+                lib.tilt_linear_swiglu(*gu)
+                lib.tilt_linear(*down)
+                lib.tilt_add_rms_norm(hp, *nxt)
+            self.filled += 1
+            return _lin(x.index_select(0, self.unperm), self.lm)  # [N, V] in the caller's order
         x = kernels.add_rms_norm(h, None, self.layers[0]["in_eps"] if self.layers else self.norm_eps, lib)
         for i, ly in enumerate(self.layers):
             a = kernels.attend(_lin(x, ly["qkv"]), rot, self.kc[i], self.vc[i], self.kp[i], self.vp[i],
