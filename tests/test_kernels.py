@@ -495,6 +495,40 @@ def test_attend_rejects_mismatched_shapes():
 
 
 @needs_lib
+@pytest.mark.parametrize("m,n,k", [(64, 768, 256), (1, 33, 7), (12, 100, 48), (130, 64, 16), (9, 2816, 512)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_f_linear(m, n, k, bias):
+    """linear.c's decode product and its SwiGLU form: full and partial blocks of 8 rows (130 = 16 x 8 + 2,
+    9, 1), full and partial panels of 32 (33, 100) and 16 columns, odd K, with and without bias, against
+    F.linear in float64 (within a few float32 roundings of each product's size)."""
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    got = kernels.linear(x, kernels.pack_linear(w), n, b)
+    assert got.shape == (m, n) and (got.double() - exact).abs().max() < 1e-5 * (1 + exact.abs().max())
+    if n % 2 == 0:  # the gated MLP's input: silu(first half) * second half
+        half = n // 2
+        want = F.silu(exact[:, :half]) * exact[:, half:]
+        got = kernels.linear_swiglu(x, kernels.pack_linear_swiglu(w), half, b)
+        assert got.shape == (m, half) and (got.double() - want).abs().max() < 1e-5 * (1 + want.abs().max())
+
+
+@needs_lib
+def test_linear_rejects_what_it_cannot_read():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    packed = kernels.pack_linear(w)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.linear(x.t().contiguous().t(), packed, 6)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.linear(x.double(), packed, 6)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.linear(torch.randn(4, 9), packed, 6)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.linear_swiglu(x, kernels.pack_linear_swiglu(w), 3, torch.randn(5))
+
+
+@needs_lib
 def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir, monkeypatch):
     """Twelve decode steps of 3 prompts x 4 samples (left padding) with the fused kernels called straight
     (``_calls``), through their Python wrappers, and with torch ops only: the first two bit-equal (the same

@@ -172,6 +172,8 @@ def linear(x: Tensor, packed: Tensor, n: int, b: Optional[Tensor] = None, lib=No
     ``linear.c``'s decode-step product (summed in k order, one fused multiply-add chain per output)."""
     lib = lib or library()
     m, k = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"linear: x must be contiguous float32, got {x.dtype} with strides {x.stride()}")
     if packed.numel() != -(-n // LINEAR_PANEL) * LINEAR_PANEL * k or (b is not None and b.numel() != n):
         raise ValueError(f"linear: packed weight of {packed.numel()} floats (bias {None if b is None else b.numel()}) "
                          f"does not fit [{m}, {k}] x [{k}, {n}]")
@@ -196,6 +198,8 @@ def linear_swiglu(x: Tensor, packed: Tensor, inter: int, b: Optional[Tensor] = N
     with ``packed = pack_linear_swiglu(w)``: one pass of ``linear.c``, no [M, 2 inter] product written."""
     lib = lib or library()
     m, k = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"linear_swiglu: x must be contiguous float32, got {x.dtype} with strides {x.stride()}")
     if packed.numel() != -(-inter // 16) * LINEAR_PANEL * k or (b is not None and b.numel() != 2 * inter):
         raise ValueError(f"linear_swiglu: packed weight of {packed.numel()} floats (bias "
                          f"{None if b is None else b.numel()}) does not fit [{m}, {k}] x [{k}, 2 x {inter}]")

@@ -7,7 +7,7 @@
  * 220-240 GFLOP/s with the layers' weights cycled as in decoding, against ~330 with one product's weight
  * hot in cache. Here each thread takes whole panels of 32 output columns, computes all the rows' blocks
  * of 8 against one panel (so the panel is read from memory once and from L1/L2 after), and asks for its
- * next panel a line at a time while it computes this one.
+ * next panel a row (two cache lines) at a time while it computes this one.
  *
  * Layout: the packed weight is [ceil(N / 32), K, 32]: panel p holds columns 32 p .. 32 p + 31 of W^T, k-major,
  * zero past N. x [M, K], y [M, N], b [N] or NULL; row-major and contiguous (the Python side checks). Each
