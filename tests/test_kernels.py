@@ -554,6 +554,13 @@ def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir, monkeypatch):
         assert torch.equal(tok_a, tok_b) and torch.equal(lg_a, lg_b)
         assert torch.equal(tok_a, tok_c)
         torch.testing.assert_close(lg_a, lg_c, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(GroupedDecoder, "_calls", calls)
+    dec = GroupedDecoder(pol.model, None, u_mask, inverse, 2, positions=ids.shape[1] + 12)
+    logits = dec.prefill(u_ids, u_mask).index_select(0, inverse)
+    for s in range(2):
+        logits = dec.step(logits.argmax(-1), mask.sum(-1) + s)
+    with pytest.raises(ValueError, match="outside the cache"):  # a third token has no room: an error, not a write
+        dec.step(logits.argmax(-1), mask.sum(-1) + 2)
 
 
 def _status_in_subprocess(env: dict) -> tuple[str, str]:

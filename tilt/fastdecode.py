@@ -565,6 +565,8 @@ class GroupedDecoder(LeanDecoder):
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
         calls = self._calls(h.shape[0])
         if calls is not None:  # the same calls as below, straight to the library
+            if t >= self.kc[0].shape[2]:  # kernels.attend's check: the kernel would write past the cache
+                raise ValueError(f"attend: position {t} outside the cache's {self.kc[0].shape[2]}")
             bufs, layers = calls
             hp, rp, x = h.data_ptr(), rot.data_ptr(), bufs["x"]
             lib.tilt_add_rms_norm(hp, None, x.data_ptr(), h.shape[0], h.shape[1], self.layers[0]["in_eps"])

@@ -64,9 +64,9 @@ void tilt_pack_linear(const float *w, float *wp, int64_t N, int64_t K) {
 }
 
 /* rows x[0 .. R) (R <= MR) times one panel b [K, 32] into y (ldy apart; the first `cols` columns kept), plus
- * bias (32 floats, or NULL); with `swiglu`, the panel's 16 gate and 16 up outputs give 16 of silu(gate) * up. pf (or NULL): the thread's next panel, whose row (at + k >> shift) (two lines)
- * is asked for at every iteration k that is a multiple of 2^shift: the first blocks of a panel share the
- * next panel's rows between them. */
+ * bias (32 floats, or NULL); with `swiglu`, the panel's 16 gate and 16 up outputs give 16 of silu(gate) * up.
+ * pf (or NULL): the thread's next panel, whose row (at + k >> shift) (two lines) is asked for at every
+ * iteration k that is a multiple of 2^shift: the first blocks of a panel share the next panel's rows. */
 static inline __attribute__((always_inline)) void block(const float *x, const float *b, int64_t K, float *y,
                                                         int64_t ldy, int64_t cols, const float *bias, const int R,
                                                         const float *pf, int shift, int64_t at, const int swiglu) {
