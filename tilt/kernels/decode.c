@@ -213,6 +213,28 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
     for (int64_t e = 0; e < W; e++) ST(out + 16 * e, acc[e] * inv);
 }
 
+/* out[n, i] = silu(gu[n, i]) * gu[n, I + i] = gu[n, i] sigma(gu[n, i]) gu[n, I + i] (SwiGLU, Eq. 5 of
+ * arXiv:2002.05202) on 16 lanes (sigmoidv); a row's last I % 16 through a padded vector. gu [N, 2I], out [N, I]. */
+void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
+#pragma omp parallel for schedule(static) if (N * I >= 16384)
+    for (int64_t n = 0; n < N; n++) {
+        const float *g = gu + n * 2 * I, *u = g + I;
+        float *o = out + n * I;
+        int64_t i = 0;
+        for (; i + 16 <= I; i += 16) {
+            const v16 x = LD(g + i);
+            ST(o + i, x * sigmoidv(x) * LD(u + i));
+        }
+        if (i < I) {
+            float a[16] = {0}, b[16] = {0}, c[16];
+            memcpy(a, g + i, sizeof(float) * (size_t)(I - i)), memcpy(b, u + i, sizeof(float) * (size_t)(I - i));
+            const v16 x = LD(a);
+            ST(c, x * sigmoidv(x) * LD(b));
+            memcpy(o + i, c, sizeof(float) * (size_t)(I - i));
+        }
+    }
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
@@ -308,16 +330,6 @@ void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t 
     }
 }
 
-/* out[n, i] = silu(gu[n, i]) * gu[n, I + i] (SwiGLU, Eq. 5 of arXiv:2002.05202). gu [N, 2I], out [N, I]. */
-void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
-#pragma omp parallel for schedule(static) if (N * I >= 16384)
-    for (int64_t n = 0; n < N; n++) {
-        const float *g = gu + n * 2 * I, *u = g + I;
-        float *o = out + n * I;
-#pragma omp simd
-        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
-    }
-}
 
 /* exp(x) for sampling weights: exactly 0 where fast_expf would clamp (x < -87), so a token whose
  * weight underflows is never drawn, as with torch's exp. */

@@ -89,7 +89,7 @@ static inline __attribute__((always_inline)) void block(const float *x, const fl
         v16 c0 = acc[i][0], c1 = acc[i][1];
         if (bias) c0 += LD(bias), c1 += LD(bias + 16);
         if (swiglu) { /* the same expression as decode.c's tilt_silu_mul, on 16 lanes */
-            const v16 g = c0 / (1.0f + expv(-c0)) * c1;
+            const v16 g = c0 * sigmoidv(c0) * c1;
             if (cols == 16) {
                 ST(y + i * ldy, g);
             } else {

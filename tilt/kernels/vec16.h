@@ -45,6 +45,19 @@ static inline v16 expv(v16 x) {
     return e * (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
 }
 
+/* The logistic sigmoid 1 / (1 + e^-x) on 16 lanes, exp by expv. With AVX-512 the reciprocal is the 14-bit
+ * estimate (vrcp14ps) refined by one Newton step, r (2 - d r) as r + r (1 - d r): relative error about 2^-28
+ * before rounding, against a division's 16 cycles a vector; elsewhere a division. NaN in, NaN out. */
+static inline v16 sigmoidv(v16 x) {
+    const v16 d = 1.0f + expv(-x);
+#if defined(__AVX512F__)
+    const v16 r = (v16)__builtin_ia32_rcp14ps512_mask((v16)d, d, (uint16_t)-1);
+    return r + r * (1.0f - d * r);
+#else
+    return 1.0f / d;
+#endif
+}
+
 /* Lanes of a and b picked by constant indices (0-15 from a, 16-31 from b): __builtin_shufflevector where the
  * compiler has it (clang, GCC 12 on), GCC's __builtin_shuffle with a mask vector before that. */
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
