@@ -475,6 +475,25 @@ def test_attend_hand_values():
 
 
 @needs_lib
+def test_attend_reports_rows_it_could_not_do():
+    """When a thread cannot allocate its scratch, ``tilt_attend`` leaves its rows undone (no cache write, no
+    output) and returns how many, and the caller raises MemoryError naming it. A position of 2^61 asks for
+    a scratch of 2^63 bytes, which no malloc grants; the library is called straight (the wrapper's bound
+    check would refuse that position first)."""
+    n, u, nq, nkv, d, p, cap = 4, 2, 2, 2, 32, 5, 3
+    y, rot, kc, vc, kp, vp, pad = _attend_inputs(n, u, nq, nkv, d, p, cap, seed=0)
+    before, out = (kc.clone(), vc.clone()), torch.full((n, nq * d), 7.0)
+    lib, ptr = kernels.library(), kernels._ptr
+    undone = lib.tilt_attend(ptr(y), ptr(torch.view_as_real(rot)), ptr(kc), ptr(vc), ptr(kp), ptr(vp), ptr(pad),
+                             ptr(out), n, u, nq, nkv, d, p, cap, 2 ** 61)
+    assert undone == n
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]) and bool((out == 7.0).all())
+    with pytest.raises(MemoryError, match="4 rows left undone"):
+        kernels.attend_done(undone)
+    kernels.attend_done(0)  # all done: nothing raised
+
+
+@needs_lib
 def test_self_check_raises_on_a_mismatch(monkeypatch):
     """The load-time self-check passes on the built kernels and raises RuntimeError (not an assert,
     which python -O would strip) naming the kernel and head size when the results disagree."""

@@ -572,7 +572,7 @@ class GroupedDecoder(LeanDecoder):
             lib.tilt_add_rms_norm(hp, None, x.data_ptr(), h.shape[0], h.shape[1], self.layers[0]["in_eps"])
             for qkv, att, o, post, gu, down, nxt in layers:
                 lib.tilt_linear(*qkv)
-                lib.tilt_attend(att[0], rp, *att[1:], t)
+                kernels.attend_done(lib.tilt_attend(att[0], rp, *att[1:], t))
                 lib.tilt_linear(*o)
                 lib.tilt_add_rms_norm(hp, *post)
                 lib.tilt_linear_swiglu(*gu)

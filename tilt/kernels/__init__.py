@@ -56,7 +56,7 @@ SIGNATURES = {
     "tilt_linear_swiglu": [_P] * 4 + [_I64] * 3,
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
-           "tilt_tf_attention_backward": ctypes.c_int}  # the others return nothing
+           "tilt_tf_attention_backward": ctypes.c_int, "tilt_attend": ctypes.c_int}  # the others return nothing
 _state: dict = {}
 
 
@@ -407,9 +407,15 @@ def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tenso
     if not 0 <= t < cap or n % u:
         raise ValueError(f"attend: position {t} outside the cache's {cap}, or {n} rows not in groups of {u}")
     out = y.new_empty(n, nq * d)
-    lib.tilt_attend(_ptr(y), _ptr(torch.view_as_real(rot)), _ptr(kc), _ptr(vc), _ptr(kp), _ptr(vp), _ptr(pad),
-                    _ptr(out), n, u, nq, nkv, d, p, cap, t)
+    attend_done(lib.tilt_attend(_ptr(y), _ptr(torch.view_as_real(rot)), _ptr(kc), _ptr(vc), _ptr(kp), _ptr(vp),
+                                _ptr(pad), _ptr(out), n, u, nq, nkv, d, p, cap, t))
     return out
+
+
+def attend_done(undone: int) -> None:
+    """MemoryError when ``tilt_attend`` left rows undone (a thread could not allocate its scratch)."""
+    if undone:
+        raise MemoryError(f"attend: the kernel could not allocate its per-thread scratch ({undone} rows left undone)")
 
 
 def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor,

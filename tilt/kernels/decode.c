@@ -251,20 +251,26 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
  * pad   [U, P]               1 where the prompt position is padding
  * out   [N, nq d]
  * Rows are in prompt order: row n belongs to prompt n / (N / U). Head sizes that are multiples of 16 up
- * to 128 run head16 (32, 64 and 128 with loops of fixed length), others head().
+ * to 128 run head16 (32, 64 and 128 with loops of fixed length), others head(). Returns the number of rows
+ * left undone because a thread could not allocate its scratch (0: all done; the caller raises).
  */
-void tilt_attend(const float *y, const float *rot, float *kc, float *vc, const float *kp,
-                 const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
-                 int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t) {
+int tilt_attend(const float *y, const float *rot, float *kc, float *vc, const float *kp,
+                const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
+                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t) {
     const int64_t G = N / U, rep = nq / nkv, half = d / 2, width = (nq + 2 * nkv) * d;
     const int vec = d % 16 == 0 && d <= 128; /* head16; else head() */
-#pragma omp parallel
+    int bad = 0;
+#pragma omp parallel reduction(+ : bad)
     {
         /* q, then the scores: room for the prompt's and the completion's keys, each rounded up to 16 */
         float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1 + 48));
         float *s = q + d;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
+            if (!q) { /* no scratch: the row is left undone (neither its cache nor its output written) */
+                bad++;
+                continue;
+            }
             const float *yr = y + n * width, *r = rot + n * d;
             const int64_t u = n / G;
             for (int64_t h = 0; h < nkv; h++) { /* the new key (rotated) and value into the cache */
@@ -308,6 +314,7 @@ void tilt_attend(const float *y, const float *rot, float *kc, float *vc, const f
         }
         free(q);
     }
+    return bad;
 }
 
 /* h += x (when x is not NULL), then out = h / sqrt(mean(h^2) + eps): RMS norm without its weight
