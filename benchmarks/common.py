@@ -127,6 +127,31 @@ def matmul_flops(model: torch.nn.Module, positions: int, seq_len: int, passes: f
     return passes * positions * (2 * linear + attn)
 
 
+def measure_read_bandwidth(threads: int, mib: int = 512, repeats: int = 6) -> float:
+    """Best sustained read bandwidth of this machine at ``threads`` threads, bytes/s: a plain sum over a
+    float32 tensor of ``mib`` MiB, far beyond the caches, as the decode attention streams its KV cache
+    (a read of 8-96 MB runs from L3 on the issue-14 VMs, ~2x faster; of 192 MB and more at the memory's
+    pace). The tensor is written once first, so no read pays for fresh pages."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2 ** 20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def decode_kv_bytes(config, rows: int, tokens: int, elem: int = 4) -> float:
+    """Bytes of cached completion keys and values that tilt's decode attention reads while sampling
+    ``tokens`` new tokens for ``rows`` rows: at step t every row reads its t + 1 keys and values in every
+    layer, rows x layers x 2 x kv heads x head size x elem x T (T + 1) / 2. The prompts' keys are left
+    out (kept once per prompt and read by its G rows while in cache)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return float(rows * config.num_hidden_layers * 2 * heads * head_dim * elem * tokens * (tokens + 1) / 2)
+
+
 def measure_matmul_peak(threads: int, n: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32,
                         warm_s: float = 2.0) -> float:
     """Best sustained matmul throughput of this machine at ``threads`` threads in ``dtype``, FLOP/s.

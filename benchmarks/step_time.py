@@ -11,7 +11,9 @@ and prompts; the driver lets them take turns, one RL step at a time, in a rotati
 tilt / TRL ratios against each preset, tokens/s, peak RSS, the training phase's FLOP/s as a
 fraction of the matmul peak this machine reaches (measured here, before the grid), and tilt's
 distance to the limit: its step over its own FLOP floor, with the phase that spends the most time
-above its floor. Results: JSON and a markdown table.
+above its floor, and its step over that floor plus the decode attention's KV-cache reads at the read
+bandwidth measured here (the sampling phase streams the whole fp32 cache once per token, which no FLOP
+count sees). Results: JSON and a markdown table.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
-from common import SIZES, matmul_flops, measure_matmul_peak, model_dir  # noqa: E402
+from common import (SIZES, decode_kv_bytes, matmul_flops, measure_matmul_peak, measure_read_bandwidth,  # noqa: E402
+                    model_dir)
 
 from tilt.heap import ENVIRONMENT as HEAP_ENV  # noqa: E402
 
@@ -105,7 +108,8 @@ def phase_floors(net, side: dict, peak: float, generate_peak: float | None = Non
             "fwd_bwd": side["train_flops"] / peak, "optimizer": 0.0, "other": 0.0}
 
 
-def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_peak: float) -> dict:
+def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_peak: float,
+              bandwidth: float) -> dict:
     """Alternate tilt and the TRL presets one step at a time at one grid point; return medians,
     ratios (tilt / each TRL preset) and tilt's distance to its FLOP floor."""
     model = model_dir(size, Path(a.cache))
@@ -157,6 +161,12 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
         spent["other"] = t["step_s"] - sum(spent.values())
         t["excess_s"] = {p: spent[p] - floors[p] for p in floors}
         t["dominant"] = max(t["excess_s"], key=t["excess_s"].get)
+        # and with the decode attention's KV reads at the measured read bandwidth added to generate's floor:
+        # that phase streams the whole fp32 cache once per token, which no FLOP count sees
+        rows = a.group * a.prompts
+        t["kv_bytes"] = decode_kv_bytes(net.config, rows, round(t["completion_tokens"] / rows))
+        t["kv_stream_s"] = t["kv_bytes"] / bandwidth
+        t["to_floor_kv"] = t["step_s"] / (t["floor_s"] + t["kv_stream_s"])
     return out
 
 
@@ -169,7 +179,7 @@ def table(points: list[dict]) -> str:
             + " | ".join(f"tilt / {s}" for s in trl)
             + f" | generate | ref | fwd+bwd | optimizer (vs {first}) | tokens/s tilt / {first} | "
             f"peak RSS tilt / {first} (MiB) | training FLOP/s share of peak, tilt / {first} | "
-            "tilt step / tilt's FLOP floor | most time above floor |")
+            "tilt step / tilt's FLOP floor | most time above floor | tilt step / (FLOP floor + KV stream) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
     for p in (p for p in points if "tilt" in p):  # points with the fp32 side
@@ -181,7 +191,8 @@ def table(points: list[dict]) -> str:
                      f"{t['tokens_per_s']:.0f} / {b['tokens_per_s']:.0f} | {t['rss_mb']:.0f} / {b['rss_mb']:.0f} | "
                      f"{t['train_flops_frac']:.0%} / {b['train_flops_frac']:.0%} | "
                      f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
-                     f"(+{t['excess_s'][t['dominant']]:.3f} s) |")
+                     f"(+{t['excess_s'][t['dominant']]:.3f} s) | {t['to_floor_kv']:.2f} "
+                     f"({t['kv_bytes'] / 1e9:.1f} GB, {t['kv_stream_s']:.3f} s) |")
     bf16 = [p for p in points if "tilt_bf16" in p]
     if bf16:
         lines += ["", "tilt with bf16 decode products (`rollout.decode_dtype=bfloat16`, correction `token_tis`):", "",
@@ -234,15 +245,16 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peak = measure_matmul_peak(a.threads)
     bf16_peak = measure_matmul_peak(a.threads, dtype=torch.bfloat16)
-    print(f"matmul peak ({a.threads} threads, 1024^3): fp32 {peak / 1e9:.1f}, bf16 {bf16_peak / 1e9:.1f} GFLOP/s",
-          flush=True)
+    bandwidth = measure_read_bandwidth(a.threads)
+    print(f"matmul peak ({a.threads} threads, 1024^3): fp32 {peak / 1e9:.1f}, bf16 {bf16_peak / 1e9:.1f} GFLOP/s; "
+          f"read bandwidth (512 MiB) {bandwidth / 1e9:.1f} GB/s", flush=True)
     points = []
     for size in a.sizes.split(","):
         if size not in SIZES:
             raise SystemExit(f"unknown size {size!r}; valid: {', '.join(SIZES)}")
         for tokens in (int(t) for t in a.tokens.split(",")):
             t0 = time.time()
-            pt = run_point(size, tokens, a, peak, bf16_peak)
+            pt = run_point(size, tokens, a, peak, bf16_peak, bandwidth)
             points.append(pt)
             lead = "tilt" if "tilt" in pt else "tilt_bf16"  # --tilt bf16 alone: the bf16 sampler only
             key = "ratio_" if lead == "tilt" else "ratio_tilt_bf16_"
@@ -257,7 +269,8 @@ def main() -> None:
 
     meta = {"machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__, "threads": a.threads,
-            "matmul_peak_flops": peak, "bf16_matmul_peak_flops": bf16_peak, "args": vars(a)}
+            "matmul_peak_flops": peak, "bf16_matmul_peak_flops": bf16_peak, "read_bandwidth_bytes_s": bandwidth,
+            "args": vars(a)}
     Path(a.out).write_text(json.dumps({"meta": meta, "points": points}, indent=1))
     print(table(points))
 

@@ -40,6 +40,11 @@ def test_step_time_benchmark_runs_one_tiny_point(tmp_path):
     assert 0 < t["floor_s"] < t["step_s"], "the FLOP floor at peak is below the measured step"
     assert abs(t["to_floor"] - t["step_s"] / t["floor_s"]) < 1e-12
     assert t["dominant"] in t["excess_s"] and t["excess_s"][t["dominant"]] == max(t["excess_s"].values())
+    # the second distance: the decode attention's KV reads at the measured read bandwidth added to the floor
+    bandwidth = data["meta"]["read_bandwidth_bytes_s"]
+    assert bandwidth > 0 and t["kv_bytes"] > 0 and abs(t["kv_stream_s"] - t["kv_bytes"] / bandwidth) < 1e-12
+    assert abs(t["to_floor_kv"] - t["step_s"] / (t["floor_s"] + t["kv_stream_s"])) < 1e-12
+    assert t["to_floor_kv"] < t["to_floor"] and "FLOP floor + KV stream" in stdout
     for side in ("trl_best", "trl_default"):
         assert abs(pt[f"ratio_{side}"]["step_s"] - t["step_s"] / pt[side]["step_s"]) < 1e-12
 
@@ -156,3 +161,18 @@ def test_onpolicy_reuse_measurement_runs_and_gradients_agree():
     assert "keep / recompute =" in stdout
     diff = float(re.search(r"gradient max \|recompute - keep\| = (\S+)", stdout).group(1))
     assert diff < 1e-5
+
+
+def test_decode_kv_bytes_counts_the_cache_each_token_reads():
+    """Two rows, 3 layers, 2 KV heads of size 4, 3 new tokens: step t reads t + 1 cached positions of keys
+    and values, 1 + 2 + 3 = 6 positions x 2 (K, V) x 2 heads x 4 floats x 4 bytes per row and layer."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import decode_kv_bytes
+
+    cfg = SimpleNamespace(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=16,
+                          head_dim=4)
+    assert decode_kv_bytes(cfg, rows=2, tokens=3) == 2 * 3 * 6 * 2 * 2 * 4 * 4
+    cfg.num_key_value_heads, cfg.head_dim = None, None  # plain multi-head attention: hidden / heads
+    assert decode_kv_bytes(cfg, rows=2, tokens=3) == 2 * 3 * 6 * 2 * 4 * 4 * 4
