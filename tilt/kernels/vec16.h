@@ -4,6 +4,9 @@
 #ifndef TILT_KERNELS_VEC16_H
 #define TILT_KERNELS_VEC16_H
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* 16 floats as one vector (GCC/clang vector extension: AVX-512 where the host has it, else split) */
 typedef float v16 __attribute__((vector_size(64)));
@@ -29,11 +32,18 @@ static inline float hsum(v16 v) {
     return t;
 }
 
-/* common.h's fast_expf on 16 lanes (the same steps; NaN in, NaN out) */
+/* common.h's fast_expf on 16 lanes (the same steps; NaN in, NaN out). With AVX-512 the clamp is a max and a min
+ * (NaN as the second operand comes through) and 2^n is applied by vscalefps instead of building it in the
+ * exponent bits: the same values (n stays within [-126, 127], where both scalings are exact) in 14 instructions
+ * instead of ~21 (speed work 43). */
 static inline v16 expv(v16 x) {
     const v16 lo = IOTA * 0.0f - 87.0f, hi = IOTA * 0.0f + 88.0f;
+#if defined(__AVX512F__)
+    x = (v16)_mm512_min_ps((__m512)hi, (__m512)_mm512_max_ps((__m512)lo, (__m512)x));
+#else
     x = sel(x < lo, lo, x);
     x = sel(x > hi, hi, x);
+#endif
     const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
     v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
@@ -42,7 +52,11 @@ static inline v16 expv(v16 x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const v16 e = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+    return (v16)_mm512_scalef_ps((__m512)e, (__m512)n);
+#else
     return e * (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
+#endif
 }
 
 /* The logistic sigmoid 1 / (1 + e^-x) on 16 lanes, exp by expv. With AVX-512 the reciprocal is the 14-bit
@@ -51,7 +65,7 @@ static inline v16 expv(v16 x) {
 static inline v16 sigmoidv(v16 x) {
     const v16 d = 1.0f + expv(-x);
 #if defined(__AVX512F__)
-    const v16 r = (v16)__builtin_ia32_rcp14ps512_mask((v16)d, d, (uint16_t)-1);
+    const v16 r = (v16)_mm512_rcp14_ps((__m512)d);
     return r + r * (1.0f - d * r);
 #else
     return 1.0f / d;
