@@ -38,8 +38,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common.h"
-
 #if defined(__GNUC__) && !defined(__clang__)
 /* the build uses -std=c11, where GCC does not contract a * b + c into one fused multiply-add */
 #pragma GCC optimize("fp-contract=fast")

@@ -1,4 +1,4 @@
-/* Shared by tilt's C kernels (decode.c, forward.c). */
+/* fast_expf: the scalar exp of tilt/kernels/decode.c (its 16-lane code uses vec16.h's expv). */
 #ifndef TILT_KERNELS_COMMON_H
 #define TILT_KERNELS_COMMON_H
 #include <stdint.h>

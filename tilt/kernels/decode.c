@@ -337,7 +337,6 @@ void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t 
     }
 }
 
-
 /* exp(x) for sampling weights: exactly 0 where fast_expf would clamp (x < -87), so a token whose
  * weight underflows is never drawn, as with torch's exp. */
 static inline float weight_expf(float x) { return x < -87.0f ? 0.0f : fast_expf(x); }

@@ -6,7 +6,7 @@
  * ops each is several passes over a [positions, width] tensor, and SwiGLU's operands are strided
  * halves of the gate/up product, which torch's elementwise kernels walk slowly (10M x 64 tokens:
  * silu_backward 11.9 ms per layer for 4.3M elements; benchmarks/README.md, speed work 31). Here each
- * is one walk over the rows, forward and backward, with exp from common.h.
+ * is one walk over the rows, forward and backward, with SwiGLU on 16-float vectors (vec16.h: expv, sigmoidv).
  *
  * Sums that cross rows (a norm weight's gradient) are accumulated in double per thread over a fixed
  * split of the rows and added in thread order, so results do not depend on scheduling. float32, contiguous
@@ -17,8 +17,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "common.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
