@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tilt.model import load_policy
-from tilt.rollout import (SamplingParams, continue_from, decode_completions, encode_prompts, generate, left_pad,
-                          masked_rows, sequence_logprobs)
+from tilt.rollout import (SamplingParams, cache_kw, continue_from, decode_completions, encode_prompts, generate,
+                          left_pad, masked_rows, sequence_logprobs)
 
 PROMPTS = ["47+85=", "cd 3 5 7>22:", "sort 53 7 21:", "9*9="]
 
@@ -155,6 +155,39 @@ def test_lean_decoder_equals_hf_forward(tiny_llama_dir):
     torch.testing.assert_close(lp * fast.completion_mask, fast.logprobs, atol=1e-5, rtol=0)
 
 
+def test_hf_forward_gets_the_cache_by_the_installed_name(tiny_llama_dir):
+    """Sampling through Hugging Face's forward (``lean=False``: the prefill of shared prompts and every
+    token) hands the KV cache over by the keyword the installed transformers declares: ``cache`` where the
+    forward signature has it (5.25 deprecates ``past_key_values`` with a warning and 5.40 removes it), else
+    ``past_key_values``; never the other. The samples are those of the lean decoder either way."""
+    import inspect
+
+    from tilt.rollout import cache_kw, output_cache
+
+    pol = load_policy(str(tiny_llama_dir))
+    want = "cache" if "cache" in inspect.signature(type(pol.model).forward).parameters else "past_key_values"
+    other = {"cache", "past_key_values"} - {want}
+    seen = []
+    forward = pol.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(set(kwargs) & {"cache", "past_key_values"})
+        return forward(*args, **kwargs)
+
+    pol.model.forward = spy
+    try:
+        slow = _rollout(pol, PROMPTS * 2, lean=False)
+    finally:
+        del pol.model.forward
+    assert len(seen) > 2 and all(keys == {want} for keys in seen), seen
+    assert not any(keys & other for keys in seen)
+    fast = _rollout(pol, PROMPTS * 2)
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    assert cache_kw(pol.model, None) == {want: None}
+    out = pol.model(input_ids=torch.tensor([[5, 6]]), use_cache=True)
+    assert output_cache(out) is not None and output_cache(out).get_seq_length() == 2
+
+
 def test_grouped_decoder_equals_per_row_cache(tiny_llama_dir):
     """Prompts shared in equal groups (rows a b c d a b c d, G = 2, left-padded to different
     lengths) decode with each prompt's keys held once (GroupedDecoder): the same tokens as the
@@ -201,7 +234,8 @@ def test_decoder_rotation_table_equals_rotary_module(tiny_llama_dir):
     for positions in (0, ids.shape[1] + 4):
         cache = preallocated_cache(pol.model, ids.shape[1] + 4)
         with torch.no_grad():
-            pol.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            pol.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kw(pol.model, cache),
+                      use_cache=True)
         dec = lean_decoder(pol.model, cache, positions=positions)
         assert (dec.table is None) == (positions == 0)
         step_pos = pos[:, -1] + 1
@@ -238,7 +272,7 @@ def test_grouped_decoder_prefill_equals_hf_prefill(tiny_llama_dir, monkeypatch, 
     cache = preallocated_cache(pol.model, ids.shape[1])
     with torch.no_grad():
         out = pol.model(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
-                        past_key_values=cache, use_cache=True)
+                        **cache_kw(pol.model, cache), use_cache=True)
     torch.testing.assert_close(lean, out.logits[:, -1], atol=1e-5, rtol=1e-5)
     real = u_mask.bool()[:, None, :, None]  # padding keys are masked out, so only real ones must agree
     for i, layer in enumerate(cache.layers):

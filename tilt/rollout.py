@@ -7,6 +7,8 @@ given prefixes (prompt + partial completion), which branching methods (SPO, TEMP
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -139,6 +141,26 @@ def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | N
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kw(model, cache) -> dict:
+    """``{keyword: cache}`` for a Hugging Face forward: ``cache`` where transformers has renamed the argument
+    (its forward signature has it: 5.25 deprecates ``past_key_values``, with a warning on every run, and 5.40
+    removes it), else ``past_key_values`` (the versions before). Read from the Hugging Face model's class
+    (``tilt.fastdecode.resolve``: a peft model or a LoRA run's reference takes ``**kwargs``), once per class;
+    a wrapper it does not know, from the model's own class."""
+    found = resolve(model)
+    return {_cache_keyword_of(type(found[0] if found else model)): cache}
+
+
+def output_cache(out):
+    """The KV cache a Hugging Face model output carries, under either name (``cache_kw``)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def preallocated_cache(model, capacity: int):
     """A ``DynamicCache`` whose full-attention layers write into one [N, H, capacity, D] buffer each.
 
@@ -219,8 +241,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
             else:  # lower-precision decode products: the prompts still in the model's dtype (HF's forward)
                 u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
                 out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
-                            past_key_values=preallocated_cache(model, prompt_ids.shape[1]), logits_to_keep=1)
-                fast = grouped_decoder(model, out.past_key_values, u_mask, inverse, params.max_new_tokens,
+                            **cache_kw(model, preallocated_cache(model, prompt_ids.shape[1])), logits_to_keep=1)
+                fast = grouped_decoder(model, output_cache(out), u_mask, inverse, params.max_new_tokens,
                                        params.matmul_dtype, positions=capacity)
                 logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
     if fast is None:
@@ -231,9 +253,9 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
             logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
         else:
             out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
-                        past_key_values=preallocated_cache(model, capacity), use_cache=True, logits_to_keep=1)
+                        **cache_kw(model, preallocated_cache(model, capacity)), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]  # [N, V]
-        past = out.past_key_values
+        past = output_cache(out)
         fast = lean_decoder(model, past, params.matmul_dtype, capacity) if params.lean and past is not None else None
     if params.matmul_dtype is not None and fast is None:
         raise ValueError(f"decode matmuls in {params.matmul_dtype} need tilt's lean decoder, which does not apply to "
@@ -256,8 +278,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
             logits = fast.step(tok, next_pos, attn)  # [N, V]
         else:
             out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                        **cache_kw(model, past), use_cache=True)
+            past, logits = output_cache(out), out.logits[:, -1]
         next_pos = next_pos + 1
     return RolloutBatch(
         prompt_ids=prompt_ids,
@@ -316,9 +338,9 @@ def shared_prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, *, cache=None
     if 2 * u_ids.shape[0] > prompt_ids.shape[0]:
         return None
     u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
-    out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache,
+    out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, **cache_kw(model, cache),
                 use_cache=True, **extra)
-    return (out, inverse) if _select_rows(out.past_key_values, inverse) else None
+    return (out, inverse) if _select_rows(output_cache(out), inverse) else None
 
 
 def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -352,7 +374,7 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     if shared is not None:
         head, inverse = shared
         tail = model(input_ids=completion_ids, attention_mask=attn, position_ids=pos[:, p:],
-                     past_key_values=head.past_key_values, use_cache=True, **extra)
+                     **cache_kw(model, output_cache(head)), use_cache=True, **extra)
         logits = torch.cat([head.logits[:, -1:].index_select(0, inverse), tail.logits[:, :-1]], 1)  # [N, T, V]
         states = None
         if hidden:

@@ -23,6 +23,7 @@ from tilt.decoding import DECODERS
 from tilt.decoding.blockwise import blockwise_decode
 from tilt.decoding.train_probe import QProbe, load_q_probe
 from tilt.decoding.step_search import delimiter_ids, head_step_value, search_generate
+from tilt.rollout import cache_kw, output_cache
 from tilt.decoding.value_model import QHead, load_q_head
 from tilt.rollout import SamplingParams, continue_from, generate
 
@@ -62,7 +63,7 @@ def guided_generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, rule: Cal
             break
         attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype)], dim=1)  # [N, P+t+1]
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=out.past_key_values, use_cache=True, output_hidden_states=hidden)
+                    **cache_kw(model, output_cache(out)), use_cache=True, output_hidden_states=hidden)
         next_pos = next_pos + 1
     batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=torch.stack(toks, 1),
                          completion_mask=torch.stack(masks, 1).long(), logprobs=torch.stack(lps, 1))
