@@ -23,9 +23,8 @@ from tilt.decoding import DECODERS
 from tilt.decoding.blockwise import blockwise_decode
 from tilt.decoding.train_probe import QProbe, load_q_probe
 from tilt.decoding.step_search import delimiter_ids, head_step_value, search_generate
-from tilt.rollout import cache_kw, output_cache
 from tilt.decoding.value_model import QHead, load_q_head
-from tilt.rollout import SamplingParams, continue_from, generate
+from tilt.rollout import SamplingParams, cache_kw, continue_from, generate, output_cache
 
 
 @torch.no_grad()
