@@ -69,14 +69,17 @@ class Worker:
 
 
 def side_argv(side: str, compile_trl: bool) -> list[str]:
-    """Worker arguments of a side: ``tilt``, ``tilt_bf16`` (bf16 decode products + token_tis),
-    ``trl_best`` or ``trl_default``, each TRL preset also as ``trl_<preset>_heap`` (``side_env``)."""
-    if side == "tilt":
-        return ["tilt"]
-    if side == "tilt_bf16":
-        return ["tilt", "--decode-dtype", "bfloat16"]
+    """Worker arguments of a side: ``tilt``, ``tilt_bf16`` (bf16 decode products + token_tis), ``tilt_kv16``
+    (float32 products, a float16 completion KV cache + token_tis), ``trl_best`` or ``trl_default``, each TRL
+    preset also as ``trl_<preset>_heap`` (``side_env``)."""
+    if side in TILT_SIDES.values():
+        return ["tilt", *TILT_ARGS[side]]
     preset = side.removeprefix("trl_").removesuffix("_heap")
     return ["trl", "--trl-preset", preset, *(["--trl-compile"] if compile_trl else [])]
+
+
+TILT_SIDES = {"fp32": "tilt", "bf16": "tilt_bf16", "kv16": "tilt_kv16"}  # --tilt name: side
+TILT_ARGS = {"tilt": [], "tilt_bf16": ["--decode-dtype", "bfloat16"], "tilt_kv16": ["--kv-cache-dtype", "float16"]}
 
 
 def side_env(side: str) -> dict[str, str] | None:
@@ -122,7 +125,7 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
         argv += ["--lora", str(a.lora)]
     logs = Path(a.out).with_suffix("")
     logs.mkdir(parents=True, exist_ok=True)
-    tilts = ["tilt" if t == "fp32" else f"tilt_{t}" for t in a.tilt.split(",")]
+    tilts = [TILT_SIDES[t] for t in a.tilt.split(",")]
     names = [*tilts, *(f"trl_{t}" for t in a.trl.split(","))]
     sides = {s: Worker(s, side_argv(s, a.trl_compile) + argv, logs / f"{size}-{tokens}-{s}.log", side_env(s))
              for s in names}
@@ -147,7 +150,7 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
                   "rss_mb": rss[s], "train_flops_frac": flops / med["fwd_bwd"] / peak, "train_flops": flops,
                   "passes": statistics.median(r["passes"] for r in rows[s]),
                   "completion_tokens": statistics.median(r["tokens"] for r in rows[s]), "seq_len": seq}
-    for ts in tilts:  # ratio_<trl side> for tilt (fp32), ratio_tilt_bf16_<trl side> for the bf16 sampler
+    for ts in tilts:  # ratio_<trl side> for tilt (fp32), ratio_<tilt side>_<trl side> for the others
         for s in names[len(tilts):]:
             key = f"ratio_{s}" if ts == "tilt" else f"ratio_{ts}_{s}"
             out[key] = {p: out[ts][p] / out[s][p] if out[s][p] > 0 else None for p in PHASES}
@@ -162,9 +165,10 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
         t["excess_s"] = {p: spent[p] - floors[p] for p in floors}
         t["dominant"] = max(t["excess_s"], key=t["excess_s"].get)
         # and with the decode attention's KV reads at the measured read bandwidth added to generate's floor:
-        # that phase streams the whole fp32 cache once per token, which no FLOP count sees
+        # that phase streams the whole cache (fp32, or fp16 for tilt_kv16) once per token, which no FLOP count sees
         rows = a.group * a.prompts
-        t["kv_bytes"] = decode_kv_bytes(net.config, rows, round(t["completion_tokens"] / rows))
+        t["kv_bytes"] = decode_kv_bytes(net.config, rows, round(t["completion_tokens"] / rows),
+                                        elem=2 if ts == "tilt_kv16" else 4)
         t["kv_stream_s"] = t["kv_bytes"] / bandwidth
         t["to_floor_kv"] = t["step_s"] / (t["floor_s"] + t["kv_stream_s"])
     return out
@@ -193,20 +197,25 @@ def table(points: list[dict]) -> str:
                      f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
                      f"(+{t['excess_s'][t['dominant']]:.3f} s) | {t['to_floor_kv']:.2f} "
                      f"({t['kv_bytes'] / 1e9:.1f} GB, {t['kv_stream_s']:.3f} s) |")
-    bf16 = [p for p in points if "tilt_bf16" in p]
-    if bf16:
-        lines += ["", "tilt with bf16 decode products (`rollout.decode_dtype=bfloat16`, correction `token_tis`):", "",
-                  "| size | new tokens | step tilt_bf16 / tilt (s) | tilt_bf16 / " + " | tilt_bf16 / ".join(trl)
-                  + f" | generate (vs {first}) | peak RSS (MiB) | tilt_bf16 step / its floor | most time above floor |",
-                  "|---|---|---|" + "---|" * len(trl) + "---|---|---|---|"]
-        for p in bf16:
-            t = p["tilt_bf16"]
-            ratios = " | ".join(f"**{p[f'ratio_tilt_bf16_{s}']['step_s']:.2f}**" for s in trl)
+    for side, what in (("tilt_bf16", "bf16 decode products (`rollout.decode_dtype=bfloat16`"),
+                       ("tilt_kv16", "a float16 completion KV cache (`rollout.kv_cache_dtype=float16`")):
+        alt = [p for p in points if side in p]
+        if not alt:
+            continue
+        lines += ["", f"tilt with {what}, correction `token_tis`):", "",
+                  f"| size | new tokens | step {side} / tilt (s) | {side} / " + f" | {side} / ".join(trl)
+                  + f" | generate (vs {first}) | peak RSS (MiB) | {side} step / its floor | most time above floor "
+                  f"| {side} step / (FLOP floor + KV stream) |",
+                  "|---|---|---|" + "---|" * len(trl) + "---|---|---|---|---|"]
+        for p in alt:
+            t = p[side]
+            ratios = " | ".join(f"**{p[f'ratio_{side}_{s}']['step_s']:.2f}**" for s in trl)
             fp32 = f"{p['tilt']['step_s']:.3f}" if "tilt" in p else "—"
             lines.append(f"| {p['size']} | {p['tokens']} | {t['step_s']:.3f} / {fp32} | {ratios} | "
-                         f"{f(p[f'ratio_tilt_bf16_{first}']['generate'])} | {t['rss_mb']:.0f} | "
+                         f"{f(p[f'ratio_{side}_{first}']['generate'])} | {t['rss_mb']:.0f} | "
                          f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
-                         f"(+{t['excess_s'][t['dominant']]:.3f} s) |")
+                         f"(+{t['excess_s'][t['dominant']]:.3f} s) | {t['to_floor_kv']:.2f} "
+                         f"({t['kv_bytes'] / 1e9:.1f} GB, {t['kv_stream_s']:.3f} s) |")
     return "\n".join(lines)
 
 
@@ -229,8 +238,9 @@ def main() -> None:
                         "allocator setting, HEAP_ENV); ratios are tilt / each")
     p.add_argument("--trl-compile", action="store_true", help="also torch_compile=True on the TRL side(s)")
     p.add_argument("--tilt", default="fp32",
-                   help="tilt sides: fp32 (the model's dtype throughout) and/or bf16 (rollout.decode_dtype=bfloat16 "
-                        "with correction token_tis), e.g. fp32,bf16")
+                   help="tilt sides: fp32 (the model's dtype throughout), bf16 (rollout.decode_dtype=bfloat16 "
+                        "with correction token_tis) and/or kv16 (rollout.kv_cache_dtype=float16 with correction "
+                        "token_tis), e.g. fp32,bf16,kv16")
     p.add_argument("--lora", type=int, default=0,
                    help="LoRA rank on all linear layers, both sides (alpha = 2 r); 0 = full fine-tuning")
     p.add_argument("--cache", default=str(HERE / ".cache"), help="where the 10M/30M model directories go")
@@ -239,8 +249,8 @@ def main() -> None:
     bad = [t for t in a.trl.split(",") if t not in ("best", "default", "best_heap", "default_heap")]
     if bad or not a.trl:
         raise SystemExit(f"--trl {a.trl!r}: a comma-separated list of best, default, best_heap, default_heap")
-    if not a.tilt or [t for t in a.tilt.split(",") if t not in ("fp32", "bf16")]:
-        raise SystemExit(f"--tilt {a.tilt!r}: fp32, bf16 or fp32,bf16")
+    if not a.tilt or [t for t in a.tilt.split(",") if t not in TILT_SIDES]:
+        raise SystemExit(f"--tilt {a.tilt!r}: a comma-separated list of {', '.join(TILT_SIDES)}")
     Path(a.cache).mkdir(parents=True, exist_ok=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peak = measure_matmul_peak(a.threads)
@@ -256,12 +266,12 @@ def main() -> None:
             t0 = time.time()
             pt = run_point(size, tokens, a, peak, bf16_peak, bandwidth)
             points.append(pt)
-            lead = "tilt" if "tilt" in pt else "tilt_bf16"  # --tilt bf16 alone: the bf16 sampler only
-            key = "ratio_" if lead == "tilt" else "ratio_tilt_bf16_"
+            lead = next(s for s in pt["sides"] if s.startswith("tilt"))  # the first tilt side asked for
+            key = "ratio_" if lead == "tilt" else f"ratio_{lead}_"
             trl = "  ".join(f"{s} {pt[s]['step_s']:.3f}s (ratio {pt[key + s]['step_s']:.2f})"
                             for s in pt["sides"] if s.startswith("trl_"))
-            if lead == "tilt" and "tilt_bf16" in pt:
-                trl += f"  tilt_bf16 {pt['tilt_bf16']['step_s']:.3f}s"
+            trl += "".join(f"  {s} {pt[s]['step_s']:.3f}s (/floor {pt[s]['to_floor']:.2f})"
+                           for s in pt["sides"] if s.startswith("tilt") and s != lead)
             print(f"{size} x {tokens}: {lead} {pt[lead]['step_s']:.3f}s  {trl}  "
                   f"{lead}/floor {pt[lead]['to_floor']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
     import transformers

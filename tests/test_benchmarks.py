@@ -49,22 +49,25 @@ def test_step_time_benchmark_runs_one_tiny_point(tmp_path):
         assert abs(pt[f"ratio_{side}"]["step_s"] - t["step_s"] / pt[side]["step_s"]) < 1e-12
 
 
-def test_step_time_bf16_and_lora_sides(tmp_path):
-    """``--tilt fp32,bf16`` adds a tilt side that samples with bf16 products (its generate floor at the
-    measured bf16 peak) with ratios against TRL; ``--lora R`` runs LoRA on both sides (2 passes of
-    training FLOPs), bf16 sampling included. One invocation covers both (the full-weight fp32 sides
-    run in ``test_step_time_benchmark_runs_one_tiny_point``): each invocation starts three workers."""
+def test_step_time_bf16_kv16_and_lora_sides(tmp_path):
+    """``--tilt fp32,bf16,kv16`` adds a tilt side that samples with bf16 products (its generate floor at the
+    measured bf16 peak) and one with a float16 completion KV cache (its KV stream half the bytes), with ratios
+    against TRL; ``--lora R`` runs LoRA on both sides (2 passes of training FLOPs), the other samplers included.
+    One invocation covers them (the full-weight fp32 sides run in ``test_step_time_benchmark_runs_one_tiny_point``):
+    each invocation starts its workers."""
     res = tmp_path / "lora_bf16.json"
     stdout = _run(["benchmarks/step_time.py", "--sizes", "1m", "--tokens", "4", "--warmup", "0", "--repeats", "1",
                    "--prompts", "2", "--group", "2", "--threads", "1", "--trl", "best", "--lora", "2",
-                   "--tilt", "fp32,bf16", "--out", str(res)])
-    assert "tilt_bf16 / trl_best" in stdout
+                   "--tilt", "fp32,bf16,kv16", "--out", str(res)])
+    assert "tilt_bf16 / trl_best" in stdout and "tilt_kv16 / trl_best" in stdout
     data = json.loads(res.read_text())
     (pt,) = data["points"]
-    assert pt["sides"] == ["tilt", "tilt_bf16", "trl_best"] and data["meta"]["bf16_matmul_peak_flops"] > 0
-    t = pt["tilt_bf16"]
-    assert t["completion_tokens"] == 2 * 2 * 4 and 0 < t["floor_s"] < t["step_s"]
-    assert abs(pt["ratio_tilt_bf16_trl_best"]["step_s"] - t["step_s"] / pt["trl_best"]["step_s"]) < 1e-12
+    assert pt["sides"] == ["tilt", "tilt_bf16", "tilt_kv16", "trl_best"] and data["meta"]["bf16_matmul_peak_flops"] > 0
+    for side in ("tilt_bf16", "tilt_kv16"):
+        t = pt[side]
+        assert t["completion_tokens"] == 2 * 2 * 4 and 0 < t["floor_s"] < t["step_s"]
+        assert abs(pt[f"ratio_{side}_trl_best"]["step_s"] - t["step_s"] / pt["trl_best"]["step_s"]) < 1e-12
+    assert pt["tilt_kv16"]["floor_s"] == pt["tilt"]["floor_s"] and pt["tilt_kv16"]["kv_bytes"] == pt["tilt"]["kv_bytes"] / 2
     assert pt["lora"] == 2 and pt["tilt"]["passes"] == pt["trl_best"]["passes"] == pt["tilt_bf16"]["passes"] == 2.0
     assert all(pt[s]["ref"] > 0 for s in ("tilt", "trl_best"))  # TRL's reference: the policy with its adapter off
 

@@ -159,6 +159,15 @@ class RolloutCfg(Section):
     (correction.name, e.g. token_tis). Training-time sampling only (evaluation samples in the model's
     dtype); needs a float32 Llama/Qwen2/Mistral policy, LoRA included (adapters merged into the bf16 copy;
     tilt.fastdecode)."""
+    kv_cache_dtype: Literal["model", "float16"] = "model"
+    """Precision of the sampler's cache of completion keys and values. "model": the model's dtype. "float16": each
+    new key and value is rounded to half precision as it is cached and read back as float, so the decode attention
+    reads half the bytes (it reads the whole cache for every new token and is bound by the memory's read rate:
+    about 1.7 of 2.8 s of sampling at 10M parameters x 256 tokens; benchmarks/README.md, speed work 44). Products,
+    norms and sampling stay in the model's dtype. The sampler then differs from the learner by that rounding (log-probs
+    ~1e-4 apart), so a correction is required (correction.name, e.g. token_tis); a key or value beyond float16's
+    range (65504) stops the run with an error naming this setting. Training-time sampling only; needs tilt's grouped
+    decoder (a float32 Llama/Qwen2/Mistral policy, LoRA included, group_size >= 2)."""
 
     @model_validator(mode="after")
     def _min_within_max(self) -> "RolloutCfg":
@@ -442,6 +451,14 @@ class Config(Section):
             raise ValueError(f"rollout.decode_dtype={self.rollout.decode_dtype!r} samples from a lower-precision copy "
                              f"of the policy, so the learner must correct for the mismatch: set correction.name (e.g. "
                              f"token_tis; tilt.corrections)")
+        if self.rollout.kv_cache_dtype != "model" and self.correction.name == "none":
+            raise ValueError(f"rollout.kv_cache_dtype={self.rollout.kv_cache_dtype!r} samples with rounded keys and "
+                             f"values, so the learner must correct for the mismatch: set correction.name (e.g. "
+                             f"token_tis; tilt.corrections)")
+        if self.rollout.kv_cache_dtype != "model" and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.kv_cache_dtype={self.rollout.kv_cache_dtype!r} needs tilt's grouped decoder, "
+                             f"which samples G >= 2 completions per prompt: rollout.group_size is "
+                             f"{self.rollout.group_size}")
         return self
 
     @model_validator(mode="before")

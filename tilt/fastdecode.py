@@ -421,10 +421,17 @@ class GroupedDecoder(LeanDecoder):
     in another order: log-probs equal the per-row cache's to float rounding (~1e-7), and the
     samples are the same (tests/test_rollout.py). The rows run in prompt order inside ``step``
     (permuted in, logits permuted back), so sampling sees rows in the caller's order.
+
+    ``kv_dtype=torch.float16`` keeps the completion keys and values in half precision (rounded to nearest
+    as they are written, read back as floats; the prompt's stay in the model's dtype): the decode attention
+    reads every cached key and value once per new token and is bound by the memory's read rate, and this
+    halves the bytes (rollout.kv_cache_dtype; benchmarks/README.md, speed work 44). The sampler then
+    differs from the learner by that rounding, so the trainer requires a correction for it.
     """
 
     def __init__(self, model, prompt_cache, prompt_mask: Tensor, inverse: Tensor, capacity: int,
-                 matmul_dtype: Optional[torch.dtype] = None, positions: int = 0, fused: Optional[bool] = None):
+                 matmul_dtype: Optional[torch.dtype] = None, positions: int = 0, fused: Optional[bool] = None,
+                 kv_dtype: Optional[torch.dtype] = None):
         super().__init__(model, None, matmul_dtype, positions)
         n, u = inverse.shape[0], prompt_mask.shape[0]
         self.u, self.g = u, n // u
@@ -438,6 +445,13 @@ class GroupedDecoder(LeanDecoder):
         # fused C kernels (``_fused_step``; the products stay torch's / MKL's). ``fused=False``: torch
         # ops only (the benchmarks' and tests' reference path)
         self.fused = kernels.usable(w) if fused is None else bool(fused) and kernels.usable(w)
+        # the completion keys and values in ``kv_dtype`` (None: the model's; float16 halves the bytes the decode
+        # attention reads per token, rollout.kv_cache_dtype): rounded as they are written, read back as floats
+        kv_dtype = kv_dtype or w.dtype
+        if kv_dtype not in (w.dtype, torch.float16):
+            raise ValueError(f"kv_dtype {kv_dtype}: the completion cache is kept in the model's dtype or float16")
+        if kv_dtype == torch.float16 and self.fused and not kernels.kv_half_usable(self.head_dim):
+            self.fused = False  # no float16 path in this build or at this head size: torch ops
         # per layer: prompt keys in pair layout, [U, nkv, d, P] (transposed for ``attend``'s product) or
         # [U, nkv, P, d] for the fused kernel; values [U, nkv, P, d]
         self.kp, self.vp = [], []
@@ -446,8 +460,8 @@ class GroupedDecoder(LeanDecoder):
             k = k.index_select(-1, self.pair)
             self.kp.append((k if self.fused else k.transpose(-1, -2)).contiguous())
             self.vp.append(v.contiguous())
-        self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]  # [N, nkv, T, d]
-        self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim) for _ in self.layers]
+        self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim, dtype=kv_dtype) for _ in self.layers]  # [N, nkv, T, d]
+        self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim, dtype=kv_dtype) for _ in self.layers]
         self.filled = 0
         self._plan: Optional[tuple] = None  # ``_calls``: the fused step's library calls, built on first use
 
@@ -490,6 +504,11 @@ class GroupedDecoder(LeanDecoder):
         self.kc[i][:, :, t] = k[:, :, 0]
         self.vc[i][:, :, t] = v[:, :, 0]
         kc, vc = self.kc[i][:, :, :t + 1], self.vc[i][:, :, :t + 1]  # [N, nkv, t+1, d] views
+        if kc.dtype != q.dtype:  # a float16 cache (kv_dtype): what was kept, read back in the model's dtype
+            if bool((torch.isinf(self.kc[i][:, :, t]) & torch.isfinite(k[:, :, 0])).any()
+                    | (torch.isinf(self.vc[i][:, :, t]) & torch.isfinite(v[:, :, 0])).any()):
+                kernels.attend_done(kernels.KV_RANGE)  # rounded to infinity: beyond float16's range
+            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
         qh = q.reshape(n, nkv, rep, d)  # query heads grouped by their key head
         qg = qh.view(u, g, nkv, rep, d).transpose(1, 2).reshape(u, nkv, g * rep, d)  # [U, nkv, G rep, d]
         s_p = torch.matmul(qg, self.kp[i])  # [U, nkv, G rep, P]
@@ -562,6 +581,7 @@ class GroupedDecoder(LeanDecoder):
         residual stream ``h`` [N, H] (rows in prompt order) updated in place. The same function as the
         torch ops of ``step`` to float rounding (tests/test_kernels.py)."""
         lib, t, nq = kernels.library(), self.filled, self.nq
+        half = int(self.kc[0].dtype == torch.float16) if self.kc else 0
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
         calls = self._calls(h.shape[0])
         if calls is not None:  # the same calls as below, straight to the library
@@ -572,7 +592,7 @@ class GroupedDecoder(LeanDecoder):
             lib.tilt_add_rms_norm(hp, None, x.data_ptr(), h.shape[0], h.shape[1], self.layers[0]["in_eps"])
             for qkv, att, o, post, gu, down, nxt in layers:
                 lib.tilt_linear(*qkv)
-                kernels.attend_done(lib.tilt_attend(att[0], rp, *att[1:], t))
+                kernels.attend_done(lib.tilt_attend(att[0], rp, *att[1:], t, half))
                 lib.tilt_linear(*o)
                 lib.tilt_add_rms_norm(hp, *post)
                 lib.tilt_linear_swiglu(*gu)
@@ -639,7 +659,7 @@ def lean_decoder(model, cache, matmul_dtype: Optional[torch.dtype] = None,
 
 def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
                     capacity: int, matmul_dtype: Optional[torch.dtype] = None,
-                    positions: int = 0) -> Optional[GroupedDecoder]:
+                    positions: int = 0, kv_dtype: Optional[torch.dtype] = None) -> Optional[GroupedDecoder]:
     """A ``GroupedDecoder`` for U distinct prompts (``prompt_mask`` [U, P]; row r of the batch has
     prompt ``inverse[r]``) when the model is supported and every prompt has the same number of rows;
     else None. ``prompt_cache``: HF's prefill of the prompts (U rows), or None to call the decoder's
@@ -651,6 +671,7 @@ def grouped_decoder(model, prompt_cache, prompt_mask: Tensor, inverse: Tensor,
                                             for layer in getattr(prompt_cache, "layers", [None])):
         return None
     try:
-        return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity, matmul_dtype, positions)
+        return GroupedDecoder(model, prompt_cache, prompt_mask, inverse, capacity, matmul_dtype, positions,
+                              kv_dtype=kv_dtype)
     except AttributeError:
         return None

@@ -33,6 +33,7 @@ class SamplingParams:
     min_new_tokens: int = 0  # EOS cannot be sampled before this many tokens (as HF ``min_new_tokens``)
     lean: bool = True  # decode with tilt.fastdecode where the model type is supported (same numbers)
     matmul_dtype: Optional[torch.dtype] = None  # decode-step matmuls in this dtype (lean decoder only; None = model's)
+    kv_dtype: Optional[torch.dtype] = None  # completion KV cache in this dtype (grouped decoder only; None = model's)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -236,15 +237,20 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
         counts = torch.bincount(inverse, minlength=u_ids.shape[0])  # [U] rows per prompt
         if 2 * u_ids.shape[0] <= n and bool((counts == counts[0]).all()):
             if params.matmul_dtype in (None, model_dtype(model)):  # the prompts through the decoder's own weights
-                fast = grouped_decoder(model, None, u_mask, inverse, params.max_new_tokens, positions=capacity)
+                fast = grouped_decoder(model, None, u_mask, inverse, params.max_new_tokens, positions=capacity,
+                                       kv_dtype=params.kv_dtype)
                 logits = None if fast is None else fast.prefill(u_ids, u_mask).index_select(0, inverse)  # [N, V]
             else:  # lower-precision decode products: the prompts still in the model's dtype (HF's forward)
                 u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
                 out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True,
                             **cache_kw(model, preallocated_cache(model, prompt_ids.shape[1])), logits_to_keep=1)
                 fast = grouped_decoder(model, output_cache(out), u_mask, inverse, params.max_new_tokens,
-                                       params.matmul_dtype, positions=capacity)
+                                       params.matmul_dtype, positions=capacity, kv_dtype=params.kv_dtype)
                 logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
+    if params.kv_dtype not in (None, model_dtype(model)) and fast is None:
+        raise ValueError(f"a {params.kv_dtype} KV cache needs tilt's grouped decoder, which does not apply here: it "
+                         f"runs float32 Llama/Qwen2/Mistral models (tilt.fastdecode.lean_supported; this is "
+                         f"{type(model).__name__}) on batches where every prompt has the same number G >= 2 of rows")
     if fast is None:
         shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity),
                                 logits_to_keep=1)

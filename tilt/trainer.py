@@ -87,11 +87,13 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     plan = resolve(cfg)  # methods, their needs -> providers, settings; ConfigError if unmet
     dtype = DTYPES[cfg.model.dtype]
     policy = load_train_policy(cfg.model)  # on model.device, in model.dtype, LoRA-wrapped when configured
-    if cfg.rollout.decode_dtype != "model" and not lean_supported(policy.model):
-        raise ConfigError(f"rollout.decode_dtype={cfg.rollout.decode_dtype!r} needs tilt's lean decoder, which runs "
-                          f"float32/float64 Llama/Qwen2/Mistral policies (LoRA included: vanilla adapters without "
-                          f"dropout); this policy is {type(policy.model).__name__} (model.dtype={cfg.model.dtype}, "
-                          f"lora={cfg.model.lora.enabled}): leave rollout.decode_dtype='model'")
+    for key in ("decode_dtype", "kv_cache_dtype"):
+        value = getattr(cfg.rollout, key)
+        if value != "model" and not lean_supported(policy.model):
+            raise ConfigError(f"rollout.{key}={value!r} needs tilt's lean decoder, which runs float32/float64 "
+                              f"Llama/Qwen2/Mistral policies (LoRA included: vanilla adapters without dropout); this "
+                              f"policy is {type(policy.model).__name__} (model.dtype={cfg.model.dtype}, "
+                              f"lora={cfg.model.lora.enabled}): leave rollout.{key}='model'")
     fns = reward_fns if reward_fns is not None else [resolve_reward_fn(n) for n in cfg.reward.functions]
     weights = cfg.reward.weights or [1.0] * len(fns)
     if len(weights) != len(fns):
@@ -106,7 +108,8 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     generator = torch.Generator().manual_seed(cfg.seed)
     params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                             min_new_tokens=cfg.rollout.min_new_tokens,
-                            matmul_dtype=None if cfg.rollout.decode_dtype == "model" else DTYPES[cfg.rollout.decode_dtype])
+                            matmul_dtype=None if cfg.rollout.decode_dtype == "model" else DTYPES[cfg.rollout.decode_dtype],
+                            kv_dtype={"model": None, "float16": torch.float16}[cfg.rollout.kv_cache_dtype])
     run = Run(cfg, policy, generator, params, rewards_fn)
     run.chunk_tokens = (auto_micro_batch_tokens(policy.model) if cfg.train.micro_batch_tokens == "auto"
                         else cfg.train.micro_batch_tokens)

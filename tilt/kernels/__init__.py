@@ -41,7 +41,8 @@ HEADERS = [HERE / "common.h", HERE / "vec16.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    "tilt_attend": [_P] * 8 + [_I64] * 8,
+    "tilt_attend": [_P] * 8 + [_I64] * 9,
+    "tilt_kv_half": [],
     "tilt_add_rms_norm": [_P, _P, _P, _I64, _I64, _F32],
     "tilt_silu_mul": [_P, _P, _I64, _I64],
     "tilt_swiglu_backward": [_P, _P, _P, _I64, _I64],
@@ -56,7 +57,8 @@ SIGNATURES = {
     "tilt_linear_swiglu": [_P] * 4 + [_I64] * 3,
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
-           "tilt_tf_attention_backward": ctypes.c_int, "tilt_attend": ctypes.c_int}  # the others return nothing
+           "tilt_tf_attention_backward": ctypes.c_int, "tilt_attend": ctypes.c_int,
+           "tilt_kv_half": ctypes.c_int}  # the others return nothing
 _state: dict = {}
 
 
@@ -397,7 +399,9 @@ def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tenso
     q/k/v product, [N, (nq + 2 nkv) d], rows in prompt order), the new key and value written to
     ``kc``/``vc`` [N, nkv, cap, d] at position ``t``, and attention over the prompt's keys ``kp``
     and values ``vp`` [U, nkv, P, d] (``pad`` [U, P] uint8, 1 = padding) and the
-    completion's 0..t. ``rot``: [N, d/2] complex64. Returns [N, nq d]."""
+    completion's 0..t. ``rot``: [N, d/2] complex64. ``kc``/``vc`` may be float16 (rollout.kv_cache_dtype;
+    where ``kv_half_usable``): the new key and value are rounded to it as torch's ``.half()`` rounds. Returns
+    [N, nq d]."""
     lib = lib or library()
     n, nkv, cap, d = kc.shape
     u, p = pad.shape
@@ -406,16 +410,37 @@ def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tenso
                          f"kp {tuple(kp.shape)}, vp {tuple(vp.shape)}, pad {tuple(pad.shape)}")
     if not 0 <= t < cap or n % u:
         raise ValueError(f"attend: position {t} outside the cache's {cap}, or {n} rows not in groups of {u}")
+    if kc.dtype != vc.dtype or kc.dtype not in (torch.float32, torch.float16) or not (kc.is_contiguous()
+                                                                                         and vc.is_contiguous()):
+        raise ValueError(f"attend: the completion cache must be contiguous float32 or float16 (keys {kc.dtype}, "
+                         f"values {vc.dtype})")
     out = y.new_empty(n, nq * d)
     attend_done(lib.tilt_attend(_ptr(y), _ptr(torch.view_as_real(rot)), _ptr(kc), _ptr(vc), _ptr(kp), _ptr(vp),
-                                _ptr(pad), _ptr(out), n, u, nq, nkv, d, p, cap, t))
+                                _ptr(pad), _ptr(out), n, u, nq, nkv, d, p, cap, t, int(kc.dtype == torch.float16)))
     return out
 
 
-def attend_done(undone: int) -> None:
-    """MemoryError when ``tilt_attend`` left rows undone (a thread could not allocate its scratch)."""
-    if undone:
-        raise MemoryError(f"attend: the kernel could not allocate its per-thread scratch ({undone} rows left undone)")
+KV_RANGE, KV_UNSUPPORTED = -1, -2  # decode.c's TILT_KV_RANGE, TILT_KV_UNSUPPORTED
+
+
+def attend_done(code: int) -> None:
+    """Raise for what ``tilt_attend`` reports: rows left undone (a thread could not allocate its scratch:
+    MemoryError), a new key or value beyond float16's range in a float16 cache (OverflowError), a float16
+    cache where the build or head size has none (ValueError)."""
+    if code == KV_RANGE:
+        raise OverflowError("attend: a new key or value lies outside float16's range (|x| >= 65520 rounds to "
+                            "infinity) and cannot be kept in the float16 KV cache: set rollout.kv_cache_dtype='model'")
+    if code == KV_UNSUPPORTED:
+        raise ValueError("attend: no float16 KV cache in this build or at this head size (kv_half_usable)")
+    if code:
+        raise MemoryError(f"attend: the kernel could not allocate its per-thread scratch ({code} rows left undone)")
+
+
+def kv_half_usable(head_dim: int, lib=None) -> bool:
+    """Whether ``attend`` keeps a float16 completion cache at this head size: the kernels loaded, built with F16C
+    conversions, and a head size that is a multiple of 16 up to 128."""
+    lib = lib or library()
+    return lib is not None and bool(lib.tilt_kv_half()) and head_dim % 16 == 0 and head_dim <= 128
 
 
 def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor,
@@ -431,9 +456,9 @@ def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor,
     q = qk[:, :nq].reshape(n, nkv, rep, d)
     idx = torch.arange(n) // g
     s_p = torch.matmul(q, kp[idx].transpose(-1, -2)).masked_fill(pad[idx].bool()[:, None, None, :], -torch.inf)  # [N, nkv, rep, P]
-    s_c = torch.matmul(q, kc[:, :, :t + 1].transpose(-1, -2))  # [N, nkv, rep, t+1]
+    s_c = torch.matmul(q, kc[:, :, :t + 1].to(q.dtype).transpose(-1, -2))  # [N, nkv, rep, t+1]
     w = torch.softmax(torch.cat([s_p, s_c], -1), -1)
-    o = torch.matmul(w[..., :p], vp[idx]) + torch.matmul(w[..., p:], vc[:, :, :t + 1])
+    o = torch.matmul(w[..., :p], vp[idx]) + torch.matmul(w[..., p:], vc[:, :, :t + 1].to(q.dtype))
     return o.reshape(n, nq * d)
 
 
@@ -538,3 +563,10 @@ def _self_check(lib) -> None:
         want = attend_reference(y, rot, kc2, vc2, kp, vp, pad, t, nq)
         check(torch.allclose(got, want, atol=1e-5) and torch.allclose(kc, kc2, atol=1e-6)
               and torch.equal(vc, vc2), f"attend (head size {d})")
+        if kv_half_usable(d, lib):  # a float16 cache: the same attention over the same rounded keys and values
+            kh, vh = kc.half(), vc.half()
+            kh2, vh2 = kh.clone(), vh.clone()
+            got = attend(y, rot, kh, vh, kp, vp, pad, t + 1, nq, lib)
+            want = attend_reference(y, rot, kh2, vh2, kp, vp, pad, t + 1, nq)
+            check(torch.allclose(got, want, atol=1e-5) and torch.allclose(kh.float(), kh2.float(), atol=1e-3)
+                  and torch.equal(vh, vh2), f"attend with a float16 cache (head size {d})")

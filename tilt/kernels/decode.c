@@ -18,6 +18,9 @@
 #include <string.h>
 
 #include "common.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 /* Ask for the first `count` floats of two blocks (one head's cached keys and values) to be brought
  * into cache: each head's block is a few KB in its own pages, where the hardware prefetcher starts
@@ -118,22 +121,46 @@ static inline v16 sum16(const v16 *a) {
     return SHUF(d0, d1, LANES(0, 2, 4, 6)) + SHUF(d0, d1, LANES(1, 3, 5, 7));
 }
 
-/* s[j] = q . k_j for `count` keys stored as rows of D floats (D = 16 W), sixteen keys per block: each
- * key's products summed lane-wise (independent chains), the block's 16 sums by sum16. s has room for
- * count rounded up to 16. pf (or NULL): another block of rows laid out as k's, asked into L2 a row per row
- * of k read (the next head's keys: the hardware prefetcher does not cross into its pages in time). */
-static inline __attribute__((always_inline)) void dots16(const v16 *q, const float *k, int64_t count, float *s,
-                                                         const int64_t W, const float *pf) {
+/* The completion cache holds floats, or (H = 1, rollout.kv_cache_dtype) IEEE half-precision values converted on
+ * load: the decode attention reads every cached key and value once per new token and is bound by the memory's
+ * read rate (benchmarks/README.md, speed work 44), so halving the bytes read halves its time. kv_at: element i of
+ * such a cache; ldkv: 16 of its values from there as floats. */
+static inline __attribute__((always_inline)) const void *kv_at(const void *base, const int H, int64_t i) {
+    return H ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
+}
+
+static inline __attribute__((always_inline)) v16 ldkv(const void *p, const int H) {
+    if (!H) return LD(p);
+#if defined(__AVX512F__)
+    return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__)
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p + 1));
+    v16 x;
+    memcpy(&x, &a, sizeof a), memcpy((char *)&x + sizeof a, &b, sizeof b);
+    return x;
+#else
+    return IOTA * 0.0f; /* not reached: tilt_kv_half reports 0 and the caller keeps a float cache */
+#endif
+}
+
+/* s[j] = q . k_j for `count` keys stored as rows of D = 16 W values (floats, or halves when H), sixteen keys
+ * per block: each key's products summed lane-wise (independent chains), the block's 16 sums by sum16. s has
+ * room for count rounded up to 16. pf (or NULL): another block of rows laid out as k's, asked into L2 a row
+ * per row of k read (the next head's keys: the hardware prefetcher does not cross into its pages in time). */
+static inline __attribute__((always_inline)) void dots16(const v16 *q, const void *k, int64_t count, float *s,
+                                                         const int64_t W, const void *pf, const int H) {
+    const int64_t line = H ? 2 : 1; /* vectors of 16 per 64-byte line */
     for (int64_t j = 0; j < count; j += 16) {
         v16 a[16];
         const int64_t n = count - j < 16 ? count - j : 16;
         for (int64_t i = 0; i < 16; i++) {
             if (i < n) {
-                const float *kj = k + (j + i) * W * 16;
+                const int64_t row = (j + i) * W * 16;
                 if (pf)
-                    for (int64_t e = 0; e < W; e++) __builtin_prefetch(pf + (j + i) * W * 16 + 16 * e, 0, 2);
-                v16 x = q[0] * LD(kj);
-                for (int64_t e = 1; e < W; e++) x += q[e] * LD(kj + 16 * e);
+                    for (int64_t e = 0; e < W; e += line) __builtin_prefetch(kv_at(pf, H, row + 16 * e), 0, 2);
+                v16 x = q[0] * ldkv(kv_at(k, H, row), H);
+                for (int64_t e = 1; e < W; e++) x += q[e] * ldkv(kv_at(k, H, row + 16 * e), H);
                 a[i] = x;
             } else {
                 a[i] = IOTA * 0.0f;
@@ -143,11 +170,12 @@ static inline __attribute__((always_inline)) void dots16(const v16 *q, const flo
     }
 }
 
-/* acc[e] += sum_j w[j] v_j over `count` value rows of D = 16 W floats, with S sets of accumulators
- * (keys j, j + 1, ... in turn) so consecutive keys' multiply-adds do not wait on each other; pf as in
- * dots16. */
-static inline __attribute__((always_inline)) void wsum16(const float *w, const float *v, int64_t count, v16 *acc,
-                                                         const int64_t W, const int S, const float *pf) {
+/* acc[e] += sum_j w[j] v_j over `count` value rows of D = 16 W values (floats, or halves when H), with S sets of
+ * accumulators (keys j, j + 1, ... in turn) so consecutive keys' multiply-adds do not wait on each other; pf as
+ * in dots16. */
+static inline __attribute__((always_inline)) void wsum16(const float *w, const void *v, int64_t count, v16 *acc,
+                                                         const int64_t W, const int S, const void *pf, const int H) {
+    const int64_t line = H ? 2 : 1;
     v16 a[4][8];
     for (int r = 0; r < S; r++)
         for (int64_t e = 0; e < W; e++) a[r][e] = IOTA * 0.0f;
@@ -155,15 +183,14 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const f
     for (; j + S <= count; j += S)
         for (int r = 0; r < S; r++) {
             const float p = w[j + r];
-            const float *vj = v + (j + r) * W * 16;
+            const int64_t row = (j + r) * W * 16;
             if (pf)
-                for (int64_t e = 0; e < W; e++) __builtin_prefetch(pf + (j + r) * W * 16 + 16 * e, 0, 2);
-            for (int64_t e = 0; e < W; e++) a[r][e] += p * LD(vj + 16 * e);
+                for (int64_t e = 0; e < W; e += line) __builtin_prefetch(kv_at(pf, H, row + 16 * e), 0, 2);
+            for (int64_t e = 0; e < W; e++) a[r][e] += p * ldkv(kv_at(v, H, row + 16 * e), H);
         }
     for (; j < count; j++) {
         const float p = w[j];
-        const float *vj = v + j * W * 16;
-        for (int64_t e = 0; e < W; e++) a[0][e] += p * LD(vj + 16 * e);
+        for (int64_t e = 0; e < W; e++) a[0][e] += p * ldkv(kv_at(v, H, j * W * 16 + 16 * e), H);
     }
     for (int64_t e = 0; e < W; e++) {
         v16 x = a[0][e];
@@ -175,18 +202,20 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const f
 /* head() for D = 16 W (W <= 8) in 16-float vectors: the scores sixteen keys at a time, the softmax on
  * whole vectors, the weighted sum with independent accumulators. Same function as head(), summed in
  * another order. s has room for P + t + 33 floats; pk, pv: the next head's completion keys and values
- * (or NULL), asked for in step with this head's. */
+ * (or NULL), asked for in step with this head's. H: the completion keys and values kr, vr (and pk, pv)
+ * are halves; the prompt's kp, vp are floats either way. */
 static inline __attribute__((always_inline)) void head16(const float *qf, const float *kp, const float *vp,
-                                                         const uint8_t *pad, const float *kr, const float *vr,
+                                                         const uint8_t *pad, const void *kr, const void *vr,
                                                          int64_t P, int64_t t, float *s, float *out,
-                                                         const int64_t W, const float *pk, const float *pv) {
+                                                         const int64_t W, const void *pk, const void *pv,
+                                                         const int H) {
     const int64_t P16 = (P + 15) / 16 * 16;
     const v16 ninf = IOTA * 0.0f - INFINITY;
     v16 q[8];
     for (int64_t e = 0; e < W; e++) q[e] = LD(qf + 16 * e);
     /* prompt scores in s[0, P), completion scores from s[P16] on (both blocks start on a whole vector) */
-    dots16(q, kp, P, s, W, 0);
-    dots16(q, kr, t + 1, s + P16, W, pk);
+    dots16(q, kp, P, s, W, 0, 0);
+    dots16(q, kr, t + 1, s + P16, W, pk, H);
     for (int64_t j = 0; j < P; j++)
         if (pad[j]) s[j] = -INFINITY;
     for (int64_t j = P; j < P16; j++) s[j] = -INFINITY;
@@ -207,8 +236,8 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
     v16 acc[8];
     for (int64_t e = 0; e < W; e++) acc[e] = IOTA * 0.0f;
     const int S = W <= 4 ? 4 : 2;
-    wsum16(s, vp, P, acc, W, S, 0);
-    wsum16(s + P16, vr, t + 1, acc, W, S, pv);
+    wsum16(s, vp, P, acc, W, S, 0, 0);
+    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H);
     const float inv = 1.0f / hsum(tv);
     for (int64_t e = 0; e < W; e++) ST(out + 16 * e, acc[e] * inv);
 }
@@ -246,21 +275,52 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
  *
  * y     [N, (nq + 2 nkv) d]  the fused q/k/v product (q, k in pair layout; q carries 1/sqrt(d))
  * rot   [N, d/2, 2]          e^{i p theta} as (cos, sin)
- * kc,vc [N, nkv, cap, d]     completion keys / values (position t is written here)
- * kp,vp [U, nkv, P, d]       prompt keys (pair layout) / values
+ * kc,vc [N, nkv, cap, d]     completion keys / values (position t is written here): floats, or with
+ *                            half = 1 IEEE half-precision values (rounded to nearest even on the way in)
+ * kp,vp [U, nkv, P, d]       prompt keys (pair layout) / values, floats
  * pad   [U, P]               1 where the prompt position is padding
  * out   [N, nq d]
  * Rows are in prompt order: row n belongs to prompt n / (N / U). Head sizes that are multiples of 16 up
- * to 128 run head16 (32, 64 and 128 with loops of fixed length), others head(). Returns the number of rows
- * left undone because a thread could not allocate its scratch (0: all done; the caller raises).
+ * to 128 run head16 (32, 64 and 128 with loops of fixed length), others head() (float caches only).
+ * Returns 0 when done; the number of rows left undone because a thread could not allocate its scratch
+ * (neither their cache nor their output written; the caller raises); TILT_KV_RANGE when a new key or value
+ * lies outside half precision's range (|x| >= 65520 rounds to infinity; the row's other work is done); or
+ * TILT_KV_UNSUPPORTED when half = 1 where this build or head size has no half-precision path (tilt_kv_half).
  */
-int tilt_attend(const float *y, const float *rot, float *kc, float *vc, const float *kp,
+#define TILT_KV_RANGE (-1)
+#define TILT_KV_UNSUPPORTED (-2)
+
+/* Whether this build reads and writes half-precision caches (F16C conversions). */
+int tilt_kv_half(void) {
+#if defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x rounded to the nearest half-precision value (ties to even), as bits; *over set when a finite x rounds to
+ * infinity. */
+static inline uint16_t to_half(float x, int *over) {
+#if defined(__F16C__)
+    const uint16_t h = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+    if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff) == 0 && isfinite(x)) *over = 1;
+    return h;
+#else
+    (void)x, *over = 1;
+    return 0;
+#endif
+}
+
+int tilt_attend(const float *y, const float *rot, void *kc, void *vc, const float *kp,
                 const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
-                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t) {
-    const int64_t G = N / U, rep = nq / nkv, half = d / 2, width = (nq + 2 * nkv) * d;
+                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t, int64_t half) {
+    const int64_t G = N / U, rep = nq / nkv, hd = d / 2, width = (nq + 2 * nkv) * d;
     const int vec = d % 16 == 0 && d <= 128; /* head16; else head() */
-    int bad = 0;
-#pragma omp parallel reduction(+ : bad)
+    const int H = half != 0;
+    if (H && (!vec || !tilt_kv_half())) return TILT_KV_UNSUPPORTED;
+    int bad = 0, over = 0;
+#pragma omp parallel reduction(+ : bad) reduction(| : over)
     {
         /* q, then the scores: room for the prompt's and the completion's keys, each rounded up to 16 */
         float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1 + 48));
@@ -275,13 +335,24 @@ int tilt_attend(const float *y, const float *rot, float *kc, float *vc, const fl
             const int64_t u = n / G;
             for (int64_t h = 0; h < nkv; h++) { /* the new key (rotated) and value into the cache */
                 const float *k = yr + (nq + h) * d, *v = yr + (nq + nkv + h) * d;
-                float *kd = kc + ((n * nkv + h) * cap + t) * d, *vd = vc + ((n * nkv + h) * cap + t) * d;
-                for (int64_t j = 0; j < half; j++) {
-                    const float a = k[2 * j], b = k[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
-                    kd[2 * j] = a * c - b * sn;
-                    kd[2 * j + 1] = a * sn + b * c;
+                const int64_t at = ((n * nkv + h) * cap + t) * d;
+                if (H) {
+                    uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
+                    for (int64_t j = 0; j < hd; j++) {
+                        const float a = k[2 * j], b = k[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
+                        kd[2 * j] = to_half(a * c - b * sn, &over);
+                        kd[2 * j + 1] = to_half(a * sn + b * c, &over);
+                    }
+                    for (int64_t j = 0; j < d; j++) vd[j] = to_half(v[j], &over);
+                } else {
+                    float *kd = (float *)kc + at, *vd = (float *)vc + at;
+                    for (int64_t j = 0; j < hd; j++) {
+                        const float a = k[2 * j], b = k[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
+                        kd[2 * j] = a * c - b * sn;
+                        kd[2 * j + 1] = a * sn + b * c;
+                    }
+                    memcpy(vd, v, sizeof(float) * (size_t)d);
                 }
-                memcpy(vd, v, sizeof(float) * (size_t)d);
             }
             for (int64_t qh = 0; qh < nq; qh++) {
                 const int64_t h = qh / rep, nh = n * nkv + h;
@@ -290,31 +361,37 @@ int tilt_attend(const float *y, const float *rot, float *kc, float *vc, const fl
                  * with each row of this head's (on the group's last query head, so once per key head); for
                  * other head sizes as one block up front */
                 const int ahead = qh % rep == rep - 1 && nh + 1 < N * nkv;
-                const float *pk = ahead ? kc + (nh + 1) * cap * d : 0, *pv = ahead ? vc + (nh + 1) * cap * d : 0;
+                const void *pk = ahead ? kv_at(kc, H, (nh + 1) * cap * d) : 0;
+                const void *pv = ahead ? kv_at(vc, H, (nh + 1) * cap * d) : 0;
                 if (!vec && qh % rep == 0 && nh + 1 < N * nkv)
-                    prefetch_block(kc + (nh + 1) * cap * d, vc + (nh + 1) * cap * d, (t + 1) * d);
-                for (int64_t j = 0; j < half; j++) {
+                    prefetch_block((const float *)kc + (nh + 1) * cap * d, (const float *)vc + (nh + 1) * cap * d,
+                                   (t + 1) * d);
+                for (int64_t j = 0; j < hd; j++) {
                     const float a = qs[2 * j], b = qs[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
                     q[2 * j] = a * c - b * sn;
                     q[2 * j + 1] = a * sn + b * c;
                 }
                 const float *kpu = kp + (u * nkv + h) * P * d, *vpu = vp + (u * nkv + h) * P * d;
-                const float *kr = kc + nh * cap * d, *vr = vc + nh * cap * d;
+                const void *kr = kv_at(kc, H, nh * cap * d), *vr = kv_at(vc, H, nh * cap * d);
                 float *o = out + (n * nq + qh) * d;
                 const uint8_t *pu = pad + u * P;
+                /* fixed head sizes get loops of fixed length, each for float and half caches */
+#define HEAD16(W) (H ? head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, W, pk, pv, 1) \
+                     : head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, W, pk, pv, 0))
                 switch (d) {
-                case 32: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 2, pk, pv); break;
-                case 64: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 4, pk, pv); break;
-                case 128: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 8, pk, pv); break;
+                case 32: HEAD16(2); break;
+                case 64: HEAD16(4); break;
+                case 128: HEAD16(8); break;
                 default:
-                    if (vec) head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, d / 16, pk, pv);
-                    else head(q, kpu, vpu, pu, kr, vr, P, t, s, o, d);
+                    if (vec) HEAD16(d / 16);
+                    else head(q, kpu, vpu, pu, (const float *)kr, (const float *)vr, P, t, s, o, d);
                 }
+#undef HEAD16
             }
         }
         free(q);
     }
-    return bad;
+    return bad ? bad : (over ? TILT_KV_RANGE : 0);
 }
 
 /* h += x (when x is not NULL), then out = h / sqrt(mean(h^2) + eps): RMS norm without its weight
