@@ -181,3 +181,14 @@ def test_float16_cache_trains_with_a_correction(tmp_path, tiny_llama_dir, monkey
     steps = [r for r in rows if r["step"] > 0]
     assert len(steps) == 2 and all(r["train/skipped"] == 0 for r in steps)
     assert all(0 < r["mismatch/log_ratio_abs_max"] < KV16_TOL and r["mismatch/masked_frac"] == 0 for r in steps)
+
+
+def test_float16_cache_with_bf16_products(tiny_llama_dir, monkeypatch):
+    """The two sampler settings combine: bf16 decode products over a float16 completion cache."""
+    made = _decoders(monkeypatch)
+    pol = load_policy(str(tiny_llama_dir))
+    b = _rollout(pol, PROMPTS * 2, torch.float16, matmul_dtype=torch.bfloat16)
+    assert made[0].kc[0].dtype == torch.float16 and made[0].layers[0]["qkv"][0].dtype == torch.bfloat16
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    assert 0 < float((lp * b.completion_mask - b.logprobs).abs().max()) <= 0.05  # test_decode_dtype's BF16_TOL
