@@ -16,7 +16,9 @@
   through tilt.kernels' Python wrappers (speed work 41);
 * ``--compare kernels --rev REV``: the working tree's tilt.kernels (wrappers and C sources) against
   tilt/kernels as of git revision REV, built into its own library (speed work 38); also prints the
-  time spent in the decode attention (``attend``) and in the products on each side.
+  time spent in the decode attention (``attend``) and in the products on each side;
+* ``--compare kv16``: a float16 completion KV cache (``rollout.kv_cache_dtype=float16``) against one in
+  float32 (speed work 44), both through the wrappers (so ``attend`` and the products are timed as above).
 
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6
     python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 2 --compare fused
@@ -24,6 +26,7 @@
     python benchmarks/packed_decode.py --size smollm2 --tokens 64 --repeats 3 --compare sampler
     python benchmarks/packed_decode.py --size 10m --tokens 256 --repeats 3 --compare kernels --rev HEAD~1
     python benchmarks/packed_decode.py --size 30m --tokens 64 --repeats 6 --compare products
+    python benchmarks/packed_decode.py --size 10m --tokens 256 --repeats 3 --compare kv16
 
 One process, the two settings interleaved (A B, B A, ...), 8 prompts x 8 samples, the length forced;
 prints the median seconds of each, their ratio, whether the sampled tokens are equal and the largest
@@ -32,6 +35,7 @@ log-prob difference.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import statistics
 import sys
 import time
@@ -51,7 +55,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(HERE / ".cache"))
-    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products", "swiglu", "calls"), default="packed")
+    p.add_argument("--compare", choices=("packed", "fused", "packed_bf16", "sampler", "kernels", "products", "swiglu", "calls", "kv16"), default="packed")
     p.add_argument("--rev", default="HEAD", help="--compare kernels: the git revision whose tilt/kernels is the baseline")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -64,13 +68,16 @@ def main() -> None:
         sys.exit("this torch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear): nothing to compare")
     if a.compare == "packed_bf16" and not fd.DNN_BF16_PACKING:
         sys.exit("no oneDNN bf16 linear with a prepacked weight here (torch.ops.mkldnn, native bf16): nothing to compare")
-    if a.compare in ("fused", "sampler", "kernels", "products", "swiglu", "calls") and fd.kernels.library() is None:
+    if a.compare in ("fused", "sampler", "kernels", "products", "swiglu", "calls", "kv16") and fd.kernels.library() is None:
         sys.exit(f"tilt.kernels: {fd.kernels.status()}: nothing to compare")
     usable = fd.kernels.usable
     current = fd.kernels
     straight = fd.GroupedDecoder._calls
     spent = {"attend": 0.0, "products": 0.0}
-    if a.compare in ("kernels", "products", "swiglu"):
+    timing = a.compare in ("kernels", "products", "swiglu", "kv16")  # attend / products timed through the wrappers
+    if a.compare == "kv16":
+        fd.GroupedDecoder._calls = lambda self, n: None
+    if timing:
         from forward_ab import kernels_at
 
         baseline = kernels_at(a.rev) if a.compare == "kernels" else current
@@ -100,6 +107,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens, matmul_dtype=dtype)
 
     def run(on: bool):
+        nonlocal params
         if a.compare == "packed":
             fd.MKL_PACKING = on
             fd.C_PRODUCTS = False
@@ -107,6 +115,9 @@ def main() -> None:
             fd.GroupedDecoder._calls = straight if on else (lambda self, n: None)
         elif a.compare in ("products", "swiglu"):
             setattr(fd, "C_PRODUCTS" if a.compare == "products" else "C_SWIGLU", on)
+            spent.update(attend=0.0, products=0.0)
+        elif a.compare == "kv16":
+            params = replace(params, kv_dtype=torch.float16 if on else None)
             spent.update(attend=0.0, products=0.0)
         elif a.compare == "packed_bf16":
             fd.DNN_BF16_PACKING = on
@@ -124,7 +135,7 @@ def main() -> None:
             b = generate(pol.model, ids, mask, params=params, eos_id=pol.eos_id, pad_id=pol.pad_id,
                          generator=torch.Generator().manual_seed(0))
             took = time.perf_counter() - t
-            if a.compare in ("kernels", "products", "swiglu"):
+            if timing:
                 parts[on].append(dict(spent))
             return took, b
 
@@ -144,10 +155,10 @@ def main() -> None:
              "kernels": ("kernels now", f"kernels at {a.rev}"),
              "products": ("tilt.kernels.linear", "MKL packed"),
              "swiglu": ("linear_swiglu", "linear + silu_mul"),
-             "calls": ("straight calls", "wrappers")}[a.compare]
+             "calls": ("straight calls", "wrappers"), "kv16": ("float16 KV cache", "float32 KV cache")}[a.compare]
     print(f"{a.size} x {a.tokens}: {names[0]} {new:.4f} s, {names[1]} {old:.4f} s, ratio {new / old:.3f}; "
           f"same tokens {same}, max |log-prob difference| {diff:.2e} ({a.repeats} repeats each)")
-    if a.compare in ("kernels", "products", "swiglu"):
+    if timing:
         for on, name in ((True, names[0]), (False, names[1])):
             print(f"  {name}: " + ", ".join(f"{k} {statistics.median(x[k] for x in parts[on]):.4f} s"
                                             for k in ("attend", "products")))
