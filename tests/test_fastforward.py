@@ -158,9 +158,11 @@ def test_lean_pass_lora_on_some_projections(tiny_llama_dir, monkeypatch):
 
 
 def test_frozen_stacked_weights_follow_in_place_updates(tiny_llama_dir, monkeypatch):
-    """Under no_grad the stacked q/k/v and gate/up weights are kept between calls; writing a weight in
-    place (an optimizer step, load_state_dict) makes the next pass stack them again."""
+    """A frozen model's (requires_grad off: a reference, a LoRA policy's base) stacked q/k/v and gate/up
+    weights are kept between calls; writing a weight in place (load_state_dict, an EMA update) makes the
+    next pass stack them again."""
     pol = load_policy(str(tiny_llama_dir))
+    pol.model.requires_grad_(False)
     b = _batch(pol, PROMPTS)
     args = (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
 
@@ -182,6 +184,32 @@ def test_frozen_stacked_weights_follow_in_place_updates(tiny_llama_dir, monkeypa
     after, slow = both()
     torch.testing.assert_close(after, slow, atol=1e-5, rtol=0)
     assert (after - before).abs().max() > 1e-3
+
+
+def test_no_grad_pass_of_a_trainable_policy_sees_a_fused_optimizer_step(tiny_llama_dir, monkeypatch):
+    """A no-grad pass over trainable weights (the learner-log-prob pass of a correction) keeps no stack: a fused
+    AdamW step writes the weights without bumping their ``_version``, and the next pass must see the new
+    weights (it saw the old ones before: log pi_old from before the last update)."""
+    pol = load_policy(str(tiny_llama_dir))
+    b = _batch(pol, PROMPTS)
+    args = (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    with torch.no_grad():
+        before, _ = sequence_logprobs(pol.model, *args)
+    layer = pol.model.model.layers[0]
+    assert "_tilt_stacked" not in layer.self_attn.q_proj.__dict__
+    versions = [p._version for p in pol.model.parameters()]
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=0.05, fused=True)
+    for p in pol.model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert [p._version for p in pol.model.parameters()] == versions  # the weights moved, their versions did not
+    with torch.no_grad():
+        after, _ = sequence_logprobs(pol.model, *args)
+        monkeypatch.setattr(rollout, "forward_supported", lambda m: False)
+        hf, _ = sequence_logprobs(pol.model, *args)  # Hugging Face's forward
+    m = b.completion_mask
+    torch.testing.assert_close(after * m, hf * m, atol=1e-5, rtol=0)
+    assert ((after - before) * m).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])

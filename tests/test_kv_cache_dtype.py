@@ -136,10 +136,16 @@ def test_float16_cache_out_of_range_torch_path(tiny_llama_dir, monkeypatch):
         _rollout(pol, PROMPTS * 2, torch.float16)
 
 
-def test_float16_cache_needs_the_grouped_decoder(tiny_llama_dir):
+def test_float16_cache_where_the_grouped_decoder_does_not_apply(tiny_llama_dir, monkeypatch):
+    """A batch not in equal groups (one prompt drawn twice in a step of G samples each) samples with a cache in the
+    model's dtype: the same tokens and log-probs as without the setting. Without the lean decoders it is an error
+    naming the cause."""
+    made = _decoders(monkeypatch)
     pol = load_policy(str(tiny_llama_dir))
-    with pytest.raises(ValueError, match="grouped decoder"):
-        _rollout(pol, PROMPTS, torch.float16)  # one row per prompt
+    uneven = PROMPTS * 2 + PROMPTS[:1] * 2  # the first prompt has 4 rows, the others 2
+    a, b = _rollout(pol, uneven, torch.float16), _rollout(pol, uneven, None)
+    assert not [d for d in made if d is not None]  # no grouped decoder was built
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
     with pytest.raises(ValueError, match="grouped decoder"):
         _rollout(pol, PROMPTS * 2, torch.float16, lean=False)
 

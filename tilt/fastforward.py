@@ -54,14 +54,16 @@ def _fused(*tensors: Tensor | None) -> bool:
 
 def _stacked(parts, rows: Tensor | None, mods) -> tuple[Tensor, Tensor | None]:
     """The base weights (and biases) of ``parts`` stacked into one matrix, rows in the order ``rows``.
-    Frozen weights (a LoRA policy's base, a reference) are stacked once and kept on the first module
-    until a weight is replaced or written in place (its ``_version``); trainable ones are stacked on
-    every call, inside the autograd graph."""
+    Frozen weights (``requires_grad`` off: a LoRA policy's base, a reference) are stacked once and kept on
+    the first module until a weight is replaced or written in place (its ``_version``); trainable ones are
+    stacked on every call (inside the autograd graph where grad is on), in a no-grad pass too: the fused
+    optimizers (``torch.optim.AdamW(fused=True)``, tilt's) write the weights without bumping ``_version``,
+    so a kept stack would hold the weights from before the step (the learner-log-prob pass of a correction
+    computed log pi_old with them until this was found; tests/test_fastforward.py)."""
     weights = [p[0] for p in parts]
     if len(parts) == 1 and rows is None:
         return parts[0][0], parts[0][1]
-    frozen = not (torch.is_grad_enabled() and any(w.requires_grad or (b is not None and b.requires_grad)
-                                                 for w, b, _ in parts))
+    frozen = not any(w.requires_grad or (b is not None and b.requires_grad) for w, b, _ in parts)
     sig = tuple((w.data_ptr(), w._version, w.shape, w.dtype) for w in weights) + tuple(
         None if b is None else (b.data_ptr(), b._version) for _, b, _ in parts)
     if frozen:

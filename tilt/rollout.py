@@ -247,10 +247,12 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
                 fast = grouped_decoder(model, output_cache(out), u_mask, inverse, params.max_new_tokens,
                                        params.matmul_dtype, positions=capacity, kv_dtype=params.kv_dtype)
                 logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
-    if params.kv_dtype not in (None, model_dtype(model)) and fast is None:
-        raise ValueError(f"a {params.kv_dtype} KV cache needs tilt's grouped decoder, which does not apply here: it "
-                         f"runs float32 Llama/Qwen2/Mistral models (tilt.fastdecode.lean_supported; this is "
-                         f"{type(model).__name__}) on batches where every prompt has the same number G >= 2 of rows")
+    if params.kv_dtype not in (None, model_dtype(model)) and fast is None and not (params.lean and lean_supported(model)):
+        # (a supported model whose batch does not come in equal groups, say a prompt drawn twice in one step,
+        # samples that batch with a cache in the model's dtype: exact, and the correction's weights are then 1)
+        raise ValueError(f"a {params.kv_dtype} KV cache needs tilt's grouped decoder, which does not apply to this "
+                         f"model: it runs float32 Llama/Qwen2/Mistral models (tilt.fastdecode.lean_supported; this is "
+                         f"{type(model).__name__}, lean={params.lean})")
     if fast is None:
         shared = shared_prefill(model, prompt_ids, prompt_mask, cache=preallocated_cache(model, capacity),
                                 logits_to_keep=1)
