@@ -114,7 +114,13 @@ def phase_floors(net, side: dict, peak: float, generate_peak: float | None = Non
 def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_peak: float,
               bandwidth: float) -> dict:
     """Alternate tilt and the TRL presets one step at a time at one grid point; return medians,
-    ratios (tilt / each TRL preset) and tilt's distance to its FLOP floor."""
+    ratios (tilt / each TRL preset) and tilt's distance to its FLOP floor.
+
+    The floor's peak is read at the point itself: after every measured round of steps, a short matmul peak
+    (``--point-peak``, the default), and the floor uses their median. On the shared 2-core VM the peak moved by
+    10 % within minutes (345-397 GFLOP/s at the starts of five runs in the twentieth session), so a reading taken
+    before the whole grid misstates a later point's floor. The floor at the run's first reading is kept beside
+    it (``to_floor_run_peak``)."""
     model = model_dir(size, Path(a.cache))
     steps = a.warmup + a.repeats
     argv = ["--model", str(model), "--steps", str(steps), "--tokens", str(tokens), "--group", str(a.group),
@@ -130,17 +136,28 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
     sides = {s: Worker(s, side_argv(s, a.trl_compile) + argv, logs / f"{size}-{tokens}-{s}.log", side_env(s))
              for s in names}
     rows: dict[str, list[dict]] = {s: [] for s in names}
+    run_peak, run_bf16_peak = peak, bf16_peak
+    peaks: list[float] = []
+    bf16_peaks: list[float] = []
     for i in range(steps):
         for s in turn_order(names, i):
             r = sides[s].ask()
             if i >= a.warmup:
                 rows[s].append(r)
+        if i >= a.warmup and a.point_peak:  # the peak in the same minutes as the steps (workers idle meanwhile)
+            peaks.append(measure_matmul_peak(a.threads, warm_s=0.5))
+            if "tilt_bf16" in tilts:
+                bf16_peaks.append(measure_matmul_peak(a.threads, dtype=torch.bfloat16, warm_s=0.5))
+    if peaks:
+        peak = statistics.median(peaks)
+    if bf16_peaks:
+        bf16_peak = statistics.median(bf16_peaks)
     rss = {s: w.close()["rss_mb"] for s, w in sides.items()}
     from transformers import AutoConfig, AutoModelForCausalLM
 
     net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
     out = {"size": size, "tokens": tokens, "params": sides[tilts[0]].hello["params"], "sides": names,
-           "lora": a.lora}
+           "lora": a.lora, "matmul_peak_flops": peak, "matmul_peaks": peaks, "bf16_matmul_peak_flops": bf16_peak}
     for s in names:
         med = {p: statistics.median(r[p] for r in rows[s]) for p in PHASES}
         seq = statistics.median(r["seq_len"] for r in rows[s])
@@ -160,6 +177,8 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
         floors = phase_floors(net, t, peak, bf16_peak if ts == "tilt_bf16" else None)
         t["floor_s"] = sum(floors.values())
         t["to_floor"] = t["step_s"] / t["floor_s"]
+        at_run = phase_floors(net, t, run_peak, run_bf16_peak if ts == "tilt_bf16" else None)
+        t["to_floor_run_peak"] = t["step_s"] / sum(at_run.values())
         spent = {p: t[p] for p in ("generate", "ref", "fwd_bwd", "optimizer")}
         spent["other"] = t["step_s"] - sum(spent.values())
         t["excess_s"] = {p: spent[p] - floors[p] for p in floors}
@@ -194,8 +213,8 @@ def table(points: list[dict]) -> str:
                      f"{f(q['generate'])} | {f(q['ref'])} | {f(q['fwd_bwd'])} | {f(q['optimizer'])} | "
                      f"{t['tokens_per_s']:.0f} / {b['tokens_per_s']:.0f} | {t['rss_mb']:.0f} / {b['rss_mb']:.0f} | "
                      f"{t['train_flops_frac']:.0%} / {b['train_flops_frac']:.0%} | "
-                     f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s) | {t['dominant']} "
-                     f"(+{t['excess_s'][t['dominant']]:.3f} s) | {t['to_floor_kv']:.2f} "
+                     f"{t['to_floor']:.2f} ({t['floor_s']:.3f} s at {p['matmul_peak_flops'] / 1e9:.0f} GFLOP/s) | "
+                     f"{t['dominant']} (+{t['excess_s'][t['dominant']]:.3f} s) | {t['to_floor_kv']:.2f} "
                      f"({t['kv_bytes'] / 1e9:.1f} GB, {t['kv_stream_s']:.3f} s) |")
     for side, what in (("tilt_bf16", "bf16 decode products (`rollout.decode_dtype=bfloat16`"),
                        ("tilt_kv16", "a float16 completion KV cache (`rollout.kv_cache_dtype=float16`")):
@@ -241,6 +260,9 @@ def main() -> None:
                    help="tilt sides: fp32 (the model's dtype throughout), bf16 (rollout.decode_dtype=bfloat16 "
                         "with correction token_tis) and/or kv16 (rollout.kv_cache_dtype=float16 with correction "
                         "token_tis), e.g. fp32,bf16,kv16")
+    p.add_argument("--no-point-peak", dest="point_peak", action="store_false",
+                   help="the floors at the matmul peak read once before the grid (default: read after every "
+                        "measured round of each point, their median)")
     p.add_argument("--lora", type=int, default=0,
                    help="LoRA rank on all linear layers, both sides (alpha = 2 r); 0 = full fine-tuning")
     p.add_argument("--cache", default=str(HERE / ".cache"), help="where the 10M/30M model directories go")
@@ -273,7 +295,8 @@ def main() -> None:
             trl += "".join(f"  {s} {pt[s]['step_s']:.3f}s (/floor {pt[s]['to_floor']:.2f})"
                            for s in pt["sides"] if s.startswith("tilt") and s != lead)
             print(f"{size} x {tokens}: {lead} {pt[lead]['step_s']:.3f}s  {trl}  "
-                  f"{lead}/floor {pt[lead]['to_floor']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
+                  f"{lead}/floor {pt[lead]['to_floor']:.2f}  (point peak {pt['matmul_peak_flops'] / 1e9:.0f}; "
+                  f"{time.time() - t0:.0f}s)", flush=True)
     import transformers
     import trl
 

@@ -39,6 +39,10 @@ def test_step_time_benchmark_runs_one_tiny_point(tmp_path):
     t = pt["tilt"]
     assert 0 < t["floor_s"] < t["step_s"], "the FLOP floor at peak is below the measured step"
     assert abs(t["to_floor"] - t["step_s"] / t["floor_s"]) < 1e-12
+    # the floor's peak read at the point (one measured round: one reading), the run's first reading kept beside it
+    assert len(pt["matmul_peaks"]) == 1 and pt["matmul_peak_flops"] == pt["matmul_peaks"][0] > 0
+    run_floor = t["floor_s"] * pt["matmul_peak_flops"] / data["meta"]["matmul_peak_flops"]
+    assert abs(t["to_floor_run_peak"] - t["step_s"] / run_floor) < 1e-9
     assert t["dominant"] in t["excess_s"] and t["excess_s"][t["dominant"]] == max(t["excess_s"].values())
     # the second distance: the decode attention's KV reads at the measured read bandwidth added to the floor
     bandwidth = data["meta"]["read_bandwidth_bytes_s"]
