@@ -20,6 +20,7 @@ from tilt.model import load_policy
 from tilt.rollout import SamplingParams, encode_prompts, generate, sequence_logprobs
 from tilt.trainer import train
 
+from test_decode_dtype import BASE, _even  # the short run's settings and reward of the bf16-sampling tests
 from test_kernels import _attend_inputs, needs_lib
 
 PROMPTS = ["47+85=", "cd 3 5 7>22:", "sort 53 7 21:", "9*9="]
@@ -148,16 +149,6 @@ def test_float16_cache_where_the_grouped_decoder_does_not_apply(tiny_llama_dir, 
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
     with pytest.raises(ValueError, match="grouped decoder"):
         _rollout(pol, PROMPTS * 2, torch.float16, lean=False)
-
-
-BASE = ["train.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
-        "tasks.mix=addition:1", "tasks.eval_per_cell=1", "eval.n_samples=1", "eval.max_new_tokens=6",
-        "log.tensorboard=false", "log.plot=false", "log.progress=none", "threads=1", "optim.lr=0.01",
-        "checkpoint.every=100", "train.minibatches=1", "train.epochs=1"]
-
-
-def _even(prompts, completions, **_):
-    return [float(len(c) % 2 == 0) for c in completions]
 
 
 def test_float16_cache_config_errors(tmp_path, tiny_llama_dir):
