@@ -312,13 +312,14 @@ static inline uint16_t to_half(float x, int *over) {
 #endif
 }
 
-int tilt_attend(const float *y, const float *rot, void *kc, void *vc, const float *kp,
-                const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
-                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t, int64_t half) {
+/* tilt_attend's rows for a float (H = 0) or a half (H = 1) cache, each compiled on its own (the float one is the
+ * code it was before half caches). Returns the rows left undone; *over_out: a value beyond half's range. */
+static inline __attribute__((always_inline)) int attend_rows(
+    const float *y, const float *rot, void *kc, void *vc, const float *kp, const float *vp, const uint8_t *pad,
+    float *out, int64_t N, int64_t U, int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t,
+    const int H, int *over_out) {
     const int64_t G = N / U, rep = nq / nkv, hd = d / 2, width = (nq + 2 * nkv) * d;
     const int vec = d % 16 == 0 && d <= 128; /* head16; else head() */
-    const int H = half != 0;
-    if (H && (!vec || !tilt_kv_half())) return TILT_KV_UNSUPPORTED;
     int bad = 0, over = 0;
 #pragma omp parallel reduction(+ : bad) reduction(| : over)
     {
@@ -375,22 +376,29 @@ int tilt_attend(const float *y, const float *rot, void *kc, void *vc, const floa
                 const void *kr = kv_at(kc, H, nh * cap * d), *vr = kv_at(vc, H, nh * cap * d);
                 float *o = out + (n * nq + qh) * d;
                 const uint8_t *pu = pad + u * P;
-                /* fixed head sizes get loops of fixed length, each for float and half caches */
-#define HEAD16(W) (H ? head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, W, pk, pv, 1) \
-                     : head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, W, pk, pv, 0))
-                switch (d) {
-                case 32: HEAD16(2); break;
-                case 64: HEAD16(4); break;
-                case 128: HEAD16(8); break;
+                switch (d) { /* fixed head sizes get loops of fixed length */
+                case 32: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 2, pk, pv, H); break;
+                case 64: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 4, pk, pv, H); break;
+                case 128: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 8, pk, pv, H); break;
                 default:
-                    if (vec) HEAD16(d / 16);
+                    if (vec) head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, d / 16, pk, pv, H);
                     else head(q, kpu, vpu, pu, (const float *)kr, (const float *)vr, P, t, s, o, d);
                 }
-#undef HEAD16
             }
         }
         free(q);
     }
+    *over_out = over;
+    return bad;
+}
+
+int tilt_attend(const float *y, const float *rot, void *kc, void *vc, const float *kp,
+                const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
+                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t, int64_t half) {
+    if (half && (d % 16 != 0 || d > 128 || !tilt_kv_half())) return TILT_KV_UNSUPPORTED;
+    int over = 0;
+    const int bad = half ? attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 1, &over)
+                         : attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 0, &over);
     return bad ? bad : (over ? TILT_KV_RANGE : 0);
 }
 
