@@ -116,7 +116,7 @@ static inline __attribute__((always_inline)) void tile_out(struct epilogue *ep, 
     if ((float)j + 16.0f > ep->see[r]) z = sel(IOTA + (float)j < ep->see[r], z, IOTA * 0.0f - INFINITY);
     if (mode == SC_LOGIT) {
         ST(dst, z);
-        ep->mv[r] = sel(z > ep->mv[r], z, ep->mv[r]);
+        ep->mv[r] = vmax2(z, ep->mv[r]);
     } else {
         ST(dst, (v16)((v16i)expv(z - ep->l[r]) & (z > -INFINITY)));
     }
@@ -323,14 +323,14 @@ static inline __attribute__((always_inline)) void forward_task(
             scores8(xq + i0 * D, kt, ld, lim16, s, D, &ep, SC_LOGIT);
             for (int64_t r = 0; r < RB; r++) {
                 float *sr = s + r * ld;
-                const float m = hmax(ep.mv[r]);
+                const v16 mvec = vmax_all(ep.mv[r]);
                 v16 tv = {0};
                 for (int64_t j = 0; j < lim16; j += 16) { /* a key not seen weighs exactly 0 (and all do when m = -inf) */
-                    const v16 z = LD(sr + j), e = (v16)((v16i)expv(z - m) & (z > -INFINITY));
+                    const v16 z = LD(sr + j), e = (v16)((v16i)expv(z - mvec) & (z > -INFINITY));
                     ST(sr + j, e);
                     tv += e;
                 }
-                const float total = hsum(tv);
+                const float m = mvec[0], total = vsum_all(tv)[0];
                 inv[r] = m > -INFINITY ? 1.0f / total : 0.0f; /* no key to see: o = 0, lse = -inf */
                 if (r < count && lse) lse[(b * nq + h) * T + i0 + r] = m > -INFINITY ? m + logf(total) : -INFINITY;
             }

@@ -88,4 +88,29 @@ static inline v16 sigmoidv(v16 x) {
                           4 * (b) + 3, 4 * (c), 4 * (c) + 1, 4 * (c) + 2, 4 * (c) + 3, 4 * (d), 4 * (d) + 1,   \
                           4 * (d) + 2, 4 * (d) + 3
 
+/* a > b ? a : b per lane (b where either is NaN): one vmaxps with AVX-512, whose rule is exactly this, instead of
+ * a compare and a blend */
+static inline v16 vmax2(v16 a, v16 b) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return sel(a > b, a, b);
+#endif
+}
+/* The maximum (vmax_all) and the sum (vsum_all) of v's 16 lanes, in every lane: a tree of four shuffles instead of
+ * hmax's and hsum's chains of fifteen dependent scalar steps (attention.c's softmax rows: its forward 5-10 % faster,
+ * speed work 45). The sum adds in the tree's order, not hsum's. */
+static inline v16 vmax_all(v16 v) {
+    v = vmax2(v, SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = vmax2(v, SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = vmax2(v, SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    return vmax2(v, SHUF(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+}
+static inline v16 vsum_all(v16 v) {
+    v += SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    return v + SHUF(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
+
 #endif
