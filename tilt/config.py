@@ -165,8 +165,9 @@ class RolloutCfg(Section):
     reads half the bytes (it reads the whole cache for every new token and is bound by the memory's read rate:
     about 1.7 of 2.8 s of sampling at 10M parameters x 256 tokens; benchmarks/README.md, speed work 44). Products,
     norms and sampling stay in the model's dtype. The sampler then differs from the learner by that rounding (log-probs
-    1e-5 to 1e-2 apart, by the model; mismatch/k3 ~1e-8 over the demo), so a correction is required (correction.name, e.g. token_tis); a key or value beyond float16's
-    range (65504) stops the run with an error naming this setting. Training-time sampling only; needs tilt's grouped
+    1e-5 to 1e-2 apart, by the model; mismatch/k3 ~1e-8 over the demo), so a correction is required
+    (correction.name, e.g. token_tis); a key or value beyond float16's range (65504) stops the run with an error
+    naming this setting. Training-time sampling only; needs tilt's grouped
     decoder (a float32 Llama/Qwen2/Mistral policy, LoRA included, group_size >= 2)."""
 
     @model_validator(mode="after")

@@ -247,10 +247,11 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, params: Sampling
                 fast = grouped_decoder(model, output_cache(out), u_mask, inverse, params.max_new_tokens,
                                        params.matmul_dtype, positions=capacity, kv_dtype=params.kv_dtype)
                 logits = out.logits[:, -1].index_select(0, inverse)  # [N, V]
-    # another KV cache dtype needs the grouped decoder; a supported model whose batch is not in equal groups (a
-    # prompt drawn twice in one step) samples that batch with a cache in the model's dtype (exact: weights of 1)
-    lean = params.lean and lean_supported(model)
-    if params.kv_dtype not in (None, model_dtype(model)) and fast is None and not lean:
+    # another KV cache dtype needs the grouped decoder. A model it supports, on a batch not in equal groups (a
+    # prompt drawn twice in one step), samples that batch with a cache in the model's dtype instead: no sampler
+    # mismatch there, the correction's weights are 1. (Checked only when another dtype is asked for.)
+    if (params.kv_dtype not in (None, model_dtype(model)) and fast is None
+            and not (params.lean and lean_supported(model))):
         raise ValueError(f"a {params.kv_dtype} KV cache needs tilt's grouped decoder, which does not apply to this "
                          f"model: it runs float32 Llama/Qwen2/Mistral models (tilt.fastdecode.lean_supported; this is "
                          f"{type(model).__name__}, lean={params.lean})")
