@@ -18,7 +18,7 @@
 #include <string.h>
 
 #include "common.h"
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -312,6 +312,50 @@ static inline uint16_t to_half(float x, int *over) {
 #endif
 }
 
+/* x rotated as pairs (x[2j], x[2j + 1]) by r's (cos, sin) pairs on 16 lanes: x[2j] c - x[2j + 1] s and
+ * x[2j] s + x[2j + 1] c. The same values as the scalar loops they replace as GCC compiles those: with F = 1 the
+ * products x[2j] r fused into the add (GCC's vectoriser makes the float cache's and the query's loops one
+ * vfmaddsub each), with F = 0 each product rounded on its own (the half cache's loop, which stays scalar). */
+static inline __attribute__((always_inline)) v16 rotate16(v16 x, v16 r, const int F) {
+    const v16 a = SHUF(x, x, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+    const v16 b = SHUF(x, x, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
+    const v16 rs = SHUF(r, r, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    const v16 sign = {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
+#if defined(__AVX512F__)
+    if (F) return (v16)_mm512_fmaddsub_ps((__m512)a, (__m512)r, (__m512)(b * rs));
+#elif defined(__FMA__)
+    if (F) {
+        const v16 p = b * rs;
+        __m256 a2[2], r2[2], p2[2], o2[2];
+        memcpy(a2, &a, sizeof a), memcpy(r2, &r, sizeof r), memcpy(p2, &p, sizeof p);
+        for (int i = 0; i < 2; i++) o2[i] = _mm256_fmaddsub_ps(a2[i], r2[i], p2[i]);
+        v16 o;
+        memcpy(&o, o2, sizeof o);
+        return o;
+    }
+#endif
+    const v16 ar = a * r;
+    return ar + b * rs * sign;
+}
+
+/* 16 floats stored as half-precision values (rounded to nearest even, as to_half); *over set when a finite value
+ * rounds to infinity (65520 <= |x| < inf). Only called where tilt_kv_half() holds (F16C). */
+static inline __attribute__((always_inline)) void store_half16(uint16_t *dst, v16 x, int *over) {
+    const v16 ax = (v16)((v16i)x & 0x7fffffff);
+    const v16i big = (ax >= 65520.0f) & (ax < INFINITY);
+    for (int i = 0; i < 16; i++) *over |= big[i] != 0;
+#if defined(__AVX512F__)
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+    __m256 lo, hi;
+    memcpy(&lo, &x, sizeof lo), memcpy(&hi, (char *)&x + sizeof lo, sizeof hi);
+    _mm_storeu_si128((__m128i *)dst, _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128((__m128i *)dst + 1, _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+#else
+    (void)dst, *over = 1;
+#endif
+}
+
 /* tilt_attend's rows for a float (H = 0) or a half (H = 1) cache, each compiled on its own (the float one is the
  * code it was before half caches). Returns the rows left undone; *over_out: a value beyond half's range. */
 static inline __attribute__((always_inline)) int attend_rows(
@@ -337,7 +381,18 @@ static inline __attribute__((always_inline)) int attend_rows(
             for (int64_t h = 0; h < nkv; h++) { /* the new key (rotated) and value into the cache */
                 const float *k = yr + (nq + h) * d, *v = yr + (nq + nkv + h) * d;
                 const int64_t at = ((n * nkv + h) * cap + t) * d;
-                if (H) {
+                if (vec) { /* 16 values at a time, the same values as the scalar loops below */
+                    for (int64_t j = 0; j < d; j += 16) {
+                        const v16 kr16 = rotate16(LD(k + j), LD(r + j), !H), v16v = LD(v + j);
+                        if (H) {
+                            store_half16((uint16_t *)kc + at + j, kr16, &over);
+                            store_half16((uint16_t *)vc + at + j, v16v, &over);
+                        } else {
+                            ST((float *)kc + at + j, kr16);
+                            ST((float *)vc + at + j, v16v);
+                        }
+                    }
+                } else if (H) {
                     uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
                     for (int64_t j = 0; j < hd; j++) {
                         const float a = k[2 * j], b = k[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
@@ -367,11 +422,14 @@ static inline __attribute__((always_inline)) int attend_rows(
                 if (!vec && qh % rep == 0 && nh + 1 < N * nkv)
                     prefetch_block((const float *)kc + (nh + 1) * cap * d, (const float *)vc + (nh + 1) * cap * d,
                                    (t + 1) * d);
-                for (int64_t j = 0; j < hd; j++) {
-                    const float a = qs[2 * j], b = qs[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
-                    q[2 * j] = a * c - b * sn;
-                    q[2 * j + 1] = a * sn + b * c;
-                }
+                if (vec)
+                    for (int64_t j = 0; j < d; j += 16) ST(q + j, rotate16(LD(qs + j), LD(r + j), 1));
+                else
+                    for (int64_t j = 0; j < hd; j++) {
+                        const float a = qs[2 * j], b = qs[2 * j + 1], c = r[2 * j], sn = r[2 * j + 1];
+                        q[2 * j] = a * c - b * sn;
+                        q[2 * j + 1] = a * sn + b * c;
+                    }
                 const float *kpu = kp + (u * nkv + h) * P * d, *vpu = vp + (u * nkv + h) * P * d;
                 const void *kr = kv_at(kc, H, nh * cap * d), *vr = kv_at(vc, H, nh * cap * d);
                 float *o = out + (n * nq + qh) * d;
