@@ -203,9 +203,11 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const v
  * whole vectors, the weighted sum with independent accumulators. Same function as head(), summed in
  * another order. s has room for P + t + 33 floats; pk, pv: the next head's completion keys and values
  * (or NULL), asked for in step with this head's. H: the completion keys and values kr, vr (and pk, pv)
- * are halves; the prompt's kp, vp are floats either way. */
+ * are halves; the prompt's kp, vp are floats either way. pm: the prompt's key mask in whole vectors, -1 (all
+ * bits) where key j < P16 is padding or past P. The masks and the row maximum are vector operations (the
+ * maximum by vmax_all, exact in any order: the same values as the scalar loops they replaced). */
 static inline __attribute__((always_inline)) void head16(const float *qf, const float *kp, const float *vp,
-                                                         const uint8_t *pad, const void *kr, const void *vr,
+                                                         const int32_t *pm, const void *kr, const void *vr,
                                                          int64_t P, int64_t t, float *s, float *out,
                                                          const int64_t W, const void *pk, const void *pv,
                                                          const int H) {
@@ -216,17 +218,16 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
     /* prompt scores in s[0, P), completion scores from s[P16] on (both blocks start on a whole vector) */
     dots16(q, kp, P, s, W, 0, 0);
     dots16(q, kr, t + 1, s + P16, W, pk, H);
-    for (int64_t j = 0; j < P; j++)
-        if (pad[j]) s[j] = -INFINITY;
-    for (int64_t j = P; j < P16; j++) s[j] = -INFINITY;
+    for (int64_t j = 0; j < P16; j += 16) ST(s + j, sel(*(const v16i *)(pm + j), ninf, LD(s + j)));
     const int64_t end = P16 + (t + 1 + 15) / 16 * 16;
-    for (int64_t j = P16 + t + 1; j < end; j++) s[j] = -INFINITY;
+    if ((t + 1) % 16) /* the last block's lanes past position t */
+        ST(s + end - 16, sel(IOTA >= (float)((t + 1) % 16), ninf, LD(s + end - 16)));
     v16 mv = ninf;
     for (int64_t j = 0; j < end; j += 16) {
         const v16 x = LD(s + j);
         mv = sel(x > mv, x, mv);
     }
-    const float mx = hmax(mv);
+    const v16 mx = vmax_all(mv);
     v16 tv = IOTA * 0.0f;
     for (int64_t j = 0; j < end; j += 16) {
         const v16 x = LD(s + j), p = sel(x == ninf, IOTA * 0.0f, expv(x - mx));
@@ -368,8 +369,13 @@ static inline __attribute__((always_inline)) int attend_rows(
 #pragma omp parallel reduction(+ : bad) reduction(| : over)
     {
         /* q, then the scores: room for the prompt's and the completion's keys, each rounded up to 16 */
-        float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1 + 48));
+        const int64_t P16 = (P + 15) / 16 * 16;
+        float *q = (float *)malloc(sizeof(float) * (size_t)(d + P + t + 1 + 48 + P16 + 16));
         float *s = q + d;
+        /* the prompt's key mask for head16, all ones (-1) where a key is padding or past P: a whole vector per 16 keys
+         * (for the prompt the thread's rows last came from; 64-byte aligned) */
+        int32_t *pm = q ? (int32_t *)(((uintptr_t)(s + P + t + 1 + 48) + 63) & ~(uintptr_t)63) : NULL;
+        int64_t pm_u = -1;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             if (!q) { /* no scratch: the row is left undone (neither its cache nor its output written) */
@@ -378,6 +384,10 @@ static inline __attribute__((always_inline)) int attend_rows(
             }
             const float *yr = y + n * width, *r = rot + n * d;
             const int64_t u = n / G;
+            if (u != pm_u) {
+                for (int64_t j = 0; j < P16; j++) pm[j] = j >= P || pad[u * P + j] ? -1 : 0;
+                pm_u = u;
+            }
             for (int64_t h = 0; h < nkv; h++) { /* the new key (rotated) and value into the cache */
                 const float *k = yr + (nq + h) * d, *v = yr + (nq + nkv + h) * d;
                 const int64_t at = ((n * nkv + h) * cap + t) * d;
@@ -435,11 +445,11 @@ static inline __attribute__((always_inline)) int attend_rows(
                 float *o = out + (n * nq + qh) * d;
                 const uint8_t *pu = pad + u * P;
                 switch (d) { /* fixed head sizes get loops of fixed length */
-                case 32: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 2, pk, pv, H); break;
-                case 64: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 4, pk, pv, H); break;
-                case 128: head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, 8, pk, pv, H); break;
+                case 32: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 2, pk, pv, H); break;
+                case 64: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 4, pk, pv, H); break;
+                case 128: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 8, pk, pv, H); break;
                 default:
-                    if (vec) head16(q, kpu, vpu, pu, kr, vr, P, t, s, o, d / 16, pk, pv, H);
+                    if (vec) head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, d / 16, pk, pv, H);
                     else head(q, kpu, vpu, pu, (const float *)kr, (const float *)vr, P, t, s, o, d);
                 }
             }
