@@ -142,14 +142,16 @@ def measure_read_bandwidth(threads: int, mib: int = 512, repeats: int = 6) -> fl
     return x.numel() * 4 / best
 
 
-def decode_kv_bytes(config, rows: int, tokens: int, elem: int = 4) -> float:
+def decode_kv_bytes(config, rows: int, tokens: int, elem: int = 4, scale_bytes: int = 0) -> float:
     """Bytes of cached completion keys and values that tilt's decode attention reads while sampling
     ``tokens`` new tokens for ``rows`` rows: at step t every row reads its t + 1 keys and values in every
-    layer, rows x layers x 2 x kv heads x head size x elem x T (T + 1) / 2. The prompts' keys are left
-    out (kept once per prompt and read by its G rows while in cache)."""
+    layer, rows x layers x 2 x kv heads x (head size x elem + scale_bytes) x T (T + 1) / 2 (scale_bytes: an int8
+    cache's scale per key and per value). The prompts' keys are left out (kept once per prompt and read by its
+    G rows while in cache)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return float(rows * config.num_hidden_layers * 2 * heads * head_dim * elem * tokens * (tokens + 1) / 2)
+    per = head_dim * elem + scale_bytes
+    return float(rows * config.num_hidden_layers * 2 * heads * per * tokens * (tokens + 1) / 2)
 
 
 def measure_matmul_peak(threads: int, n: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32,

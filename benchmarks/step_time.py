@@ -70,7 +70,8 @@ class Worker:
 
 def side_argv(side: str, compile_trl: bool) -> list[str]:
     """Worker arguments of a side: ``tilt``, ``tilt_bf16`` (bf16 decode products + token_tis), ``tilt_kv16``
-    (float32 products, a float16 completion KV cache + token_tis), ``trl_best`` or ``trl_default``, each TRL
+    (float32 products, a float16 completion KV cache + token_tis), ``tilt_kv8`` (the same with an int8 cache),
+    ``trl_best`` or ``trl_default``, each TRL
     preset also as ``trl_<preset>_heap`` (``side_env``)."""
     if side in TILT_SIDES.values():
         return ["tilt", *TILT_ARGS[side]]
@@ -78,8 +79,9 @@ def side_argv(side: str, compile_trl: bool) -> list[str]:
     return ["trl", "--trl-preset", preset, *(["--trl-compile"] if compile_trl else [])]
 
 
-TILT_SIDES = {"fp32": "tilt", "bf16": "tilt_bf16", "kv16": "tilt_kv16"}  # --tilt name: side
-TILT_ARGS = {"tilt": [], "tilt_bf16": ["--decode-dtype", "bfloat16"], "tilt_kv16": ["--kv-cache-dtype", "float16"]}
+TILT_SIDES = {"fp32": "tilt", "bf16": "tilt_bf16", "kv16": "tilt_kv16", "kv8": "tilt_kv8"}  # --tilt name: side
+TILT_ARGS = {"tilt": [], "tilt_bf16": ["--decode-dtype", "bfloat16"], "tilt_kv16": ["--kv-cache-dtype", "float16"],
+             "tilt_kv8": ["--kv-cache-dtype", "int8"]}
 
 
 def side_env(side: str) -> dict[str, str] | None:
@@ -187,7 +189,8 @@ def run_point(size: str, tokens: int, a: argparse.Namespace, peak: float, bf16_p
         # that phase streams the whole cache (fp32, or fp16 for tilt_kv16) once per token, which no FLOP count sees
         rows = a.group * a.prompts
         t["kv_bytes"] = decode_kv_bytes(net.config, rows, round(t["completion_tokens"] / rows),
-                                        elem=2 if ts == "tilt_kv16" else 4)
+                                        elem={"tilt_kv16": 2, "tilt_kv8": 1}.get(ts, 4),
+                                        scale_bytes=4 if ts == "tilt_kv8" else 0)
         t["kv_stream_s"] = t["kv_bytes"] / bandwidth
         t["to_floor_kv"] = t["step_s"] / (t["floor_s"] + t["kv_stream_s"])
     return out
@@ -217,7 +220,8 @@ def table(points: list[dict]) -> str:
                      f"{t['dominant']} (+{t['excess_s'][t['dominant']]:.3f} s) | {t['to_floor_kv']:.2f} "
                      f"({t['kv_bytes'] / 1e9:.1f} GB, {t['kv_stream_s']:.3f} s) |")
     for side, what in (("tilt_bf16", "bf16 decode products (`rollout.decode_dtype=bfloat16`"),
-                       ("tilt_kv16", "a float16 completion KV cache (`rollout.kv_cache_dtype=float16`")):
+                       ("tilt_kv16", "a float16 completion KV cache (`rollout.kv_cache_dtype=float16`"),
+                       ("tilt_kv8", "an int8 completion KV cache (`rollout.kv_cache_dtype=int8`")):
         alt = [p for p in points if side in p]
         if not alt:
             continue
@@ -258,8 +262,8 @@ def main() -> None:
     p.add_argument("--trl-compile", action="store_true", help="also torch_compile=True on the TRL side(s)")
     p.add_argument("--tilt", default="fp32",
                    help="tilt sides: fp32 (the model's dtype throughout), bf16 (rollout.decode_dtype=bfloat16 "
-                        "with correction token_tis) and/or kv16 (rollout.kv_cache_dtype=float16 with correction "
-                        "token_tis), e.g. fp32,bf16,kv16")
+                        "with correction token_tis), kv16 (rollout.kv_cache_dtype=float16 with correction "
+                        "token_tis) and/or kv8 (rollout.kv_cache_dtype=int8, the same), e.g. fp32,bf16,kv16")
     p.add_argument("--no-point-peak", dest="point_peak", action="store_false",
                    help="the floors at the matmul peak read once before the grid (default: read after every "
                         "measured round of each point, their median)")

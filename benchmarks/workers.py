@@ -80,7 +80,7 @@ def tilt_worker(a: argparse.Namespace, proto: Protocol) -> None:
     if a.decode_dtype != "model":  # bf16 decode products; the learner corrects with truncated IS
         rollout["decode_dtype"] = a.decode_dtype
         extra["correction"] = {"name": "token_tis"}
-    if a.kv_cache_dtype != "model":  # float16 completion KV cache; corrected the same way
+    if a.kv_cache_dtype != "model":  # float16 or int8 completion KV cache; corrected the same way
         rollout["kv_cache_dtype"] = a.kv_cache_dtype
         extra["correction"] = {"name": "token_tis"}
     cfg = Config.model_validate({
@@ -226,8 +226,8 @@ def main() -> None:
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (alpha = 2 r); 0 = full")
     p.add_argument("--decode-dtype", default="model", choices=["model", "bfloat16"],
                    help="tilt side: rollout.decode_dtype (bfloat16 adds correction token_tis)")
-    p.add_argument("--kv-cache-dtype", default="model", choices=["model", "float16"],
-                   help="tilt side: rollout.kv_cache_dtype (float16 adds correction token_tis)")
+    p.add_argument("--kv-cache-dtype", default="model", choices=["model", "float16", "int8"],
+                   help="tilt side: rollout.kv_cache_dtype (float16 or int8 adds correction token_tis)")
     a = p.parse_args()
     proto = Protocol()
     (tilt_worker if a.side == "tilt" else trl_worker)(a, proto)

@@ -54,24 +54,27 @@ def test_step_time_benchmark_runs_one_tiny_point(tmp_path):
 
 
 def test_step_time_bf16_kv16_and_lora_sides(tmp_path):
-    """``--tilt fp32,bf16,kv16`` adds a tilt side that samples with bf16 products (its generate floor at the
-    measured bf16 peak) and one with a float16 completion KV cache (its KV stream half the bytes), with ratios
+    """``--tilt fp32,bf16,kv16,kv8`` adds a tilt side that samples with bf16 products (its generate floor at the
+    measured bf16 peak), one with a float16 completion KV cache (its KV stream half the bytes) and one with an int8
+    cache (a quarter, plus a float scale per key and value), with ratios
     against TRL; ``--lora R`` runs LoRA on both sides (2 passes of training FLOPs), the other samplers included.
     One invocation covers them (the full-weight fp32 sides run in ``test_step_time_benchmark_runs_one_tiny_point``):
     each invocation starts its workers."""
     res = tmp_path / "lora_bf16.json"
     stdout = _run(["benchmarks/step_time.py", "--sizes", "1m", "--tokens", "4", "--warmup", "0", "--repeats", "1",
                    "--prompts", "2", "--group", "2", "--threads", "1", "--trl", "best", "--lora", "2",
-                   "--tilt", "fp32,bf16,kv16", "--out", str(res)])
-    assert "tilt_bf16 / trl_best" in stdout and "tilt_kv16 / trl_best" in stdout
+                   "--tilt", "fp32,bf16,kv16,kv8", "--out", str(res)])
+    assert "tilt_bf16 / trl_best" in stdout and "tilt_kv16 / trl_best" in stdout and "tilt_kv8 / trl_best" in stdout
     data = json.loads(res.read_text())
     (pt,) = data["points"]
-    assert pt["sides"] == ["tilt", "tilt_bf16", "tilt_kv16", "trl_best"] and data["meta"]["bf16_matmul_peak_flops"] > 0
-    for side in ("tilt_bf16", "tilt_kv16"):
+    assert pt["sides"] == ["tilt", "tilt_bf16", "tilt_kv16", "tilt_kv8", "trl_best"]
+    assert data["meta"]["bf16_matmul_peak_flops"] > 0
+    for side in ("tilt_bf16", "tilt_kv16", "tilt_kv8"):
         t = pt[side]
         assert t["completion_tokens"] == 2 * 2 * 4 and 0 < t["floor_s"] < t["step_s"]
         assert abs(pt[f"ratio_{side}_trl_best"]["step_s"] - t["step_s"] / pt["trl_best"]["step_s"]) < 1e-12
     assert pt["tilt_kv16"]["floor_s"] == pt["tilt"]["floor_s"] and pt["tilt_kv16"]["kv_bytes"] == pt["tilt"]["kv_bytes"] / 2
+    assert pt["tilt"]["kv_bytes"] / 4 < pt["tilt_kv8"]["kv_bytes"] < pt["tilt_kv16"]["kv_bytes"]
     assert pt["lora"] == 2 and pt["tilt"]["passes"] == pt["trl_best"]["passes"] == pt["tilt_bf16"]["passes"] == 2.0
     assert all(pt[s]["ref"] > 0 for s in ("tilt", "trl_best"))  # TRL's reference: the policy with its adapter off
 
@@ -181,5 +184,6 @@ def test_decode_kv_bytes_counts_the_cache_each_token_reads():
     cfg = SimpleNamespace(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=16,
                           head_dim=4)
     assert decode_kv_bytes(cfg, rows=2, tokens=3) == 2 * 3 * 6 * 2 * 2 * 4 * 4
+    assert decode_kv_bytes(cfg, rows=2, tokens=3, elem=1, scale_bytes=4) == 2 * 3 * 6 * 2 * 2 * (4 + 4)  # int8 + scale
     cfg.num_key_value_heads, cfg.head_dim = None, None  # plain multi-head attention: hidden / heads
     assert decode_kv_bytes(cfg, rows=2, tokens=3) == 2 * 3 * 6 * 2 * 4 * 4 * 4

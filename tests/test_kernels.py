@@ -485,7 +485,7 @@ def test_attend_reports_rows_it_could_not_do():
     before, out = (kc.clone(), vc.clone()), torch.full((n, nq * d), 7.0)
     lib, ptr = kernels.library(), kernels._ptr
     undone = lib.tilt_attend(ptr(y), ptr(torch.view_as_real(rot)), ptr(kc), ptr(vc), ptr(kp), ptr(vp), ptr(pad),
-                             ptr(out), n, u, nq, nkv, d, p, cap, 2 ** 61, 0)
+                             ptr(out), n, u, nq, nkv, d, p, cap, 2 ** 61, 0, None, None)
     assert undone == n
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]) and bool((out == 7.0).all())
     with pytest.raises(MemoryError, match="4 rows left undone"):

@@ -75,24 +75,24 @@ def test_attend_float16_cache_out_of_range_is_an_error():
 
 @needs_lib
 def test_attend_rejects_caches_it_has_no_path_for():
-    """A cache neither float32 nor float16, or keys and values of two dtypes, is a ValueError from the wrapper; a
+    """A cache neither float32, float16 nor int8, or keys and values of two dtypes, is a ValueError from the wrapper; a
     float16 cache at a head size without a half path (8: the scalar loop) is refused by the kernel itself
     (TILT_KV_UNSUPPORTED, nothing written) and named by ``attend_done``."""
     n, u, nq, nkv, p, cap = 4, 2, 2, 2, 5, 3
     y, rot, kc, vc, kp, vp, pad = _attend_inputs(n, u, nq, nkv, 32, p, cap, seed=0)
-    with pytest.raises(ValueError, match="float32 or float16"):
+    with pytest.raises(ValueError, match="float32, float16 or int8"):
         kernels.attend(y, rot, kc.double(), vc.double(), kp, vp, pad, 0, nq)
-    with pytest.raises(ValueError, match="float32 or float16"):
+    with pytest.raises(ValueError, match="float32, float16 or int8"):
         kernels.attend(y, rot, kc.half(), vc, kp, vp, pad, 0, nq)
     y, rot, kc, vc, kp, vp, pad = _attend_inputs(n, u, nq, nkv, 8, p, cap, seed=0)
     kh, vh, out = kc.half(), vc.half(), torch.full((n, nq * 8), 7.0)
     before = (kh.clone(), vh.clone())
     lib, ptr = kernels.library(), kernels._ptr
     code = lib.tilt_attend(ptr(y), ptr(torch.view_as_real(rot)), ptr(kh), ptr(vh), ptr(kp), ptr(vp), ptr(pad),
-                           ptr(out), n, u, nq, nkv, 8, p, cap, 0, 1)
+                           ptr(out), n, u, nq, nkv, 8, p, cap, 0, 1, None, None)
     assert code == kernels.KV_UNSUPPORTED and not kernels.kv_half_usable(8)
     assert torch.equal(kh, before[0]) and torch.equal(vh, before[1]) and bool((out == 7.0).all())
-    with pytest.raises(ValueError, match="no float16 KV cache"):
+    with pytest.raises(ValueError, match="no float16 or int8 KV cache"):
         kernels.attend_done(code)
 
 

@@ -159,16 +159,19 @@ class RolloutCfg(Section):
     (correction.name, e.g. token_tis). Training-time sampling only (evaluation samples in the model's
     dtype); needs a float32 Llama/Qwen2/Mistral policy, LoRA included (adapters merged into the bf16 copy;
     tilt.fastdecode)."""
-    kv_cache_dtype: Literal["model", "float16"] = "model"
+    kv_cache_dtype: Literal["model", "float16", "int8"] = "model"
     """Precision of the sampler's cache of completion keys and values. "model": the model's dtype. "float16": each
     new key and value is rounded to half precision as it is cached and read back as float, so the decode attention
     reads half the bytes (it reads the whole cache for every new token and is bound by the memory's read rate:
-    about 1.7 of 2.8 s of sampling at 10M parameters x 256 tokens; benchmarks/README.md, speed work 44). Products,
-    norms and sampling stay in the model's dtype. The sampler then differs from the learner by that rounding (log-probs
-    1e-5 to 1e-2 apart, by the model; mismatch/k3 ~1e-8 over the demo), so a correction is required
-    (correction.name, e.g. token_tis); a key or value beyond float16's range (65504) stops the run with an error
-    naming this setting. Training-time sampling only; needs tilt's grouped
-    decoder (a float32 Llama/Qwen2/Mistral policy, LoRA included, group_size >= 2)."""
+    about 1.7 of 2.8 s of sampling at 10M parameters x 256 tokens; benchmarks/README.md, speed work 44). "int8": each
+    new key and value vector (one head's) is kept as 8-bit integers and one float scale, round(x 127 / max|x|) and
+    max|x| / 127 (tilt.kernels.quantize_int8): 36 bytes for a 32-value head against 64 in float16 and 128 in
+    float32 (speed work 47). Products, norms and sampling stay in the model's dtype. The sampler then differs from
+    the learner by that rounding (float16: log-probs 1e-5 to 1e-2 apart, by the model, mismatch/k3 ~1e-8 over the
+    demo; int8: larger, docs/models.md), so a correction is required (correction.name, e.g. token_tis); with
+    float16 a key or value beyond its range (65504) stops the run with an error naming this setting. Training-time
+    sampling only; needs tilt's grouped decoder (a float32 Llama/Qwen2/Mistral policy, LoRA included,
+    group_size >= 2)."""
 
     @model_validator(mode="after")
     def _min_within_max(self) -> "RolloutCfg":

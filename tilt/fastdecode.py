@@ -425,8 +425,10 @@ class GroupedDecoder(LeanDecoder):
     ``kv_dtype=torch.float16`` keeps the completion keys and values in half precision (rounded to nearest
     as they are written, read back as floats; the prompt's stay in the model's dtype): the decode attention
     reads every cached key and value once per new token and is bound by the memory's read rate, and this
-    halves the bytes (rollout.kv_cache_dtype; benchmarks/README.md, speed work 44). The sampler then
-    differs from the learner by that rounding, so the trainer requires a correction for it.
+    halves the bytes (rollout.kv_cache_dtype; benchmarks/README.md, speed work 44). ``kv_dtype=torch.int8``
+    keeps each key and value vector as 8-bit integers and one float scale (``kernels.quantize_int8``), 36
+    bytes for a 32-value head instead of 64 in float16 (speed work 47). The sampler then differs from the
+    learner by that rounding, so the trainer requires a correction for it.
     """
 
     def __init__(self, model, prompt_cache, prompt_mask: Tensor, inverse: Tensor, capacity: int,
@@ -448,10 +450,12 @@ class GroupedDecoder(LeanDecoder):
         # the completion keys and values in ``kv_dtype`` (None: the model's; float16 halves the bytes the decode
         # attention reads per token, rollout.kv_cache_dtype): rounded as they are written, read back as floats
         kv_dtype = kv_dtype or w.dtype
-        if kv_dtype not in (w.dtype, torch.float16):
-            raise ValueError(f"kv_dtype {kv_dtype}: the completion cache is kept in the model's dtype or float16")
+        if kv_dtype not in (w.dtype, torch.float16, torch.int8):
+            raise ValueError(f"kv_dtype {kv_dtype}: the completion cache is kept in the model's dtype, float16 or int8")
         if kv_dtype == torch.float16 and self.fused and not kernels.kv_half_usable(self.head_dim):
             self.fused = False  # no float16 path in this build or at this head size: torch ops
+        if kv_dtype == torch.int8 and self.fused and not kernels.kv_int8_usable(self.head_dim):
+            self.fused = False  # no int8 path at this head size: torch ops
         # per layer: prompt keys in pair layout, [U, nkv, d, P] (transposed for ``attend``'s product) or
         # [U, nkv, P, d] for the fused kernel; values [U, nkv, P, d]
         self.kp, self.vp = [], []
@@ -462,6 +466,9 @@ class GroupedDecoder(LeanDecoder):
             self.vp.append(v.contiguous())
         self.kc = [w.new_empty(n, self.nkv, capacity, self.head_dim, dtype=kv_dtype) for _ in self.layers]  # [N, nkv, T, d]
         self.vc = [w.new_empty(n, self.nkv, capacity, self.head_dim, dtype=kv_dtype) for _ in self.layers]
+        scaled = kv_dtype == torch.int8  # an int8 cache: one float32 scale per key and per value, [N, nkv, T]
+        self.ks = [w.new_empty(n, self.nkv, capacity, dtype=torch.float32) for _ in self.layers] if scaled else None
+        self.vs = [w.new_empty(n, self.nkv, capacity, dtype=torch.float32) for _ in self.layers] if scaled else None
         self.filled = 0
         self._plan: Optional[tuple] = None  # ``_calls``: the fused step's library calls, built on first use
 
@@ -501,9 +508,15 @@ class GroupedDecoder(LeanDecoder):
         """Attention output [N, nq * d] of one new token per row (rows in prompt order)."""
         n, nq, nkv, d, t, u, g = q.shape[0], self.nq, self.nkv, self.head_dim, self.filled, self.u, self.g
         rep = nq // nkv
-        self.kc[i][:, :, t] = k[:, :, 0]
-        self.vc[i][:, :, t] = v[:, :, 0]
-        kc, vc = self.kc[i][:, :, :t + 1], self.vc[i][:, :, :t + 1]  # [N, nkv, t+1, d] views
+        if self.ks is not None:  # an int8 cache: each vector as integers and a scale, read back in the model's dtype
+            self.kc[i][:, :, t], self.ks[i][:, :, t] = kernels.quantize_int8(k[:, :, 0].float())
+            self.vc[i][:, :, t], self.vs[i][:, :, t] = kernels.quantize_int8(v[:, :, 0].float())
+            kc = kernels.dequantize_int8(self.kc[i][:, :, :t + 1], self.ks[i][:, :, :t + 1], q.dtype)
+            vc = kernels.dequantize_int8(self.vc[i][:, :, :t + 1], self.vs[i][:, :, :t + 1], q.dtype)
+        else:
+            self.kc[i][:, :, t] = k[:, :, 0]
+            self.vc[i][:, :, t] = v[:, :, 0]
+            kc, vc = self.kc[i][:, :, :t + 1], self.vc[i][:, :, :t + 1]  # [N, nkv, t+1, d] views
         if kc.dtype != q.dtype:  # a float16 cache (kv_dtype): what was kept, read back in the model's dtype
             if bool((torch.isinf(self.kc[i][:, :, t]) & torch.isfinite(k[:, :, 0])).any()
                     | (torch.isinf(self.vc[i][:, :, t]) & torch.isfinite(v[:, :, 0])).any()):
@@ -568,7 +581,8 @@ class GroupedDecoder(LeanDecoder):
             eps = lys[i + 1]["in_eps"] if i + 1 < len(lys) else self.norm_eps
             layers.append(((x, ptr(qp), ptr(qb), y, n, width, hid),
                            (y, ptr(self.kc[i]), ptr(self.vc[i]), ptr(self.kp[i]), ptr(self.vp[i]), ptr(self.pad_u8),
-                            a, n, u, nq, nkv, d, p, cap),
+                            a, n, u, nq, nkv, d, p, cap, ptr(self.ks[i]) if self.ks else None,
+                            ptr(self.vs[i]) if self.vs else None),
                            (a, ptr(op), ptr(ob), o, n, hid, nq * d), (o, x, n, hid, ly["post_eps"]),
                            (x, ptr(gp), ptr(gb), g, n, inter, hid), (g, ptr(dp), ptr(db), m, n, hid, inter),
                            (m, x, n, hid, eps)))
@@ -581,7 +595,7 @@ class GroupedDecoder(LeanDecoder):
         residual stream ``h`` [N, H] (rows in prompt order) updated in place. The same function as the
         torch ops of ``step`` to float rounding (tests/test_kernels.py)."""
         lib, t, nq = kernels.library(), self.filled, self.nq
-        half = int(self.kc[0].dtype == torch.float16) if self.kc else 0
+        half = (2 if self.kc[0].dtype == torch.int8 else int(self.kc[0].dtype == torch.float16)) if self.kc else 0
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
         calls = self._calls(h.shape[0])
         if calls is not None:  # the same calls as below, straight to the library
@@ -592,7 +606,7 @@ class GroupedDecoder(LeanDecoder):
             lib.tilt_add_rms_norm(hp, None, x.data_ptr(), h.shape[0], h.shape[1], self.layers[0]["in_eps"])
             for qkv, att, o, post, gu, down, nxt in layers:
                 lib.tilt_linear(*qkv)
-                kernels.attend_done(lib.tilt_attend(att[0], rp, *att[1:], t, half))
+                kernels.attend_done(lib.tilt_attend(att[0], rp, *att[1:-2], t, half, *att[-2:]))
                 lib.tilt_linear(*o)
                 lib.tilt_add_rms_norm(hp, *post)
                 lib.tilt_linear_swiglu(*gu)
@@ -603,7 +617,7 @@ class GroupedDecoder(LeanDecoder):
         x = kernels.add_rms_norm(h, None, self.layers[0]["in_eps"] if self.layers else self.norm_eps, lib)
         for i, ly in enumerate(self.layers):
             a = kernels.attend(_lin(x, ly["qkv"]), rot, self.kc[i], self.vc[i], self.kp[i], self.vp[i],
-                               self.pad_u8, t, nq, lib)  # [N, nq d]
+                               self.pad_u8, t, nq, lib, *((self.ks[i], self.vs[i]) if self.ks else ()))  # [N, nq d]
             x = kernels.add_rms_norm(h, _lin(a, ly["o"]), ly["post_eps"], lib)
             gu = ly["gu"]
             if len(gu) == 4 and gu[3] == -1:  # the SiLU-gated product in one call

@@ -75,6 +75,10 @@ class Parts:
         return self.run.ref_model
 
 
+# rollout.kv_cache_dtype: the sampler's completion cache dtype (None: the model's)
+KV_DTYPES = {"model": None, "float16": torch.float16, "int8": torch.int8}
+
+
 def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     """Load models, resolve every registry name of the config and the providers its methods need."""
     torch.manual_seed(cfg.seed)
@@ -109,7 +113,7 @@ def build(cfg: Config, reward_fns: Optional[list[Callable]] = None) -> Parts:
     params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                             min_new_tokens=cfg.rollout.min_new_tokens,
                             matmul_dtype=None if cfg.rollout.decode_dtype == "model" else DTYPES[cfg.rollout.decode_dtype],
-                            kv_dtype={"model": None, "float16": torch.float16}[cfg.rollout.kv_cache_dtype])
+                            kv_dtype=KV_DTYPES[cfg.rollout.kv_cache_dtype])
     run = Run(cfg, policy, generator, params, rewards_fn)
     run.chunk_tokens = (auto_micro_batch_tokens(policy.model) if cfg.train.micro_batch_tokens == "auto"
                         else cfg.train.micro_batch_tokens)

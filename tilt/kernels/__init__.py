@@ -41,7 +41,7 @@ HEADERS = [HERE / "common.h", HERE / "vec16.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    "tilt_attend": [_P] * 8 + [_I64] * 9,
+    "tilt_attend": [_P] * 8 + [_I64] * 9 + [_P, _P],
     "tilt_kv_half": [],
     "tilt_add_rms_norm": [_P, _P, _P, _I64, _I64, _F32],
     "tilt_silu_mul": [_P, _P, _I64, _I64],
@@ -394,14 +394,15 @@ def sample_rows_agrees(tok: Tensor, logp: Tensor, logits: Tensor, u: Tensor, tem
 
 
 def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor, t: int,
-           nq: int, lib=None) -> Tensor:
+           nq: int, lib=None, ks: Optional[Tensor] = None, vs: Optional[Tensor] = None) -> Tensor:
     """``decode.c``'s ``tilt_attend``: rotary embedding of the new query and key in ``y`` (the fused
     q/k/v product, [N, (nq + 2 nkv) d], rows in prompt order), the new key and value written to
     ``kc``/``vc`` [N, nkv, cap, d] at position ``t``, and attention over the prompt's keys ``kp``
     and values ``vp`` [U, nkv, P, d] (``pad`` [U, P] uint8, 1 = padding) and the
     completion's 0..t. ``rot``: [N, d/2] complex64. ``kc``/``vc`` may be float16 (rollout.kv_cache_dtype;
-    where ``kv_half_usable``): the new key and value are rounded to it as torch's ``.half()`` rounds. Returns
-    [N, nq d]."""
+    where ``kv_half_usable``): the new key and value are rounded to it as torch's ``.half()`` rounds; or int8
+    with their scales in ``ks``/``vs`` [N, nkv, cap] float32 (where ``kv_int8_usable``): each new key and value
+    kept as ``quantize_int8`` keeps it. Returns [N, nq d]."""
     lib = lib or library()
     n, nkv, cap, d = kc.shape
     u, p = pad.shape
@@ -410,14 +411,35 @@ def attend(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tenso
                          f"kp {tuple(kp.shape)}, vp {tuple(vp.shape)}, pad {tuple(pad.shape)}")
     if not 0 <= t < cap or n % u:
         raise ValueError(f"attend: position {t} outside the cache's {cap}, or {n} rows not in groups of {u}")
-    if kc.dtype != vc.dtype or kc.dtype not in (torch.float32, torch.float16) or not (kc.is_contiguous()
-                                                                                         and vc.is_contiguous()):
-        raise ValueError(f"attend: the completion cache must be contiguous float32 or float16 (keys {kc.dtype}, "
+    if kc.dtype != vc.dtype or kc.dtype not in (torch.float32, torch.float16, torch.int8) or not (
+            kc.is_contiguous() and vc.is_contiguous()):
+        raise ValueError(f"attend: the completion cache must be contiguous float32, float16 or int8 (keys {kc.dtype}, "
                          f"values {vc.dtype})")
+    scaled = kc.dtype == torch.int8
+    if scaled and not all(x is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape == (n, nkv, cap)
+                          for x in (ks, vs)):
+        raise ValueError(f"attend: an int8 cache needs its scales ks, vs as contiguous float32 [{n}, {nkv}, {cap}]")
     out = y.new_empty(n, nq * d)
+    kind = 2 if scaled else int(kc.dtype == torch.float16)
     attend_done(lib.tilt_attend(_ptr(y), _ptr(torch.view_as_real(rot)), _ptr(kc), _ptr(vc), _ptr(kp), _ptr(vp),
-                                _ptr(pad), _ptr(out), n, u, nq, nkv, d, p, cap, t, int(kc.dtype == torch.float16)))
+                                _ptr(pad), _ptr(out), n, u, nq, nkv, d, p, cap, t, kind,
+                                _ptr(ks) if scaled else None, _ptr(vs) if scaled else None))
     return out
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each vector along the last dimension of float32 ``x`` [..., d] as 8-bit integers and one scale: (round(x 127 /
+    m) as int8 [..., d], m / 127 [...]) with m = max |x| over the vector (ties to even; zeros and scale 0 where m = 0).
+    Dequantized, values are within half a step, m / 254, of x (absmax quantization; LLM.int8(), arXiv:2208.07339,
+    Eq. 1, per vector). What ``tilt_attend`` keeps in an int8 cache, in the same float32 steps."""
+    m = x.abs().amax(-1)  # [...]
+    inv = torch.where(m > 0, 127.0 / m, torch.zeros_like(m))
+    return torch.round(x * inv[..., None]).to(torch.int8), m / 127.0
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``quantize_int8``'s vectors back as ``dtype``: q scale."""
+    return q.to(dtype) * scale.to(dtype)[..., None]
 
 
 KV_RANGE, KV_UNSUPPORTED = -1, -2  # decode.c's TILT_KV_RANGE, TILT_KV_UNSUPPORTED
@@ -431,7 +453,8 @@ def attend_done(code: int) -> None:
         raise OverflowError("attend: a new key or value lies outside float16's range (|x| >= 65520 rounds to "
                             "infinity) and cannot be kept in the float16 KV cache: set rollout.kv_cache_dtype='model'")
     if code == KV_UNSUPPORTED:
-        raise ValueError("attend: no float16 KV cache in this build or at this head size (kv_half_usable)")
+        raise ValueError("attend: no float16 or int8 KV cache in this build or at this head size (kv_half_usable, "
+                         "kv_int8_usable)")
     if code:
         raise MemoryError(f"attend: the kernel could not allocate its per-thread scratch ({code} rows left undone)")
 
@@ -443,22 +466,36 @@ def kv_half_usable(head_dim: int, lib=None) -> bool:
     return lib is not None and bool(lib.tilt_kv_half()) and head_dim % 16 == 0 and head_dim <= 128
 
 
+def kv_int8_usable(head_dim: int, lib=None) -> bool:
+    """Whether ``attend`` keeps an int8 completion cache at this head size: the kernels loaded and a head size that
+    is a multiple of 16 up to 128 (any build: without AVX-512 the conversions are plain C)."""
+    lib = lib or library()
+    return lib is not None and head_dim % 16 == 0 and head_dim <= 128
+
+
 def attend_reference(y: Tensor, rot: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor, pad: Tensor,
-                     t: int, nq: int) -> Tensor:
+                     t: int, nq: int, ks: Optional[Tensor] = None, vs: Optional[Tensor] = None) -> Tensor:
     """``attend`` in torch ops (the same function; used by the self-check and the tests)."""
     n, nkv, cap, d = kc.shape
     u, p = pad.shape
     g, rep = n // u, nq // nkv
     qk = torch.view_as_real(torch.view_as_complex(y[:, :(nq + nkv) * d].reshape(n, nq + nkv, d // 2, 2))
                             * rot[:, None]).reshape(n, nq + nkv, d)
-    kc[:, :, t] = qk[:, nq:]
-    vc[:, :, t] = y[:, (nq + nkv) * d:].reshape(n, nkv, d)
+    if kc.dtype == torch.int8:
+        kc[:, :, t], ks[:, :, t] = quantize_int8(qk[:, nq:])
+        vc[:, :, t], vs[:, :, t] = quantize_int8(y[:, (nq + nkv) * d:].reshape(n, nkv, d))
+        keys = dequantize_int8(kc[:, :, :t + 1], ks[:, :, :t + 1])
+        values = dequantize_int8(vc[:, :, :t + 1], vs[:, :, :t + 1])
+    else:
+        kc[:, :, t] = qk[:, nq:]
+        vc[:, :, t] = y[:, (nq + nkv) * d:].reshape(n, nkv, d)
+        keys, values = kc[:, :, :t + 1], vc[:, :, :t + 1]
     q = qk[:, :nq].reshape(n, nkv, rep, d)
     idx = torch.arange(n) // g
     s_p = torch.matmul(q, kp[idx].transpose(-1, -2)).masked_fill(pad[idx].bool()[:, None, None, :], -torch.inf)  # [N, nkv, rep, P]
-    s_c = torch.matmul(q, kc[:, :, :t + 1].to(q.dtype).transpose(-1, -2))  # [N, nkv, rep, t+1]
+    s_c = torch.matmul(q, keys.to(q.dtype).transpose(-1, -2))  # [N, nkv, rep, t+1]
     w = torch.softmax(torch.cat([s_p, s_c], -1), -1)
-    o = torch.matmul(w[..., :p], vp[idx]) + torch.matmul(w[..., p:], vc[:, :, :t + 1].to(q.dtype))
+    o = torch.matmul(w[..., :p], vp[idx]) + torch.matmul(w[..., p:], values.to(q.dtype))
     return o.reshape(n, nq * d)
 
 

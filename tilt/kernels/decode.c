@@ -122,15 +122,26 @@ static inline v16 sum16(const v16 *a) {
 }
 
 /* The completion cache holds floats, or (H = 1, rollout.kv_cache_dtype) IEEE half-precision values converted on
- * load: the decode attention reads every cached key and value once per new token and is bound by the memory's
- * read rate (benchmarks/README.md, speed work 44), so halving the bytes read halves its time. kv_at: element i of
- * such a cache; ldkv: 16 of its values from there as floats. */
+ * load, or (H = 2) 8-bit integers with one float scale per key or value vector: the decode attention reads every
+ * cached key and value once per new token and is bound by the memory's read rate (benchmarks/README.md, speed
+ * work 44 and 47), so fewer bytes read take less time. kv_at: element i of such a cache; ldkv: 16 of its values
+ * from there as floats (for H = 2 the integers, before their scale). */
 static inline __attribute__((always_inline)) const void *kv_at(const void *base, const int H, int64_t i) {
-    return H ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
+    return H == 2 ? (const void *)((const int8_t *)base + i)
+                  : H ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
 }
 
 static inline __attribute__((always_inline)) v16 ldkv(const void *p, const int H) {
     if (!H) return LD(p);
+    if (H == 2) {
+#if defined(__AVX512F__)
+        return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+        v16 x;
+        for (int i = 0; i < 16; i++) x[i] = (float)((const int8_t *)p)[i];
+        return x;
+#endif
+    }
 #if defined(__AVX512F__)
     return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #elif defined(__F16C__)
@@ -149,8 +160,9 @@ static inline __attribute__((always_inline)) v16 ldkv(const void *p, const int H
  * room for count rounded up to 16. pf (or NULL): another block of rows laid out as k's, asked into L2 a row
  * per row of k read (the next head's keys: the hardware prefetcher does not cross into its pages in time). */
 static inline __attribute__((always_inline)) void dots16(const v16 *q, const void *k, int64_t count, float *s,
-                                                         const int64_t W, const void *pf, const int H) {
-    const int64_t line = H ? 2 : 1; /* vectors of 16 per 64-byte line */
+                                                         const int64_t W, const void *pf, const int H,
+                                                         const float *sc) {
+    const int64_t line = H == 2 ? 4 : H ? 2 : 1; /* vectors of 16 per 64-byte line */
     for (int64_t j = 0; j < count; j += 16) {
         v16 a[16];
         const int64_t n = count - j < 16 ? count - j : 16;
@@ -166,7 +178,17 @@ static inline __attribute__((always_inline)) void dots16(const v16 *q, const voi
                 a[i] = IOTA * 0.0f;
             }
         }
-        ST(s + j, sum16(a));
+        if (H == 2) { /* each key's products times its scale */
+            if (n == 16) {
+                ST(s + j, sum16(a) * LD(sc + j));
+            } else {
+                float c[16] = {0};
+                memcpy(c, sc + j, sizeof(float) * (size_t)n);
+                ST(s + j, sum16(a) * LD(c));
+            }
+        } else {
+            ST(s + j, sum16(a));
+        }
     }
 }
 
@@ -174,22 +196,23 @@ static inline __attribute__((always_inline)) void dots16(const v16 *q, const voi
  * accumulators (keys j, j + 1, ... in turn) so consecutive keys' multiply-adds do not wait on each other; pf as
  * in dots16. */
 static inline __attribute__((always_inline)) void wsum16(const float *w, const void *v, int64_t count, v16 *acc,
-                                                         const int64_t W, const int S, const void *pf, const int H) {
-    const int64_t line = H ? 2 : 1;
+                                                         const int64_t W, const int S, const void *pf, const int H,
+                                                         const float *sc) {
+    const int64_t line = H == 2 ? 4 : H ? 2 : 1;
     v16 a[4][8];
     for (int r = 0; r < S; r++)
         for (int64_t e = 0; e < W; e++) a[r][e] = IOTA * 0.0f;
     int64_t j = 0;
     for (; j + S <= count; j += S)
         for (int r = 0; r < S; r++) {
-            const float p = w[j + r];
+            const float p = H == 2 ? w[j + r] * sc[j + r] : w[j + r]; /* an int8 value's weight times its scale */
             const int64_t row = (j + r) * W * 16;
             if (pf)
                 for (int64_t e = 0; e < W; e += line) __builtin_prefetch(kv_at(pf, H, row + 16 * e), 0, 2);
             for (int64_t e = 0; e < W; e++) a[r][e] += p * ldkv(kv_at(v, H, row + 16 * e), H);
         }
     for (; j < count; j++) {
-        const float p = w[j];
+        const float p = H == 2 ? w[j] * sc[j] : w[j];
         for (int64_t e = 0; e < W; e++) a[0][e] += p * ldkv(kv_at(v, H, j * W * 16 + 16 * e), H);
     }
     for (int64_t e = 0; e < W; e++) {
@@ -203,21 +226,22 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const v
  * whole vectors, the weighted sum with independent accumulators. Same function as head(), summed in
  * another order. s has room for P + t + 33 floats; pk, pv: the next head's completion keys and values
  * (or NULL), asked for in step with this head's. H: the completion keys and values kr, vr (and pk, pv)
- * are halves; the prompt's kp, vp are floats either way. pm: the prompt's key mask in whole vectors, -1 (all
+ * are halves (1) or 8-bit integers (2) with scales ks, vs (one per key or value); the prompt's kp, vp are floats
+ * either way. pm: the prompt's key mask in whole vectors, -1 (all
  * bits) where key j < P16 is padding or past P. The masks and the row maximum are vector operations (the
  * maximum by vmax_all, exact in any order: the same values as the scalar loops they replaced). */
 static inline __attribute__((always_inline)) void head16(const float *qf, const float *kp, const float *vp,
                                                          const int32_t *pm, const void *kr, const void *vr,
                                                          int64_t P, int64_t t, float *s, float *out,
                                                          const int64_t W, const void *pk, const void *pv,
-                                                         const int H) {
+                                                         const int H, const float *ks, const float *vs) {
     const int64_t P16 = (P + 15) / 16 * 16;
     const v16 ninf = IOTA * 0.0f - INFINITY;
     v16 q[8];
     for (int64_t e = 0; e < W; e++) q[e] = LD(qf + 16 * e);
     /* prompt scores in s[0, P), completion scores from s[P16] on (both blocks start on a whole vector) */
-    dots16(q, kp, P, s, W, 0, 0);
-    dots16(q, kr, t + 1, s + P16, W, pk, H);
+    dots16(q, kp, P, s, W, 0, 0, 0);
+    dots16(q, kr, t + 1, s + P16, W, pk, H, ks);
     for (int64_t j = 0; j < P16; j += 16) ST(s + j, sel(*(const v16i *)(pm + j), ninf, LD(s + j)));
     const int64_t end = P16 + (t + 1 + 15) / 16 * 16;
     if ((t + 1) % 16) /* the last block's lanes past position t */
@@ -237,8 +261,8 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
     v16 acc[8];
     for (int64_t e = 0; e < W; e++) acc[e] = IOTA * 0.0f;
     const int S = W <= 4 ? 4 : 2;
-    wsum16(s, vp, P, acc, W, S, 0, 0);
-    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H);
+    wsum16(s, vp, P, acc, W, S, 0, 0, 0);
+    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H, vs);
     const float inv = 1.0f / hsum(tv);
     for (int64_t e = 0; e < W; e++) ST(out + 16 * e, acc[e] * inv);
 }
@@ -277,7 +301,9 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
  * y     [N, (nq + 2 nkv) d]  the fused q/k/v product (q, k in pair layout; q carries 1/sqrt(d))
  * rot   [N, d/2, 2]          e^{i p theta} as (cos, sin)
  * kc,vc [N, nkv, cap, d]     completion keys / values (position t is written here): floats, or with
- *                            half = 1 IEEE half-precision values (rounded to nearest even on the way in)
+ *                            half = 1 IEEE half-precision values (rounded to nearest even on the way in), or
+ *                            with half = 2 8-bit integers: a vector x of d values kept as round(x 127 / max|x|)
+ *                            (ties to even) with its scale max|x| / 127 in ks / vs [N, nkv, cap] (NULL otherwise)
  * kp,vp [U, nkv, P, d]       prompt keys (pair layout) / values, floats
  * pad   [U, P]               1 where the prompt position is padding
  * out   [N, nq d]
@@ -286,7 +312,8 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
  * Returns 0 when done; the number of rows left undone because a thread could not allocate its scratch
  * (neither their cache nor their output written; the caller raises); TILT_KV_RANGE when a new key or value
  * lies outside half precision's range (|x| >= 65520 rounds to infinity; the row's other work is done); or
- * TILT_KV_UNSUPPORTED when half = 1 where this build or head size has no half-precision path (tilt_kv_half).
+ * TILT_KV_UNSUPPORTED when half = 1 where this build or head size has no half-precision path (tilt_kv_half), or
+ * half = 2 at a head size head16 does not take.
  */
 #define TILT_KV_RANGE (-1)
 #define TILT_KV_UNSUPPORTED (-2)
@@ -357,12 +384,32 @@ static inline __attribute__((always_inline)) void store_half16(uint16_t *dst, v1
 #endif
 }
 
+/* The W vectors x[0 .. W) (one key or value, d = 16 W) as 8-bit integers at dst: round(x 127 / m), m = max |x|
+ * (ties to even; 0 for every value where m = 0), and m / 127 returned as its scale. The same values as
+ * tilt.kernels.quantize_int8 (whose float32 steps these are). */
+static inline __attribute__((always_inline)) float store_int8(int8_t *dst, const v16 *x, const int64_t W) {
+    v16 m = IOTA * 0.0f;
+    for (int64_t e = 0; e < W; e++) m = vmax2(m, (v16)((v16i)x[e] & 0x7fffffff));
+    const float amax = vmax_all(m)[0], inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t e = 0; e < W; e++) {
+        const v16 y = x[e] * inv;
+#if defined(__AVX512F__)
+        _mm_storeu_si128((__m128i *)(dst + 16 * e),
+                         _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32((__m512)y, _MM_FROUND_TO_NEAREST_INT |
+                                                                                      _MM_FROUND_NO_EXC)));
+#else
+        for (int i = 0; i < 16; i++) dst[16 * e + i] = isfinite(y[i]) ? (int8_t)nearbyintf(y[i]) : 0;
+#endif
+    }
+    return amax / 127.0f;
+}
+
 /* tilt_attend's rows for a float (H = 0) or a half (H = 1) cache, each compiled on its own (the float one is the
  * code it was before half caches). Returns the rows left undone; *over_out: a value beyond half's range. */
 static inline __attribute__((always_inline)) int attend_rows(
     const float *y, const float *rot, void *kc, void *vc, const float *kp, const float *vp, const uint8_t *pad,
     float *out, int64_t N, int64_t U, int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t,
-    const int H, int *over_out) {
+    const int H, float *ks, float *vs, int *over_out) {
     const int64_t G = N / U, rep = nq / nkv, hd = d / 2, width = (nq + 2 * nkv) * d;
     const int vec = d % 16 == 0 && d <= 128; /* head16; else head() */
     int bad = 0, over = 0;
@@ -391,7 +438,13 @@ static inline __attribute__((always_inline)) int attend_rows(
             for (int64_t h = 0; h < nkv; h++) { /* the new key (rotated) and value into the cache */
                 const float *k = yr + (nq + h) * d, *v = yr + (nq + nkv + h) * d;
                 const int64_t at = ((n * nkv + h) * cap + t) * d;
-                if (vec) { /* 16 values at a time, the same values as the scalar loops below */
+                if (H == 2) { /* the rotated key as the float cache would hold it, then both to 8 bits */
+                    v16 kv[8], vv[8];
+                    for (int64_t e = 0; e < d / 16; e++)
+                        kv[e] = rotate16(LD(k + 16 * e), LD(r + 16 * e), 1), vv[e] = LD(v + 16 * e);
+                    ks[at / d] = store_int8((int8_t *)kc + at, kv, d / 16);
+                    vs[at / d] = store_int8((int8_t *)vc + at, vv, d / 16);
+                } else if (vec) { /* 16 values at a time, the same values as the scalar loops below */
                     for (int64_t j = 0; j < d; j += 16) {
                         const v16 kr16 = rotate16(LD(k + j), LD(r + j), !H), v16v = LD(v + j);
                         if (H) {
@@ -442,14 +495,15 @@ static inline __attribute__((always_inline)) int attend_rows(
                     }
                 const float *kpu = kp + (u * nkv + h) * P * d, *vpu = vp + (u * nkv + h) * P * d;
                 const void *kr = kv_at(kc, H, nh * cap * d), *vr = kv_at(vc, H, nh * cap * d);
+                const float *ksr = H == 2 ? ks + nh * cap : 0, *vsr = H == 2 ? vs + nh * cap : 0;
                 float *o = out + (n * nq + qh) * d;
                 const uint8_t *pu = pad + u * P;
                 switch (d) { /* fixed head sizes get loops of fixed length */
-                case 32: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 2, pk, pv, H); break;
-                case 64: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 4, pk, pv, H); break;
-                case 128: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 8, pk, pv, H); break;
+                case 32: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 2, pk, pv, H, ksr, vsr); break;
+                case 64: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 4, pk, pv, H, ksr, vsr); break;
+                case 128: head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, 8, pk, pv, H, ksr, vsr); break;
                 default:
-                    if (vec) head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, d / 16, pk, pv, H);
+                    if (vec) head16(q, kpu, vpu, pm, kr, vr, P, t, s, o, d / 16, pk, pv, H, ksr, vsr);
                     else head(q, kpu, vpu, pu, (const float *)kr, (const float *)vr, P, t, s, o, d);
                 }
             }
@@ -462,11 +516,16 @@ static inline __attribute__((always_inline)) int attend_rows(
 
 int tilt_attend(const float *y, const float *rot, void *kc, void *vc, const float *kp,
                 const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
-                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t, int64_t half) {
-    if (half && (d % 16 != 0 || d > 128 || !tilt_kv_half())) return TILT_KV_UNSUPPORTED;
+                int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t, int64_t half, float *ks,
+                float *vs) {
+    if ((half == 1 && (d % 16 != 0 || d > 128 || !tilt_kv_half())) ||
+        (half == 2 && (d % 16 != 0 || d > 128 || !ks || !vs)) || half < 0 || half > 2)
+        return TILT_KV_UNSUPPORTED;
     int over = 0;
-    const int bad = half ? attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 1, &over)
-                         : attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 0, &over);
+    const int bad =
+        half == 2 ? attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 2, ks, vs, &over)
+        : half    ? attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 1, 0, 0, &over)
+                  : attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 0, 0, 0, &over);
     return bad ? bad : (over ? TILT_KV_RANGE : 0);
 }
 
