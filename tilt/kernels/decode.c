@@ -478,10 +478,12 @@ static inline __attribute__((always_inline)) int attend_rows(
                 const float *qs = yr + qh * d;
                 /* the next key head's cache is asked for while this one is computed: by head16 a row of it
                  * with each row of this head's (on the group's last query head, so once per key head); for
-                 * other head sizes as one block up front */
-                const int ahead = qh % rep == rep - 1 && nh + 1 < N * nkv;
-                const void *pk = ahead ? kv_at(kc, H, (nh + 1) * cap * d) : 0;
-                const void *pv = ahead ? kv_at(vc, H, (nh + 1) * cap * d) : 0;
+                 * other head sizes as one block up front. With an int8 cache the head after next (its head is
+                 * read in about half the time: the attention 0.95-0.97 at 10M x 256 against one ahead) */
+                const int64_t dist = H == 2 ? 2 : 1;
+                const int ahead = qh % rep == rep - 1 && nh + dist < N * nkv;
+                const void *pk = ahead ? kv_at(kc, H, (nh + dist) * cap * d) : 0;
+                const void *pv = ahead ? kv_at(vc, H, (nh + dist) * cap * d) : 0;
                 if (!vec && qh % rep == 0 && nh + 1 < N * nkv)
                     prefetch_block((const float *)kc + (nh + 1) * cap * d, (const float *)vc + (nh + 1) * cap * d,
                                    (t + 1) * d);
