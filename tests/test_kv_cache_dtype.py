@@ -111,23 +111,29 @@ def _decoders(monkeypatch):
     return made
 
 
+def _sampler_against_forward(tiny_llama_dir, monkeypatch, kv_dtype, fused):
+    """(the policy, the grouped decoder that sampled, |recorded log-prob - float32 teacher-forced log-prob| [N, T]) for
+    one sampling with a ``kv_dtype`` completion cache, through the fused kernel or (fused False) the torch ops."""
+    import tilt.fastdecode as fastdecode
+    if not fused:
+        monkeypatch.setattr(fastdecode.kernels, "usable", lambda *a: False)
+    made = _decoders(monkeypatch)
+    pol = load_policy(str(tiny_llama_dir))
+    b = _rollout(pol, PROMPTS * 2, kv_dtype)
+    assert len(made) == 1 and made[0] is not None and made[0].fused == fused
+    assert made[0].kc[0].dtype == kv_dtype and made[0].vc[0].dtype == kv_dtype
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    return pol, made[0], (lp * b.completion_mask - b.logprobs).abs().detach()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_float16_cache_logprobs_within_tolerance_of_float32(tiny_llama_dir, monkeypatch, fused):
     """The grouped decoder keeps its completion cache in float16 (fused kernel, and the torch ops where the kernels
     are off): the recorded log-probs differ from the float32 teacher-forced log-probs of the same tokens by the
     rounding (more than 4x the float32 cache's float rounding, at most KV16_TOL), the first token (from the float32
     prefill) by float rounding only."""
-    import tilt.fastdecode as fastdecode
-    if not fused:
-        monkeypatch.setattr(fastdecode.kernels, "usable", lambda *a: False)
-    made = _decoders(monkeypatch)
-    pol = load_policy(str(tiny_llama_dir))
-    b = _rollout(pol, PROMPTS * 2, torch.float16)
-    assert len(made) == 1 and made[0] is not None and made[0].fused == fused
-    assert made[0].kc[0].dtype == torch.float16 and made[0].vc[0].dtype == torch.float16
-    with torch.no_grad():
-        lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
-    diff = (lp * b.completion_mask - b.logprobs).abs().detach()  # [N, T]
+    pol, _, diff = _sampler_against_forward(tiny_llama_dir, monkeypatch, torch.float16, fused)
     full = _rollout(pol, PROMPTS * 2, None)  # the float32 cache: the log-probs agree to float rounding
     with torch.no_grad():
         lp32, _ = sequence_logprobs(pol.model, full.prompt_ids, full.prompt_mask, full.completion_ids,
@@ -137,16 +143,18 @@ def test_float16_cache_logprobs_within_tolerance_of_float32(tiny_llama_dir, monk
     assert 4 * rounding < float(diff[:, 1:].max()) <= KV16_TOL, (rounding, float(diff[:, 1:].max()))  # 8.6e-6 here
 
 
-def test_float16_cache_kernel_and_torch_paths_agree(tiny_llama_dir, monkeypatch):
-    """The fused kernel and the torch ops over float16 caches sample the same tokens with log-probs equal to
-    float rounding (same seed)."""
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-5), (torch.int8, 1e-4)], ids=["float16", "int8"])
+def test_cache_kernel_and_torch_paths_agree(tiny_llama_dir, monkeypatch, dtype, atol):
+    """The fused kernel and the torch ops over float16 (and int8, tests/test_kv_cache_int8.py) caches sample the same
+    tokens with log-probs equal to float rounding (same seed; an int8 key may differ by one step where its rotation
+    rounds apart)."""
     import tilt.fastdecode as fastdecode
     pol = load_policy(str(tiny_llama_dir))
-    a = _rollout(pol, PROMPTS * 2, torch.float16)
+    a = _rollout(pol, PROMPTS * 2, dtype)
     monkeypatch.setattr(fastdecode.kernels, "usable", lambda *a: False)
-    b = _rollout(pol, PROMPTS * 2, torch.float16)
+    b = _rollout(pol, PROMPTS * 2, dtype)
     assert torch.equal(a.completion_ids, b.completion_ids)
-    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=0)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
 
 
 def test_float16_cache_out_of_range_torch_path(tiny_llama_dir, monkeypatch):
@@ -188,19 +196,25 @@ def test_float16_cache_config_errors(tmp_path, tiny_llama_dir):
                                   "rollout.kv_cache_dtype=bfloat16", "correction.name=token_tis"])
 
 
-def test_float16_cache_trains_with_a_correction(tmp_path, tiny_llama_dir, monkeypatch):
-    """A 2-step run samples with a float16 cache and corrects with token_tis: the grouped decoder kept its cache
-    in float16, and the logged sampler/learner log-ratio is above zero and within KV16_TOL (nothing masked)."""
+def _trains_with_a_correction(tmp_path, tiny_llama_dir, monkeypatch, setting: str, dtype: torch.dtype, tol: float):
+    """A 2-step run samples with ``rollout.kv_cache_dtype=setting`` and corrects with token_tis: every grouped decoder
+    kept its cache in ``dtype``, and the logged sampler/learner log-ratio is above zero and within ``tol`` (nothing
+    masked)."""
     made = _decoders(monkeypatch)
     out = tmp_path / "run"
     cfg = load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={out}",
-                                    "rollout.kv_cache_dtype=float16", "correction.name=token_tis"])
+                                    f"rollout.kv_cache_dtype={setting}", "correction.name=token_tis"])
     train(cfg, reward_fns=[_even], echo=lambda _: None)
-    assert made and all(d is not None and d.kc[0].dtype == torch.float16 for d in made)
+    assert made and all(d is not None and d.kc[0].dtype == dtype for d in made)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] > 0]
     assert len(steps) == 2 and all(r["train/skipped"] == 0 for r in steps)
-    assert all(0 < r["mismatch/log_ratio_abs_max"] < KV16_TOL and r["mismatch/masked_frac"] == 0 for r in steps)
+    assert all(0 < r["mismatch/log_ratio_abs_max"] < tol and r["mismatch/masked_frac"] == 0 for r in steps)
+
+
+def test_float16_cache_trains_with_a_correction(tmp_path, tiny_llama_dir, monkeypatch):
+    """A 2-step run with a float16 cache and token_tis (``_trains_with_a_correction``), within KV16_TOL."""
+    _trains_with_a_correction(tmp_path, tiny_llama_dir, monkeypatch, "float16", torch.float16, KV16_TOL)
 
 
 def test_float16_cache_with_bf16_products(tiny_llama_dir, monkeypatch):

@@ -5,25 +5,20 @@
   attention as the torch ops over the same cache (to float rounding); a head size without a vector path and missing
   scales are refused.
 * Sampling with it: the recorded log-probs differ from the float32 teacher-forced forward by the quantization (more
-  than the float16 cache's, under the tolerance below), the first token not at all; the fused kernel and the torch
-  ops agree; a 2-step run trains with token_tis; the config asks for a correction.
+  than the float16 cache's, under the tolerance below), the first token not at all (the fused kernel and the torch
+  ops agree: tests/test_kv_cache_dtype.py); a 2-step run trains with token_tis; the config asks for a correction.
 """
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 import tilt.kernels as kernels
 from tilt.config import ConfigError, load_config
-from tilt.model import load_policy
-from tilt.rollout import sequence_logprobs
-from tilt.trainer import train
 
-from test_decode_dtype import BASE, _even
+from test_decode_dtype import BASE
 from test_kernels import _attend_inputs, needs_lib
-from test_kv_cache_dtype import KV16_TOL, PROMPTS, _decoders, _rollout
+from test_kv_cache_dtype import KV16_TOL, _sampler_against_forward, _trains_with_a_correction
 
 KV8_TOL = 5e-3  # max |log-prob| difference of the test model's int8-cache sampler vs its float32 forward
 
@@ -103,31 +98,10 @@ def test_int8_cache_logprobs_within_tolerance_of_float32(tiny_llama_dir, monkeyp
     kernels are off): the recorded log-probs differ from the float32 teacher-forced log-probs of the same tokens by
     more than the float16 cache's bound and at most KV8_TOL, the first token (from the float32 prefill) by float
     rounding only."""
-    import tilt.fastdecode as fastdecode
-    if not fused:
-        monkeypatch.setattr(fastdecode.kernels, "usable", lambda *a: False)
-    made = _decoders(monkeypatch)
-    pol = load_policy(str(tiny_llama_dir))
-    b = _rollout(pol, PROMPTS * 2, torch.int8)
-    assert len(made) == 1 and made[0] is not None and made[0].fused == fused
-    assert made[0].kc[0].dtype == torch.int8 and made[0].ks[0].dtype == torch.float32
-    with torch.no_grad():
-        lp, _ = sequence_logprobs(pol.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
-    diff = (lp * b.completion_mask - b.logprobs).abs().detach()  # [N, T]
+    _, decoder, diff = _sampler_against_forward(tiny_llama_dir, monkeypatch, torch.int8, fused)
+    assert decoder.ks[0].dtype == torch.float32 and decoder.ks[0].shape == decoder.kc[0].shape[:3]
     assert float(diff[:, 0].max()) <= 2e-6  # the first token: the prefill's, no cache read
     assert KV16_TOL < float(diff[:, 1:].max()) <= KV8_TOL, float(diff[:, 1:].max())
-
-
-def test_int8_cache_kernel_and_torch_paths_agree(tiny_llama_dir, monkeypatch):
-    """The fused kernel and the torch ops over int8 caches sample the same tokens with log-probs equal to float
-    rounding (same seed; a key's integer may differ by one step where its rotation rounds apart)."""
-    import tilt.fastdecode as fastdecode
-    pol = load_policy(str(tiny_llama_dir))
-    a = _rollout(pol, PROMPTS * 2, torch.int8)
-    monkeypatch.setattr(fastdecode.kernels, "usable", lambda *a: False)
-    b = _rollout(pol, PROMPTS * 2, torch.int8)
-    assert torch.equal(a.completion_ids, b.completion_ids)
-    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
 
 
 def test_int8_cache_config_needs_a_correction(tmp_path, tiny_llama_dir):
@@ -137,15 +111,6 @@ def test_int8_cache_config_needs_a_correction(tmp_path, tiny_llama_dir):
 
 
 def test_int8_cache_trains_with_a_correction(tmp_path, tiny_llama_dir, monkeypatch):
-    """A 2-step run samples with an int8 cache and corrects with token_tis: the grouped decoder kept its cache in
-    int8, and the logged sampler/learner log-ratio is above zero and within KV8_TOL (nothing masked)."""
-    made = _decoders(monkeypatch)
-    out = tmp_path / "run"
-    cfg = load_config(None, BASE + [f"model.path={tiny_llama_dir}", f"run_dir={out}",
-                                    "rollout.kv_cache_dtype=int8", "correction.name=token_tis"])
-    train(cfg, reward_fns=[_even], echo=lambda _: None)
-    assert made and all(d is not None and d.kc[0].dtype == torch.int8 for d in made)
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if r["step"] > 0]
-    assert len(steps) == 2 and all(r["train/skipped"] == 0 for r in steps)
-    assert all(0 < r["mismatch/log_ratio_abs_max"] < KV8_TOL and r["mismatch/masked_frac"] == 0 for r in steps)
+    """A 2-step run with an int8 cache and token_tis (``_trains_with_a_correction``): the log-ratio above zero and
+    within KV8_TOL, nothing masked."""
+    _trains_with_a_correction(tmp_path, tiny_llama_dir, monkeypatch, "int8", torch.int8, KV8_TOL)
