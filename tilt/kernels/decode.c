@@ -227,9 +227,9 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const v
  * another order. s has room for P + t + 33 floats; pk, pv: the next head's completion keys and values
  * (or NULL), asked for in step with this head's. H: the completion keys and values kr, vr (and pk, pv)
  * are halves (1) or 8-bit integers (2) with scales ks, vs (one per key or value); the prompt's kp, vp are floats
- * either way. pm: the prompt's key mask in whole vectors, -1 (all
- * bits) where key j < P16 is padding or past P. The masks and the row maximum are vector operations (the
- * maximum by vmax_all, exact in any order: the same values as the scalar loops they replaced). */
+ * either way. pm: the prompt's key mask in whole vectors, -1 (all bits) where key j < P16 is padding or past P.
+ * The masks and the row maximum are vector operations (the maximum by vmax_all, exact in any order: the same
+ * values as the scalar loops they replaced). */
 static inline __attribute__((always_inline)) void head16(const float *qf, const float *kp, const float *vp,
                                                          const int32_t *pm, const void *kr, const void *vr,
                                                          int64_t P, int64_t t, float *s, float *out,
@@ -404,8 +404,9 @@ static inline __attribute__((always_inline)) float store_int8(int8_t *dst, const
     return amax / 127.0f;
 }
 
-/* tilt_attend's rows for a float (H = 0) or a half (H = 1) cache, each compiled on its own (the float one is the
- * code it was before half caches). Returns the rows left undone; *over_out: a value beyond half's range. */
+/* tilt_attend's rows for a float (H = 0), a half (H = 1) or an int8 (H = 2, scales ks, vs) cache, each compiled on
+ * its own (the float one is the code it was before half caches). Returns the rows left undone; *over_out: a value
+ * beyond half's range. */
 static inline __attribute__((always_inline)) int attend_rows(
     const float *y, const float *rot, void *kc, void *vc, const float *kp, const float *vp, const uint8_t *pad,
     float *out, int64_t N, int64_t U, int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t,
