@@ -607,3 +607,10 @@ def _self_check(lib) -> None:
             want = attend_reference(y, rot, kh2, vh2, kp, vp, pad, t + 1, nq)
             check(torch.allclose(got, want, atol=1e-5) and torch.allclose(kh.float(), kh2.float(), atol=1e-3)
                   and torch.equal(vh, vh2), f"attend with a float16 cache (head size {d})")
+        if kv_int8_usable(d, lib):  # an int8 cache with its scales: the same attention over the same integers
+            (k8, ks), (v8, vs) = quantize_int8(kc), quantize_int8(vc)
+            k82, v82, ks2, vs2 = k8.clone(), v8.clone(), ks.clone(), vs.clone()
+            got = attend(y, rot, k8, v8, kp, vp, pad, t + 1, nq, lib, ks, vs)
+            want = attend_reference(y, rot, k82, v82, kp, vp, pad, t + 1, nq, ks2, vs2)
+            check(torch.allclose(got, want, atol=1e-5) and int((k8.int() - k82.int()).abs().max()) <= 1
+                  and torch.equal(v8, v82) and torch.equal(vs, vs2), f"attend with an int8 cache (head size {d})")
