@@ -20,12 +20,6 @@ static const v16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 /* a where m is set, else b (m: a comparison's all-ones / all-zeros lanes) */
 static inline v16 sel(v16i m, v16 a, v16 b) { return (v16)((m & (v16i)a) | (~m & (v16i)b)); }
 
-static inline float hmax(v16 v) {
-    float m = v[0];
-    for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m;
-    return m;
-}
-
 static inline float hsum(v16 v) {
     float t = 0.0f;
     for (int i = 0; i < 16; i++) t += v[i];
@@ -98,8 +92,8 @@ static inline v16 vmax2(v16 a, v16 b) {
 #endif
 }
 /* The maximum (vmax_all) and the sum (vsum_all) of v's 16 lanes, in every lane: a tree of four shuffles instead of
- * hmax's and hsum's chains of fifteen dependent scalar steps (attention.c's softmax rows: its forward 5-10 % faster,
- * speed work 45). The sum adds in the tree's order, not hsum's. */
+ * chains of fifteen dependent scalar steps (attention.c's softmax rows: its forward 5-10 % faster, speed work 45;
+ * decode.c's row maximum, speed work 46). The sum adds in the tree's order, not hsum's. */
 static inline v16 vmax_all(v16 v) {
     v = vmax2(v, SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
     v = vmax2(v, SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
