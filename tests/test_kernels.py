@@ -550,15 +550,18 @@ def test_linear_rejects_what_it_cannot_read():
 @needs_lib
 def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir, monkeypatch):
     """Twelve decode steps of 3 prompts x 4 samples (left padding) with the fused kernels called straight
-    (``_calls``), through their Python wrappers, and with torch ops only: the first two bit-equal (the same
-    calls), the torch ops' logits to float rounding, the same greedy tokens."""
+    (``_calls``) in one call a token (``tilt_decode_layers``) and one at a time, through their Python wrappers, and
+    with torch ops only: the first three bit-equal (the same kernels), the torch ops' logits to float rounding, the
+    same greedy tokens."""
+    import tilt.fastdecode as fastdecode
     pol = load_policy(str(tiny_llama_dir))
     ids, mask = encode_prompts(pol.tokenizer, ["47+85=", "cd 3 5 7>22:", "5+4="] * 4)
     u_ids, u_mask, inverse = unique_prompts(ids, mask)
     calls = GroupedDecoder._calls
     runs = []
-    for fused, straight in ((True, True), (True, False), (False, False)):
+    for fused, straight, one in ((True, True, True), (True, True, False), (True, False, False), (False, False, False)):
         monkeypatch.setattr(GroupedDecoder, "_calls", calls if straight else lambda self, n: None)
+        monkeypatch.setattr(fastdecode, "ONE_CALL", one)
         dec = GroupedDecoder(pol.model, None, u_mask, inverse, 12, positions=ids.shape[1] + 12, fused=fused)
         assert dec.fused == fused
         logits = dec.prefill(u_ids, u_mask).index_select(0, inverse)
@@ -569,17 +572,38 @@ def test_grouped_decoder_fused_equals_torch_ops(tiny_llama_dir, monkeypatch):
             steps.append((tok, logits))
         assert (dec._plan is not None) == straight  # every product packed for tilt.kernels: the straight calls
         runs.append(steps)
-    for (tok_a, lg_a), (tok_b, lg_b), (tok_c, lg_c) in zip(*runs):
+    for (tok_a, lg_a), (tok_b, lg_b), (tok_w, lg_w), (tok_c, lg_c) in zip(*runs):
         assert torch.equal(tok_a, tok_b) and torch.equal(lg_a, lg_b)
+        assert torch.equal(tok_a, tok_w) and torch.equal(lg_a, lg_w)
         assert torch.equal(tok_a, tok_c)
         torch.testing.assert_close(lg_a, lg_c, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(GroupedDecoder, "_calls", calls)
+    monkeypatch.setattr(fastdecode, "ONE_CALL", True)
     dec = GroupedDecoder(pol.model, None, u_mask, inverse, 2, positions=ids.shape[1] + 12)
     logits = dec.prefill(u_ids, u_mask).index_select(0, inverse)
     for s in range(2):
         logits = dec.step(logits.argmax(-1), mask.sum(-1) + s)
     with pytest.raises(ValueError, match="outside the cache"):  # a third token has no room: an error, not a write
         dec.step(logits.argmax(-1), mask.sum(-1) + 2)
+
+
+@needs_lib
+def test_decode_layers_refuses_an_unknown_op_before_running():
+    """``tilt_decode_layers`` checks every record before any thread starts: a record of unknown kind after a valid
+    norm is refused (ValueError naming the kinds) and the norm's output is not written."""
+    lib = kernels.library()
+    h, out = torch.ones(2, 16), torch.full((2, 16), 7.0)
+    ops = torch.tensor([kernels.decode_op(kernels.DECODE_NORM, None, out.data_ptr(), 2, 16, 1e-5),
+                        kernels.decode_op(9)], dtype=torch.int64)
+    code = lib.tilt_decode_layers(ops.data_ptr(), ops.shape[0], h.data_ptr(), None, 0)
+    with pytest.raises(ValueError, match="unknown kind"):
+        kernels.attend_done(code)
+    assert torch.equal(out, torch.full((2, 16), 7.0))
+    ops = ops[:1].contiguous()  # the norm alone runs
+    assert lib.tilt_decode_layers(ops.data_ptr(), 1, h.data_ptr(), None, 0) == 0
+    torch.testing.assert_close(out, torch.ones(2, 16))
+    with pytest.raises(ValueError, match="entries for a record"):
+        kernels.decode_op(kernels.DECODE_ATTEND, *range(18))
 
 
 def _status_in_subprocess(env: dict) -> tuple[str, str]:

@@ -157,6 +157,24 @@ def test_cache_kernel_and_torch_paths_agree(tiny_llama_dir, monkeypatch, dtype, 
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
 
 
+@needs_lib
+@pytest.mark.parametrize("one_call", [True, False])
+def test_float16_cache_out_of_range_kernel_path(tiny_llama_dir, monkeypatch, one_call):
+    """Sampling through the fused step, its layers in one library call a token (``tilt_decode_layers``) or one call
+    each, reports a value beyond float16's range with the error naming the setting."""
+    import tilt.fastdecode as fastdecode
+    monkeypatch.setattr(fastdecode, "ONE_CALL", one_call)
+    made = []
+    monkeypatch.setattr(fastdecode.GroupedDecoder, "_fused_step",
+                        lambda self, *a, _f=fastdecode.GroupedDecoder._fused_step: made.append(1) or _f(self, *a))
+    pol = load_policy(str(tiny_llama_dir))
+    with torch.no_grad():
+        pol.model.model.layers[1].self_attn.v_proj.weight.mul_(1e7)
+    with pytest.raises(OverflowError, match="rollout.kv_cache_dtype"):
+        _rollout(pol, PROMPTS * 2, torch.float16)
+    assert made  # the fused step ran
+
+
 def test_float16_cache_out_of_range_torch_path(tiny_llama_dir, monkeypatch):
     """The torch ops path reports a key or value beyond float16's range with the same error."""
     import tilt.fastdecode as fastdecode

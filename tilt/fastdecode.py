@@ -174,6 +174,9 @@ PACK_MIN_WEIGHT = 1 << 17
 C_PRODUCTS = True
 # with those, the fused step's gate/up product and SwiGLU as one call (``kernels.linear_swiglu``, speed work 40)
 C_SWIGLU = True
+# the fused step's library calls as one call per token, all layers in one thread team (``tilt_decode_layers``,
+# speed work 48; False: one call each from Python, the same kernels in the same order)
+ONE_CALL = True
 
 
 def _packed(wb: tuple, rows: int, swiglu: bool = False) -> tuple:
@@ -575,7 +578,9 @@ class GroupedDecoder(LeanDecoder):
                 "o": w.new_empty(n, hid), "g": w.new_empty(n, max(ly["inter"] for ly in lys)),
                 "m": w.new_empty(n, hid)}
         x, y, a, o, g, m = (ptr(bufs[k]) for k in "xyaogm")
-        layers = []
+        rec, K = kernels.decode_op, kernels
+        half = 2 if self.kc[0].dtype == torch.int8 else int(self.kc[0].dtype == torch.float16)
+        layers, ops = [], [rec(K.DECODE_NORM, None, x, n, hid, float(lys[0]["in_eps"]))]
         for i, ly in enumerate(lys):
             (_, qb, qp, _), (_, ob, op, _), (_, gb, gp, _), (_, db, dp, _) = (ly[k] for k in ("qkv", "o", "gu", "down"))
             inter = ly["inter"]
@@ -587,6 +592,12 @@ class GroupedDecoder(LeanDecoder):
                            (a, ptr(op), ptr(ob), o, n, hid, nq * d), (o, x, n, hid, ly["post_eps"]),
                            (x, ptr(gp), ptr(gb), g, n, inter, hid), (g, ptr(dp), ptr(db), m, n, hid, inter),
                            (m, x, n, hid, eps)))
+            qkv, att, o_, post, gu, down, nxt = layers[-1]  # the same calls as records, in the same order
+            ops += [rec(K.DECODE_LINEAR, *qkv), rec(K.DECODE_ATTEND, *att[:14], half, *att[14:]),
+                    rec(K.DECODE_LINEAR, *o_), rec(K.DECODE_NORM, *post[:4], float(post[4])),
+                    rec(K.DECODE_SWIGLU, *gu), rec(K.DECODE_LINEAR, *down),
+                    rec(K.DECODE_NORM, *nxt[:4], float(nxt[4]))]
+        bufs["ops"] = torch.tensor(ops, dtype=torch.int64)  # [ops, DECODE_OP] for tilt_decode_layers
         self._plan = (n, (bufs, layers))
         return self._plan[1]
 
@@ -604,6 +615,11 @@ class GroupedDecoder(LeanDecoder):
                 raise ValueError(f"attend: position {t} outside the cache's {self.kc[0].shape[2]}")
             bufs, layers = calls
             hp, rp, x = h.data_ptr(), rot.data_ptr(), bufs["x"]
+            if ONE_CALL:
+                ops = bufs["ops"]
+                kernels.attend_done(lib.tilt_decode_layers(ops.data_ptr(), ops.shape[0], hp, rp, t))
+                self.filled += 1
+                return _lin(x.index_select(0, self.unperm), self.lm)  # [N, V] in the caller's order
             lib.tilt_add_rms_norm(hp, None, x.data_ptr(), h.shape[0], h.shape[1], self.layers[0]["in_eps"])
             for qkv, att, o, post, gu, down, nxt in layers:
                 lib.tilt_linear(*qkv)

@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,10 +56,11 @@ SIGNATURES = {
     "tilt_linear": [_P] * 4 + [_I64] * 3,
     "tilt_pack_linear_swiglu": [_P, _P, _I64, _I64],
     "tilt_linear_swiglu": [_P] * 4 + [_I64] * 3,
+    "tilt_decode_layers": [_P, _I64, _P, _P, _I64],
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
            "tilt_tf_attention_backward": ctypes.c_int, "tilt_attend": ctypes.c_int,
-           "tilt_kv_half": ctypes.c_int}  # the others return nothing
+           "tilt_kv_half": ctypes.c_int, "tilt_decode_layers": ctypes.c_int}  # the others return nothing
 _state: dict = {}
 
 
@@ -446,17 +448,34 @@ KV_RANGE, KV_UNSUPPORTED = -1, -2  # decode.c's TILT_KV_RANGE, TILT_KV_UNSUPPORT
 
 
 def attend_done(code: int) -> None:
-    """Raise for what ``tilt_attend`` reports: rows left undone (a thread could not allocate its scratch:
-    MemoryError), a new key or value beyond float16's range in a float16 cache (OverflowError), a float16
-    cache where the build or head size has none (ValueError)."""
+    """Raise for what ``tilt_attend`` (or ``tilt_decode_layers``) reports: rows left undone (a thread could not
+    allocate its scratch: MemoryError), a new key or value beyond float16's range in a float16 cache
+    (OverflowError), a float16 cache where the build or head size has none, an op of unknown kind (ValueError)."""
     if code == KV_RANGE:
         raise OverflowError("attend: a new key or value lies outside float16's range (|x| >= 65520 rounds to "
                             "infinity) and cannot be kept in the float16 KV cache: set rollout.kv_cache_dtype='model'")
     if code == KV_UNSUPPORTED:
         raise ValueError("attend: no float16 or int8 KV cache in this build or at this head size (kv_half_usable, "
                          "kv_int8_usable)")
+    if code == DECODE_BAD_OP:
+        raise ValueError("decode_layers: an op record of unknown kind (decode_op's kinds are DECODE_NORM, "
+                         "DECODE_LINEAR, DECODE_SWIGLU and DECODE_ATTEND)")
     if code:
         raise MemoryError(f"attend: the kernel could not allocate its per-thread scratch ({code} rows left undone)")
+
+
+DECODE_NORM, DECODE_LINEAR, DECODE_SWIGLU, DECODE_ATTEND, DECODE_OP = 0, 1, 2, 3, 18  # decode.c's tilt_decode_layers
+DECODE_BAD_OP = -3  # what it returns for a record of another kind
+
+
+def decode_op(kind: int, *args) -> list[int]:
+    """One record of ``tilt_decode_layers``' ops: ``kind`` (``DECODE_NORM`` ...) and its arguments as decode.c lists
+    them, pointers and sizes as integers (None as 0), a float as its float32 bits; zero-padded to ``DECODE_OP``."""
+    rec = [kind] + [0 if a is None else struct.unpack("<i", struct.pack("<f", a))[0] if isinstance(a, float)
+                    else int(a) for a in args]
+    if len(rec) > DECODE_OP:
+        raise ValueError(f"decode_op: {len(rec)} entries for a record of {DECODE_OP}")
+    return rec + [0] * (DECODE_OP - len(rec))
 
 
 def kv_half_usable(head_dim: int, lib=None) -> bool:
@@ -614,3 +633,43 @@ def _self_check(lib) -> None:
             want = attend_reference(y, rot, k82, v82, kp, vp, pad, t + 1, nq, ks2, vs2)
             check(torch.allclose(got, want, atol=1e-5) and int((k8.int() - k82.int()).abs().max()) <= 1
                   and torch.equal(v8, v82) and torch.equal(vs, vs2), f"attend with an int8 cache (head size {d})")
+    _decode_layers_self_check(lib, fixed, check)
+
+
+def _decode_layers_self_check(lib, fixed, check) -> None:
+    """``tilt_decode_layers`` against the same calls made one at a time: one decode layer (RMS norm, the q/k/v
+    product, attention with its cache write, the output product, add + norm, the gate/up product with SwiGLU, the
+    down product, add + norm) of 4 rows of 2 prompts, a float cache; residual, outputs and cache equal bit for bit."""
+    n, u, nq, nkv, d, p, cap, t, hid, inter = 4, 2, 2, 2, 32, 5, 6, 3, 64, 48
+    width = (nq + 2 * nkv) * d
+    pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.uint8)
+    wq, wo = pack_linear(fixed(width, hid, seed=2.0), lib), pack_linear(fixed(hid, nq * d, seed=3.0), lib)
+    wg, wd = pack_linear_swiglu(fixed(2 * inter, hid, seed=4.0), lib), pack_linear(fixed(hid, inter, seed=5.0), lib)
+    rot = torch.view_as_real(torch.polar(torch.ones(n, d // 2), fixed(n, d // 2, seed=6.0) * 3)).contiguous()
+    kp, vp = fixed(u, nkv, p, d, seed=7.0) / d ** 0.5, fixed(u, nkv, p, d, seed=8.0)
+    runs = []
+    for one in (True, False):
+        h, kc, vc = fixed(n, hid, seed=9.0), fixed(n, nkv, cap, d, seed=10.0), fixed(n, nkv, cap, d, seed=11.0)
+        x, y, a, o, g, m = (torch.empty(n, c) for c in (hid, width, nq * d, hid, inter, hid))
+        ptr = _ptr
+        calls = [(DECODE_NORM, (None, ptr(x), n, hid, 1e-5)), (DECODE_LINEAR, (ptr(x), ptr(wq), None, ptr(y), n, width, hid)),
+                 (DECODE_ATTEND, (ptr(y), ptr(kc), ptr(vc), ptr(kp), ptr(vp), ptr(pad), ptr(a), n, u, nq, nkv, d, p, cap)),
+                 (DECODE_LINEAR, (ptr(a), ptr(wo), None, ptr(o), n, hid, nq * d)), (DECODE_NORM, (ptr(o), ptr(x), n, hid, 1e-5)),
+                 (DECODE_SWIGLU, (ptr(x), ptr(wg), None, ptr(g), n, inter, hid)),
+                 (DECODE_LINEAR, (ptr(g), ptr(wd), None, ptr(m), n, hid, inter)), (DECODE_NORM, (ptr(m), ptr(x), n, hid, 1e-6))]
+        if one:
+            ops = torch.tensor([decode_op(kind, *args, *((0, None, None) if kind == DECODE_ATTEND else ()))
+                                for kind, args in calls], dtype=torch.int64)
+            code = lib.tilt_decode_layers(ops.data_ptr(), ops.shape[0], h.data_ptr(), rot.data_ptr(), t)
+        else:
+            code = 0
+            for kind, args in calls:
+                if kind == DECODE_NORM:
+                    lib.tilt_add_rms_norm(h.data_ptr(), *args)
+                elif kind == DECODE_ATTEND:
+                    code = code or lib.tilt_attend(args[0], rot.data_ptr(), *args[1:], t, 0, None, None)
+                else:
+                    (lib.tilt_linear_swiglu if kind == DECODE_SWIGLU else lib.tilt_linear)(*args)
+        runs.append((code, h, kc, vc, x, y, a, o, g, m))
+    check(runs[0][0] == runs[1][0] == 0 and all(torch.equal(p, q) for p, q in zip(runs[0][1:], runs[1][1:])),
+          "decode_layers (one call for a layer's calls)")

@@ -405,16 +405,16 @@ static inline __attribute__((always_inline)) float store_int8(int8_t *dst, const
 }
 
 /* tilt_attend's rows for a float (H = 0), a half (H = 1) or an int8 (H = 2, scales ks, vs) cache, each compiled on
- * its own (the float one is the code it was before half caches). Returns the rows left undone; *over_out: a value
- * beyond half's range. */
-static inline __attribute__((always_inline)) int attend_rows(
+ * its own (the float one is the code it was before half caches), shared out over the threads of the enclosing
+ * parallel region (every thread calls it). Adds the rows left undone to *bad_out and ORs a value beyond half's range
+ * into *over_out; both are complete once the threads have passed a barrier after it. */
+static inline __attribute__((always_inline)) void attend_rows(
     const float *y, const float *rot, void *kc, void *vc, const float *kp, const float *vp, const uint8_t *pad,
     float *out, int64_t N, int64_t U, int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t,
-    const int H, float *ks, float *vs, int *over_out) {
+    const int H, float *ks, float *vs, int *bad_out, int *over_out) {
     const int64_t G = N / U, rep = nq / nkv, hd = d / 2, width = (nq + 2 * nkv) * d;
     const int vec = d % 16 == 0 && d <= 128; /* head16; else head() */
     int bad = 0, over = 0;
-#pragma omp parallel reduction(+ : bad) reduction(| : over)
     {
         /* q, then the scores: room for the prompt's and the completion's keys, each rounded up to 16 */
         const int64_t P16 = (P + 15) / 16 * 16;
@@ -513,29 +513,51 @@ static inline __attribute__((always_inline)) int attend_rows(
         }
         free(q);
     }
-    *over_out = over;
-    return bad;
+    if (bad) {
+#pragma omp atomic
+        *bad_out += bad;
+    }
+    if (over) {
+#pragma omp atomic
+        *over_out |= over;
+    }
+}
+
+/* Whether tilt_attend runs this cache kind (half) at head size d: TILT_KV_UNSUPPORTED if not, else 0. */
+static int attend_supported(int64_t d, int64_t half, const float *ks, const float *vs) {
+    if ((half == 1 && (d % 16 != 0 || d > 128 || !tilt_kv_half())) ||
+        (half == 2 && (d % 16 != 0 || d > 128 || !ks || !vs)) || half < 0 || half > 2)
+        return TILT_KV_UNSUPPORTED;
+    return 0;
+}
+
+/* tilt_attend's work by the threads of the enclosing parallel region (see attend_rows). */
+static void attend_team(const float *y, const float *rot, void *kc, void *vc, const float *kp, const float *vp,
+                        const uint8_t *pad, float *out, int64_t N, int64_t U, int64_t nq, int64_t nkv, int64_t d,
+                        int64_t P, int64_t cap, int64_t t, int64_t half, float *ks, float *vs, int *bad, int *over) {
+    if (half == 2)
+        attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 2, ks, vs, bad, over);
+    else if (half)
+        attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 1, 0, 0, bad, over);
+    else
+        attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 0, 0, 0, bad, over);
 }
 
 int tilt_attend(const float *y, const float *rot, void *kc, void *vc, const float *kp,
                 const float *vp, const uint8_t *pad, float *out, int64_t N, int64_t U,
                 int64_t nq, int64_t nkv, int64_t d, int64_t P, int64_t cap, int64_t t, int64_t half, float *ks,
                 float *vs) {
-    if ((half == 1 && (d % 16 != 0 || d > 128 || !tilt_kv_half())) ||
-        (half == 2 && (d % 16 != 0 || d > 128 || !ks || !vs)) || half < 0 || half > 2)
+    if (attend_supported(d, half, ks, vs))
         return TILT_KV_UNSUPPORTED;
-    int over = 0;
-    const int bad =
-        half == 2 ? attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 2, ks, vs, &over)
-        : half    ? attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 1, 0, 0, &over)
-                  : attend_rows(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, 0, 0, 0, &over);
+    int bad = 0, over = 0;
+#pragma omp parallel
+    attend_team(y, rot, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, t, half, ks, vs, &bad, &over);
     return bad ? bad : (over ? TILT_KV_RANGE : 0);
 }
 
-/* h += x (when x is not NULL), then out = h / sqrt(mean(h^2) + eps): RMS norm without its weight
- * (Eq. 4 of arXiv:1910.07467; tilt folds the weight into the next product). h, x, out [N, H]. */
-void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t H, float eps) {
-#pragma omp parallel for schedule(static) if (N * H >= 16384)
+/* tilt_add_rms_norm's rows over the threads of the enclosing parallel region. */
+static void add_rms_norm_team(float *h, const float *x, float *out, int64_t N, int64_t H, float eps) {
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float *hr = h + n * H, *o = out + n * H;
         if (x) {
@@ -550,6 +572,68 @@ void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t 
 #pragma omp simd
         for (int64_t e = 0; e < H; e++) o[e] = hr[e] * r;
     }
+}
+
+/* h += x (when x is not NULL), then out = h / sqrt(mean(h^2) + eps): RMS norm without its weight
+ * (Eq. 4 of arXiv:1910.07467; tilt folds the weight into the next product). h, x, out [N, H]. */
+void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t H, float eps) {
+#pragma omp parallel if (N * H >= 16384)
+    add_rms_norm_team(h, x, out, N, H, eps);
+}
+
+/* One token of the lean decoder (tilt/fastdecode.py, GroupedDecoder._fused_step) through every layer in one
+ * parallel region: the calls the step otherwise makes one by one from Python (per layer four products, the
+ * attention and two residual adds + RMS norms), in order, each shared out over the threads and finished before
+ * the next starts (the end of each `omp for` waits for all threads). The same kernels on the same data in the same
+ * order, so the same values bit for bit; what goes is a Python call, an argument conversion and a thread team's
+ * start and end per call (71 a token at 10 layers).
+ *
+ * ops: n_ops records of DECODE_OP int64s, [kind, arguments...], pointers as integers:
+ *   DECODE_NORM   (x or 0, out, N, H, eps as float bits): tilt_add_rms_norm(h, x, out, N, H, eps)
+ *   DECODE_LINEAR (x, wp, b or 0, y, M, N, K) and DECODE_SWIGLU (the same): tilt_linear, tilt_linear_swiglu
+ *   DECODE_ATTEND (y, kc, vc, kp, vp, pad, out, N, U, nq, nkv, d, P, cap, half, ks or 0, vs or 0):
+ *                 tilt_attend(y, rot, ..., t, half, ks, vs)
+ * h [N, H]: the residual stream, updated in place; rot: this token's rotations; t: its position in the cache.
+ * Returns what tilt_attend would: 0, rows left undone, TILT_KV_RANGE or TILT_KV_UNSUPPORTED, stopping after the
+ * first attention that reports one; -3 for an unknown kind. */
+void tilt_linear_team(const float *x, const float *wp, const float *b, float *y, int64_t M, int64_t N, int64_t K,
+                      int swiglu); /* linear.c */
+enum { DECODE_NORM = 0, DECODE_LINEAR = 1, DECODE_SWIGLU = 2, DECODE_ATTEND = 3, DECODE_OP = 18 };
+int tilt_decode_layers(const int64_t *ops, int64_t n_ops, float *h, const float *rot, int64_t t) {
+    for (int64_t i = 0; i < n_ops; i++) { /* checked before any thread starts */
+        const int64_t *a = ops + i * DECODE_OP;
+        if (a[0] < DECODE_NORM || a[0] > DECODE_ATTEND) return -3;
+        if (a[0] == DECODE_ATTEND && attend_supported(a[12], a[15], (const float *)a[16], (const float *)a[17]))
+            return TILT_KV_UNSUPPORTED;
+    }
+    int bad = 0, over = 0;
+#pragma omp parallel
+    for (int64_t i = 0; i < n_ops; i++) {
+        const int64_t *a = ops + i * DECODE_OP;
+        switch (a[0]) {
+        case DECODE_NORM: {
+            float eps;
+            const int32_t bits = (int32_t)a[5];
+            memcpy(&eps, &bits, sizeof eps);
+            add_rms_norm_team(h, (const float *)a[1], (float *)a[2], a[3], a[4], eps);
+            break;
+        }
+        case DECODE_LINEAR:
+        case DECODE_SWIGLU:
+            tilt_linear_team((const float *)a[1], (const float *)a[2], (const float *)a[3], (float *)a[4], a[5], a[6],
+                             a[7], a[0] == DECODE_SWIGLU);
+            break;
+        default:
+            attend_team((const float *)a[1], rot, (void *)a[2], (void *)a[3], (const float *)a[4],
+                        (const float *)a[5], (const uint8_t *)a[6], (float *)a[7], a[8], a[9], a[10], a[11], a[12],
+                        a[13], a[14], t, a[15], (float *)a[16], (float *)a[17], &bad, &over);
+#pragma omp barrier
+            const int stop = bad || over; /* every thread reads the same counts between the two barriers */
+#pragma omp barrier
+            if (stop) i = n_ops;
+        }
+    }
+    return bad ? bad : (over ? TILT_KV_RANGE : 0);
 }
 
 /* exp(x) for sampling weights: exactly 0 where fast_expf would clamp (x < -87), so a token whose

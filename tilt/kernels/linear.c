@@ -110,14 +110,15 @@ static inline __attribute__((always_inline)) void block(const float *x, const fl
 }
 
 /* The products of every panel: y [M, N] = x [M, K] W^T (+ b), or with `swiglu` y [M, N] = SwiGLU of the gate/up
- * product (N = I; b NULL or [2 I]). */
+ * product (N = I; b NULL or [2 I]). The panels are shared out over the threads of the enclosing parallel region
+ * (an orphaned `omp for`, whose end waits for all of them): tilt_linear's own region, or tilt_decode_layers'. */
 static inline __attribute__((always_inline)) void panels(const float *x, const float *wp, const float *b, float *y,
                                                          int64_t M, int64_t N, int64_t K, const int swiglu) {
     const int64_t width = swiglu ? 16 : NR; /* output columns per panel */
     const int64_t np = (N + width - 1) / width, full = M / MR;
     /* the next panel's K rows spread over the first 2^shift blocks (up to 8) */
     const int shift = full >= 8 ? 3 : full >= 4 ? 2 : full >= 2 ? 1 : 0;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t p = 0; p < np; p++) {
         const float *panel = wp + p * K * NR;
         const float *next = p + 1 < np ? panel + K * NR : NULL;
@@ -155,11 +156,23 @@ static inline __attribute__((always_inline)) void panels(const float *x, const f
 
 /* y [M, N] = x [M, K] W^T (+ b), W packed by tilt_pack_linear */
 void tilt_linear(const float *x, const float *wp, const float *b, float *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel
     panels(x, wp, b, y, M, N, K, 0);
 }
 
 /* y [M, I] = silu(x W_gate^T + b_gate) * (x W_up^T + b_up), W [2I, K] packed by tilt_pack_linear_swiglu, b [2I] or
  * NULL */
 void tilt_linear_swiglu(const float *x, const float *wp, const float *b, float *y, int64_t M, int64_t I, int64_t K) {
+#pragma omp parallel
     panels(x, wp, b, y, M, I, K, 1);
+}
+
+/* tilt_linear (swiglu 0) or tilt_linear_swiglu (1) by the threads of a parallel region already running (every
+ * thread calls it; it returns when the whole product is written): for tilt_decode_layers. */
+void tilt_linear_team(const float *x, const float *wp, const float *b, float *y, int64_t M, int64_t N, int64_t K,
+                      int swiglu) {
+    if (swiglu)
+        panels(x, wp, b, y, M, N, K, 1);
+    else
+        panels(x, wp, b, y, M, N, K, 0);
 }
