@@ -12,6 +12,8 @@ from tilt.fastforward import forward_supported
 from tilt.model import load_policy
 from tilt.rollout import SamplingParams, encode_prompts, generate, sequence_logprobs
 
+from test_kernels import needs_lib
+
 PROMPTS = ["47+85=", "cd 3 5 7>22:", "sort 53 7 21:", "9*9="]
 
 
@@ -335,3 +337,42 @@ def test_swiglu_function_equals_the_plain_expression_bit_for_bit(monkeypatch):
         results.append((out.detach(), z.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][1][..., :12].abs().max() > 0.1 and results[0][1][..., 12:].abs().max() > 0.1
+
+
+def test_no_grad_pass_updates_its_residual_in_place_with_the_same_values(tiny_llama_dir, monkeypatch):
+    """Without autograd the lean pass adds each product into the residual stream in place and writes SwiGLU into
+    the gate half of its input (``INTO_ADD``, speed work 49): the log-probs equal those of the pass with new outputs
+    and of the grad-enabled pass bit for bit, and the in-place calls ran."""
+    import tilt.fastforward as fastforward
+    import tilt.kernels as kernels
+
+    pol = load_policy(str(tiny_llama_dir))
+    rows = [p for p in PROMPTS for _ in range(3)]
+    ids, mask = encode_prompts(pol.tokenizer, rows)
+    out = generate(pol.model, ids, mask, params=SamplingParams(9), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                   generator=torch.Generator().manual_seed(0))
+    args = (pol.model, ids, mask, out.completion_ids, out.completion_mask)
+    gates = []
+    monkeypatch.setattr(fastforward, "swiglu_into", lambda gu, _f=fastforward.swiglu_into: gates.append(1) or _f(gu))
+    with torch.no_grad():
+        into = sequence_logprobs(*args)[0]
+        assert len(gates) == (pol.model.config.num_hidden_layers if kernels.library() is not None else 0)
+        monkeypatch.setattr(fastforward, "INTO_ADD", False)
+        fresh = sequence_logprobs(*args)[0]
+    graded = sequence_logprobs(*args)[0]
+    assert graded.requires_grad and torch.equal(into, fresh) and torch.equal(into, graded.detach())
+
+
+@needs_lib
+def test_silu_mul_gate_writes_the_gate_half_only():
+    """``kernels.silu_mul_gate``: silu(g) * u into the gate half (a row width with a 16-lane tail), the up half
+    unchanged, the same values as ``silu_mul``; a non-contiguous input is refused."""
+    import tilt.kernels as kernels
+
+    gu = torch.randn(5, 2 * 21, generator=torch.Generator().manual_seed(3)) * 3
+    orig, want = gu.clone(), kernels.silu_mul(gu)
+    got = kernels.silu_mul_gate(gu)
+    assert got.data_ptr() == gu.data_ptr() and torch.equal(got, want) and torch.equal(gu[:, 21:], orig[:, 21:])
+    torch.testing.assert_close(got, F.silu(orig[:, :21]) * orig[:, 21:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.silu_mul_gate(torch.randn(8, 5).t())

@@ -82,7 +82,8 @@ def _stacked(parts, rows: Tensor | None, mods) -> tuple[Tensor, Tensor | None]:
     return w, bias
 
 
-def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None, add: Tensor | None = None,
+             into_add: bool = False) -> Tensor:
     """The outputs of several projections of ``x`` side by side, [.., sum out]: one matmul with their
     stacked base weights (``_stacked``), plus the LoRA adapters s B (A x) of all of them as one more
     pair of matmuls: every adapter's A stacked, [R, in], and the s B blocks placed on the block
@@ -90,11 +91,13 @@ def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None, add: T
     The adapters stay apart from the weights, so the backward keeps only x and A x for them (a merged
     weight would be kept whole). ``rows``: the output columns in this order (a permutation of them).
     ``add``: a tensor of the output's shape added to it (the residual stream), inside the product where
-    there is no bias (``addmm``: one pass over the output fewer than a separate addition)."""
+    there is no bias (``addmm``: one pass over the output fewer than a separate addition). ``into_add``: ``add``
+    is not read again (a pass without autograd), so the product is added into it in place (``addmm_``): the same
+    call on the same values without first copying ``add`` into a new output."""
     parts = [linear_parts(m, adapters) for m in mods]
     w, bias = _stacked(parts, rows, mods)
     if add is not None and bias is None and x.dim() == 2:
-        y = torch.addmm(add, x, w.t())
+        y = add.addmm_(x, w.t()) if into_add and INTO_ADD else torch.addmm(add, x, w.t())
     else:
         y = F.linear(x, w, bias)
         y = y if add is None else y + add
@@ -115,6 +118,16 @@ def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None, add: T
     ax = F.linear(x, a_all)  # [.., R]
     flat = torch.addmm(y.reshape(-1, y.shape[-1]), ax.reshape(-1, ax.shape[-1]), b_all.t())
     return flat.view(y.shape)
+
+
+INTO_ADD = True  # without autograd: _project's into_add taken and SwiGLU by swiglu_into (False: new outputs; speed work 49)
+
+
+def swiglu_into(gu: Tensor) -> Tensor:
+    """``SwiGLU`` of ``gu`` [rows, 2 I] written into its gate half, for a pass without autograd (nothing kept for a
+    backward, gu not read again): the same values as ``SwiGLU.apply`` (the same kernel), as the view ``gu[:, :I]``,
+    without a new [rows, I] output."""
+    return kernels.silu_mul_gate(gu)
 
 
 class RMSNorm(torch.autograd.Function):
@@ -360,6 +373,7 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
     mask_p = mask_p[:, None]  # [U, 1, P, P]
     valid_c = completion_mask.bool()
     fused, mask_c = None, None  # whether the attention block takes the kernel (decided at the first layer)
+    keep_none = not torch.is_grad_enabled()  # no autograd: the residual stream h (a new tensor) is updated in place
 
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -376,10 +390,11 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
                 to_self = (ar_t[None, :] <= ar_t[:, None])[None] & valid_c[:, None, :]  # [N, T, T]
                 mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
             o = attention_by_splits(y, rot, inverse, mask_p, mask_c, u, p, n, t, nq, nkv, d, scale)
-        h = _project(o, (a.o_proj,), adapters, add=h)  # [M + N T, H]: the residual added inside the product
+        h = _project(o, (a.o_proj,), adapters, add=h, into_add=keep_none)  # [M + N T, H]: the residual added in the product
         x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        h = _project(SwiGLU.apply(_project(x, (mlp.gate_proj, mlp.up_proj), adapters)), (mlp.down_proj,), adapters,
-                     add=h)
+        gu = _project(x, (mlp.gate_proj, mlp.up_proj), adapters)  # [M + N T, 2 I]
+        act = swiglu_into(gu) if keep_none and INTO_ADD and _fused(gu) else SwiGLU.apply(gu)
+        h = _project(act, (mlp.down_proj,), adapters, add=h, into_add=keep_none)
 
     h_p, h_c = h.split([m, n * t])
     last = h_p.reshape(u, p, hidden)[:, -1].index_select(0, inverse)  # [N, H]: predicts completion token 0

@@ -46,6 +46,7 @@ SIGNATURES = {
     "tilt_kv_half": [],
     "tilt_add_rms_norm": [_P, _P, _P, _I64, _I64, _F32],
     "tilt_silu_mul": [_P, _P, _I64, _I64],
+    "tilt_silu_mul_gate": [_P, _I64, _I64],
     "tilt_swiglu_backward": [_P, _P, _P, _I64, _I64],
     "tilt_rms_norm_forward": [_P, _P, _P, _P, _I64, _I64, _F32],
     "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
@@ -228,6 +229,17 @@ def silu_mul(gu: Tensor, lib=None) -> Tensor:
     out = gu.new_empty(n, width // 2)
     lib.tilt_silu_mul(_ptr(gu), _ptr(out), n, width // 2)
     return out
+
+
+def silu_mul_gate(gu: Tensor, lib=None) -> Tensor:
+    """``silu_mul(gu)`` written into gu's gate half (gu [N, 2I] contiguous, overwritten there); returns that half,
+    the view ``gu[:, :I]`` (rows 2I floats apart). For a pass without autograd, where gu is not read again."""
+    lib = lib or library()
+    n, width = gu.shape
+    if not gu.is_contiguous() or gu.dtype != torch.float32:
+        raise ValueError(f"silu_mul_gate: gu must be contiguous float32, got {gu.dtype} with strides {gu.stride()}")
+    lib.tilt_silu_mul_gate(_ptr(gu), n, width // 2)
+    return gu[:, :width // 2]
 
 
 def swiglu_backward(gu: Tensor, dy: Tensor, lib=None) -> Tensor:

@@ -268,12 +268,15 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
 }
 
 /* out[n, i] = silu(gu[n, i]) * gu[n, I + i] = gu[n, i] sigma(gu[n, i]) gu[n, I + i] (SwiGLU, Eq. 5 of
- * arXiv:2002.05202) on 16 lanes (sigmoidv); a row's last I % 16 through a padded vector. gu [N, 2I], out [N, I]. */
-void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
+ * arXiv:2002.05202) on 16 lanes (sigmoidv); a row's last I % 16 through a padded vector. gu [N, 2I], out [N, I]
+ * with rows ldo floats apart (I; or out = gu and ldo = 2I: into gu's gate half, each value read before its place
+ * is written). */
+static inline __attribute__((always_inline)) void silu_mul_rows(const float *gu, float *out, int64_t ldo, int64_t N,
+                                                                int64_t I) {
 #pragma omp parallel for schedule(static) if (N * I >= 16384)
     for (int64_t n = 0; n < N; n++) {
         const float *g = gu + n * 2 * I, *u = g + I;
-        float *o = out + n * I;
+        float *o = out + n * ldo;
         int64_t i = 0;
         for (; i + 16 <= I; i += 16) {
             const v16 x = LD(g + i);
@@ -288,6 +291,11 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) {
         }
     }
 }
+
+void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) { silu_mul_rows(gu, out, I, N, I); }
+
+/* The same into gu's gate half (gu [N, 2I]; its up half unchanged): for a pass that keeps nothing for a backward. */
+void tilt_silu_mul_gate(float *gu, int64_t N, int64_t I) { silu_mul_rows(gu, gu, 2 * I, N, I); }
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
