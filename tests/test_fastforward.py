@@ -376,3 +376,43 @@ def test_silu_mul_gate_writes_the_gate_half_only():
     torch.testing.assert_close(got, F.silu(orig[:, :21]) * orig[:, 21:], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="contiguous float32"):
         kernels.silu_mul_gate(torch.randn(8, 5).t())
+
+
+def test_swiglu_backward_into_its_input_gives_the_same_gradients(tiny_llama_dir, monkeypatch):
+    """SwiGLU's kernel backward writes the gate/up gradient over its saved input (``GRAD_INTO_INPUT``, which nothing
+    else reads): the policy's gradients equal those with a new buffer bit for bit."""
+    import tilt.fastforward as fastforward
+
+    pol = load_policy(str(tiny_llama_dir))
+    ids, mask = encode_prompts(pol.tokenizer, [p for p in PROMPTS for _ in range(2)])
+    out = generate(pol.model, ids, mask, params=SamplingParams(7), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                   generator=torch.Generator().manual_seed(1))
+    grads = []
+    for into in (True, False):
+        monkeypatch.setattr(fastforward, "GRAD_INTO_INPUT", into)
+        pol.model.zero_grad(set_to_none=True)
+        lp = sequence_logprobs(pol.model, ids, mask, out.completion_ids, out.completion_mask)[0]
+        (lp * out.completion_mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in pol.model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert any(float(g.abs().max()) > 0 for n, g in grads[0].items() if "mlp" in n)
+
+
+@needs_lib
+def test_swiglu_kernel_backward_into_its_input_bumps_its_version(monkeypatch):
+    """The kernel backward over its input: the gradient equals the one into a new buffer bit for bit (a width with a
+    16-lane tail), and the overwritten input's version moves on, so autograd refuses any later read of it."""
+    import tilt.fastforward as fastforward
+    from tilt.fastforward import SwiGLU
+
+    base = (torch.randn(6, 2 * 19, generator=torch.Generator().manual_seed(2)) * 3).requires_grad_()
+    dy = torch.randn(6, 19, generator=torch.Generator().manual_seed(3))
+    got = []
+    for into in (True, False):
+        monkeypatch.setattr(fastforward, "GRAD_INTO_INPUT", into)
+        base.grad = None
+        gu = base * 1.0
+        SwiGLU.apply(gu).backward(dy)
+        got.append((base.grad.clone(), gu._version))
+    assert torch.equal(got[0][0], got[1][0]) and got[0][1] == got[1][1] + 1

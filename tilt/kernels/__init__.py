@@ -242,13 +242,14 @@ def silu_mul_gate(gu: Tensor, lib=None) -> Tensor:
     return gu[:, :width // 2]
 
 
-def swiglu_backward(gu: Tensor, dy: Tensor, lib=None) -> Tensor:
-    """The gradient of ``silu_mul`` at ``gu`` [N, 2I] for ``dy`` [N, I]: [N, 2I] (gate half, up half)."""
+def swiglu_backward(gu: Tensor, dy: Tensor, lib=None, into: bool = False) -> Tensor:
+    """The gradient of ``silu_mul`` at ``gu`` [N, 2I] for ``dy`` [N, I]: [N, 2I] (gate half, up half); ``into``:
+    written over gu itself (each element's inputs are read before its place is written) and returned."""
     lib = lib or library()
     n, width = gu.shape
     if dy.shape != (n, width // 2):
         raise ValueError(f"swiglu_backward: dy {tuple(dy.shape)} does not match gu {tuple(gu.shape)}")
-    out = torch.empty_like(gu)
+    out = gu if into else torch.empty_like(gu)
     lib.tilt_swiglu_backward(_ptr(gu), _ptr(dy), _ptr(out), n, width // 2)
     return out
 

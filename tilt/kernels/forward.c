@@ -32,9 +32,9 @@
  * written side by side into dgu [N, 2I] (the gradient of the fused gate/up product). */
 static inline __attribute__((always_inline)) void swiglu_grad16(const float *g, const float *u, const float *d, float *dg,
                                                                  float *du) {
-    const v16 x = LD(g), sg = sigmoidv(x), dd = LD(d);
+    const v16 x = LD(g), sg = sigmoidv(x), dd = LD(d), uu = LD(u); /* all read first: dgu may be gu itself */
     ST(du, dd * x * sg);
-    ST(dg, dd * LD(u) * sg * (1.0f + x * (1.0f - sg)));
+    ST(dg, dd * uu * sg * (1.0f + x * (1.0f - sg)));
 }
 
 void tilt_swiglu_backward(const float *gu, const float *dy, float *dgu, int64_t N, int64_t I) {
