@@ -562,7 +562,9 @@ class GroupedDecoder(LeanDecoder):
         the caches and output buffers kept here), when every product of every layer is packed for
         tilt.kernels (``linear``, the gate/up product for ``linear_swiglu``), else None. The step then
         calls the library straight, without the Python wrappers' checks and allocations (about 0.1 ms a
-        layer at 64 rows; speed work 41). Kept until ``pack`` or ``prefill`` changes what it points at."""
+        layer at 64 rows; speed work 41), or passes the same calls as records (``bufs["ops"]``,
+        ``kernels.decode_op``) to ``tilt_decode_layers``, one call a token (``ONE_CALL``, speed work 48). Kept
+        until ``pack`` or ``prefill`` changes what it points at."""
         if self._plan is not None and self._plan[0] == n:
             return self._plan[1]
         lys = self.layers
@@ -604,8 +606,9 @@ class GroupedDecoder(LeanDecoder):
     def _fused_step(self, h: Tensor, rot: Tensor) -> Tensor:
         """``step``'s layers with tilt.kernels: per layer four products and three fused calls (rotary
         embedding + cache write + attention; residual add + RMS norm, twice; SiLU-gated product), the
-        residual stream ``h`` [N, H] (rows in prompt order) updated in place. The same function as the
-        torch ops of ``step`` to float rounding (tests/test_kernels.py)."""
+        residual stream ``h`` [N, H] (rows in prompt order) updated in place; with ``ONE_CALL`` all of a token's
+        calls are one library call. The same function as the torch ops of ``step`` to float rounding
+        (tests/test_kernels.py)."""
         lib, t, nq = kernels.library(), self.filled, self.nq
         half = (2 if self.kc[0].dtype == torch.int8 else int(self.kc[0].dtype == torch.float16)) if self.kc else 0
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
