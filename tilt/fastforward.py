@@ -120,7 +120,8 @@ def _project(x: Tensor, mods, adapters: bool, rows: Tensor | None = None, add: T
     return flat.view(y.shape)
 
 
-INTO_ADD = True  # without autograd: _project's into_add taken and SwiGLU by swiglu_into (False: new outputs; speed work 49)
+# without autograd: _project's into_add taken and SwiGLU by swiglu_into (False: new outputs; speed work 49)
+INTO_ADD = True
 
 
 def swiglu_into(gu: Tensor) -> Tensor:
@@ -401,7 +402,8 @@ def shared_completion_states(model, u_ids: Tensor, u_mask: Tensor, inverse: Tens
                 to_self = (ar_t[None, :] <= ar_t[:, None])[None] & valid_c[:, None, :]  # [N, T, T]
                 mask_c = torch.cat([to_prompt, to_self], -1)[:, None]  # [N, 1, T, P + T]
             o = attention_by_splits(y, rot, inverse, mask_p, mask_c, u, p, n, t, nq, nkv, d, scale)
-        h = _project(o, (a.o_proj,), adapters, add=h, into_add=keep_none)  # [M + N T, H]: the residual added in the product
+        # [M + N T, H]: the residual added inside the product
+        h = _project(o, (a.o_proj,), adapters, add=h, into_add=keep_none)
         x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         gu = _project(x, (mlp.gate_proj, mlp.up_proj), adapters)  # [M + N T, 2 I]
         act = swiglu_into(gu) if keep_none and INTO_ADD and _fused(gu) else SwiGLU.apply(gu)

@@ -665,11 +665,15 @@ def _decode_layers_self_check(lib, fixed, check) -> None:
         h, kc, vc = fixed(n, hid, seed=9.0), fixed(n, nkv, cap, d, seed=10.0), fixed(n, nkv, cap, d, seed=11.0)
         x, y, a, o, g, m = (torch.empty(n, c) for c in (hid, width, nq * d, hid, inter, hid))
         ptr = _ptr
-        calls = [(DECODE_NORM, (None, ptr(x), n, hid, 1e-5)), (DECODE_LINEAR, (ptr(x), ptr(wq), None, ptr(y), n, width, hid)),
-                 (DECODE_ATTEND, (ptr(y), ptr(kc), ptr(vc), ptr(kp), ptr(vp), ptr(pad), ptr(a), n, u, nq, nkv, d, p, cap)),
-                 (DECODE_LINEAR, (ptr(a), ptr(wo), None, ptr(o), n, hid, nq * d)), (DECODE_NORM, (ptr(o), ptr(x), n, hid, 1e-5)),
+        calls = [(DECODE_NORM, (None, ptr(x), n, hid, 1e-5)),
+                 (DECODE_LINEAR, (ptr(x), ptr(wq), None, ptr(y), n, width, hid)),
+                 (DECODE_ATTEND, (ptr(y), ptr(kc), ptr(vc), ptr(kp), ptr(vp), ptr(pad), ptr(a), n, u, nq, nkv, d, p,
+                                  cap)),
+                 (DECODE_LINEAR, (ptr(a), ptr(wo), None, ptr(o), n, hid, nq * d)),
+                 (DECODE_NORM, (ptr(o), ptr(x), n, hid, 1e-5)),
                  (DECODE_SWIGLU, (ptr(x), ptr(wg), None, ptr(g), n, inter, hid)),
-                 (DECODE_LINEAR, (ptr(g), ptr(wd), None, ptr(m), n, hid, inter)), (DECODE_NORM, (ptr(m), ptr(x), n, hid, 1e-6))]
+                 (DECODE_LINEAR, (ptr(g), ptr(wd), None, ptr(m), n, hid, inter)),
+                 (DECODE_NORM, (ptr(m), ptr(x), n, hid, 1e-6))]
         if one:
             ops = torch.tensor([decode_op(kind, *args, *((0, None, None) if kind == DECODE_ATTEND else ()))
                                 for kind, args in calls], dtype=torch.int64)
