@@ -147,3 +147,11 @@ def test_lean_decoders_read_grouped_query_keys_in_place(tmp_path_factory, char_t
         assert len(made) == 1 and type(made[0]) is kind
         assert torch.equal(run[0].completion_ids, run[1].completion_ids)
         torch.testing.assert_close(run[0].logprobs, run[1].logprobs, atol=1e-5, rtol=0)
+        if kind is fastdecode.GroupedDecoder:  # its fused step in one library call a token or one call each: bit-equal
+            fastdecode.ONE_CALL = False
+            try:
+                each = generate(pol.model, ids, mask, params=SamplingParams(10), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                                generator=torch.Generator().manual_seed(3))
+            finally:
+                fastdecode.ONE_CALL = True
+            assert torch.equal(each.completion_ids, run[0].completion_ids) and torch.equal(each.logprobs, run[0].logprobs)
