@@ -399,6 +399,20 @@ def test_swiglu_backward_into_its_input_gives_the_same_gradients(tiny_llama_dir,
     assert any(float(g.abs().max()) > 0 for n, g in grads[0].items() if "mlp" in n)
 
 
+def test_second_backward_through_the_lean_pass_is_a_clear_error(tiny_llama_dir):
+    """The lean pass frees and reuses its buffers in the backward, so a second backward through the same graph
+    (retain_graph=True) is refused with an error that says so, not a TypeError from inside."""
+    pol = load_policy(str(tiny_llama_dir))
+    ids, mask = encode_prompts(pol.tokenizer, PROMPTS[:2])
+    out = generate(pol.model, ids, mask, params=SamplingParams(5), eos_id=pol.eos_id, pad_id=pol.pad_id,
+                   generator=torch.Generator().manual_seed(0))
+    lp = sequence_logprobs(pol.model, ids, mask, out.completion_ids, out.completion_mask)[0]
+    loss = (lp * out.completion_mask).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
 @needs_lib
 def test_swiglu_kernel_backward_into_its_input_bumps_its_version(monkeypatch):
     """The kernel backward over its input: the gradient equals the one into a new buffer bit for bit (a width with a

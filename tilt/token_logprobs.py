@@ -171,6 +171,10 @@ class _HeadChosenLogSoftmax(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor, g_ent: Tensor):
         h, weight, bias, y, lse, ent = ctx.saved_tensors
         logits = ctx.logits
+        if logits is None:  # released by this node's first backward (its buffer and SwiGLU's inputs are reused)
+            raise RuntimeError("head_token_logprobs: the backward through these log-probs already ran; a second "
+                               "backward (retain_graph=True) through tilt's lean pass is not supported: compute the "
+                               "log-probs again for another backward")
         if not WORKSPACE.holds(h.dtype, h.device, ctx.ticket):  # a later pass took the buffer: recompute
             logits = _head(h, weight, bias, torch.empty_like(logits))
         grad = _logits_grad(logits, logits, y, lse, ent, g_logp, g_ent, ctx.scale)  # in place of the logits
