@@ -478,7 +478,7 @@ def attend_done(code: int) -> None:
 
 
 DECODE_NORM, DECODE_LINEAR, DECODE_SWIGLU, DECODE_ATTEND, DECODE_OP = 0, 1, 2, 3, 18  # decode.c's tilt_decode_layers
-DECODE_BAD_OP = -3  # what it returns for a record of another kind
+DECODE_BAD_OP = -3  # decode.c's TILT_DECODE_BAD_OP: what it returns for a record of another kind
 
 
 def decode_op(kind: int, *args) -> list[int]:

@@ -325,6 +325,7 @@ void tilt_silu_mul_gate(float *gu, int64_t N, int64_t I) { silu_mul_rows(gu, gu,
  */
 #define TILT_KV_RANGE (-1)
 #define TILT_KV_UNSUPPORTED (-2)
+#define TILT_DECODE_BAD_OP (-3) /* tilt_decode_layers: a record of unknown kind */
 
 /* Whether this build reads and writes half-precision caches (F16C conversions). */
 int tilt_kv_half(void) {
@@ -603,14 +604,14 @@ void tilt_add_rms_norm(float *h, const float *x, float *out, int64_t N, int64_t 
  *                 tilt_attend(y, rot, ..., t, half, ks, vs)
  * h [N, H]: the residual stream, updated in place; rot: this token's rotations; t: its position in the cache.
  * Returns what tilt_attend would: 0, rows left undone, TILT_KV_RANGE or TILT_KV_UNSUPPORTED, stopping after the
- * first attention that reports one; -3 for an unknown kind. */
+ * first attention that reports one; TILT_DECODE_BAD_OP for an unknown kind. */
 void tilt_linear_team(const float *x, const float *wp, const float *b, float *y, int64_t M, int64_t N, int64_t K,
                       int swiglu); /* linear.c */
 enum { DECODE_NORM = 0, DECODE_LINEAR = 1, DECODE_SWIGLU = 2, DECODE_ATTEND = 3, DECODE_OP = 18 };
 int tilt_decode_layers(const int64_t *ops, int64_t n_ops, float *h, const float *rot, int64_t t) {
     for (int64_t i = 0; i < n_ops; i++) { /* checked before any thread starts */
         const int64_t *a = ops + i * DECODE_OP;
-        if (a[0] < DECODE_NORM || a[0] > DECODE_ATTEND) return -3;
+        if (a[0] < DECODE_NORM || a[0] > DECODE_ATTEND) return TILT_DECODE_BAD_OP;
         if (a[0] == DECODE_ATTEND && attend_supported(a[12], a[15], (const float *)a[16], (const float *)a[17]))
             return TILT_KV_UNSUPPORTED;
     }
