@@ -581,7 +581,7 @@ class GroupedDecoder(LeanDecoder):
                 "m": w.new_empty(n, hid)}
         x, y, a, o, g, m = (ptr(bufs[k]) for k in "xyaogm")
         rec, K = kernels.decode_op, kernels
-        half = 2 if self.kc[0].dtype == torch.int8 else int(self.kc[0].dtype == torch.float16)
+        half = self._cache_kind()
         layers, ops = [], [rec(K.DECODE_NORM, None, x, n, hid, float(lys[0]["in_eps"]))]
         for i, ly in enumerate(lys):
             (_, qb, qp, _), (_, ob, op, _), (_, gb, gp, _), (_, db, dp, _) = (ly[k] for k in ("qkv", "o", "gu", "down"))
@@ -603,6 +603,12 @@ class GroupedDecoder(LeanDecoder):
         self._plan = (n, (bufs, layers))
         return self._plan[1]
 
+    def _cache_kind(self) -> int:
+        """``tilt_attend``'s ``half`` for the completion cache: 0 in the model's float dtype, 1 float16, 2 int8."""
+        if not self.kc:
+            return 0
+        return 2 if self.kc[0].dtype == torch.int8 else int(self.kc[0].dtype == torch.float16)
+
     def _fused_step(self, h: Tensor, rot: Tensor) -> Tensor:
         """``step``'s layers with tilt.kernels: per layer four products and three fused calls (rotary
         embedding + cache write + attention; residual add + RMS norm, twice; SiLU-gated product), the
@@ -610,7 +616,7 @@ class GroupedDecoder(LeanDecoder):
         calls are one library call. The same function as the torch ops of ``step`` to float rounding
         (tests/test_kernels.py)."""
         lib, t, nq = kernels.library(), self.filled, self.nq
-        half = (2 if self.kc[0].dtype == torch.int8 else int(self.kc[0].dtype == torch.float16)) if self.kc else 0
+        half = self._cache_kind()
         rot = rot.reshape(h.shape[0], -1).contiguous()  # [N, d/2] complex
         calls = self._calls(h.shape[0])
         if calls is not None:  # the same calls as below, straight to the library

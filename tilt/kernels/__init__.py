@@ -586,7 +586,8 @@ def _self_check(lib) -> None:
 
     def check(ok: bool, what: str) -> None:
         if not ok:
-            raise RuntimeError(f"self-check: {what} differs from its torch expression")
+            raise RuntimeError(f"self-check: {what} differs from what it is checked against (its torch expression "
+                               f"unless named)")
 
     for m, n, k in ((3, 40, 24), (19, 64, 8)):  # a block tail, a partial panel; two full blocks and panels
         x, w, b = fixed(m, k), fixed(n, k, seed=2.0), fixed(n, seed=3.0)
@@ -689,4 +690,4 @@ def _decode_layers_self_check(lib, fixed, check) -> None:
                     (lib.tilt_linear_swiglu if kind == DECODE_SWIGLU else lib.tilt_linear)(*args)
         runs.append((code, h, kc, vc, x, y, a, o, g, m))
     check(runs[0][0] == runs[1][0] == 0 and all(torch.equal(p, q) for p, q in zip(runs[0][1:], runs[1][1:])),
-          "decode_layers (one call for a layer's calls)")
+          "decode_layers (one call for a layer; checked against the same calls one at a time)")
