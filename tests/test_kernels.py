@@ -74,6 +74,58 @@ def test_silu_mul_equals_torch_and_handles_extremes():
     assert torch.isfinite(got).all()
 
 
+def _f32_nearest(q) -> float:
+    """The float32 nearest the rational q (ties to even), as a Python float."""
+    import numpy as np
+    from fractions import Fraction
+    f = np.float32(float(q))
+    cands = [f, np.nextafter(f, np.float32(np.inf)), np.nextafter(f, np.float32(-np.inf))]
+    return float(min(cands, key=lambda c: (abs(Fraction(float(c)) - q), int(np.array(c).view(np.int32)) & 1)))
+
+
+def _expv_steps(x: float) -> float:
+    """vec16.h's expv step by step in exact arithmetic, each fused multiply-add rounded once to float32 and each
+    other operation rounded as float32 rounds it: what the AVX-512 build's explicit steps must give."""
+    import numpy as np
+    from fractions import Fraction
+    f32 = np.float32
+
+    def fma(a, b, c):
+        return f32(_f32_nearest(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))))
+
+    v = f32(min(f32(88.0), max(f32(-87.0), f32(x))))
+    big = f32(12582912.0)
+    n = fma(v, f32(1.44269504088896341), big) - big
+    r = fma(n, f32(2.12194440e-4), fma(n, f32(-0.693359375), v))
+    p = fma(r, f32(1.9875691500e-4), f32(1.3981999507e-3))
+    for c in (8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = fma(p, r, f32(c))
+    e = fma(p * r, r, r) + f32(1.0)
+    return float(np.ldexp(e, int(n)))
+
+
+@needs_lib
+def test_expv_is_its_steps_and_within_an_ulp_of_exp():
+    """The exp of every fused softmax and SiLU (vec16.h's expv, speed work 51 wrote its AVX-512 steps out as fused
+    multiply-adds so that a caller compiled without contraction inlines the same values): within one float ulp of
+    exp over [-87, 88] (the clamp's range); NaN in, NaN out; clamped outside; and, in an AVX-512 build, equal bit
+    for bit to its steps computed exactly and rounded once per fused multiply-add."""
+    import math
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.linspace(-87.0, 88.0, 3001), torch.rand(1000, generator=g) * 4 - 2,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.34657359, 60.5, -86.99])])
+    got = kernels.expv(x)
+    want = torch.tensor([math.exp(v) for v in x.double().tolist()], dtype=torch.float64)
+    ulp = (want.float().nextafter(torch.tensor(math.inf)) - want.float()).double()
+    assert ((got.double() - want).abs() <= ulp).all(), float(((got.double() - want).abs() / ulp).max())
+    edges = kernels.expv(torch.tensor([math.nan, -math.inf, -200.0, math.inf, 200.0]))
+    assert math.isnan(edges[0]) and edges[1] == edges[2] == kernels.expv(torch.tensor([-87.0]))[0]
+    assert edges[3] == edges[4] == kernels.expv(torch.tensor([88.0]))[0]
+    if kernels.library().tilt_expv_explicit():
+        steps = torch.tensor([_expv_steps(v) for v in x.tolist()], dtype=torch.float32)
+        assert torch.equal(got, steps), int((got != steps).sum())
+
+
 @needs_lib
 @pytest.mark.parametrize("shape", [(3, 24), (64, 2048), (7, 8, 96)])
 def test_swiglu_forward_and_backward_equal_float64(shape):

@@ -47,6 +47,8 @@ SIGNATURES = {
     "tilt_add_rms_norm": [_P, _P, _P, _I64, _I64, _F32],
     "tilt_silu_mul": [_P, _P, _I64, _I64],
     "tilt_silu_mul_gate": [_P, _I64, _I64],
+    "tilt_expv": [_P, _P, _I64],
+    "tilt_expv_explicit": [],
     "tilt_swiglu_backward": [_P, _P, _P, _I64, _I64],
     "tilt_rms_norm_forward": [_P, _P, _P, _P, _I64, _I64, _F32],
     "tilt_rms_norm_backward": [_P] * 6 + [_I64, _I64],
@@ -61,7 +63,8 @@ SIGNATURES = {
 }
 RETURNS = {"tilt_sample_rows": ctypes.c_int, "tilt_tf_attention_forward": ctypes.c_int,
            "tilt_tf_attention_backward": ctypes.c_int, "tilt_attend": ctypes.c_int,
-           "tilt_kv_half": ctypes.c_int, "tilt_decode_layers": ctypes.c_int}  # the others return nothing
+           "tilt_kv_half": ctypes.c_int, "tilt_decode_layers": ctypes.c_int,
+           "tilt_expv_explicit": ctypes.c_int}  # the others return nothing
 _state: dict = {}
 
 
@@ -240,6 +243,20 @@ def silu_mul_gate(gu: Tensor, lib=None) -> Tensor:
         raise ValueError(f"silu_mul_gate: gu must be contiguous float32, got {gu.dtype} with strides {gu.stride()}")
     lib.tilt_silu_mul_gate(_ptr(gu), n, width // 2)
     return gu[:, :width // 2]
+
+
+def expv(x: Tensor, lib=None) -> Tensor:
+    """The kernels' 16-lane exp (vec16.h's ``expv``) of float32 ``x`` (any shape; padded to a multiple of 16 inside):
+    x = n ln2 + r, exp(r) by Cephes' expf polynomial, times 2^n, arguments clamped to [-87, 88]; within one float ulp
+    of exp there. For tests of the exp every fused softmax and SiLU uses."""
+    lib = lib or library()
+    flat = x.detach().to(torch.float32).reshape(-1)
+    n = flat.numel()
+    padded = torch.zeros((n + 15) // 16 * 16, dtype=torch.float32)
+    padded[:n] = flat
+    out = torch.empty_like(padded)
+    lib.tilt_expv(_ptr(padded), _ptr(out), padded.numel())
+    return out[:n].reshape(x.shape)
 
 
 def swiglu_backward(gu: Tensor, dy: Tensor, lib=None, into: bool = False) -> Tensor:

@@ -110,7 +110,7 @@ static inline __attribute__((always_inline)) void head(const float *q, const flo
 /* Lane i of the result = the sum of the 16 lanes of a[i]: the 16 dot products of a block of keys from
  * their lane-wise partial sums, in 30 two-input shuffles and 15 adds (pairs of vectors interleaved, then
  * pairs of pairs, then the 128-bit lanes) instead of 16 separate horizontal sums. */
-static inline v16 sum16(const v16 *a) {
+VINLINE v16 sum16(const v16 *a) {
     v16 b[8], c[4];
     for (int k = 0; k < 8; k++) /* lanes 0, 2 of each 4: part of a[2k]; 1, 3: of a[2k + 1] */
         b[k] = SHUF(a[2 * k], a[2 * k + 1], LO1) + SHUF(a[2 * k], a[2 * k + 1], HI1);
@@ -296,6 +296,20 @@ void tilt_silu_mul(const float *gu, float *out, int64_t N, int64_t I) { silu_mul
 
 /* The same into gu's gate half (gu [N, 2I]; its up half unchanged): for a pass that keeps nothing for a backward. */
 void tilt_silu_mul_gate(float *gu, int64_t N, int64_t I) { silu_mul_rows(gu, gu, 2 * I, N, I); }
+
+/* y = vec16.h's expv of x, 16 floats at a time (n a multiple of 16): the exp the kernels' softmaxes and SiLUs use,
+ * called on its own so that tests can hold it to its steps. tilt_expv_explicit: whether those steps are the
+ * explicit fused multiply-adds of the AVX-512 build (1) or the portable code as this build contracts it (0). */
+void tilt_expv(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i + 16 <= n; i += 16) ST(y + i, expv(LD(x + i)));
+}
+int tilt_expv_explicit(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options

@@ -17,10 +17,17 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 static const v16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-/* a where m is set, else b (m: a comparison's all-ones / all-zeros lanes) */
-static inline v16 sel(v16i m, v16 a, v16 b) { return (v16)((m & (v16i)a) | (~m & (v16i)b)); }
+/* Inlining. The helpers here that only select, add or shuffle are always inlined (VINLINE): GCC otherwise kept them
+ * as calls inside decode.c's attention, which is compiled without contraction while they were compiled with it (a
+ * mismatch of optimize options, so GCC would not inline them), and every call spilled the caller's vector registers
+ * (speed work 51). Their values cannot depend on contraction. expv multiplies and adds, so with AVX-512 it is written
+ * with explicit fused multiply-adds, where the compiler contracted them before: the same values in any caller. */
+#define VINLINE static inline __attribute__((always_inline))
 
-static inline float hsum(v16 v) {
+/* a where m is set, else b (m: a comparison's all-ones / all-zeros lanes) */
+VINLINE v16 sel(v16i m, v16 a, v16 b) { return (v16)((m & (v16i)a) | (~m & (v16i)b)); }
+
+VINLINE float hsum(v16 v) {
     float t = 0.0f;
     for (int i = 0; i < 16; i++) t += v[i];
     return t;
@@ -29,15 +36,29 @@ static inline float hsum(v16 v) {
 /* common.h's fast_expf on 16 lanes (the same steps; NaN in, NaN out). With AVX-512 the clamp is a max and a min
  * (NaN as the second operand comes through) instead of two compare-and-blend selects, and 2^n is applied by
  * vscalefps instead of being built in the exponent bits: the same values (n stays within [-126, 127], where both
- * scalings are exact; checked bit for bit over 64M inputs) in fewer instructions (speed work 43). */
+ * scalings are exact; checked bit for bit over 64M inputs) in fewer instructions (speed work 43). With AVX-512 the
+ * steps are the portable code's below as GCC contracts them (fmadd(a, b, c) = a b + c rounded once; x - n c1 as
+ * fmadd(n, -c1, x)), written out so that no caller's contraction setting changes them (see VINLINE). */
+#if defined(__AVX512F__)
+VINLINE v16 expv(v16 x) {
+    const __m512 c = _mm512_set1_ps(12582912.0f);
+    const __m512 v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), (__m512)x));
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), c), c);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                     _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), v));
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500e-4f), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    return (v16)_mm512_scalef_ps(e, n);
+}
+#else
 static inline v16 expv(v16 x) {
     const v16 lo = IOTA * 0.0f - 87.0f, hi = IOTA * 0.0f + 88.0f;
-#if defined(__AVX512F__)
-    x = (v16)_mm512_min_ps((__m512)hi, (__m512)_mm512_max_ps((__m512)lo, (__m512)x));
-#else
     x = sel(x < lo, lo, x);
     x = sel(x > hi, hi, x);
-#endif
     const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
     v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
@@ -46,12 +67,9 @@ static inline v16 expv(v16 x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const v16 e = p * r * r + r + 1.0f;
-#if defined(__AVX512F__)
-    return (v16)_mm512_scalef_ps((__m512)e, (__m512)n);
-#else
     return e * (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
-#endif
 }
+#endif
 
 /* The logistic sigmoid 1 / (1 + e^-x) on 16 lanes, exp by expv. With AVX-512 the reciprocal is the 14-bit
  * estimate (vrcp14ps) refined by one Newton step, r (2 - d r) as r + r (1 - d r): relative error below 2^-28
@@ -84,7 +102,7 @@ static inline v16 sigmoidv(v16 x) {
 
 /* a > b ? a : b per lane (b where either is NaN): one vmaxps with AVX-512, whose rule is exactly this, instead of
  * a compare and a blend */
-static inline v16 vmax2(v16 a, v16 b) {
+VINLINE v16 vmax2(v16 a, v16 b) {
 #if defined(__AVX512F__)
     return (v16)_mm512_max_ps((__m512)a, (__m512)b);
 #else
@@ -94,13 +112,13 @@ static inline v16 vmax2(v16 a, v16 b) {
 /* The maximum (vmax_all) and the sum (vsum_all) of v's 16 lanes, in every lane: a tree of four shuffles instead of
  * chains of fifteen dependent scalar steps (attention.c's softmax rows: its forward 5-10 % faster, speed work 45;
  * decode.c's row maximum, speed work 46). The sum adds in the tree's order, not hsum's. */
-static inline v16 vmax_all(v16 v) {
+VINLINE v16 vmax_all(v16 v) {
     v = vmax2(v, SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
     v = vmax2(v, SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
     v = vmax2(v, SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
     return vmax2(v, SHUF(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
 }
-static inline v16 vsum_all(v16 v) {
+VINLINE v16 vsum_all(v16 v) {
     v += SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     v += SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
     v += SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
