@@ -59,6 +59,22 @@ def test_attend_with_an_int8_cache_equals_torch_ops(nq, nkv, d, t, p):
 
 
 @needs_lib
+@pytest.mark.parametrize("t", [5, 15, 16, 30])
+def test_attend_int8_never_reads_the_scales_past_its_position(t):
+    """The kernel multiplies the softmax weights by the value scales 16 positions at a time (speed work 52): the
+    scales past position t (not yet written: here NaN) are not read, and the output is the one with zeros there."""
+    n, u, nq, nkv, d, p, cap = 4, 2, 4, 2, 32, 9, 40
+    y, rot, kc, vc, kp, vp, pad = _attend_inputs(n, u, nq, nkv, d, p, cap, seed=t)
+    (k8, ks), (v8, vs) = kernels.quantize_int8(kc), kernels.quantize_int8(vc)
+    clean = [x.clone() for x in (k8, v8, ks, vs)]
+    clean[3][:, :, t + 1:] = 0.0
+    vs[:, :, t + 1:] = float("nan")
+    got = kernels.attend(y, rot, k8, v8, kp, vp, pad, t, nq, ks=ks, vs=vs)
+    want = kernels.attend(y, rot, *clean[:2], kp, vp, pad, t, nq, ks=clean[2], vs=clean[3])
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@needs_lib
 def test_attend_int8_cache_differs_from_float32_by_the_quantization():
     """The same step with a float32 cache: outputs apart by more than float16's rounding and by less than a
     quantization step of the values."""

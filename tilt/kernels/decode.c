@@ -205,14 +205,14 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const v
     int64_t j = 0;
     for (; j + S <= count; j += S)
         for (int r = 0; r < S; r++) {
-            const float p = H == 2 ? w[j + r] * sc[j + r] : w[j + r]; /* an int8 value's weight times its scale */
+            const float p = sc ? w[j + r] * sc[j + r] : w[j + r]; /* an int8 value's weight times its scale */
             const int64_t row = (j + r) * W * 16;
             if (pf)
                 for (int64_t e = 0; e < W; e += line) __builtin_prefetch(kv_at(pf, H, row + 16 * e), 0, 2);
             for (int64_t e = 0; e < W; e++) a[r][e] += p * ldkv(kv_at(v, H, row + 16 * e), H);
         }
     for (; j < count; j++) {
-        const float p = H == 2 ? w[j] * sc[j] : w[j];
+        const float p = sc ? w[j] * sc[j] : w[j];
         for (int64_t e = 0; e < W; e++) a[0][e] += p * ldkv(kv_at(v, H, j * W * 16 + 16 * e), H);
     }
     for (int64_t e = 0; e < W; e++) {
@@ -255,14 +255,24 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
     v16 tv = IOTA * 0.0f;
     for (int64_t j = 0; j < end; j += 16) {
         const v16 x = LD(s + j), p = sel(x == ninf, IOTA * 0.0f, expv(x - mx));
-        ST(s + j, p);
         tv += p;
+        if (H == 2 && j >= P16) { /* an int8 value's weight times its scale here, 16 at a time, not in wsum16 */
+            const int64_t c = j - P16, left = t + 1 - c; /* the scales of positions c .. t (0 past t) */
+            v16 sc = IOTA * 0.0f;
+            if (left >= 16)
+                sc = LD(vs + c);
+            else
+                memcpy(&sc, vs + c, sizeof(float) * (size_t)left);
+            ST(s + j, p * sc);
+        } else {
+            ST(s + j, p);
+        }
     }
     v16 acc[8];
     for (int64_t e = 0; e < W; e++) acc[e] = IOTA * 0.0f;
     const int S = W <= 4 ? 4 : 2;
     wsum16(s, vp, P, acc, W, S, 0, 0, 0);
-    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H, vs);
+    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H, 0); /* with H = 2 the weights carry their scales */
     const float inv = 1.0f / hsum(tv);
     for (int64_t e = 0; e < W; e++) ST(out + 16 * e, acc[e] * inv);
 }
