@@ -192,12 +192,11 @@ static inline __attribute__((always_inline)) void dots16(const v16 *q, const voi
     }
 }
 
-/* acc[e] += sum_j w[j] v_j over `count` value rows of D = 16 W values (floats, or halves when H), with S sets of
- * accumulators (keys j, j + 1, ... in turn) so consecutive keys' multiply-adds do not wait on each other; pf as
- * in dots16. */
+/* acc[e] += sum_j w[j] v_j over `count` value rows of D = 16 W values (floats, halves when H = 1, 8-bit integers
+ * when H = 2, whose weights w then come multiplied by their scales), with S sets of accumulators (keys j, j + 1,
+ * ... in turn) so consecutive keys' multiply-adds do not wait on each other; pf as in dots16. */
 static inline __attribute__((always_inline)) void wsum16(const float *w, const void *v, int64_t count, v16 *acc,
-                                                         const int64_t W, const int S, const void *pf, const int H,
-                                                         const float *sc) {
+                                                         const int64_t W, const int S, const void *pf, const int H) {
     const int64_t line = H == 2 ? 4 : H ? 2 : 1;
     v16 a[4][8];
     for (int r = 0; r < S; r++)
@@ -205,14 +204,14 @@ static inline __attribute__((always_inline)) void wsum16(const float *w, const v
     int64_t j = 0;
     for (; j + S <= count; j += S)
         for (int r = 0; r < S; r++) {
-            const float p = sc ? w[j + r] * sc[j + r] : w[j + r]; /* an int8 value's weight times its scale */
+            const float p = w[j + r];
             const int64_t row = (j + r) * W * 16;
             if (pf)
                 for (int64_t e = 0; e < W; e += line) __builtin_prefetch(kv_at(pf, H, row + 16 * e), 0, 2);
             for (int64_t e = 0; e < W; e++) a[r][e] += p * ldkv(kv_at(v, H, row + 16 * e), H);
         }
     for (; j < count; j++) {
-        const float p = sc ? w[j] * sc[j] : w[j];
+        const float p = w[j];
         for (int64_t e = 0; e < W; e++) a[0][e] += p * ldkv(kv_at(v, H, j * W * 16 + 16 * e), H);
     }
     for (int64_t e = 0; e < W; e++) {
@@ -271,8 +270,8 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
     v16 acc[8];
     for (int64_t e = 0; e < W; e++) acc[e] = IOTA * 0.0f;
     const int S = W <= 4 ? 4 : 2;
-    wsum16(s, vp, P, acc, W, S, 0, 0, 0);
-    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H, 0); /* with H = 2 the weights carry their scales */
+    wsum16(s, vp, P, acc, W, S, 0, 0);
+    wsum16(s + P16, vr, t + 1, acc, W, S, pv, H); /* with H = 2 the weights carry their scales */
     const float inv = 1.0f / hsum(tv);
     for (int64_t e = 0; e < W; e++) ST(out + 16 * e, acc[e] * inv);
 }
