@@ -337,8 +337,9 @@ static struct ahead ahead_of(const struct tf_args *a, int64_t b, int64_t g, int 
     return p;
 }
 
-/* a line asked for with the intent to write (PREFETCHW: GCC's -march=native leaves it out on some CPUs that have
- * it, where __builtin_prefetch's write hint becomes a plain prefetch; a CPU without it decodes it as a no-op) */
+/* a line asked for with the intent to write, by PREFETCHW written out: GCC 12.2 built this file's
+ * __builtin_prefetch(x, 1, 2) as a plain PREFETCHT1 (no PREFETCHW anywhere in the library, though it emits one for
+ * the same call in a small file); a CPU without the instruction decodes it as a no-op */
 static inline void prefetch_write(const float *x) {
 #if defined(__x86_64__) && defined(__GNUC__)
     __asm__ volatile("prefetchw %0" : : "m"(*(const char *)x));
