@@ -337,17 +337,6 @@ static struct ahead ahead_of(const struct tf_args *a, int64_t b, int64_t g, int 
     return p;
 }
 
-/* a line asked for with the intent to write, by PREFETCHW written out: GCC 12.2 built this file's
- * __builtin_prefetch(x, 1, 2) as a plain PREFETCHT1 (no PREFETCHW anywhere in the library, though it emits one for
- * the same call in a small file); a CPU without the instruction decodes it as a no-op */
-static inline void prefetch_write(const float *x) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)x));
-#else
-    __builtin_prefetch(x, 1, 2);
-#endif
-}
-
 static inline void pf_lines(const float *x, int64_t floats, int write) {
     if (write)
         for (int64_t e = 0; e < floats; e += 16) prefetch_write(x + e);

@@ -37,13 +37,27 @@ static inline __attribute__((always_inline)) void swiglu_grad16(const float *g, 
     ST(dg, dd * uu * sg * (1.0f + x * (1.0f - sg)));
 }
 
+/* Each row asks for the lines of the row two ahead alongside its own (speed work 55): in the learner's pass the
+ * [N, 2I] tensors come from memory, and a row of gu (8 KB at I = 1024) spans two pages, where the hardware
+ * prefetcher stops; the rows written are asked for with the intent to write. At 10M x 64, alternating with the
+ * previous library over 8 updates: the SwiGLU forward 18.7 -> 14.8 ms an update, its backward 23.5 -> 18.8 ms.
+ * Prefetches only: the same values. */
+#define ROWS_AHEAD 2
 void tilt_swiglu_backward(const float *gu, const float *dy, float *dgu, int64_t N, int64_t I) {
 #pragma omp parallel for schedule(static) if (N * I >= 16384)
     for (int64_t n = 0; n < N; n++) {
         const float *g = gu + n * 2 * I, *u = g + I, *d = dy + n * I;
         float *dg = dgu + n * 2 * I, *du = dg + I;
         int64_t i = 0;
-        for (; i + 16 <= I; i += 16) swiglu_grad16(g + i, u + i, d + i, dg + i, du + i);
+        const int ahead = n + ROWS_AHEAD < N;
+        for (; i + 16 <= I; i += 16) {
+            if (ahead) {
+                __builtin_prefetch(g + ROWS_AHEAD * 2 * I + i, 0, 2), __builtin_prefetch(u + ROWS_AHEAD * 2 * I + i, 0, 2);
+                __builtin_prefetch(d + ROWS_AHEAD * I + i, 0, 2);
+                prefetch_write(dg + ROWS_AHEAD * 2 * I + i), prefetch_write(du + ROWS_AHEAD * 2 * I + i);
+            }
+            swiglu_grad16(g + i, u + i, d + i, dg + i, du + i);
+        }
         if (i < I) { /* the last I % 16 through padded vectors */
             const size_t rest = sizeof(float) * (size_t)(I - i);
             float a[16] = {0}, b[16] = {0}, c[16] = {0}, e[16], f[16];

@@ -24,6 +24,17 @@ static const v16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
  * with explicit fused multiply-adds, where the compiler contracted them before: the same values in any caller. */
 #define VINLINE static inline __attribute__((always_inline))
 
+/* a line asked for with the intent to write, by PREFETCHW written out: GCC 12.2 built attention.c's
+ * __builtin_prefetch(x, 1, 2) as a plain PREFETCHT1 (no PREFETCHW anywhere in the library, though it emits one for
+ * the same call in a small file); a CPU without the instruction decodes it as a no-op */
+VINLINE void prefetch_write(const void *x) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)x));
+#else
+    __builtin_prefetch(x, 1, 2);
+#endif
+}
+
 /* a where m is set, else b (m: a comparison's all-ones / all-zeros lanes) */
 VINLINE v16 sel(v16i m, v16 a, v16 b) { return (v16)((m & (v16i)a) | (~m & (v16i)b)); }
 
