@@ -280,12 +280,6 @@ static inline __attribute__((always_inline)) void head16(const float *qf, const 
  * arXiv:2002.05202) on 16 lanes (sigmoidv); a row's last I % 16 through a padded vector. gu [N, 2I], out [N, I]
  * with rows ldo floats apart (I; or out = gu and ldo = 2I: into gu's gate half, each value read before its place
  * is written). */
-/* Each row asks for the lines of the row two ahead alongside its own (speed work 55): in the learner's pass the
- * [N, 2I] tensors come from memory, and a row of gu (8 KB at I = 1024) spans two pages, where the hardware
- * prefetcher stops; the rows written are asked for with the intent to write. At 10M x 64, alternating with the
- * previous library over 8 updates: the SwiGLU forward 18.7 -> 14.8 ms an update, its backward 23.5 -> 18.8 ms.
- * Prefetches only: the same values. */
-#define ROWS_AHEAD 2
 static inline __attribute__((always_inline)) void silu_mul_rows(const float *gu, float *out, int64_t ldo, int64_t N,
                                                                 int64_t I) {
 #pragma omp parallel for schedule(static) if (N * I >= 16384)

@@ -37,12 +37,6 @@ static inline __attribute__((always_inline)) void swiglu_grad16(const float *g, 
     ST(dg, dd * uu * sg * (1.0f + x * (1.0f - sg)));
 }
 
-/* Each row asks for the lines of the row two ahead alongside its own (speed work 55): in the learner's pass the
- * [N, 2I] tensors come from memory, and a row of gu (8 KB at I = 1024) spans two pages, where the hardware
- * prefetcher stops; the rows written are asked for with the intent to write. At 10M x 64, alternating with the
- * previous library over 8 updates: the SwiGLU forward 18.7 -> 14.8 ms an update, its backward 23.5 -> 18.8 ms.
- * Prefetches only: the same values. */
-#define ROWS_AHEAD 2
 void tilt_swiglu_backward(const float *gu, const float *dy, float *dgu, int64_t N, int64_t I) {
 #pragma omp parallel for schedule(static) if (N * I >= 16384)
     for (int64_t n = 0; n < N; n++) {
